@@ -1,1 +1,186 @@
+//! Qun's storage: what a group's history, members and metadata are kept in.
+//!
+//! This crate is the store behind chat-core. It knows records and keys, not
+//! the wire protocol and not the rules of a chat.
+//!
+//! # Layout
+//! - [`Store`]: the trait every backend implements. Writes are *submitted*
+//!   (queued at once, in order) and reported durable later through a
+//!   callback; reads are async.
+//! - [`FjallStore`]: the embedded default on fjall. One writer thread turns
+//!   whatever has queued up into one atomic batch and one journal fsync —
+//!   group commit — so throughput grows with load while an idle server adds
+//!   no waiting.
+//! - [`records`] and [`keys`]: the schema and the key layout (partition
+//!   `(group_id, bucket)`, clustering `seq`), the same for every backend.
+//! - [`contract`]: the test suite every backend must pass.
+//!
+//! # The ordering promise
+//! For writes of the same group, *submission order is durability order*: when
+//! the callback of a submission reports success, every submission made
+//! before it is durable too. chat-core relies on this to show messages in
+//! seq order only after they are durable.
+//!
+//! # Example
+//! ```
+//! use qun_storage::{FjallStore, FjallConfig, Store, StoreExt, WriteOp, records::MessageRecord};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = FjallStore::open(FjallConfig::new(dir.path()))?;
+//! let msg = MessageRecord { group_id: 1, seq: 1, text: "hi".into(), ..Default::default() };
+//! store.write(vec![WriteOp::AppendMessage(msg)]).await?;
+//! assert_eq!(store.last_seq(1).await?, 1);
+//! # Ok(()) }
+//! ```
 
+use std::future::Future;
+use std::pin::Pin;
+
+pub mod contract;
+mod error;
+mod fjall_store;
+pub mod keys;
+pub mod records;
+
+pub use error::StorageError;
+pub use fjall_store::{FjallConfig, FjallStore};
+
+use records::{GroupRecord, MemberRecord, MessageRecord};
+
+/// A boxed future, so that [`Store`] can be used as `dyn Store`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Called once when a submission is durable (or has failed). It runs on a
+/// store thread: keep it short and never block in it.
+pub type DurableCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send + 'static>;
+
+/// One write. A submission's writes become durable together (atomically).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum WriteOp {
+    /// Create or replace a group's record.
+    PutGroup(GroupRecord),
+    /// Add or replace a member (and the user → group index entry).
+    PutMember(MemberRecord),
+    /// Remove a member (and the index entry).
+    RemoveMember {
+        /// The group.
+        group_id: u64,
+        /// The member.
+        user_id: String,
+    },
+    /// Append one message at its seq.
+    AppendMessage(MessageRecord),
+}
+
+/// A storage backend.
+///
+/// Implementations must keep the ordering promise described in the crate
+/// docs and must call every [`DurableCallback`] exactly once, never from
+/// inside [`Store::submit`] itself.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Queues `ops` to be written atomically; `done` is called once they are
+    /// durable or have failed.
+    ///
+    /// Returns at once. Calls made in some order become durable in that order.
+    ///
+    /// # Errors
+    /// [`StorageError::Overloaded`] when the queue is full,
+    /// [`StorageError::Poisoned`] after an earlier write failed,
+    /// [`StorageError::Closed`] after [`Store::close`]. On error nothing was
+    /// queued and `done` is dropped without being called.
+    fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError>;
+
+    /// Waits until every submission made before this call is durable.
+    ///
+    /// # Errors
+    /// As for [`Store::submit`], and [`StorageError::Backend`] on I/O failure.
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// Flushes, then stops accepting writes and releases the backend.
+    ///
+    /// # Errors
+    /// As for [`Store::flush`].
+    fn close(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// Reads a group's record.
+    ///
+    /// # Errors
+    /// [`StorageError::Backend`] on I/O failure, [`StorageError::Corrupt`]
+    /// when the record does not decode.
+    fn load_group(&self, group_id: u64)
+    -> BoxFuture<'_, Result<Option<GroupRecord>, StorageError>>;
+
+    /// Reads every member of a group.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_members(&self, group_id: u64)
+    -> BoxFuture<'_, Result<Vec<MemberRecord>, StorageError>>;
+
+    /// The ids of the groups a user is a member of, ascending.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn groups_of_user(&self, user_id: &str) -> BoxFuture<'_, Result<Vec<u64>, StorageError>>;
+
+    /// The highest group id ever stored, 0 when none.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn max_group_id(&self) -> BoxFuture<'_, Result<u64, StorageError>>;
+
+    /// The highest message seq of a group, 0 when it has none.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn last_seq(&self, group_id: u64) -> BoxFuture<'_, Result<u64, StorageError>>;
+
+    /// Up to `limit` messages with seq strictly below `before_seq`, the
+    /// newest of them, returned in ascending seq.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn messages_before(
+        &self,
+        group_id: u64,
+        before_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>>;
+
+    /// Up to `limit` messages with seq strictly above `after_seq`, ascending.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn messages_after(
+        &self,
+        group_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>>;
+}
+
+/// Convenience for callers that simply want to wait for durability.
+pub trait StoreExt: Store {
+    /// Submits `ops` and waits until they are durable.
+    ///
+    /// # Errors
+    /// Whatever [`Store::submit`] or the write itself reports.
+    fn write(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<(), StorageError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let submitted = self.submit(
+            ops,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        Box::pin(async move {
+            submitted?;
+            rx.await.unwrap_or(Err(StorageError::Closed))
+        })
+    }
+}
+
+impl<S: Store + ?Sized> StoreExt for S {}

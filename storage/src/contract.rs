@@ -1,0 +1,243 @@
+//! The storage contract: the checks every [`Store`] backend must pass.
+//!
+//! A backend's test module implements [`Harness`] (how to open the backend
+//! at one fresh location, again and again) and calls [`run_all`]. The embedded
+//! store runs it in its unit tests; a ScyllaDB backend runs it against a live
+//! cluster when one is configured.
+//!
+//! The checks panic with a message naming what broke, like any test.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use crate::records::{GroupRecord, MemberRecord, MessageRecord};
+use crate::{Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
+
+/// Opens a backend at one location. Every call after the first must see what
+/// earlier stores at that location made durable (a restart).
+pub trait Harness {
+    /// Opens the backend. The previous store from this harness has been closed.
+    fn open(&mut self) -> impl Future<Output = Arc<dyn Store>> + Send;
+}
+
+/// Runs every check, each on a fresh harness from `fresh`.
+pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
+    empty_store(&mut fresh()).await;
+    groups_and_members(&mut fresh()).await;
+    messages_in_order(&mut fresh()).await;
+    buckets_and_groups_do_not_mix(&mut fresh()).await;
+    callbacks_follow_submission_order(&mut fresh()).await;
+    durable_across_reopen(&mut fresh()).await;
+}
+
+fn msg(group_id: u64, seq: u64) -> MessageRecord {
+    MessageRecord {
+        group_id,
+        seq,
+        sender_id: format!("u{}", seq % 7),
+        sender_name: "Buyer".into(),
+        sender_role: 1,
+        kind: 1,
+        text: format!("message {seq} of group {group_id}"),
+        ts_ms: 1_700_000_000_000 + seq,
+        ..Default::default()
+    }
+}
+
+fn seqs(records: &[MessageRecord]) -> Vec<u64> {
+    records.iter().map(|m| m.seq).collect()
+}
+
+/// A new store holds nothing.
+pub async fn empty_store<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    assert_eq!(
+        s.load_group(1).await.unwrap(),
+        None,
+        "empty store has a group"
+    );
+    assert!(s.load_members(1).await.unwrap().is_empty());
+    assert_eq!(s.last_seq(1).await.unwrap(), 0);
+    assert_eq!(s.max_group_id().await.unwrap(), 0);
+    assert!(s.messages_before(1, u64::MAX, 10).await.unwrap().is_empty());
+    assert!(s.messages_after(1, 0, 10).await.unwrap().is_empty());
+    assert!(s.groups_of_user("u1").await.unwrap().is_empty());
+    s.close().await.unwrap();
+}
+
+/// Groups and members are stored, indexed by user and removed.
+pub async fn groups_and_members<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let group = |id: u64| GroupRecord {
+        group_id: id,
+        shop_id: "shop-1".into(),
+        name: format!("group {id}"),
+        max_members: 5000,
+        created_at_ms: 1,
+        created_by: "agent-1".into(),
+    };
+    let member = |g: u64, u: &str| MemberRecord {
+        group_id: g,
+        user_id: u.into(),
+        display_name: u.to_uppercase(),
+        role: 1,
+        joined_at_ms: 2,
+    };
+    s.write(vec![
+        WriteOp::PutGroup(group(7)),
+        WriteOp::PutGroup(group(300)),
+        WriteOp::PutMember(member(7, "ab")),
+        WriteOp::PutMember(member(7, "abc")),
+        WriteOp::PutMember(member(300, "ab")),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.load_group(7).await.unwrap(), Some(group(7)));
+    assert_eq!(
+        s.max_group_id().await.unwrap(),
+        300,
+        "max group id must compare numerically"
+    );
+    let mut users: Vec<_> = s
+        .load_members(7)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.user_id)
+        .collect();
+    users.sort();
+    assert_eq!(users, ["ab", "abc"]);
+    assert_eq!(s.groups_of_user("ab").await.unwrap(), [7, 300]);
+    assert_eq!(
+        s.groups_of_user("abc").await.unwrap(),
+        [7],
+        "user ids that share a prefix must not mix"
+    );
+
+    s.write(vec![WriteOp::RemoveMember {
+        group_id: 7,
+        user_id: "ab".into(),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.load_members(7).await.unwrap(), [member(7, "abc")]);
+    assert_eq!(s.groups_of_user("ab").await.unwrap(), [300]);
+    s.close().await.unwrap();
+}
+
+/// Paging backwards and forwards returns the right windows, ascending.
+pub async fn messages_in_order<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let ops = (1..=30)
+        .map(|seq| WriteOp::AppendMessage(msg(5, seq)))
+        .collect();
+    s.write(ops).await.unwrap();
+    assert_eq!(s.last_seq(5).await.unwrap(), 30);
+    assert_eq!(
+        seqs(&s.messages_before(5, u64::MAX, 5).await.unwrap()),
+        [26, 27, 28, 29, 30]
+    );
+    assert_eq!(seqs(&s.messages_before(5, 4, 10).await.unwrap()), [1, 2, 3]);
+    assert_eq!(
+        seqs(&s.messages_before(5, 11, 3).await.unwrap()),
+        [8, 9, 10]
+    );
+    assert!(s.messages_before(5, 1, 10).await.unwrap().is_empty());
+    assert_eq!(
+        seqs(&s.messages_after(5, 27, 10).await.unwrap()),
+        [28, 29, 30]
+    );
+    assert_eq!(seqs(&s.messages_after(5, 0, 2).await.unwrap()), [1, 2]);
+    assert_eq!(
+        s.messages_before(5, 2, 1).await.unwrap(),
+        [msg(5, 1)],
+        "record must round-trip"
+    );
+    s.close().await.unwrap();
+}
+
+/// Reads cross bucket boundaries in order and never mix groups.
+pub async fn buckets_and_groups_do_not_mix<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let around = (BUCKET_SIZE - 3)..=(BUCKET_SIZE + 3);
+    let mut ops: Vec<_> = around
+        .clone()
+        .map(|seq| WriteOp::AppendMessage(msg(255, seq)))
+        .collect();
+    ops.extend((1..=3).map(|seq| WriteOp::AppendMessage(msg(256, seq))));
+    ops.extend((1..=3).map(|seq| WriteOp::AppendMessage(msg(254, seq))));
+    s.write(ops).await.unwrap();
+    assert_eq!(s.last_seq(255).await.unwrap(), BUCKET_SIZE + 3);
+    assert_eq!(s.last_seq(256).await.unwrap(), 3);
+    assert_eq!(
+        seqs(&s.messages_before(255, u64::MAX, 100).await.unwrap()),
+        around.clone().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seqs(&s.messages_after(255, BUCKET_SIZE - 2, 3).await.unwrap()),
+        [BUCKET_SIZE - 1, BUCKET_SIZE, BUCKET_SIZE + 1]
+    );
+    assert!(
+        s.messages_after(255, BUCKET_SIZE + 3, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.messages_before(256, u64::MAX, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.group_id == 256),
+        "group 256 reads must not include other groups"
+    );
+    s.close().await.unwrap();
+}
+
+/// Callbacks report in submission order, each exactly once, and a flush
+/// waits for what came before it.
+pub async fn callbacks_follow_submission_order<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    for seq in 1..=200u64 {
+        let seen = seen.clone();
+        s.submit(
+            vec![WriteOp::AppendMessage(msg(9, seq))],
+            Box::new(move |r| {
+                assert!(r.is_ok(), "write {seq} failed: {r:?}");
+                seen.lock().unwrap().push(seq);
+            }),
+        )
+        .unwrap();
+    }
+    s.flush().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        (1..=200).collect::<Vec<_>>(),
+        "callbacks out of order or missing"
+    );
+    assert_eq!(s.last_seq(9).await.unwrap(), 200);
+    s.close().await.unwrap();
+}
+
+/// What was reported durable is there after the store is closed and opened.
+pub async fn durable_across_reopen<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    s.write(
+        (1..=10)
+            .map(|seq| WriteOp::AppendMessage(msg(3, seq)))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(s.last_seq(3).await.unwrap(), 10);
+    assert_eq!(
+        s.messages_after(3, 0, 100).await.unwrap(),
+        (1..=10).map(|q| msg(3, q)).collect::<Vec<_>>()
+    );
+    s.close().await.unwrap();
+}

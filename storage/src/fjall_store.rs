@@ -1,0 +1,512 @@
+//! The embedded store on fjall, Qun's default.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use prost::Message as _;
+
+use crate::records::{GroupRecord, MemberRecord, MessageRecord};
+use crate::{BoxFuture, DurableCallback, StorageError, Store, WriteOp, keys};
+
+/// How the embedded store is opened.
+#[derive(Debug, Clone)]
+pub struct FjallConfig {
+    /// Folder of the database; created when missing.
+    pub path: PathBuf,
+    /// fsync the journal at every group commit (default). Without it a
+    /// commit survives a crash of the process but not of the machine.
+    pub fsync: bool,
+    /// Most submissions waiting for the writer; beyond it `submit` answers
+    /// [`StorageError::Overloaded`].
+    pub queue_capacity: usize,
+    /// Most submissions folded into one batch (one fsync).
+    pub max_batch: usize,
+}
+
+impl FjallConfig {
+    /// Defaults for a store at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            fsync: true,
+            queue_capacity: 65_536,
+            max_batch: 4_096,
+        }
+    }
+}
+
+/// The embedded store.
+///
+/// Cheap to clone; all clones share one database and one writer thread.
+#[derive(Debug, Clone)]
+pub struct FjallStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tables: Tables,
+    jobs: Mutex<Option<SyncSender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    poisoned: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+struct Tables {
+    db: Database,
+    groups: Keyspace,
+    members: Keyspace,
+    user_groups: Keyspace,
+    messages: Keyspace,
+}
+
+impl std::fmt::Debug for Tables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tables").finish_non_exhaustive()
+    }
+}
+
+enum Job {
+    Write(Vec<WriteOp>, DurableCallback),
+    Flush(DurableCallback),
+}
+
+impl FjallStore {
+    /// Opens (or creates) the store and starts its writer thread.
+    ///
+    /// # Errors
+    /// [`StorageError::Backend`] when the folder cannot be created, is locked
+    /// by another running server, or holds a database fjall cannot recover.
+    pub fn open(config: FjallConfig) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(&config.path)
+            .map_err(|e| StorageError::backend("create data dir", e))?;
+        let db = Database::builder(&config.path)
+            .open()
+            .map_err(|e| StorageError::backend("open database", e))?;
+        let open = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| StorageError::backend("open keyspace", e))
+        };
+        let tables = Tables {
+            groups: open("groups")?,
+            members: open("members")?,
+            user_groups: open("user_groups")?,
+            messages: open("messages")?,
+            db: db.clone(),
+        };
+        let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let tables = tables.clone();
+            let poisoned = poisoned.clone();
+            let max_batch = config.max_batch.max(1);
+            let mode = if config.fsync {
+                PersistMode::SyncAll
+            } else {
+                PersistMode::Buffer
+            };
+            std::thread::Builder::new()
+                .name("qun-store-writer".into())
+                .spawn(move || write_loop(&tables, &rx, max_batch, mode, &poisoned))
+                .map_err(|e| StorageError::backend("start writer thread", e))?
+        };
+        tracing::info!(path = %config.path.display(), fsync = config.fsync, "embedded store open");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tables,
+                jobs: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(writer)),
+                poisoned,
+            }),
+        })
+    }
+
+    fn enqueue(&self, job: Job) -> Result<(), StorageError> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Poisoned);
+        }
+        let jobs = lock(&self.inner.jobs);
+        let Some(tx) = jobs.as_ref() else {
+            return Err(StorageError::Closed);
+        };
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(StorageError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(StorageError::Closed),
+        }
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tables) -> Result<T, StorageError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StorageError>> {
+        let tables = self.inner.tables.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&tables))
+                .await
+                .map_err(|e| StorageError::backend("read task", e))?
+        })
+    }
+
+    fn flush_job(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = self.enqueue(Job::Flush(Box::new(move |r| {
+            let _ = tx.send(r);
+        })));
+        Box::pin(async move {
+            queued?;
+            rx.await.unwrap_or(Err(StorageError::Closed))
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The writer thread: group commit. Blocks for the first job, then folds in
+/// whatever else is already queued (up to `max_batch`), writes it as one
+/// atomic batch, persists the journal once and reports every job in order.
+fn write_loop(
+    tables: &Tables,
+    rx: &Receiver<Job>,
+    max_batch: usize,
+    mode: PersistMode,
+    poisoned: &AtomicBool,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+    while let Ok(first) = rx.recv() {
+        jobs.push(first);
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let result = if poisoned.load(Ordering::Acquire) {
+            Err(StorageError::Poisoned)
+        } else {
+            let started = Instant::now();
+            let r = commit(tables, &jobs, mode);
+            tracing::trace!(
+                jobs = jobs.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
+            r
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "store write failed; refusing all further writes");
+            poisoned.store(true, Ordering::Release);
+        }
+        for job in jobs.drain(..) {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(_) => Err(StorageError::Poisoned),
+            };
+            match job {
+                Job::Write(_, done) | Job::Flush(done) => done(r),
+            }
+        }
+    }
+    tracing::debug!("store writer stopped");
+}
+
+fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), StorageError> {
+    let mut batch = tables.db.batch();
+    let mut writes = 0usize;
+    for job in jobs {
+        let Job::Write(ops, _) = job else { continue };
+        for op in ops {
+            writes += 1;
+            match op {
+                WriteOp::PutGroup(g) => {
+                    batch.insert(
+                        &tables.groups,
+                        keys::group_key(g.group_id),
+                        g.encode_to_vec(),
+                    );
+                }
+                WriteOp::PutMember(m) => {
+                    batch.insert(
+                        &tables.members,
+                        keys::member_key(m.group_id, &m.user_id),
+                        m.encode_to_vec(),
+                    );
+                    batch.insert(
+                        &tables.user_groups,
+                        keys::user_group_key(&m.user_id, m.group_id),
+                        [],
+                    );
+                }
+                WriteOp::RemoveMember { group_id, user_id } => {
+                    batch.remove(&tables.members, keys::member_key(*group_id, user_id));
+                    batch.remove(
+                        &tables.user_groups,
+                        keys::user_group_key(user_id, *group_id),
+                    );
+                }
+                WriteOp::AppendMessage(msg) => {
+                    batch.insert(
+                        &tables.messages,
+                        keys::message_key(msg.group_id, msg.seq),
+                        msg.encode_to_vec(),
+                    );
+                }
+            }
+        }
+    }
+    if writes > 0 {
+        batch
+            .commit()
+            .map_err(|e| StorageError::backend("commit batch", e))?;
+    }
+    tables
+        .db
+        .persist(mode)
+        .map_err(|e| StorageError::backend("persist journal", e))
+}
+
+fn decode<T: prost::Message + Default>(
+    keyspace: &'static str,
+    bytes: &[u8],
+) -> Result<T, StorageError> {
+    T::decode(bytes).map_err(|e| StorageError::corrupt(keyspace, e))
+}
+
+fn read_err(e: fjall::Error) -> StorageError {
+    StorageError::backend("read", e)
+}
+
+impl Store for FjallStore {
+    fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError> {
+        self.enqueue(Job::Write(ops, done))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.flush_job()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            let flushed = match self.flush_job().await {
+                Err(StorageError::Closed) => Ok(()),
+                r => r,
+            };
+            // Dropping the sender ends the writer loop once the queue is empty.
+            lock(&self.inner.jobs).take();
+            let writer = lock(&self.inner.writer).take();
+            if let Some(handle) = writer {
+                tokio::task::spawn_blocking(move || handle.join())
+                    .await
+                    .map_err(|e| StorageError::backend("join writer", e))?
+                    .map_err(|_| {
+                        StorageError::backend(
+                            "join writer",
+                            std::io::Error::other("writer thread panicked"),
+                        )
+                    })?;
+            }
+            flushed
+        })
+    }
+
+    fn load_group(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Option<GroupRecord>, StorageError>> {
+        self.read(move |t| {
+            t.groups
+                .get(keys::group_key(group_id))
+                .map_err(read_err)?
+                .map(|v| decode("groups", &v))
+                .transpose()
+        })
+    }
+
+    fn load_members(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<MemberRecord>, StorageError>> {
+        self.read(move |t| {
+            t.members
+                .prefix(keys::group_key(group_id))
+                .map(|guard| {
+                    let (_, v) = guard.into_inner().map_err(read_err)?;
+                    decode("members", &v)
+                })
+                .collect()
+        })
+    }
+
+    fn groups_of_user(&self, user_id: &str) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
+        let prefix = keys::user_group_prefix(user_id);
+        self.read(move |t| {
+            t.user_groups
+                .prefix(&prefix)
+                .map(|guard| {
+                    let k = guard.key().map_err(read_err)?;
+                    let id: [u8; 8] = k
+                        .get(prefix.len()..)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(|| StorageError::corrupt("user_groups", "key length"))?;
+                    Ok(u64::from_be_bytes(id))
+                })
+                .collect()
+        })
+    }
+
+    fn max_group_id(&self) -> BoxFuture<'_, Result<u64, StorageError>> {
+        self.read(|t| match t.groups.last_key_value() {
+            None => Ok(0),
+            Some(guard) => {
+                let k = guard.key().map_err(read_err)?;
+                let id: [u8; 8] = k[..]
+                    .try_into()
+                    .map_err(|_| StorageError::corrupt("groups", "key length"))?;
+                Ok(u64::from_be_bytes(id))
+            }
+        })
+    }
+
+    fn last_seq(&self, group_id: u64) -> BoxFuture<'_, Result<u64, StorageError>> {
+        self.read(
+            move |t| match t.messages.prefix(keys::group_key(group_id)).next_back() {
+                None => Ok(0),
+                Some(guard) => {
+                    let k = guard.key().map_err(read_err)?;
+                    let seq: [u8; 8] = k
+                        .get(16..24)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(|| StorageError::corrupt("messages", "key length"))?;
+                    Ok(u64::from_be_bytes(seq))
+                }
+            },
+        )
+    }
+
+    fn messages_before(
+        &self,
+        group_id: u64,
+        before_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>> {
+        self.read(move |t| {
+            if before_seq <= 1 || limit == 0 {
+                return Ok(Vec::new());
+            }
+            let from = keys::message_key(group_id, 0);
+            let to = keys::message_key(group_id, before_seq);
+            let mut out = t
+                .messages
+                .range(from..to)
+                .rev()
+                .take(limit)
+                .map(|guard| {
+                    let (_, v) = guard.into_inner().map_err(read_err)?;
+                    decode::<MessageRecord>("messages", &v)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            out.reverse();
+            Ok(out)
+        })
+    }
+
+    fn messages_after(
+        &self,
+        group_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>> {
+        self.read(move |t| {
+            let Some(first) = after_seq.checked_add(1) else {
+                return Ok(Vec::new());
+            };
+            let from = keys::message_key(group_id, first);
+            let to = keys::message_key(group_id, u64::MAX);
+            t.messages
+                .range(from..=to)
+                .take(limit)
+                .map(|guard| {
+                    let (_, v) = guard.into_inner().map_err(read_err)?;
+                    decode("messages", &v)
+                })
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract;
+
+    struct FjallHarness {
+        dir: tempfile::TempDir,
+    }
+
+    impl contract::Harness for FjallHarness {
+        async fn open(&mut self) -> Arc<dyn Store> {
+            Arc::new(FjallStore::open(FjallConfig::new(self.dir.path())).expect("open"))
+        }
+    }
+
+    fn harness() -> FjallHarness {
+        FjallHarness {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fjall_passes_the_storage_contract() {
+        contract::run_all(harness).await;
+    }
+
+    #[tokio::test]
+    async fn closed_store_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
+        store.close().await.unwrap();
+        let r = store.submit(vec![], Box::new(|_| {}));
+        assert!(matches!(r, Err(StorageError::Closed)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_a_live_store_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
+        let second = FjallStore::open(FjallConfig::new(dir.path()));
+        assert!(
+            matches!(second, Err(StorageError::Backend { .. })),
+            "{second:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_record_is_reported_not_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
+        store
+            .inner
+            .tables
+            .groups
+            .insert(keys::group_key(9), b"\xff\xff\xff".to_vec())
+            .unwrap();
+        let r = store.load_group(9).await;
+        assert!(
+            matches!(
+                r,
+                Err(StorageError::Corrupt {
+                    keyspace: "groups",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! Key layout, shared by every backend.
+//!
+//! Messages are partitioned by `(group_id, bucket)` and clustered by `seq`,
+//! with `bucket = seq / BUCKET_SIZE`. In fjall the key is the three numbers
+//! big-endian, so byte order is `(group, bucket, seq)` order; a ScyllaDB table
+//! with `PRIMARY KEY ((group_id, bucket), seq)` reads the same way. Buckets
+//! bound the size of one partition (16,384 messages of at most 4 KiB).
+
+/// Messages per bucket (partition).
+pub const BUCKET_SIZE: u64 = 16_384;
+
+/// The bucket a seq falls in.
+pub fn bucket_of(seq: u64) -> u64 {
+    seq / BUCKET_SIZE
+}
+
+/// `group_id` big-endian: the key of a group, and the prefix of its members
+/// and messages.
+pub fn group_key(group_id: u64) -> [u8; 8] {
+    group_id.to_be_bytes()
+}
+
+/// `group_id | bucket | seq`, all big-endian.
+pub fn message_key(group_id: u64, seq: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&group_id.to_be_bytes());
+    key[8..16].copy_from_slice(&bucket_of(seq).to_be_bytes());
+    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `group_id | user_id`.
+pub fn member_key(group_id: u64, user_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + user_id.len());
+    key.extend_from_slice(&group_id.to_be_bytes());
+    key.extend_from_slice(user_id.as_bytes());
+    key
+}
+
+/// `user_id | 0x00 | group_id`: the index of a user's groups. User ids never
+/// contain NUL, so `user_id | 0x00` is a prefix of this user's keys only.
+pub fn user_group_key(user_id: &str, group_id: u64) -> Vec<u8> {
+    let mut key = user_group_prefix(user_id);
+    key.extend_from_slice(&group_id.to_be_bytes());
+    key
+}
+
+/// `user_id | 0x00`.
+pub fn user_group_prefix(user_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user_id.len() + 9);
+    key.extend_from_slice(user_id.as_bytes());
+    key.push(0);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_keys_sort_by_group_then_seq() {
+        let mut keys = vec![
+            message_key(256, 1),
+            message_key(1, BUCKET_SIZE),
+            message_key(1, 2),
+            message_key(255, u64::MAX),
+            message_key(1, BUCKET_SIZE - 1),
+        ];
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                message_key(1, 2),
+                message_key(1, BUCKET_SIZE - 1),
+                message_key(1, BUCKET_SIZE),
+                message_key(255, u64::MAX),
+                message_key(256, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn bucket_boundaries() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(BUCKET_SIZE - 1), 0);
+        assert_eq!(bucket_of(BUCKET_SIZE), 1);
+    }
+
+    #[test]
+    fn user_prefix_does_not_cover_longer_ids() {
+        let ab = user_group_prefix("ab");
+        assert!(!user_group_key("abc", 1).starts_with(&ab));
+        assert!(user_group_key("ab", 1).starts_with(&ab));
+    }
+}

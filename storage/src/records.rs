@@ -1,0 +1,103 @@
+//! What the store keeps, as protobuf-encoded records.
+//!
+//! These are the storage schema, not the wire protocol: field tags are never
+//! reused, so a newer server reads what an older one wrote. Roles and kinds
+//! are stored as the numbers chat-core assigns them (see `qun_chat_core::Role`).
+
+/// A group's fixed facts. Key: `group_id` (8 bytes, big-endian).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct GroupRecord {
+    /// The group's id, unique for the life of the store.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// The shop that owns the group.
+    #[prost(string, tag = "2")]
+    pub shop_id: String,
+    /// Display name.
+    #[prost(string, tag = "3")]
+    pub name: String,
+    /// Most members the group admits.
+    #[prost(uint32, tag = "4")]
+    pub max_members: u32,
+    /// When the group was created, ms since the Unix epoch.
+    #[prost(uint64, tag = "5")]
+    pub created_at_ms: u64,
+    /// User id of the agent or owner who created it.
+    #[prost(string, tag = "6")]
+    pub created_by: String,
+}
+
+/// One member of one group. Key: `group_id | user_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MemberRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// The member's user id (never contains a NUL byte).
+    #[prost(string, tag = "2")]
+    pub user_id: String,
+    /// The member's display name when they joined.
+    #[prost(string, tag = "3")]
+    pub display_name: String,
+    /// The member's role in the group, as chat-core numbers it.
+    #[prost(uint32, tag = "4")]
+    pub role: u32,
+    /// When they joined, ms since the Unix epoch.
+    #[prost(uint64, tag = "5")]
+    pub joined_at_ms: u64,
+}
+
+/// The part of a quoted message kept with a reply.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct QuoteRecord {
+    /// Seq of the quoted message.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Its sender.
+    #[prost(string, tag = "2")]
+    pub sender_id: String,
+    /// Its sender's display name.
+    #[prost(string, tag = "3")]
+    pub sender_name: String,
+    /// The start of its text.
+    #[prost(string, tag = "4")]
+    pub text: String,
+}
+
+/// One message of a group's stream. Key: `group_id | bucket | seq`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MessageRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// Gap-free per group from 1.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// Sender's user id.
+    #[prost(string, tag = "3")]
+    pub sender_id: String,
+    /// Sender's display name at the time of sending.
+    #[prost(string, tag = "4")]
+    pub sender_name: String,
+    /// Sender's role, as chat-core numbers it.
+    #[prost(uint32, tag = "5")]
+    pub sender_role: u32,
+    /// Message kind, as chat-core numbers it.
+    #[prost(uint32, tag = "6")]
+    pub kind: u32,
+    /// The text.
+    #[prost(string, tag = "7")]
+    pub text: String,
+    /// Seq of the message replied to, 0 when none.
+    #[prost(uint64, tag = "8")]
+    pub reply_to: u64,
+    /// Server time at sequencing, ms since the Unix epoch.
+    #[prost(uint64, tag = "9")]
+    pub ts_ms: u64,
+    /// The sender's own id for the message, if it gave one.
+    #[prost(string, tag = "10")]
+    pub client_msg_id: String,
+    /// Snapshot of the quoted message when `reply_to` is set.
+    #[prost(message, optional, tag = "11")]
+    pub quote: Option<QuoteRecord>,
+}
