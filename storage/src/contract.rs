@@ -6,6 +6,7 @@
 //! cluster when one is configured.
 //!
 //! The checks panic with a message naming what broke, like any test.
+#![allow(clippy::unwrap_used)]
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
