@@ -1,1 +1,42 @@
+//! Qun's chat logic: shops, groups, members, messages and fan-out.
+//!
+//! chat-core is what a group *is*, with no sockets, no files and no clock:
+//! the gateway hands it identities, requests and the current time, and it
+//! answers with wire-ready values. It talks to storage only through the
+//! [`qun_storage::Store`] trait. (The split follows quinn: `quinn-proto` holds
+//! the state machine, `quinn` the I/O.)
+//!
+//! # Layout
+//! - [`Groups`]: the sharded registry (a [`dashmap::DashMap`]) and every
+//!   operation: create, join, leave, post, history.
+//! - `group`: one group's state behind a short critical section — the one
+//!   place its seqs are assigned.
+//! - [`Outbox`]: a connection's bounded push queue; a full one drops and marks
+//!   the connection out of sync instead of slowing the group.
+//! - [`Identity`] and [`Role`]: who is acting.
+//! - [`ChatError`]: why something was refused, with its wire code.
+//!
+//! # The path of a message
+//! [`Groups::post`] validates the text, then under the group's lock checks
+//! membership, assigns the next seq and submits the write to the store — in
+//! that order, so seq order is write order. When the store reports the write
+//! durable, the message's frame, encoded once into [`bytes::Bytes`], is pushed
+//! to every subscriber's [`Outbox`], and only then is the sender acknowledged.
+//!
+//! # Example
+//! See [`Groups`].
 
+mod error;
+mod group;
+mod groups;
+mod identity;
+mod outbox;
+
+pub use error::ChatError;
+pub use group::{ConnId, Subscriber};
+pub use groups::{CoreConfig, CoreStats, Groups, NewGroup, NewMessage};
+pub use identity::{Identity, IdentityError, Role};
+pub use outbox::{Outbox, OutboxLimits, Outgoing, Pushed};
+
+#[cfg(test)]
+mod tests;

@@ -50,7 +50,9 @@ pub struct FjallStore {
 
 #[derive(Debug)]
 struct Inner {
-    tables: Tables,
+    /// `None` once closed, so that closing releases the database (and its
+    /// lock on the folder) even while handles to the store remain.
+    tables: Mutex<Option<Tables>>,
     jobs: Mutex<Option<SyncSender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     poisoned: Arc<AtomicBool>,
@@ -118,7 +120,7 @@ impl FjallStore {
         tracing::info!(path = %config.path.display(), fsync = config.fsync, "embedded store open");
         Ok(Self {
             inner: Arc::new(Inner {
-                tables,
+                tables: Mutex::new(Some(tables)),
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
                 poisoned,
@@ -145,8 +147,9 @@ impl FjallStore {
         &self,
         f: impl FnOnce(&Tables) -> Result<T, StorageError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, StorageError>> {
-        let tables = self.inner.tables.clone();
+        let tables = lock(&self.inner.tables).clone();
         Box::pin(async move {
+            let tables = tables.ok_or(StorageError::Closed)?;
             tokio::task::spawn_blocking(move || f(&tables))
                 .await
                 .map_err(|e| StorageError::backend("read task", e))?
@@ -312,6 +315,7 @@ impl Store for FjallStore {
                         )
                     })?;
             }
+            lock(&self.inner.tables).take();
             flushed
         })
     }
@@ -491,9 +495,9 @@ mod tests {
     async fn corrupt_record_is_reported_not_panicking() {
         let dir = tempfile::tempdir().unwrap();
         let store = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
-        store
-            .inner
-            .tables
+        lock(&store.inner.tables)
+            .as_ref()
+            .unwrap()
             .groups
             .insert(keys::group_key(9), b"\xff\xff\xff".to_vec())
             .unwrap();

@@ -1,0 +1,94 @@
+use qun_proto::ErrorCode;
+use qun_storage::StorageError;
+
+/// Why a chat operation was refused. Every variant maps to one wire
+/// [`ErrorCode`] ([`ChatError::code`]); nothing was changed when one is
+/// returned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChatError {
+    /// No group has this id. The client should drop it from its list.
+    #[error("no group with id {0}")]
+    UnknownGroup(u64),
+    /// The caller is not a member. Join first.
+    #[error("not a member of group {0}")]
+    NotMember(u64),
+    /// The caller's role may not do this.
+    #[error("a {role} may not {action}")]
+    ForbiddenRole {
+        /// The caller's role name.
+        role: &'static str,
+        /// What was attempted.
+        action: &'static str,
+    },
+    /// The caller is staff of another shop.
+    #[error("group belongs to another shop")]
+    WrongShop,
+    /// The group has `max_members` members.
+    #[error("group {group_id} is full ({max_members} members)")]
+    GroupFull {
+        /// The group.
+        group_id: u64,
+        /// Its cap.
+        max_members: u32,
+    },
+    /// `reply_to` names no message of this group.
+    #[error("group {group_id} has no message {seq} to reply to")]
+    ReplyToUnknown {
+        /// The group.
+        group_id: u64,
+        /// The seq asked for.
+        seq: u64,
+    },
+    /// Text over the limit.
+    #[error("text is {len} bytes; the limit is {max}")]
+    TextTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Text is not UTF-8.
+    #[error("text is not valid UTF-8")]
+    TextNotUtf8,
+    /// Text is empty or only white space.
+    #[error("text is empty")]
+    TextEmpty,
+    /// Another argument is out of range; the message says which.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The store refused or failed the write; nothing became visible.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+}
+
+impl ChatError {
+    /// The stable wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ChatError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            ChatError::NotMember(_) => ErrorCode::NotMember,
+            ChatError::ForbiddenRole { .. } => ErrorCode::ForbiddenRole,
+            ChatError::WrongShop => ErrorCode::WrongShop,
+            ChatError::GroupFull { .. } => ErrorCode::GroupFull,
+            ChatError::ReplyToUnknown { .. } => ErrorCode::ReplyToUnknown,
+            ChatError::TextTooLong { .. } => ErrorCode::TextTooLong,
+            ChatError::TextNotUtf8 => ErrorCode::TextNotUtf8,
+            ChatError::TextEmpty => ErrorCode::TextEmpty,
+            ChatError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
+            ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
+            ChatError::Storage(_) => ErrorCode::StorageUnavailable,
+        }
+    }
+
+    /// The message safe to show a client (internal detail stays in logs).
+    pub fn client_message(&self) -> String {
+        match self {
+            ChatError::Storage(StorageError::Overloaded) => "server is busy; retry shortly".into(),
+            ChatError::Storage(StorageError::Corrupt { .. }) => "internal error".into(),
+            ChatError::Storage(_) => "storage unavailable; nothing was written".into(),
+            other => other.to_string(),
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The sharded registry of groups and the operations on them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use qun_proto::v1;
+use qun_storage::records::{GroupRecord, MemberRecord, QuoteRecord};
+use qun_storage::{StorageError, Store, StoreExt, WriteOp};
+use tokio::sync::{OnceCell, oneshot};
+
+use crate::group::{ConnId, GroupCell, Subscriber, quote_of_record, to_wire};
+use crate::{ChatError, Identity};
+
+/// Bounds and defaults of chat-core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// `max_members` of a group created without one.
+    pub default_max_members: u32,
+    /// The largest `max_members` a group may ask for.
+    pub max_members_limit: u32,
+    /// Visible messages kept in memory per group (the recent ring).
+    pub recent_ring: usize,
+    /// Messages returned with a join.
+    pub join_recent: usize,
+    /// Most messages one history page may ask for.
+    pub history_max: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            default_max_members: 5_000,
+            max_members_limit: 100_000,
+            recent_ring: 256,
+            join_recent: 50,
+            history_max: 200,
+        }
+    }
+}
+
+/// Counters for `/metrics`. Read with `load(Ordering::Relaxed)`.
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    /// Messages made durable and published.
+    pub messages_posted: AtomicU64,
+    /// Frames queued into subscribers' outboxes.
+    pub deliveries_queued: AtomicU64,
+    /// Frames dropped because a subscriber was out of sync.
+    pub deliveries_dropped: AtomicU64,
+    /// Groups created.
+    pub groups_created: AtomicU64,
+}
+
+/// A request to create a group.
+#[derive(Debug, Clone, Default)]
+pub struct NewGroup {
+    /// Display name, 1 to 64 characters.
+    pub name: String,
+    /// 0 for the default.
+    pub max_members: u32,
+    /// When set, must equal the caller's shop.
+    pub shop_id: Option<String>,
+}
+
+/// A request to post a text message.
+#[derive(Debug, Clone, Default)]
+pub struct NewMessage {
+    /// The group.
+    pub group_id: u64,
+    /// UTF-8 text as received.
+    pub text: Bytes,
+    /// Seq quoted, 0 for none.
+    pub reply_to: u64,
+    /// The sender's own id for the message.
+    pub client_msg_id: String,
+}
+
+/// All groups, sharded by id; a cheap-clone handle.
+///
+/// Each group is loaded from the store on first use and then lives in a
+/// [`DashMap`] shard: different groups never contend, and nothing here takes
+/// a global lock.
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use qun_chat_core::{CoreConfig, Groups, Identity, NewGroup, NewMessage, Role};
+/// use qun_storage::{FjallConfig, FjallStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let store = Arc::new(FjallStore::open(FjallConfig::new(dir.path()))?);
+/// let groups = Groups::open(store, CoreConfig::default()).await?;
+/// let agent = Identity::new("a1", "Mei (CS)", Role::Agent, Some("shop-7".into()))?;
+/// let now_ms = 1_700_000_000_000;
+/// let info = groups
+///     .create_group(&agent, NewGroup { name: "Sneaker fans".into(), ..Default::default() }, now_ms)
+///     .await?;
+/// let ack = groups
+///     .post(&agent, NewMessage { group_id: info.group_id, text: "Welcome!".into(), ..Default::default() }, now_ms)
+///     .await?;
+/// assert_eq!(ack.seq, 1);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Groups {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    config: CoreConfig,
+    cells: DashMap<u64, Arc<OnceCell<Arc<GroupCell>>>>,
+    next_group_id: AtomicU64,
+    stats: Arc<CoreStats>,
+}
+
+fn durable_channel() -> (
+    qun_storage::DurableCallback,
+    oneshot::Receiver<Result<(), StorageError>>,
+) {
+    let (tx, rx) = oneshot::channel();
+    (
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+        rx,
+    )
+}
+
+async fn durable(rx: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), ChatError> {
+    rx.await
+        .unwrap_or(Err(StorageError::Closed))
+        .map_err(ChatError::from)
+}
+
+impl Groups {
+    /// Opens the registry over a store. Groups load lazily on first use.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store cannot be read.
+    pub async fn open(store: Arc<dyn Store>, config: CoreConfig) -> Result<Self, StorageError> {
+        let max = store.max_group_id().await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                cells: DashMap::new(),
+                next_group_id: AtomicU64::new(max + 1),
+                stats: Arc::new(CoreStats::default()),
+            }),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<CoreStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Groups held in memory now.
+    pub fn loaded_groups(&self) -> usize {
+        self.inner.cells.len()
+    }
+
+    /// The store behind the registry.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    async fn cell(&self, group_id: u64) -> Result<Arc<GroupCell>, ChatError> {
+        if let Some(cell) = self
+            .inner
+            .cells
+            .get(&group_id)
+            .and_then(|c| c.get().cloned())
+        {
+            return Ok(cell);
+        }
+        if group_id == 0 || group_id >= self.inner.next_group_id.load(Ordering::Acquire) {
+            return Err(ChatError::UnknownGroup(group_id));
+        }
+        // One load per group, however many requests arrive at once.
+        let once = self.inner.cells.entry(group_id).or_default().clone();
+        let loaded = once.get_or_try_init(|| self.load(group_id)).await.cloned();
+        if loaded.is_err() {
+            self.inner
+                .cells
+                .remove_if(&group_id, |_, c| c.get().is_none());
+        }
+        loaded
+    }
+
+    async fn load(&self, group_id: u64) -> Result<Arc<GroupCell>, ChatError> {
+        let store = &self.inner.store;
+        let record = store
+            .load_group(group_id)
+            .await?
+            .ok_or(ChatError::UnknownGroup(group_id))?;
+        let members = store.load_members(group_id).await?;
+        let last_seq = store.last_seq(group_id).await?;
+        let warm = self
+            .inner
+            .config
+            .join_recent
+            .min(self.inner.config.recent_ring);
+        let recent = store.messages_before(group_id, last_seq + 1, warm).await?;
+        tracing::debug!(group_id, members = members.len(), last_seq, "group loaded");
+        Ok(Arc::new(GroupCell::new(
+            record,
+            members,
+            recent,
+            last_seq,
+            self.inner.config.recent_ring,
+        )))
+    }
+
+    /// Creates a group for the caller's shop; the caller becomes its first
+    /// member. Agents and owners only.
+    ///
+    /// # Errors
+    /// `ForbiddenRole` for buyers, `WrongShop` when `shop_id` names another
+    /// shop, `InvalidArgument` for a bad name or `max_members`, `Storage`
+    /// when it could not be made durable.
+    pub async fn create_group(
+        &self,
+        who: &Identity,
+        req: NewGroup,
+        now_ms: u64,
+    ) -> Result<v1::GroupInfo, ChatError> {
+        let Some(shop) = who.shop_id().filter(|_| who.role().is_staff()) else {
+            return Err(ChatError::ForbiddenRole {
+                role: who.role().as_str(),
+                action: "create a group",
+            });
+        };
+        if req
+            .shop_id
+            .as_deref()
+            .is_some_and(|s| !s.is_empty() && s != shop)
+        {
+            return Err(ChatError::WrongShop);
+        }
+        let name = req.name.trim();
+        let chars = name.chars().count();
+        if chars == 0 || chars > 64 || name.chars().any(char::is_control) {
+            return Err(ChatError::InvalidArgument(
+                "group name must be 1 to 64 characters without control characters".into(),
+            ));
+        }
+        let cfg = &self.inner.config;
+        let max_members = match req.max_members {
+            0 => cfg.default_max_members,
+            n if (2..=cfg.max_members_limit).contains(&n) => n,
+            n => {
+                return Err(ChatError::InvalidArgument(format!(
+                    "max_members {n} is outside 2..={}",
+                    cfg.max_members_limit
+                )));
+            }
+        };
+        let group_id = self.inner.next_group_id.fetch_add(1, Ordering::AcqRel);
+        let record = GroupRecord {
+            group_id,
+            shop_id: shop.to_string(),
+            name: name.to_string(),
+            max_members,
+            created_at_ms: now_ms,
+            created_by: who.user_id().to_string(),
+        };
+        let creator = MemberRecord {
+            group_id,
+            user_id: who.user_id().to_string(),
+            display_name: who.display_name().to_string(),
+            role: who.role().to_u32(),
+            joined_at_ms: now_ms,
+        };
+        self.inner
+            .store
+            .write(vec![
+                WriteOp::PutGroup(record.clone()),
+                WriteOp::PutMember(creator.clone()),
+            ])
+            .await?;
+        let cell = Arc::new(GroupCell::new(
+            record,
+            [creator],
+            Vec::new(),
+            0,
+            cfg.recent_ring,
+        ));
+        let info = cell.lock().info();
+        self.inner
+            .cells
+            .insert(group_id, Arc::new(OnceCell::new_with(Some(cell))));
+        self.inner
+            .stats
+            .groups_created
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(group_id, shop, "group created");
+        Ok(info)
+    }
+
+    /// Makes the caller a member (if not already) and subscribes `sub` to
+    /// the group's messages. Returns the group, the newest messages and the
+    /// caller's role; every message after those is pushed to `sub`.
+    ///
+    /// # Errors
+    /// `UnknownGroup`, `WrongShop` for staff of another shop, `GroupFull`,
+    /// `ForbiddenRole` for the system identity, `Storage`.
+    pub async fn join(
+        &self,
+        who: &Identity,
+        group_id: u64,
+        sub: Subscriber,
+        now_ms: u64,
+    ) -> Result<v1::Joined, ChatError> {
+        let cell = self.cell(group_id).await?;
+        let admitted = {
+            let mut g = cell.lock();
+            match g.admit(who, now_ms)? {
+                None => None,
+                Some(record) => {
+                    let (done, rx) = durable_channel();
+                    if let Err(e) = self
+                        .inner
+                        .store
+                        .submit(vec![WriteOp::PutMember(record)], done)
+                    {
+                        g.unadmit(who.user_id());
+                        return Err(e.into());
+                    }
+                    Some(rx)
+                }
+            }
+        };
+        let already_member = admitted.is_none();
+        if let Some(rx) = admitted
+            && let Err(e) = durable(rx).await
+        {
+            cell.lock().unadmit(who.user_id());
+            return Err(e);
+        }
+        let join_recent = self.inner.config.join_recent;
+        let (info, role, recent, visible) = {
+            let mut g = cell.lock();
+            let role = g.member(who)?.role;
+            g.subscribe(sub);
+            (g.info(), role, g.recent_tail(join_recent), g.visible_seq())
+        };
+        // Messages up to `visible` come from memory or the store; everything
+        // above it reaches `sub` by push. Nothing is missed or doubled.
+        let recent = match recent {
+            Some(r) => r,
+            None => {
+                self.stored_before(group_id, visible + 1, join_recent)
+                    .await?
+            }
+        };
+        Ok(v1::Joined {
+            group: Some(info),
+            recent,
+            role: role.to_proto() as i32,
+            already_member,
+        })
+    }
+
+    /// Ends the caller's membership and every subscription of theirs.
+    ///
+    /// # Errors
+    /// `UnknownGroup`, `NotMember`, `Storage`.
+    pub async fn leave(&self, who: &Identity, group_id: u64) -> Result<(), ChatError> {
+        let cell = self.cell(group_id).await?;
+        let rx = {
+            let mut g = cell.lock();
+            g.member(who)?;
+            let (done, rx) = durable_channel();
+            self.inner.store.submit(
+                vec![WriteOp::RemoveMember {
+                    group_id,
+                    user_id: who.user_id().to_string(),
+                }],
+                done,
+            )?;
+            g.remove_member(who.user_id());
+            rx
+        };
+        durable(rx).await
+    }
+
+    /// Stops pushing the group's messages to one connection.
+    pub fn unsubscribe(&self, conn: ConnId, group_id: u64) {
+        if let Some(cell) = self
+            .inner
+            .cells
+            .get(&group_id)
+            .and_then(|c| c.get().cloned())
+        {
+            cell.lock().unsubscribe(conn);
+        }
+    }
+
+    /// Connections subscribed to a loaded group (0 when not loaded).
+    pub fn subscriber_count(&self, group_id: u64) -> usize {
+        self.inner
+            .cells
+            .get(&group_id)
+            .and_then(|c| c.get().cloned())
+            .map_or(0, |c| c.lock().subscriber_count())
+    }
+
+    /// Posts a text message. Returns once the message is durable and has
+    /// been handed to every subscriber, in seq order.
+    ///
+    /// # Errors
+    /// `TextEmpty`, `TextTooLong`, `TextNotUtf8`, `UnknownGroup`,
+    /// `NotMember`, `ReplyToUnknown`, `Storage` (nothing became visible).
+    pub async fn post(
+        &self,
+        who: &Identity,
+        msg: NewMessage,
+        now_ms: u64,
+    ) -> Result<v1::SendAck, ChatError> {
+        let text = validate_text(&msg.text)?;
+        if msg.client_msg_id.len() > 64 {
+            return Err(ChatError::InvalidArgument(
+                "client_msg_id is longer than 64 bytes".into(),
+            ));
+        }
+        let group_id = msg.group_id;
+        let cell = self.cell(group_id).await?;
+        let quote = if msg.reply_to == 0 {
+            None
+        } else {
+            Some(self.quote(&cell, who, group_id, msg.reply_to).await?)
+        };
+        let (tx, rx) = oneshot::channel();
+        let seq = {
+            let mut g = cell.lock();
+            g.member(who)?;
+            g.refuse_if_failed()?;
+            let record = g.next_message(
+                who,
+                text,
+                msg.reply_to,
+                quote,
+                msg.client_msg_id.clone(),
+                now_ms,
+            );
+            let seq = record.seq;
+            let publisher = cell.clone();
+            let stats = self.inner.stats.clone();
+            // The store calls this once the message is durable; only then
+            // does anyone see it.
+            let done: qun_storage::DurableCallback = Box::new(move |result| {
+                let mut g = publisher.lock();
+                let outcome = match result {
+                    Ok(()) => {
+                        g.publish_through(seq, &stats);
+                        stats.messages_posted.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        g.fail();
+                        Err(e)
+                    }
+                };
+                drop(g);
+                let _ = tx.send(outcome);
+            });
+            self.inner
+                .store
+                .submit(vec![WriteOp::AppendMessage(record.clone())], done)?;
+            g.commit_sequenced(record);
+            seq
+        };
+        durable(rx).await?;
+        Ok(v1::SendAck {
+            group_id,
+            seq,
+            ts_ms: now_ms,
+            client_msg_id: msg.client_msg_id,
+        })
+    }
+
+    async fn quote(
+        &self,
+        cell: &GroupCell,
+        who: &Identity,
+        group_id: u64,
+        seq: u64,
+    ) -> Result<QuoteRecord, ChatError> {
+        {
+            let g = cell.lock();
+            g.member(who)?;
+            if !g.has_seq(seq) {
+                return Err(ChatError::ReplyToUnknown { group_id, seq });
+            }
+            if let Some(q) = g.quote_in_memory(seq) {
+                return Ok(q);
+            }
+        }
+        let found = self
+            .inner
+            .store
+            .messages_after(group_id, seq - 1, 1)
+            .await?;
+        match found.first() {
+            Some(m) if m.seq == seq => Ok(quote_of_record(m)),
+            _ => Err(ChatError::ReplyToUnknown { group_id, seq }),
+        }
+    }
+
+    /// A page of history below `before_seq` (0: from the newest). Members only.
+    ///
+    /// # Errors
+    /// `UnknownGroup`, `NotMember`, `InvalidArgument` for a limit above the
+    /// maximum, `Storage`.
+    pub async fn history(
+        &self,
+        who: &Identity,
+        group_id: u64,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<v1::HistoryPage, ChatError> {
+        let max = self.inner.config.history_max;
+        let limit = match limit as usize {
+            0 => self.inner.config.join_recent,
+            n if n <= max => n,
+            n => {
+                return Err(ChatError::InvalidArgument(format!(
+                    "limit {n} is above {max}"
+                )));
+            }
+        };
+        let before = if before_seq == 0 {
+            u64::MAX
+        } else {
+            before_seq
+        };
+        let cell = self.cell(group_id).await?;
+        let (from_ring, visible) = {
+            let g = cell.lock();
+            g.member(who)?;
+            (g.recent_before(before, limit), g.visible_seq())
+        };
+        let messages = match from_ring {
+            Some(m) => m,
+            None => {
+                self.stored_before(group_id, before.min(visible + 1), limit)
+                    .await?
+            }
+        };
+        let has_more = messages.first().is_some_and(|m| m.seq > 1);
+        Ok(v1::HistoryPage {
+            group_id,
+            messages,
+            has_more,
+        })
+    }
+
+    async fn stored_before(
+        &self,
+        group_id: u64,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<v1::ChatMessage>, ChatError> {
+        let stored = self
+            .inner
+            .store
+            .messages_before(group_id, before, limit)
+            .await?;
+        Ok(stored.into_iter().map(to_wire).collect())
+    }
+}
+
+fn validate_text(text: &[u8]) -> Result<String, ChatError> {
+    if text.len() > qun_proto::MAX_TEXT_BYTES {
+        return Err(ChatError::TextTooLong {
+            len: text.len(),
+            max: qun_proto::MAX_TEXT_BYTES,
+        });
+    }
+    let text = std::str::from_utf8(text).map_err(|_| ChatError::TextNotUtf8)?;
+    if text.trim().is_empty() {
+        return Err(ChatError::TextEmpty);
+    }
+    Ok(text.to_string())
+}
