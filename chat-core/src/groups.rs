@@ -77,6 +77,31 @@ pub struct NewMessage {
     pub client_msg_id: String,
 }
 
+/// A message that has its seq and is being written.
+#[derive(Debug)]
+#[must_use = "the message is acknowledged only once the ticket resolves"]
+pub struct PostTicket {
+    ack: v1::SendAck,
+    rx: oneshot::Receiver<Result<(), StorageError>>,
+}
+
+impl PostTicket {
+    /// The seq the message was given.
+    pub fn seq(&self) -> u64 {
+        self.ack.seq
+    }
+
+    /// Waits until the message is durable and published; returns the ack.
+    /// Dropping the ticket does not cancel the write or its publication.
+    ///
+    /// # Errors
+    /// `Storage` when the write failed; the message was never shown.
+    pub async fn durable(self) -> Result<v1::SendAck, ChatError> {
+        durable(self.rx).await?;
+        Ok(self.ack)
+    }
+}
+
 /// All groups, sharded by id; a cheap-clone handle.
 ///
 /// Each group is loaded from the store on first use and then lives in a
@@ -416,14 +441,33 @@ impl Groups {
     /// been handed to every subscriber, in seq order.
     ///
     /// # Errors
-    /// `TextEmpty`, `TextTooLong`, `TextNotUtf8`, `UnknownGroup`,
-    /// `NotMember`, `ReplyToUnknown`, `Storage` (nothing became visible).
+    /// As for [`Groups::submit_post`] and [`PostTicket::durable`].
     pub async fn post(
         &self,
         who: &Identity,
         msg: NewMessage,
         now_ms: u64,
     ) -> Result<v1::SendAck, ChatError> {
+        self.submit_post(who, msg, now_ms).await?.durable().await
+    }
+
+    /// Validates a message, gives it the group's next seq and queues its
+    /// write; returns a ticket that resolves once it is durable and
+    /// published. A connection awaits the submissions of its requests one by
+    /// one (so its messages keep their order) but may wait for many tickets
+    /// at once (so one phone's messages share group commits).
+    ///
+    /// # Errors
+    /// `TextEmpty`, `TextTooLong`, `TextNotUtf8`, `InvalidArgument` (a
+    /// `client_msg_id` over 64 bytes), `UnknownGroup`, `NotMember`,
+    /// `ReplyToUnknown`, `Storage` (the write could not be queued; no seq
+    /// was used).
+    pub async fn submit_post(
+        &self,
+        who: &Identity,
+        msg: NewMessage,
+        now_ms: u64,
+    ) -> Result<PostTicket, ChatError> {
         let text = validate_text(&msg.text)?;
         if msg.client_msg_id.len() > 64 {
             return Err(ChatError::InvalidArgument(
@@ -438,51 +482,51 @@ impl Groups {
             Some(self.quote(&cell, who, group_id, msg.reply_to).await?)
         };
         let (tx, rx) = oneshot::channel();
-        let seq = {
-            let mut g = cell.lock();
-            g.member(who)?;
-            g.refuse_if_failed()?;
-            let record = g.next_message(
-                who,
-                text,
-                msg.reply_to,
-                quote,
-                msg.client_msg_id.clone(),
-                now_ms,
-            );
-            let seq = record.seq;
-            let publisher = cell.clone();
-            let stats = self.inner.stats.clone();
-            // The store calls this once the message is durable; only then
-            // does anyone see it.
-            let done: qun_storage::DurableCallback = Box::new(move |result| {
-                let mut g = publisher.lock();
-                let outcome = match result {
-                    Ok(()) => {
-                        g.publish_through(seq, &stats);
-                        stats.messages_posted.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        g.fail();
-                        Err(e)
-                    }
-                };
-                drop(g);
-                let _ = tx.send(outcome);
-            });
-            self.inner
-                .store
-                .submit(vec![WriteOp::AppendMessage(record.clone())], done)?;
-            g.commit_sequenced(record);
-            seq
-        };
-        durable(rx).await?;
-        Ok(v1::SendAck {
-            group_id,
-            seq,
-            ts_ms: now_ms,
-            client_msg_id: msg.client_msg_id,
+        let mut g = cell.lock();
+        g.member(who)?;
+        g.refuse_if_failed()?;
+        let record = g.next_message(
+            who,
+            text,
+            msg.reply_to,
+            quote,
+            msg.client_msg_id.clone(),
+            now_ms,
+        );
+        let seq = record.seq;
+        let publisher = cell.clone();
+        let stats = self.inner.stats.clone();
+        // The store calls this once the message is durable; only then does
+        // anyone see it.
+        let done: qun_storage::DurableCallback = Box::new(move |result| {
+            let mut g = publisher.lock();
+            let outcome = match result {
+                Ok(()) => {
+                    g.publish_through(seq, &stats);
+                    stats.messages_posted.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => {
+                    g.fail();
+                    Err(e)
+                }
+            };
+            drop(g);
+            let _ = tx.send(outcome);
+        });
+        self.inner
+            .store
+            .submit(vec![WriteOp::AppendMessage(record.clone())], done)?;
+        g.commit_sequenced(record);
+        drop(g);
+        Ok(PostTicket {
+            ack: v1::SendAck {
+                group_id,
+                seq,
+                ts_ms: now_ms,
+                client_msg_id: msg.client_msg_id,
+            },
+            rx,
         })
     }
 

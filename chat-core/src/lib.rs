@@ -34,9 +34,9 @@ mod outbox;
 
 pub use error::ChatError;
 pub use group::{ConnId, Subscriber};
-pub use groups::{CoreConfig, CoreStats, Groups, NewGroup, NewMessage};
+pub use groups::{CoreConfig, CoreStats, Groups, NewGroup, NewMessage, PostTicket};
 pub use identity::{Identity, IdentityError, Role};
-pub use outbox::{Outbox, OutboxLimits, Outgoing, Pushed};
+pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
 
 #[cfg(test)]
 mod tests;

@@ -53,6 +53,15 @@ pub enum Outgoing {
     },
 }
 
+/// Why [`Outbox::try_recv`] returned nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Empty {
+    /// Nothing is queued now.
+    Now,
+    /// The outbox is closed.
+    Closed,
+}
+
 /// A cheap-clone handle to one connection's push queue.
 #[derive(Debug, Clone)]
 pub struct Outbox {
@@ -126,21 +135,33 @@ impl Outbox {
     /// Waits for the next thing to write; `None` once closed.
     pub async fn recv(&self) -> Option<Outgoing> {
         loop {
-            {
-                let mut s = self.state();
-                if s.closed {
-                    return None;
-                }
-                if s.dropped > 0 {
-                    let dropped = std::mem::take(&mut s.dropped);
-                    return Some(Outgoing::OutOfSync { dropped });
-                }
-                if let Some(frame) = s.frames.pop_front() {
-                    s.bytes -= frame.len();
-                    return Some(Outgoing::Frame(frame));
-                }
+            match self.try_recv() {
+                Ok(item) => return Some(item),
+                Err(Empty::Closed) => return None,
+                Err(Empty::Now) => self.shared.notify.notified().await,
             }
-            self.shared.notify.notified().await;
+        }
+    }
+
+    /// The next thing to write if there is one now.
+    ///
+    /// # Errors
+    /// [`Empty::Now`] when nothing is queued, [`Empty::Closed`] once closed.
+    pub fn try_recv(&self) -> Result<Outgoing, Empty> {
+        let mut s = self.state();
+        if s.closed {
+            return Err(Empty::Closed);
+        }
+        if s.dropped > 0 {
+            let dropped = std::mem::take(&mut s.dropped);
+            return Ok(Outgoing::OutOfSync { dropped });
+        }
+        match s.frames.pop_front() {
+            Some(frame) => {
+                s.bytes -= frame.len();
+                Ok(Outgoing::Frame(frame))
+            }
+            None => Err(Empty::Now),
         }
     }
 

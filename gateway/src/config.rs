@@ -1,0 +1,314 @@
+//! The server's configuration: one typed struct, read from a TOML file, then
+//! `QUN_*` environment variables, then command-line flags (each overriding
+//! the one before).
+//!
+//! `docs/qun.example.toml` lists every field with its default; a test keeps
+//! it in step with [`Config::default`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `qun serve` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Folder of the embedded store and the generated token key.
+    pub data_dir: PathBuf,
+    /// Address of the WebSocket listener (path `/ws`).
+    pub ws_listen: SocketAddr,
+    /// Address of the HTTP listener (`/healthz`, `/metrics`).
+    pub http_listen: SocketAddr,
+    /// Largest client frame accepted, in bytes. Larger frames are answered
+    /// with `FRAME_TOO_LARGE` and the connection is closed.
+    pub max_frame_bytes: usize,
+    /// Most pushed frames queued for one connection before it is marked out
+    /// of sync.
+    pub outbox_max_frames: usize,
+    /// Most pushed bytes queued for one connection before it is marked out
+    /// of sync.
+    pub outbox_max_bytes: usize,
+    /// Requests of one connection waiting for durability at once; beyond it
+    /// the server stops reading that connection until one completes.
+    pub max_in_flight: usize,
+    /// Most simultaneous connections; more are refused at the handshake.
+    pub max_connections: usize,
+    /// Milliseconds a new connection has to send its `Hello`.
+    pub hello_timeout_ms: u64,
+    /// Milliseconds shutdown waits for connections to close and the store
+    /// to flush.
+    pub shutdown_grace_ms: u64,
+    /// Hint, in milliseconds, sent to clients on shutdown: reconnect after this.
+    pub reconnect_hint_ms: u32,
+    /// Hex-encoded HMAC-SHA256 key (at least 32 bytes) that signs tokens.
+    /// Empty: use `<data_dir>/token.key`, generated on first start.
+    pub token_key: String,
+    /// fsync the store's journal at every group commit. Turning it off keeps
+    /// data safe from a process crash but not from a power loss.
+    pub fsync: bool,
+    /// `max_members` of a group created without one.
+    pub default_max_members: u32,
+    /// Largest `max_members` a group may have.
+    pub max_members_limit: u32,
+    /// Newest messages kept in memory per group.
+    pub recent_ring: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./qun-data"),
+            ws_listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7780)),
+            max_frame_bytes: qun_proto::DEFAULT_MAX_FRAME_BYTES,
+            outbox_max_frames: 1024,
+            outbox_max_bytes: 512 * 1024,
+            max_in_flight: 256,
+            max_connections: 18_000,
+            hello_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            reconnect_hint_ms: 1_000,
+            token_key: String::new(),
+            fsync: true,
+            default_max_members: 5_000,
+            max_members_limit: 100_000,
+            recent_ring: 256,
+        }
+    }
+}
+
+/// Why a configuration was refused. The binary prints it and exits with 64.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file named by `--config` cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The merged settings do not form a valid configuration (bad TOML,
+    /// unknown key, wrong type, bad address).
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Settings given as flags; `None` leaves the earlier layers' value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--ws-listen`.
+    pub ws_listen: Option<String>,
+    /// `--http-listen`.
+    pub http_listen: Option<String>,
+}
+
+impl Config {
+    /// The names of every field, as used in the file and (upper-cased, with
+    /// the `QUN_` prefix) in the environment.
+    pub fn field_names() -> Vec<String> {
+        match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Loads the file (if any), applies `QUN_*` variables from `env`, then
+    /// the flags, and checks the result.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, key or value that is wrong.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            table = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        }
+        let fields = Self::field_names();
+        for (key, value) in env {
+            let Some(name) = key.strip_prefix("QUN_").map(str::to_ascii_lowercase) else {
+                continue;
+            };
+            if fields.contains(&name) {
+                table.insert(name, env_value(&value));
+            }
+        }
+        let mut set = |name: &str, value: Option<String>| {
+            if let Some(v) = value {
+                table.insert(name.to_string(), toml::Value::String(v));
+            }
+        };
+        set(
+            "data_dir",
+            flags.data_dir.as_ref().map(|p| p.display().to_string()),
+        );
+        set("ws_listen", flags.ws_listen.clone());
+        set("http_listen", flags.http_listen.clone());
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return bad(format!(
+                "max_frame_bytes {} is outside 1024..=16777216",
+                self.max_frame_bytes
+            ));
+        }
+        if self.outbox_max_frames == 0 || self.outbox_max_bytes < self.max_frame_bytes {
+            return bad(
+                "outbox_max_frames must be > 0 and outbox_max_bytes >= max_frame_bytes".into(),
+            );
+        }
+        if self.max_in_flight == 0 || self.max_connections == 0 {
+            return bad("max_in_flight and max_connections must be > 0".into());
+        }
+        if self.default_max_members < 2 || self.default_max_members > self.max_members_limit {
+            return bad("default_max_members must be between 2 and max_members_limit".into());
+        }
+        if self.recent_ring < 50 {
+            return bad("recent_ring must be at least 50 (a join returns the latest 50)".into());
+        }
+        if !self.token_key.is_empty() {
+            crate::auth::TokenKey::from_hex(&self.token_key)
+                .map_err(|e| ConfigError::Invalid(format!("token_key: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// An environment value as TOML: numbers and booleans as such, anything
+/// else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => match t.remove("v") {
+            Some(v @ (toml::Value::Integer(_) | toml::Value::Boolean(_))) => v,
+            _ => toml::Value::String(raw.to_string()),
+        },
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_interface() {
+        let c = Config::load(None, [], &Overrides::default()).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.ws_listen.to_string(), "127.0.0.1:7700");
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:7780");
+        assert_eq!(c.data_dir, PathBuf::from("./qun-data"));
+        assert_eq!(c.max_frame_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("qun.toml");
+        std::fs::write(
+            &file,
+            "ws_listen = \"127.0.0.1:1000\"\nhttp_listen = \"127.0.0.1:1001\"\nrecent_ring = 60\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("QUN_WS_LISTEN", "127.0.0.1:2000"),
+                ("QUN_FSYNC", "false"),
+                ("QUN_TOKEN", "ignored"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.ws_listen.port(), 2000, "env overrides the file");
+        assert_eq!(c.http_listen.port(), 1001);
+        assert_eq!(c.recent_ring, 60);
+        assert!(!c.fsync);
+        let c = Config::load(
+            Some(&file),
+            env(&[("QUN_WS_LISTEN", "127.0.0.1:2000")]),
+            &Overrides {
+                ws_listen: Some("127.0.0.1:3000".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.ws_listen.port(), 3000, "flags override env");
+    }
+
+    #[test]
+    fn bad_config_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("qun.toml");
+        for (text, needle) in [
+            ("nonsense = 1", "unknown field"),
+            ("ws_listen = \"not an address\"", "address"),
+            ("max_frame_bytes = 10", "max_frame_bytes"),
+            ("token_key = \"abc\"", "token_key"),
+            ("this is not toml", "qun.toml"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text:?} gave {err}");
+        }
+        let err = Config::load(
+            Some(&dir.path().join("missing.toml")),
+            [],
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        let err = Config::load(
+            None,
+            env(&[("QUN_MAX_IN_FLIGHT", "zero")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_in_flight"), "{err}");
+    }
+
+    #[test]
+    fn example_config_lists_every_field_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/qun.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(
+            parsed,
+            Config::default(),
+            "docs/qun.example.toml disagrees with Config::default()"
+        );
+        for field in Config::field_names() {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{field} ="))),
+                "docs/qun.example.toml does not list {field}"
+            );
+        }
+    }
+}

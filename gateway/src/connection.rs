@@ -1,0 +1,513 @@
+//! One WebSocket connection: handshake, `Hello`, then requests and pushes.
+//!
+//! Each connection is two tasks. The *reader* (this module's [`serve`])
+//! decodes frames and runs requests; the *writer* ([`write_loop`]) owns the
+//! socket's sending half and writes two streams: answers to this
+//! connection's requests (a bounded channel; never dropped) and pushes from
+//! groups (the connection's [`Outbox`]; dropped as a whole when the phone
+//! falls behind, and reported as `OutOfSync`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, SplitSink};
+use futures_util::{SinkExt as _, StreamExt as _};
+use qun_chat_core::{ConnId, Empty, Identity, NewGroup, NewMessage, Outbox, Outgoing, Subscriber};
+use qun_proto::v1::{self, client_frame, server_frame::Body};
+use qun_proto::{ServerFrame, decode_client_frame, encode_server_frame};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use tracing::Instrument as _;
+
+use crate::error::RequestError;
+use crate::server::Shared;
+
+/// The WebSocket path.
+pub const WS_PATH: &str = "/ws";
+
+/// Answers queued for the writer, per connection.
+const ANSWER_QUEUE: usize = 64;
+
+/// What the reader asks the writer to do.
+#[derive(Debug)]
+enum WriterCmd {
+    /// Write this encoded frame.
+    Frame(Bytes),
+    /// Write a close frame and stop.
+    Close(CloseCode, String),
+}
+
+/// Milliseconds since the Unix epoch: the server's clock, read only here
+/// and handed to chat-core.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Serves one accepted TCP connection until it closes or the server stops.
+pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) {
+    let metrics = &shared.metrics;
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(shared.config.max_frame_bytes))
+        .max_frame_size(Some(shared.config.max_frame_bytes));
+    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == WS_PATH {
+            Ok(resp)
+        } else {
+            let mut not_found = ErrorResponse::new(Some(format!(
+                "not found; the WebSocket endpoint is {WS_PATH}\n"
+            )));
+            *not_found.status_mut() = StatusCode::NOT_FOUND;
+            Err(not_found)
+        }
+    };
+    let hello_timeout = Duration::from_millis(shared.config.hello_timeout_ms);
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config));
+    let ws = match tokio::time::timeout(hello_timeout, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "websocket handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("websocket handshake timed out");
+            return;
+        }
+    };
+    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    let (sink, source) = ws.split();
+    let outbox = Outbox::new(shared.outbox_limits);
+    let (tx, rx) = mpsc::channel(ANSWER_QUEUE);
+    let writer = tokio::spawn(write_loop(sink, rx, outbox.clone(), shared.clone()));
+    let mut session = Session {
+        conn,
+        shared: shared.clone(),
+        tx,
+        outbox: outbox.clone(),
+        identity: None,
+        subscribed: HashSet::new(),
+    };
+    let close = session.read_loop(source).await;
+    for group_id in session.subscribed.drain() {
+        shared.groups.unsubscribe(conn, group_id);
+    }
+    if let Some((code, reason)) = close {
+        let _ = session.tx.send(WriterCmd::Close(code, reason)).await;
+    }
+    drop(session);
+    // The writer ends once the answers are written and the close is sent.
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        tracing::debug!("writer did not finish in time");
+    }
+    outbox.close();
+    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!("connection closed");
+}
+
+type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
+type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+type Answer = (u64, Result<Body, RequestError>);
+
+struct Session {
+    conn: ConnId,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<WriterCmd>,
+    outbox: Outbox,
+    identity: Option<Identity>,
+    subscribed: HashSet<u64>,
+}
+
+impl Session {
+    /// Reads until the peer leaves, a fatal error, or shutdown. Returns the
+    /// close frame to send, if any.
+    async fn read_loop(&mut self, mut source: Source) -> Option<(CloseCode, String)> {
+        let shared = self.shared.clone();
+        let max_in_flight = shared.config.max_in_flight;
+        let mut in_flight: FuturesUnordered<futures_util::future::BoxFuture<'static, Answer>> =
+            FuturesUnordered::new();
+        let hello_deadline =
+            tokio::time::sleep(Duration::from_millis(shared.config.hello_timeout_ms));
+        tokio::pin!(hello_deadline);
+        let close = loop {
+            tokio::select! {
+                () = shared.shutdown.cancelled() => break Some(self.going_away()),
+                () = &mut hello_deadline, if self.identity.is_none() => {
+                    break Some((CloseCode::Policy, "no Hello in time".into()));
+                }
+                Some((request_id, answer)) = in_flight.next(), if !in_flight.is_empty() => {
+                    if !self.answer(request_id, answer).await {
+                        break None;
+                    }
+                }
+                incoming = source.next(), if in_flight.len() < max_in_flight => {
+                    let Some(incoming) = incoming else { break None };
+                    match self.on_message(incoming).await {
+                        Step::Continue => {}
+                        Step::Wait(fut) => in_flight.push(fut),
+                        Step::Close(code, reason) => break Some((code, reason)),
+                        Step::Gone => break None,
+                    }
+                }
+            }
+        };
+        // Acknowledge what was accepted before stopping: those messages are
+        // being made durable and the sender is owed its ack.
+        while let Some((request_id, answer)) = in_flight.next().await {
+            if !self.answer(request_id, answer).await {
+                break;
+            }
+        }
+        close
+    }
+
+    fn going_away(&self) -> (CloseCode, String) {
+        let hint = self.shared.config.reconnect_hint_ms;
+        let reason = format!("server shutting down; reconnect in {hint} ms");
+        let frame = ServerFrame {
+            request_id: 0,
+            body: Some(Body::GoingAway(v1::GoingAway {
+                reason: reason.clone(),
+                reconnect_after_ms: hint,
+            })),
+        };
+        let _ = self
+            .tx
+            .try_send(WriterCmd::Frame(encode_server_frame(&frame)));
+        (CloseCode::Away, reason)
+    }
+
+    /// Sends an answer; `false` when the writer is gone.
+    async fn answer(&self, request_id: u64, answer: Result<Body, RequestError>) -> bool {
+        let frame = match answer {
+            Ok(body) => ServerFrame {
+                request_id,
+                body: Some(body),
+            },
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .errors_sent
+                    .fetch_add(1, Ordering::Relaxed);
+                e.to_frame(request_id)
+            }
+        };
+        self.tx
+            .send(WriterCmd::Frame(encode_server_frame(&frame)))
+            .await
+            .is_ok()
+    }
+
+    async fn on_message(&mut self, incoming: Result<Message, WsError>) -> Step {
+        let bytes = match incoming {
+            Ok(Message::Binary(b)) => b,
+            Ok(Message::Text(_)) => return self.refuse(0, RequestError::TextFrame).await,
+            Ok(Message::Close(_)) => return Step::Gone,
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => return Step::Continue,
+            Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                let e = RequestError::FrameTooLarge {
+                    size,
+                    max: max_size,
+                };
+                self.answer(0, Err(e)).await;
+                return Step::Close(CloseCode::Size, "frame too large".into());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "read failed");
+                return Step::Gone;
+            }
+        };
+        self.shared
+            .metrics
+            .frames_in
+            .fetch_add(1, Ordering::Relaxed);
+        let frame = match decode_client_frame(&bytes) {
+            Ok(f) => f,
+            Err(e) => return self.refuse(0, e.into()).await,
+        };
+        let request_id = frame.request_id;
+        let Some(body) = frame.body else {
+            return self
+                .refuse(
+                    request_id,
+                    RequestError::Decode(qun_proto::DecodeError::EmptyBody),
+                )
+                .await;
+        };
+        let Some(who) = self.identity.clone() else {
+            return self.hello(request_id, body).await;
+        };
+        let kind = body_kind(&body);
+        let span = tracing::debug_span!("req", id = request_id, kind);
+        match self.dispatch(&who, request_id, body).instrument(span).await {
+            Dispatched::Done(result) => {
+                if self.answer(request_id, result).await {
+                    Step::Continue
+                } else {
+                    Step::Gone
+                }
+            }
+            Dispatched::Wait(fut) => Step::Wait(fut),
+        }
+    }
+
+    async fn dispatch(
+        &mut self,
+        who: &Identity,
+        request_id: u64,
+        body: client_frame::Body,
+    ) -> Dispatched {
+        let result = match body {
+            client_frame::Body::Hello(_) => Err(RequestError::AlreadyAuthenticated),
+            client_frame::Body::Ping(p) => Ok(Body::Pong(v1::Pong {
+                client_time_ms: p.client_time_ms,
+                server_time_ms: now_ms(),
+            })),
+            client_frame::Body::CreateGroup(c) => self.create_group(who, c).await,
+            client_frame::Body::JoinGroup(j) => self.join(who, j.group_id).await,
+            client_frame::Body::LeaveGroup(l) => self.leave(who, l.group_id).await,
+            client_frame::Body::FetchHistory(h) => self
+                .shared
+                .groups
+                .history(who, h.group_id, h.before_seq, h.limit)
+                .await
+                .map(Body::HistoryPage)
+                .map_err(RequestError::from),
+            client_frame::Body::SendMessage(m) => {
+                let msg = NewMessage {
+                    group_id: m.group_id,
+                    text: m.text,
+                    reply_to: m.reply_to,
+                    client_msg_id: m.client_msg_id,
+                };
+                match self.shared.groups.submit_post(who, msg, now_ms()).await {
+                    // The seq is taken; wait for durability without holding
+                    // up this connection's next request.
+                    Ok(ticket) => {
+                        return Dispatched::Wait(Box::pin(
+                            async move {
+                                let answer = ticket
+                                    .durable()
+                                    .await
+                                    .map(Body::SendAck)
+                                    .map_err(RequestError::from);
+                                (request_id, answer)
+                            }
+                            .in_current_span(),
+                        ));
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        };
+        Dispatched::Done(result)
+    }
+
+    async fn refuse(&self, request_id: u64, e: RequestError) -> Step {
+        let fatal = self.identity.is_none();
+        if !self.answer(request_id, Err(e)).await {
+            return Step::Gone;
+        }
+        if fatal {
+            Step::Close(CloseCode::Policy, "send Hello first".into())
+        } else {
+            Step::Continue
+        }
+    }
+
+    async fn hello(&mut self, request_id: u64, body: client_frame::Body) -> Step {
+        let client_frame::Body::Hello(hello) = body else {
+            return self
+                .refuse(request_id, RequestError::NotAuthenticated)
+                .await;
+        };
+        if hello.protocol_version != qun_proto::PROTOCOL_VERSION {
+            let e = RequestError::UnsupportedVersion(hello.protocol_version);
+            self.answer(request_id, Err(e)).await;
+            return Step::Close(CloseCode::Protocol, "unsupported protocol version".into());
+        }
+        let who = match self.shared.key.verify(&hello.token, now_ms() / 1000) {
+            Ok(who) => who,
+            Err(e) => {
+                tracing::info!(error = %e, "token refused");
+                self.answer(request_id, Err(e.into())).await;
+                return Step::Close(CloseCode::Policy, "token refused".into());
+            }
+        };
+        tracing::Span::current().record("user", who.user_id());
+        tracing::info!(role = who.role().as_str(), client = %hello.client_name, "authenticated");
+        let welcome = v1::Welcome {
+            protocol_version: qun_proto::PROTOCOL_VERSION,
+            user_id: who.user_id().to_string(),
+            display_name: who.display_name().to_string(),
+            role: who.role().to_proto() as i32,
+            shop_id: who.shop_id().unwrap_or_default().to_string(),
+            server_time_ms: now_ms(),
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            max_frame_bytes: u32::try_from(self.shared.config.max_frame_bytes).unwrap_or(u32::MAX),
+        };
+        self.identity = Some(who);
+        if self.answer(request_id, Ok(Body::Welcome(welcome))).await {
+            Step::Continue
+        } else {
+            Step::Gone
+        }
+    }
+
+    async fn create_group(&self, who: &Identity, c: v1::CreateGroup) -> Result<Body, RequestError> {
+        let req = NewGroup {
+            name: c.name,
+            max_members: c.max_members,
+            shop_id: (!c.shop_id.is_empty()).then_some(c.shop_id),
+        };
+        let info = self.shared.groups.create_group(who, req, now_ms()).await?;
+        Ok(Body::GroupCreated(v1::GroupCreated { group: Some(info) }))
+    }
+
+    async fn join(&mut self, who: &Identity, group_id: u64) -> Result<Body, RequestError> {
+        let sub = Subscriber {
+            conn: self.conn,
+            user_id: who.user_id().to_string(),
+            outbox: self.outbox.clone(),
+        };
+        let joined = self
+            .shared
+            .groups
+            .join(who, group_id, sub, now_ms())
+            .await?;
+        self.subscribed.insert(group_id);
+        Ok(Body::Joined(joined))
+    }
+
+    async fn leave(&mut self, who: &Identity, group_id: u64) -> Result<Body, RequestError> {
+        self.shared.groups.leave(who, group_id).await?;
+        self.subscribed.remove(&group_id);
+        Ok(Body::Left(v1::Left { group_id }))
+    }
+}
+
+enum Dispatched {
+    Done(Result<Body, RequestError>),
+    Wait(futures_util::future::BoxFuture<'static, Answer>),
+}
+
+fn body_kind(body: &client_frame::Body) -> &'static str {
+    match body {
+        client_frame::Body::Hello(_) => "hello",
+        client_frame::Body::CreateGroup(_) => "create_group",
+        client_frame::Body::JoinGroup(_) => "join_group",
+        client_frame::Body::LeaveGroup(_) => "leave_group",
+        client_frame::Body::SendMessage(_) => "send_message",
+        client_frame::Body::FetchHistory(_) => "fetch_history",
+        client_frame::Body::Ping(_) => "ping",
+    }
+}
+
+enum Step {
+    Continue,
+    Wait(futures_util::future::BoxFuture<'static, Answer>),
+    Close(CloseCode, String),
+    Gone,
+}
+
+/// The writer task: answers first, then pushes; batches whatever is ready
+/// into one flush.
+async fn write_loop(
+    mut sink: Sink,
+    mut rx: mpsc::Receiver<WriterCmd>,
+    outbox: Outbox,
+    shared: Arc<Shared>,
+) {
+    let metrics = &shared.metrics;
+    let mut outbox_open = true;
+    loop {
+        let first = tokio::select! {
+            biased;
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => Next::Cmd(cmd),
+                None => break,
+            },
+            item = outbox.recv(), if outbox_open => match item {
+                Some(item) => Next::Push(item),
+                None => { outbox_open = false; continue; }
+            },
+        };
+        let mut next = Some(first);
+        let mut written = 0u64;
+        // Write everything already waiting, then flush once.
+        while let Some(item) = next.take() {
+            let msg = match item {
+                Next::Cmd(WriterCmd::Frame(b)) | Next::Push(Outgoing::Frame(b)) => {
+                    Message::Binary(b)
+                }
+                Next::Push(Outgoing::OutOfSync { dropped }) => {
+                    metrics.out_of_sync_sent.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        dropped,
+                        "connection fell behind; pushes dropped, told out of sync"
+                    );
+                    let frame = ServerFrame {
+                        request_id: 0,
+                        body: Some(Body::OutOfSync(v1::OutOfSync { dropped })),
+                    };
+                    Message::Binary(encode_server_frame(&frame))
+                }
+                Next::Cmd(WriterCmd::Close(code, reason)) => {
+                    let _ = sink.flush().await;
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+                    return;
+                }
+            };
+            if sink.feed(msg).await.is_err() {
+                return;
+            }
+            written += 1;
+            if written >= 64 {
+                break;
+            }
+            next = match rx.try_recv() {
+                Ok(cmd) => Some(Next::Cmd(cmd)),
+                Err(_) if outbox_open => match outbox.try_recv() {
+                    Ok(item) => Some(Next::Push(item)),
+                    Err(Empty::Closed) => {
+                        outbox_open = false;
+                        None
+                    }
+                    Err(Empty::Now) => None,
+                },
+                Err(_) => None,
+            };
+        }
+        metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+enum Next {
+    Cmd(WriterCmd),
+    Push(Outgoing),
+}

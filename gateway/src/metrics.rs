@@ -1,0 +1,124 @@
+//! Prometheus metrics, rendered in the text exposition format at `/metrics`.
+//!
+//! Counters are plain atomics bumped on the paths that own them; the page is
+//! rendered on request, reading chat-core's counters at the same time.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use qun_chat_core::{CoreStats, Groups};
+
+/// The gateway's own counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Connections accepted (TCP).
+    pub connections_accepted: AtomicU64,
+    /// Connections open now.
+    pub connections_open: AtomicU64,
+    /// Connections refused (over `max_connections`, bad handshake).
+    pub connections_refused: AtomicU64,
+    /// Accept errors (e.g. out of file descriptors).
+    pub accept_errors: AtomicU64,
+    /// Client frames received.
+    pub frames_in: AtomicU64,
+    /// Frames written to clients.
+    pub frames_out: AtomicU64,
+    /// Error frames sent.
+    pub errors_sent: AtomicU64,
+    /// Out-of-sync notices sent.
+    pub out_of_sync_sent: AtomicU64,
+}
+
+impl Metrics {
+    /// Renders every metric.
+    pub fn render(&self, groups: &Groups) -> String {
+        let core: Arc<CoreStats> = groups.stats();
+        let mut out = String::with_capacity(2048);
+        let mut put = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        put(
+            "qun_connections_accepted_total",
+            "counter",
+            "TCP connections accepted.",
+            self.connections_accepted.load(Relaxed),
+        );
+        put(
+            "qun_connections_open",
+            "gauge",
+            "Connections open now.",
+            self.connections_open.load(Relaxed),
+        );
+        put(
+            "qun_connections_refused_total",
+            "counter",
+            "Connections refused (limit or bad handshake).",
+            self.connections_refused.load(Relaxed),
+        );
+        put(
+            "qun_accept_errors_total",
+            "counter",
+            "Errors accepting connections (e.g. file descriptor limit).",
+            self.accept_errors.load(Relaxed),
+        );
+        put(
+            "qun_frames_in_total",
+            "counter",
+            "Client frames received.",
+            self.frames_in.load(Relaxed),
+        );
+        put(
+            "qun_frames_out_total",
+            "counter",
+            "Frames written to clients.",
+            self.frames_out.load(Relaxed),
+        );
+        put(
+            "qun_error_frames_total",
+            "counter",
+            "Error frames sent to clients.",
+            self.errors_sent.load(Relaxed),
+        );
+        put(
+            "qun_out_of_sync_total",
+            "counter",
+            "Out-of-sync notices sent to slow connections.",
+            self.out_of_sync_sent.load(Relaxed),
+        );
+        put(
+            "qun_messages_posted_total",
+            "counter",
+            "Messages made durable and published.",
+            core.messages_posted.load(Relaxed),
+        );
+        put(
+            "qun_deliveries_total",
+            "counter",
+            "Message frames queued to subscribers.",
+            core.deliveries_queued.load(Relaxed),
+        );
+        put(
+            "qun_deliveries_dropped_total",
+            "counter",
+            "Message frames dropped for out-of-sync subscribers.",
+            core.deliveries_dropped.load(Relaxed),
+        );
+        put(
+            "qun_groups_created_total",
+            "counter",
+            "Groups created.",
+            core.groups_created.load(Relaxed),
+        );
+        put(
+            "qun_groups_loaded",
+            "gauge",
+            "Groups held in memory.",
+            groups.loaded_groups() as u64,
+        );
+        out
+    }
+}

@@ -1,0 +1,222 @@
+//! Starting, running and stopping the server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use qun_chat_core::{ConnId, CoreConfig, Groups, OutboxLimits};
+use qun_storage::{FjallConfig, FjallStore, StorageError, Store};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::auth::{KeyError, TokenKey};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// The sockets the server serves. Bind them first (tests bind port 0 and
+/// read the addresses back), then hand them to [`run`].
+#[derive(Debug)]
+pub struct Listeners {
+    /// WebSocket listener.
+    pub ws: TcpListener,
+    /// HTTP listener.
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`.
+    ///
+    /// # Errors
+    /// [`ServerError::Bind`] naming the address that could not be bound.
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
+        };
+        Ok(Self {
+            ws: bind(config.ws_listen).await?,
+            http: bind(config.http_listen).await?,
+        })
+    }
+
+    /// The WebSocket address actually bound.
+    ///
+    /// # Errors
+    /// The OS error, if the socket has none.
+    pub fn ws_addr(&self) -> std::io::Result<SocketAddr> {
+        self.ws.local_addr()
+    }
+
+    /// The HTTP address actually bound.
+    ///
+    /// # Errors
+    /// The OS error, if the socket has none.
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// An address could not be bound (in use, or not local).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be opened or flushed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The token key could not be loaded or created.
+    #[error("token key: {0}")]
+    Key(#[from] KeyError),
+}
+
+/// State shared by every task of one server.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) groups: Groups,
+    pub(crate) key: TokenKey,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) outbox_limits: OutboxLimits,
+    next_conn: AtomicU64,
+}
+
+/// Runs the server until `shutdown` is cancelled, then shuts down
+/// gracefully: stop accepting, close every connection with 1001 and a
+/// reconnect hint, wait (up to the grace period) for them, flush the store.
+///
+/// # Errors
+/// [`ServerError`] when the store or the token key cannot be opened, or the
+/// store cannot be flushed at the end.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut store_config = FjallConfig::new(&config.data_dir);
+    store_config.fsync = config.fsync;
+    let store = Arc::new(FjallStore::open(store_config)?);
+    let key = if config.token_key.is_empty() {
+        TokenKey::load_or_create(&config.data_dir)?
+    } else {
+        TokenKey::from_hex(&config.token_key)?
+    };
+    let core = CoreConfig {
+        default_max_members: config.default_max_members,
+        max_members_limit: config.max_members_limit,
+        recent_ring: config.recent_ring,
+        ..CoreConfig::default()
+    };
+    let groups = Groups::open(store.clone(), core).await?;
+    let shared = Arc::new(Shared {
+        outbox_limits: OutboxLimits {
+            max_frames: config.outbox_max_frames,
+            max_bytes: config.outbox_max_bytes,
+        },
+        groups,
+        key,
+        metrics: Metrics::default(),
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+        next_conn: AtomicU64::new(1),
+        config,
+    });
+    tracing::info!(
+        ws = %listeners.ws.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        http = %listeners.http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        data_dir = %shared.config.data_dir.display(),
+        "qun serving"
+    );
+
+    let http = {
+        let shared = shared.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(listeners.http, shared, token).await {
+                tracing::error!(error = %e, "http listener failed");
+            }
+        })
+    };
+    accept_loop(listeners.ws, &shared).await;
+
+    tracing::info!("shutting down: closing connections");
+    shared.tracker.close();
+    let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = shared.tracker.len(),
+            "grace period over; closing the store anyway"
+        );
+    }
+    let _ = tokio::time::timeout(grace, http).await;
+    store.close().await?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
+    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                shared.metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                // EMFILE (24) / ENFILE (23): out of file descriptors.
+                if matches!(e.raw_os_error(), Some(23 | 24)) {
+                    tracing::error!(
+                        error = %e,
+                        "out of file descriptors: cannot accept connections; raise `ulimit -n` or lower max_connections"
+                    );
+                } else {
+                    tracing::warn!(error = %e, "accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        shared
+            .metrics
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, limit = shared.config.max_connections, "connection limit reached; refusing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+        let span = tracing::info_span!("conn", id = conn.0, %peer, user = tracing::field::Empty);
+        let shared2 = shared.clone();
+        shared.tracker.spawn(
+            async move {
+                crate::connection::serve(stream, conn, shared2).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
