@@ -1,4 +1,5 @@
 //! chat-core against the real embedded store, time passed in by hand.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 

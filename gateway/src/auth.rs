@@ -103,7 +103,7 @@ impl TokenKey {
     /// [`KeyError::BadKey`] when not hex or too short.
     pub fn from_hex(hex: &str) -> Result<Self, KeyError> {
         let hex = hex.trim();
-        if hex.len() % 2 != 0 || hex.len() < MIN_KEY_BYTES * 2 {
+        if !hex.len().is_multiple_of(2) || hex.len() < MIN_KEY_BYTES * 2 {
             return Err(KeyError::BadKey);
         }
         (0..hex.len())

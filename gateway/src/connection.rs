@@ -60,6 +60,8 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(shared.config.max_frame_bytes))
         .max_frame_size(Some(shared.config.max_frame_bytes));
+    // The error type is fixed by tungstenite's `Callback` trait.
+    #[allow(clippy::result_large_err)]
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() == WS_PATH {
             Ok(resp)

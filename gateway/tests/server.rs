@@ -1,0 +1,494 @@
+//! Integration tests: the real server on ephemeral ports in a temp dir,
+//! driven by the real client over real WebSockets.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use qun_client::{Client, ClientError, Event, proto};
+use qun_gateway::auth::{Claims, TokenKey};
+use qun_gateway::{Config, Listeners};
+use qun_proto::{ClientFrame, ErrorCode, encode_client_frame, v1};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct TestServer {
+    url: String,
+    http: SocketAddr,
+    key: TokenKey,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), qun_gateway::ServerError>>,
+}
+
+impl TestServer {
+    async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, |_| {}).await
+    }
+
+    async fn start_with(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config {
+            data_dir: data_dir.to_path_buf(),
+            ws_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let key = TokenKey::load_or_create(data_dir).unwrap();
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
+        let http = listeners.http_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+        Self {
+            url,
+            http,
+            key,
+            shutdown,
+            task,
+        }
+    }
+
+    fn token(&self, user: &str, role: &str, shop: Option<&str>) -> String {
+        self.token_expiring(user, role, shop, now_secs() + 3600)
+    }
+
+    fn token_expiring(&self, user: &str, role: &str, shop: Option<&str>, exp: u64) -> String {
+        self.key.sign(&Claims {
+            sub: user.into(),
+            name: format!("{role} {user}"),
+            role: role.into(),
+            shop: shop.map(Into::into),
+            exp,
+            iat: now_secs(),
+        })
+    }
+
+    async fn client(&self, user: &str, role: &str, shop: Option<&str>) -> Client {
+        Client::connect(&self.url, &self.token(user, role, shop))
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    async fn http_get(&self, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The next `n` pushed messages (fails after 10 s of silence).
+async fn messages(client: &mut Client, n: usize) -> Vec<v1::ChatMessage> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(10), client.next_event())
+            .await
+            .expect("no push within 10 s")
+            .expect("connection ended");
+        match event {
+            Event::Message(m) => out.push(m),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    out
+}
+
+async fn next_event(client: &mut Client) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), client.next_event())
+        .await
+        .expect("no event within 10 s")
+        .expect("connection ended")
+}
+
+fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+    r.unwrap_err().code().expect("a server error code")
+}
+
+#[tokio::test]
+async fn two_buyers_and_an_agent_see_the_same_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut agent = server.client("mei", "agent", Some("shop-1")).await;
+    let group = agent.create_group("Sneaker fans", 0).await.unwrap();
+    assert_eq!(group.shop_id, "shop-1");
+    agent.join(group.group_id).await.unwrap();
+    let mut ann = server.client("ann", "buyer", None).await;
+    let mut bo = server.client("bo", "buyer", None).await;
+    let g = group.group_id;
+    assert!(!ann.join(g).await.unwrap().already_member);
+    bo.join(g).await.unwrap();
+
+    let q = ann.send(g, "Is S size EU 34 or 36?", None).await.unwrap();
+    // Wait for the question to reach the agent before answering it.
+    let seen = messages(&mut agent, 1).await;
+    assert_eq!(seen[0].seq, q.seq);
+    let a = agent
+        .send(g, "S is EU 34; M is 36.", Some(q.seq))
+        .await
+        .unwrap();
+    bo.send(g, "Thanks!", None).await.unwrap();
+
+    let mut agent_view = seen;
+    agent_view.extend(messages(&mut agent, 2).await);
+    let ann_view = messages(&mut ann, 3).await;
+    let bo_view = messages(&mut bo, 3).await;
+    assert_eq!(ann_view, agent_view);
+    assert_eq!(bo_view, agent_view);
+    assert_eq!(
+        agent_view.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let answer = &agent_view[1];
+    assert_eq!(answer.seq, a.seq);
+    assert_eq!(answer.reply_to, q.seq);
+    assert_eq!(answer.sender_role, proto::Role::Agent as i32);
+    let quote = answer
+        .quote
+        .as_ref()
+        .expect("the answer quotes the question");
+    assert_eq!(
+        (quote.sender_id.as_str(), quote.text.as_str()),
+        ("ann", "Is S size EU 34 or 36?")
+    );
+
+    // A buyer who joins later gets the conversation with the join.
+    let cy = server.client("cy", "buyer", None).await;
+    let joined = cy.join(g).await.unwrap();
+    assert_eq!(joined.recent, agent_view);
+    assert_eq!(joined.group.unwrap().member_count, 4);
+
+    // Leaving stops the pushes; the others carry on.
+    bo.leave(g).await.unwrap();
+    ann.send(g, "bye bo", None).await.unwrap();
+    assert_eq!(messages(&mut ann, 1).await[0].seq, 4);
+    assert_eq!(code(bo.history(g, 0, 10).await), ErrorCode::NotMember);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_senders_produce_one_gap_free_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let agent = server.client("mei", "agent", Some("shop-1")).await;
+    let g = agent.create_group("Flash sale", 0).await.unwrap().group_id;
+    let mut watcher = server.client("watcher", "buyer", None).await;
+    watcher.join(g).await.unwrap();
+
+    const SENDERS: usize = 20;
+    const EACH: usize = 10;
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        let c = server.client(&format!("b{i}"), "buyer", None).await;
+        c.join(g).await.unwrap();
+        senders.push(c);
+    }
+    let mut tasks = Vec::new();
+    for (i, c) in senders.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut c = c;
+            for n in 0..EACH {
+                c.send(g, &format!("{i}:{n}"), None).await.unwrap();
+            }
+            // Every sender also receives the whole stream.
+            messages(&mut c, SENDERS * EACH).await
+        }));
+    }
+    let watched = messages(&mut watcher, SENDERS * EACH).await;
+    let seqs: Vec<u64> = watched.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=(SENDERS * EACH) as u64).collect::<Vec<_>>());
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            watched,
+            "every member sees the same order"
+        );
+    }
+    // Each sender's own messages keep their sending order.
+    for i in 0..SENDERS {
+        let mine: Vec<String> = watched
+            .iter()
+            .filter(|m| m.sender_id == format!("b{i}"))
+            .map(|m| m.text.clone())
+            .collect();
+        assert_eq!(
+            mine,
+            (0..EACH).map(|n| format!("{i}:{n}")).collect::<Vec<_>>()
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_is_identical_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let agent = server.client("mei", "agent", Some("shop-1")).await;
+    let g = agent.create_group("Restart", 0).await.unwrap().group_id;
+    let buyer = server.client("ann", "buyer", None).await;
+    buyer.join(g).await.unwrap();
+    for n in 0..60 {
+        let who = if n % 2 == 0 { &agent } else { &buyer };
+        who.send(g, &format!("message {n}"), (n > 0).then_some(n))
+            .await
+            .unwrap();
+    }
+    let newest = buyer.history(g, 0, 50).await.unwrap();
+    let oldest = buyer.history(g, 11, 50).await.unwrap();
+    drop((agent, buyer));
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let buyer = server.client("ann", "buyer", None).await;
+    assert_eq!(buyer.history(g, 0, 50).await.unwrap(), newest);
+    assert_eq!(buyer.history(g, 11, 50).await.unwrap(), oldest);
+    let joined = buyer.join(g).await.unwrap();
+    assert!(joined.already_member, "membership survives the restart");
+    assert_eq!(joined.recent, newest.messages);
+    assert_eq!(buyer.send(g, "after restart", None).await.unwrap().seq, 61);
+    let agent = server.client("mei", "agent", Some("shop-1")).await;
+    let g2 = agent.create_group("Second", 0).await.unwrap().group_id;
+    assert_ne!(g2, g);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_typed_errors_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let agent = server.client("mei", "agent", Some("shop-1")).await;
+    let g = agent.create_group("Small", 2).await.unwrap().group_id;
+    agent.send(g, "first", None).await.unwrap();
+    let mut buyer = server.client("ann", "buyer", None).await;
+    buyer.join(g).await.unwrap();
+
+    // Malformed protobuf, an empty envelope and a text frame: an error
+    // push each, and the connection goes on.
+    buyer
+        .send_raw(Bytes::from_static(b"\x0a\xff\xff\xff"))
+        .await
+        .unwrap();
+    buyer
+        .send_raw(encode_client_frame(&ClientFrame {
+            request_id: 5,
+            body: None,
+        }))
+        .await
+        .unwrap();
+    buyer.send_text_frame("hello?").await.unwrap();
+    for _ in 0..3 {
+        match next_event(&mut buyer).await {
+            Event::Error { code, .. } => assert_eq!(code, ErrorCode::MalformedFrame as i32),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+    buyer.ping().await.unwrap();
+
+    // Requests refused by the rules.
+    assert_eq!(
+        code(buyer.create_group("mine", 0).await),
+        ErrorCode::ForbiddenRole
+    );
+    assert_eq!(
+        code(buyer.send(999, "hi", None).await),
+        ErrorCode::UnknownGroup
+    );
+    assert_eq!(code(buyer.join(999).await), ErrorCode::UnknownGroup);
+    assert_eq!(
+        code(buyer.send(g, &"x".repeat(4097), None).await),
+        ErrorCode::TextTooLong
+    );
+    assert_eq!(code(buyer.send(g, "", None).await), ErrorCode::TextEmpty);
+    let not_utf8 = v1::SendMessage {
+        group_id: g,
+        text: Bytes::from_static(b"caf\xc3"),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(buyer.send_message(not_utf8).await),
+        ErrorCode::TextNotUtf8
+    );
+    assert_eq!(
+        code(buyer.send(g, "re", Some(99)).await),
+        ErrorCode::ReplyToUnknown
+    );
+    assert_eq!(
+        code(buyer.history(g, 0, 5000).await),
+        ErrorCode::InvalidArgument
+    );
+    let stranger = server.client("zed", "buyer", None).await;
+    assert_eq!(
+        code(stranger.send(g, "hi", None).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(code(stranger.join(g).await), ErrorCode::GroupFull);
+    let rival = server.client("rex", "agent", Some("shop-2")).await;
+    assert_eq!(code(rival.join(g).await), ErrorCode::WrongShop);
+    assert_eq!(
+        code(rival.send(g, "buy from us", None).await),
+        ErrorCode::NotMember
+    );
+    let wrong_shop = proto::client_frame::Body::CreateGroup(v1::CreateGroup {
+        name: "x".into(),
+        max_members: 0,
+        shop_id: "shop-1".into(),
+    });
+    assert_eq!(code(rival.request(wrong_shop).await), ErrorCode::WrongShop);
+    let hello_again = proto::client_frame::Body::Hello(v1::Hello::default());
+    assert_eq!(
+        code(buyer.request(hello_again).await),
+        ErrorCode::AlreadyAuthenticated
+    );
+
+    // An oversized frame: an error, then the connection is closed.
+    let mut big = server.client("big", "buyer", None).await;
+    big.send_raw(Bytes::from(vec![0u8; 70 * 1024]))
+        .await
+        .unwrap();
+    match next_event(&mut big).await {
+        Event::Error { code, .. } => assert_eq!(code, ErrorCode::FrameTooLarge as i32),
+        other => panic!("expected FRAME_TOO_LARGE, got {other:?}"),
+    }
+    assert!(matches!(
+        next_event(&mut big).await,
+        Event::Closed {
+            code: Some(1009),
+            ..
+        }
+    ));
+
+    // Bad tokens: an error, then close.
+    let expired = server.token_expiring("ann", "buyer", None, now_secs() - 1);
+    let forged = TokenKey::from_hex(&"ab".repeat(32)).unwrap().sign(&Claims {
+        sub: "ann".into(),
+        name: "Ann".into(),
+        role: "owner".into(),
+        shop: Some("shop-1".into()),
+        exp: now_secs() + 60,
+        iat: 0,
+    });
+    for (token, want) in [
+        (expired.as_str(), ErrorCode::TokenExpired),
+        (forged.as_str(), ErrorCode::TokenInvalid),
+        ("", ErrorCode::TokenInvalid),
+        ("not.a.token", ErrorCode::TokenInvalid),
+    ] {
+        let r = Client::connect(&server.url, token).await;
+        assert_eq!(code(r), want, "token {token:?}");
+    }
+    // A request before Hello, and a Hello of another protocol version.
+    let mut early = Client::connect_unauthenticated(&server.url).await.unwrap();
+    let r = early
+        .request(proto::client_frame::Body::JoinGroup(v1::JoinGroup {
+            group_id: g,
+        }))
+        .await;
+    assert_eq!(code(r), ErrorCode::NotAuthenticated);
+    assert!(matches!(
+        next_event(&mut early).await,
+        Event::Closed {
+            code: Some(1008),
+            ..
+        }
+    ));
+    let future = Client::connect_unauthenticated(&server.url).await.unwrap();
+    let hello = proto::client_frame::Body::Hello(v1::Hello {
+        protocol_version: 99,
+        token: server.token("ann", "buyer", None),
+        client_name: String::new(),
+    });
+    assert_eq!(
+        code(future.request(hello).await),
+        ErrorCode::UnsupportedProtocolVersion
+    );
+    // A wrong WebSocket path is refused at the handshake.
+    let wrong_path = server.url.replace("/ws", "/chat");
+    assert!(matches!(
+        Client::connect(&wrong_path, &server.token("ann", "buyer", None)).await,
+        Err(ClientError::Connect { .. })
+    ));
+
+    // Nothing was lost or added, and the server still serves.
+    let page = buyer.history(g, 0, 50).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].text, "first");
+    assert_eq!(buyer.send(g, "still here", None).await.unwrap().seq, 2);
+    let fresh = server.client("mei", "agent", Some("shop-1")).await;
+    assert_eq!(fresh.history(g, 0, 50).await.unwrap().messages.len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_closes_sockets_with_1001() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut agent = server.client("mei", "agent", Some("shop-1")).await;
+    let g = agent.create_group("Bye", 0).await.unwrap().group_id;
+    agent.join(g).await.unwrap();
+    agent.send(g, "last words", None).await.unwrap();
+    assert_eq!(messages(&mut agent, 1).await[0].text, "last words");
+    server.shutdown.cancel();
+    match next_event(&mut agent).await {
+        Event::GoingAway {
+            reconnect_after_ms, ..
+        } => assert_eq!(reconnect_after_ms, 1000),
+        other => panic!("expected GoingAway, got {other:?}"),
+    }
+    match next_event(&mut agent).await {
+        Event::Closed { code, reason } => {
+            assert_eq!(code, Some(1001));
+            assert!(reason.contains("reconnect"), "{reason}");
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    server.task.await.unwrap().unwrap();
+    // The store was flushed and released: a new server opens the same dir.
+    let server = TestServer::start(dir.path()).await;
+    let agent = server.client("mei", "agent", Some("shop-1")).await;
+    assert_eq!(
+        agent.history(g, 0, 10).await.unwrap().messages[0].text,
+        "last words"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_metrics_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let agent = server.client("mei", "agent", Some("shop-1")).await;
+    let g = agent.create_group("Metrics", 0).await.unwrap().group_id;
+    agent.join(g).await.unwrap();
+    agent.send(g, "counted", None).await.unwrap();
+    let health = server.http_get("/healthz").await;
+    assert!(
+        health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
+        "{health}"
+    );
+    let metrics = server.http_get("/metrics").await;
+    assert!(metrics.contains("qun_messages_posted_total 1"), "{metrics}");
+    assert!(metrics.contains("qun_connections_open 1"), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE qun_deliveries_total counter"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
