@@ -43,9 +43,6 @@ pub enum RequestError {
     /// A second Hello.
     #[error("this connection is already authenticated")]
     AlreadyAuthenticated,
-    /// The server is shutting down.
-    #[error("server is shutting down; reconnect shortly")]
-    ShuttingDown,
 }
 
 impl RequestError {
@@ -60,7 +57,6 @@ impl RequestError {
             RequestError::UnsupportedVersion(_) => ErrorCode::UnsupportedProtocolVersion,
             RequestError::NotAuthenticated => ErrorCode::NotAuthenticated,
             RequestError::AlreadyAuthenticated => ErrorCode::AlreadyAuthenticated,
-            RequestError::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
 
