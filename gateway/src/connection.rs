@@ -148,7 +148,7 @@ impl Session {
         tokio::pin!(hello_deadline);
         let close = loop {
             tokio::select! {
-                () = shared.shutdown.cancelled() => break Some(self.going_away()),
+                () = shared.shutdown.cancelled() => break Some(self.going_away().await),
                 () = &mut hello_deadline, if self.identity.is_none() => {
                     break Some((CloseCode::Policy, "no Hello in time".into()));
                 }
@@ -178,7 +178,7 @@ impl Session {
         close
     }
 
-    fn going_away(&self) -> (CloseCode, String) {
+    async fn going_away(&self) -> (CloseCode, String) {
         let hint = self.shared.config.reconnect_hint_ms;
         let reason = format!("server shutting down; reconnect in {hint} ms");
         let frame = ServerFrame {

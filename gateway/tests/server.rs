@@ -492,3 +492,65 @@ async fn health_and_metrics_over_http() {
     );
     server.stop().await;
 }
+
+#[test]
+fn the_binary_exits_64_on_a_bad_config_and_prints_usable_tokens() {
+    let qun = env!("CARGO_BIN_EXE_qun");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(qun)
+            .args(args)
+            .env_remove("QUN_WS_LISTEN")
+            .output()
+            .unwrap()
+    };
+    let bad_addr = run(&["serve", "--ws-listen", "not-an-address"]);
+    assert_eq!(bad_addr.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad_addr.stderr).contains("ws_listen"));
+    let missing = dir.path().join("missing.toml");
+    let no_file = run(&["serve", "--config", missing.to_str().unwrap()]);
+    assert_eq!(no_file.status.code(), Some(64));
+
+    let data = dir.path().to_str().unwrap();
+    let out = run(&[
+        "token",
+        "--data-dir",
+        data,
+        "--user",
+        "mei",
+        "--name",
+        "Mei",
+        "--role",
+        "agent",
+        "--shop",
+        "s1",
+        "--ttl",
+        "1h",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let who = TokenKey::load_or_create(dir.path())
+        .unwrap()
+        .verify(token.trim(), now_secs())
+        .unwrap();
+    assert_eq!((who.user_id(), who.shop_id()), ("mei", Some("s1")));
+    let refused = run(&[
+        "token",
+        "--data-dir",
+        data,
+        "--user",
+        "mei",
+        "--name",
+        "Mei",
+        "--role",
+        "agent",
+    ]);
+    assert!(
+        !refused.status.success(),
+        "an agent token without a shop must be refused"
+    );
+}
