@@ -1,0 +1,149 @@
+//! `qun-cli` against the real server: the interface users and scripts rely on.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Output;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use qun_gateway::auth::{Claims, TokenKey};
+use qun_gateway::{Config, Listeners};
+use tokio_util::sync::CancellationToken;
+
+fn token(key: &TokenKey, user: &str, role: &str, shop: Option<&str>) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    key.sign(&Claims {
+        sub: user.into(),
+        name: format!("Name {user}"),
+        role: role.into(),
+        shop: shop.map(Into::into),
+        exp: now + 600,
+        iat: now,
+    })
+}
+
+async fn cli(url: &str, token: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_qun-cli"))
+        .arg("--url")
+        .arg(url)
+        .arg("--token")
+        .arg(token)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_join_send_reply_history_and_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ws_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let listeners = Listeners::bind(&config).await.unwrap();
+    let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let buyer = token(&key, "ann", "buyer", None);
+
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Sneaker fans"]).await);
+    let group = group.trim();
+    assert!(
+        group.parse::<u64>().is_ok(),
+        "group create prints the id alone: {group:?}"
+    );
+    stdout(&cli(&url, &buyer, &["join", group]).await);
+
+    let tail = tokio::spawn({
+        let (url, buyer, group) = (url.clone(), buyer.clone(), group.to_string());
+        async move { cli(&url, &buyer, &["tail", &group, "--json", "--count", "2"]).await }
+    });
+    // Give tail time to subscribe; it only prints messages sent after it joined,
+    // so keep sending until it has seen two.
+    let q = stdout(&cli(&url, &buyer, &["send", group, "Is S size EU 34 or 36?"]).await);
+    let q = q.trim().to_string();
+    assert_eq!(q, "1", "send prints the seq alone");
+    let mut last = 1;
+    while !tail.is_finished() && last < 50 {
+        last = stdout(
+            &cli(
+                &url,
+                &agent,
+                &["send", group, "S is EU 34.", "--reply-to", &q],
+            )
+            .await,
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    }
+    let tailed = tokio::time::timeout(std::time::Duration::from_secs(30), tail)
+        .await
+        .expect("tail did not finish")
+        .unwrap();
+    let tailed = stdout(&tailed);
+    let lines: Vec<serde_json::Value> = tailed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[1]["seq"].as_u64().unwrap(),
+        lines[0]["seq"].as_u64().unwrap() + 1
+    );
+
+    let history = stdout(
+        &cli(
+            &url,
+            &buyer,
+            &["history", group, "--json", "--limit", "2", "--before", "3"],
+        )
+        .await,
+    );
+    let page: Vec<serde_json::Value> = history
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0]["seq"], 1);
+    assert_eq!(page[0]["sender"], "ann");
+    assert_eq!(page[0]["kind"], "text");
+    assert_eq!(page[0]["text"], "Is S size EU 34 or 36?");
+    assert!(page[0]["ts"].as_u64().unwrap() > 0);
+    assert!(page[0].get("reply_to").is_none());
+    assert_eq!(page[1]["reply_to"], 1);
+    assert_eq!(
+        page[1]["group"].as_u64().unwrap(),
+        group.parse::<u64>().unwrap()
+    );
+
+    // Errors: non-zero exit with the server's code and message.
+    let refused = cli(&url, &buyer, &["send", "999", "hi"]).await;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("30") && err.contains("UNKNOWN_GROUP"), "{err}");
+    let forbidden = cli(&url, &buyer, &["group", "create", "--name", "x"]).await;
+    assert!(String::from_utf8_lossy(&forbidden.stderr).contains("FORBIDDEN_ROLE"));
+    stdout(&cli(&url, &buyer, &["leave", group]).await);
+    let gone = cli(&url, &buyer, &["history", group]).await;
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NOT_MEMBER"));
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
