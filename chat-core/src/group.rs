@@ -349,22 +349,21 @@ impl GroupState {
 }
 
 fn quote_of(m: &v1::ChatMessage) -> QuoteRecord {
+    quote(m.seq, &m.sender_id, &m.sender_name, &m.text)
+}
+
+fn quote(seq: u64, sender_id: &str, sender_name: &str, text: &str) -> QuoteRecord {
     QuoteRecord {
-        seq: m.seq,
-        sender_id: m.sender_id.clone(),
-        sender_name: m.sender_name.clone(),
-        text: m.text.chars().take(QUOTE_CHARS).collect(),
+        seq,
+        sender_id: sender_id.to_string(),
+        sender_name: sender_name.to_string(),
+        text: text.chars().take(QUOTE_CHARS).collect(),
     }
 }
 
 /// A quote of a stored message.
 pub(crate) fn quote_of_record(m: &MessageRecord) -> QuoteRecord {
-    QuoteRecord {
-        seq: m.seq,
-        sender_id: m.sender_id.clone(),
-        sender_name: m.sender_name.clone(),
-        text: m.text.chars().take(QUOTE_CHARS).collect(),
-    }
+    quote(m.seq, &m.sender_id, &m.sender_name, &m.text)
 }
 
 /// A stored message as it goes on the wire.

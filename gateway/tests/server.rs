@@ -73,6 +73,17 @@ impl TestServer {
             .unwrap()
     }
 
+    /// An agent of shop-1 connected, with a new group of that shop.
+    async fn agent_with_group(&self, name: &str, max_members: u32) -> (Client, u64) {
+        let agent = self.client("mei", "agent", Some("shop-1")).await;
+        let g = agent
+            .create_group(name, max_members)
+            .await
+            .unwrap()
+            .group_id;
+        (agent, g)
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.unwrap().unwrap();
@@ -188,8 +199,7 @@ async fn two_buyers_and_an_agent_see_the_same_order() {
 async fn concurrent_senders_produce_one_gap_free_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let agent = server.client("mei", "agent", Some("shop-1")).await;
-    let g = agent.create_group("Flash sale", 0).await.unwrap().group_id;
+    let (_agent, g) = server.agent_with_group("Flash sale", 0).await;
     let mut watcher = server.client("watcher", "buyer", None).await;
     watcher.join(g).await.unwrap();
 
@@ -241,8 +251,7 @@ async fn concurrent_senders_produce_one_gap_free_sequence() {
 async fn history_is_identical_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let agent = server.client("mei", "agent", Some("shop-1")).await;
-    let g = agent.create_group("Restart", 0).await.unwrap().group_id;
+    let (agent, g) = server.agent_with_group("Restart", 0).await;
     let buyer = server.client("ann", "buyer", None).await;
     buyer.join(g).await.unwrap();
     for n in 0..60 {
@@ -274,8 +283,7 @@ async fn history_is_identical_after_a_restart() {
 async fn bad_input_gets_typed_errors_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let agent = server.client("mei", "agent", Some("shop-1")).await;
-    let g = agent.create_group("Small", 2).await.unwrap().group_id;
+    let (agent, g) = server.agent_with_group("Small", 2).await;
     agent.send(g, "first", None).await.unwrap();
     let mut buyer = server.client("ann", "buyer", None).await;
     buyer.join(g).await.unwrap();
@@ -440,8 +448,7 @@ async fn bad_input_gets_typed_errors_and_loses_nothing() {
 async fn graceful_shutdown_closes_sockets_with_1001() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let mut agent = server.client("mei", "agent", Some("shop-1")).await;
-    let g = agent.create_group("Bye", 0).await.unwrap().group_id;
+    let (mut agent, g) = server.agent_with_group("Bye", 0).await;
     agent.join(g).await.unwrap();
     agent.send(g, "last words", None).await.unwrap();
     assert_eq!(messages(&mut agent, 1).await[0].text, "last words");
@@ -474,8 +481,7 @@ async fn graceful_shutdown_closes_sockets_with_1001() {
 async fn health_and_metrics_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let agent = server.client("mei", "agent", Some("shop-1")).await;
-    let g = agent.create_group("Metrics", 0).await.unwrap().group_id;
+    let (agent, g) = server.agent_with_group("Metrics", 0).await;
     agent.join(g).await.unwrap();
     agent.send(g, "counted", None).await.unwrap();
     let health = server.http_get("/healthz").await;

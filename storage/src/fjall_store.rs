@@ -282,6 +282,17 @@ fn decode<T: prost::Message + Default>(
     T::decode(bytes).map_err(|e| StorageError::corrupt(keyspace, e))
 }
 
+fn decode_messages(
+    guards: impl Iterator<Item = fjall::Guard>,
+) -> Result<Vec<MessageRecord>, StorageError> {
+    guards
+        .map(|guard| {
+            let (_, v) = guard.into_inner().map_err(read_err)?;
+            decode("messages", &v)
+        })
+        .collect()
+}
+
 fn read_err(e: fjall::Error) -> StorageError {
     StorageError::backend("read", e)
 }
@@ -406,16 +417,7 @@ impl Store for FjallStore {
             }
             let from = keys::message_key(group_id, 0);
             let to = keys::message_key(group_id, before_seq);
-            let mut out = t
-                .messages
-                .range(from..to)
-                .rev()
-                .take(limit)
-                .map(|guard| {
-                    let (_, v) = guard.into_inner().map_err(read_err)?;
-                    decode::<MessageRecord>("messages", &v)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut out = decode_messages(t.messages.range(from..to).rev().take(limit))?;
             out.reverse();
             Ok(out)
         })
@@ -433,14 +435,7 @@ impl Store for FjallStore {
             };
             let from = keys::message_key(group_id, first);
             let to = keys::message_key(group_id, u64::MAX);
-            t.messages
-                .range(from..=to)
-                .take(limit)
-                .map(|guard| {
-                    let (_, v) = guard.into_inner().map_err(read_err)?;
-                    decode("messages", &v)
-                })
-                .collect()
+            decode_messages(t.messages.range(from..=to).take(limit))
         })
     }
 }
