@@ -295,15 +295,21 @@ impl GroupState {
     /// frame is encoded once, ready for publishing.
     pub(crate) fn commit_sequenced(&mut self, record: MessageRecord) {
         debug_assert_eq!(record.seq, self.next_seq);
-        let message = Arc::new(to_wire(record));
-        let frame = qun_proto::encode_server_frame(&v1::ServerFrame {
+        let seq = record.seq;
+        // Encode the push frame once, then take the message back out of it
+        // for the ring: no copy of the message on the hot path.
+        let mut envelope = v1::ServerFrame {
             request_id: 0,
-            body: Some(Body::Message((*message).clone())),
-        });
+            body: Some(Body::Message(to_wire(record))),
+        };
+        let frame = qun_proto::encode_server_frame(&envelope);
+        let Some(Body::Message(message)) = envelope.body.take() else {
+            unreachable!("the envelope was built with a message body")
+        };
         self.next_seq += 1;
         self.pending.push_back(Pending {
-            seq: message.seq,
-            message,
+            seq,
+            message: Arc::new(message),
             frame,
         });
     }

@@ -186,11 +186,6 @@ impl Outbox {
     pub fn queued_bytes(&self) -> usize {
         self.state().bytes
     }
-
-    /// Whether two handles are the same outbox.
-    pub fn same(&self, other: &Outbox) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
-    }
 }
 
 #[cfg(test)]
