@@ -101,6 +101,7 @@ pub fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>)
         body: Some(v1::server_frame::Body::Error(v1::Error {
             code: code as i32,
             message: message.into(),
+            retry_after_ms: 0,
         })),
     }
 }
@@ -152,5 +153,7 @@ mod tests {
         assert_eq!(ErrorCode::UnknownGroup as i32, 30);
         assert_eq!(ErrorCode::TextNotUtf8 as i32, 41);
         assert_eq!(ErrorCode::ShuttingDown as i32, 63);
+        assert_eq!(ErrorCode::RateLimited as i32, 50);
+        assert_eq!(ErrorCode::SlowMode as i32, 51);
     }
 }

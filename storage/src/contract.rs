@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use crate::records::{GroupRecord, MemberRecord, MessageRecord};
+use crate::records::{GroupRecord, MemberRecord, MessageRecord, SentRecord};
 use crate::{Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
 /// Opens a backend at one location. Every call after the first must see what
@@ -29,6 +29,8 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     buckets_and_groups_do_not_mix(&mut fresh()).await;
     callbacks_follow_submission_order(&mut fresh()).await;
     durable_across_reopen(&mut fresh()).await;
+    sent_index_survives_reopen(&mut fresh()).await;
+    read_marks(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -240,5 +242,78 @@ pub async fn durable_across_reopen<H: Harness>(h: &mut H) {
         s.messages_after(3, 0, 100).await.unwrap(),
         (1..=10).map(|q| msg(3, q)).collect::<Vec<_>>()
     );
+    s.close().await.unwrap();
+}
+
+/// A message with a client message id can be found by it, per sender and
+/// group, also after a restart; one without is not indexed.
+pub async fn sent_index_survives_reopen<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let with_id = |seq: u64, sender: &str, id: &str| {
+        let mut m = msg(4, seq);
+        m.sender_id = sender.into();
+        m.client_msg_id = id.into();
+        m
+    };
+    s.write(vec![
+        WriteOp::AppendMessage(with_id(1, "u1", "c-1")),
+        WriteOp::AppendMessage(with_id(2, "u2", "c-1")),
+        WriteOp::AppendMessage(with_id(3, "u1", "")),
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    let found = s.find_sent(4, "u1", "c-1").await.unwrap();
+    assert_eq!(
+        found,
+        Some(SentRecord {
+            seq: 1,
+            ts_ms: msg(4, 1).ts_ms
+        }),
+        "u1's c-1"
+    );
+    assert_eq!(
+        s.find_sent(4, "u2", "c-1").await.unwrap().map(|r| r.seq),
+        Some(2)
+    );
+    assert_eq!(
+        s.find_sent(4, "u1", "").await.unwrap(),
+        None,
+        "empty ids are not indexed"
+    );
+    assert_eq!(s.find_sent(4, "u3", "c-1").await.unwrap(), None);
+    assert_eq!(
+        s.find_sent(5, "u1", "c-1").await.unwrap(),
+        None,
+        "other group"
+    );
+    s.close().await.unwrap();
+}
+
+/// Read marks are stored per member, replaced, and removed with the member.
+pub async fn read_marks<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let mark = |g: u64, u: &str, seq: u64| WriteOp::PutReadMark {
+        group_id: g,
+        user_id: u.into(),
+        seq,
+    };
+    s.write(vec![mark(6, "u1", 3), mark(6, "u2", 5), mark(7, "u1", 9)])
+        .await
+        .unwrap();
+    s.write(vec![mark(6, "u1", 4)]).await.unwrap();
+    let mut marks = s.load_read_marks(6).await.unwrap();
+    marks.sort();
+    assert_eq!(marks, [("u1".to_string(), 4), ("u2".to_string(), 5)]);
+    s.write(vec![WriteOp::RemoveMember {
+        group_id: 6,
+        user_id: "u2".into(),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.load_read_marks(6).await.unwrap(), [("u1".to_string(), 4)]);
+    assert_eq!(s.load_read_marks(7).await.unwrap(), [("u1".to_string(), 9)]);
     s.close().await.unwrap();
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
-use crate::records::{GroupRecord, MemberRecord, MessageRecord};
+use crate::records::{GroupRecord, MemberRecord, MessageRecord, SentRecord};
 use crate::{BoxFuture, DurableCallback, StorageError, Store, WriteOp, keys};
 
 /// How the embedded store is opened.
@@ -65,6 +65,8 @@ struct Tables {
     members: Keyspace,
     user_groups: Keyspace,
     messages: Keyspace,
+    sent: Keyspace,
+    read_marks: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -99,6 +101,8 @@ impl FjallStore {
             members: open("members")?,
             user_groups: open("user_groups")?,
             messages: open("messages")?,
+            sent: open("sent")?,
+            read_marks: open("read_marks")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -253,12 +257,35 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         &tables.user_groups,
                         keys::user_group_key(user_id, *group_id),
                     );
+                    batch.remove(&tables.read_marks, keys::member_key(*group_id, user_id));
                 }
                 WriteOp::AppendMessage(msg) => {
                     batch.insert(
                         &tables.messages,
                         keys::message_key(msg.group_id, msg.seq),
                         msg.encode_to_vec(),
+                    );
+                    if !msg.client_msg_id.is_empty() {
+                        let sent = SentRecord {
+                            seq: msg.seq,
+                            ts_ms: msg.ts_ms,
+                        };
+                        batch.insert(
+                            &tables.sent,
+                            keys::sent_key(msg.group_id, &msg.sender_id, &msg.client_msg_id),
+                            sent.encode_to_vec(),
+                        );
+                    }
+                }
+                WriteOp::PutReadMark {
+                    group_id,
+                    user_id,
+                    seq,
+                } => {
+                    batch.insert(
+                        &tables.read_marks,
+                        keys::member_key(*group_id, user_id),
+                        seq.to_be_bytes(),
                     );
                 }
             }
@@ -436,6 +463,44 @@ impl Store for FjallStore {
             let from = keys::message_key(group_id, first);
             let to = keys::message_key(group_id, u64::MAX);
             decode_messages(t.messages.range(from..=to).take(limit))
+        })
+    }
+
+    fn find_sent<'a>(
+        &'a self,
+        group_id: u64,
+        sender_id: &'a str,
+        client_msg_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>> {
+        let key = keys::sent_key(group_id, sender_id, client_msg_id);
+        self.read(move |t| {
+            t.sent
+                .get(key)
+                .map_err(read_err)?
+                .map(|v| decode("sent", &v))
+                .transpose()
+        })
+    }
+
+    fn load_read_marks(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
+        self.read(move |t| {
+            t.read_marks
+                .prefix(keys::group_key(group_id))
+                .map(|guard| {
+                    let (k, v) = guard.into_inner().map_err(read_err)?;
+                    let user = k
+                        .get(8..)
+                        .and_then(|u| std::str::from_utf8(u).ok())
+                        .ok_or_else(|| StorageError::corrupt("read_marks", "key"))?;
+                    let seq: [u8; 8] = v[..]
+                        .try_into()
+                        .map_err(|_| StorageError::corrupt("read_marks", "value length"))?;
+                    Ok((user.to_string(), u64::from_be_bytes(seq)))
+                })
+                .collect()
         })
     }
 }

@@ -53,6 +53,17 @@ pub fn user_group_prefix(user_id: &str) -> Vec<u8> {
     key
 }
 
+/// `group_id | sender_id | 0x00 | client_msg_id`: the index that makes a
+/// retried send find the message it already posted.
+pub fn sent_key(group_id: u64, sender_id: &str, client_msg_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + sender_id.len() + client_msg_id.len());
+    key.extend_from_slice(&group_id.to_be_bytes());
+    key.extend_from_slice(sender_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(client_msg_id.as_bytes());
+    key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +95,12 @@ mod tests {
         assert_eq!(bucket_of(0), 0);
         assert_eq!(bucket_of(BUCKET_SIZE - 1), 0);
         assert_eq!(bucket_of(BUCKET_SIZE), 1);
+    }
+
+    #[test]
+    fn sent_keys_do_not_collide_across_senders() {
+        // "ab" + id "c" must differ from "a" + id "bc".
+        assert_ne!(sent_key(1, "ab", "c"), sent_key(1, "a", "bc"));
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub mod records;
 pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
-use records::{GroupRecord, MemberRecord, MessageRecord};
+use records::{GroupRecord, MemberRecord, MessageRecord, SentRecord};
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -64,15 +64,25 @@ pub enum WriteOp {
     PutGroup(GroupRecord),
     /// Add or replace a member (and the user → group index entry).
     PutMember(MemberRecord),
-    /// Remove a member (and the index entry).
+    /// Remove a member (and the index entry, and their read mark).
     RemoveMember {
         /// The group.
         group_id: u64,
         /// The member.
         user_id: String,
     },
-    /// Append one message at its seq.
+    /// Append one message at its seq. When it has a `client_msg_id`, the
+    /// sent index entry ([`Store::find_sent`]) is written with it, atomically.
     AppendMessage(MessageRecord),
+    /// Set a member's read mark (the seq they have read up to).
+    PutReadMark {
+        /// The group.
+        group_id: u64,
+        /// The member.
+        user_id: String,
+        /// Read up to and including this seq.
+        seq: u64,
+    },
 }
 
 /// A storage backend.
@@ -160,6 +170,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>>;
+
+    /// Where the message `sender_id` posted to `group_id` with
+    /// `client_msg_id` landed, if it was ever made durable.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn find_sent<'a>(
+        &'a self,
+        group_id: u64,
+        sender_id: &'a str,
+        client_msg_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>>;
+
+    /// Every read mark of a group's members, as `(user_id, seq)`.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_read_marks(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

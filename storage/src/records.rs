@@ -101,3 +101,16 @@ pub struct MessageRecord {
     #[prost(message, optional, tag = "11")]
     pub quote: Option<QuoteRecord>,
 }
+
+/// Where a message with a client message id landed. Key: `sent_key`
+/// (`group_id | sender_id | 0x00 | client_msg_id`), written in the same
+/// atomic batch as the message itself.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct SentRecord {
+    /// The seq the message was given.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Its server time.
+    #[prost(uint64, tag = "2")]
+    pub ts_ms: u64,
+}
