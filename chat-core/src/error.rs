@@ -57,6 +57,18 @@ pub enum ChatError {
     /// Another argument is out of range; the message says which.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A buyer sends faster than the per-user rate. Retry after the wait.
+    #[error("sending too fast; retry in {retry_after_ms} ms")]
+    RateLimited {
+        /// Milliseconds until a message would be accepted.
+        retry_after_ms: u64,
+    },
+    /// The group's buyers together send faster than its slow-mode rate.
+    #[error("the group is in slow mode; retry in {retry_after_ms} ms")]
+    SlowMode {
+        /// Milliseconds until a message would be accepted.
+        retry_after_ms: u64,
+    },
     /// The store refused or failed the write; nothing became visible.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -76,9 +88,21 @@ impl ChatError {
             ChatError::TextNotUtf8 => ErrorCode::TextNotUtf8,
             ChatError::TextEmpty => ErrorCode::TextEmpty,
             ChatError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            ChatError::RateLimited { .. } => ErrorCode::RateLimited,
+            ChatError::SlowMode { .. } => ErrorCode::SlowMode,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,
+        }
+    }
+
+    /// For rate limits: how long the client should wait before retrying.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            ChatError::RateLimited { retry_after_ms } | ChatError::SlowMode { retry_after_ms } => {
+                Some(*retry_after_ms)
+            }
+            _ => None,
         }
     }
 

@@ -15,6 +15,7 @@ use qun_proto::v1::{self, server_frame::Body};
 use qun_storage::records::{GroupRecord, MemberRecord, MessageRecord, QuoteRecord};
 
 use crate::outbox::{Outbox, Pushed};
+use crate::rate::{Rate, TokenBucket};
 use crate::{ChatError, CoreStats, Identity, Role};
 
 /// Identifies one connection (one device) for subscriptions.
@@ -30,6 +31,23 @@ pub struct Subscriber {
     pub user_id: String,
     /// Where its pushes go.
     pub outbox: Outbox,
+    /// The outbox epoch when the request that subscribes began: a drop
+    /// after that moment ends this subscription (see [`Outbox`]).
+    pub epoch: u64,
+}
+
+impl Subscriber {
+    /// A subscription for `conn`, in the outbox's current epoch. Make it at
+    /// the start of the request, before any catch-up is pushed.
+    pub fn new(conn: ConnId, user_id: impl Into<String>, outbox: Outbox) -> Self {
+        let epoch = outbox.epoch();
+        Self {
+            conn,
+            user_id: user_id.into(),
+            outbox,
+            epoch,
+        }
+    }
 }
 
 /// The kinds of message, as stored.
@@ -43,12 +61,107 @@ pub(crate) struct Member {
     pub(crate) role: Role,
 }
 
-/// A message that has a seq and is being written, not yet visible.
+/// A message with its push frame, encoded once.
+#[derive(Debug, Clone)]
+pub(crate) struct Encoded {
+    pub(crate) message: Arc<v1::ChatMessage>,
+    pub(crate) frame: Bytes,
+}
+
+impl Encoded {
+    /// Encodes the push frame of `record` once, then takes the message back
+    /// out of the envelope: no copy of the message.
+    pub(crate) fn new(record: MessageRecord) -> Self {
+        let mut envelope = v1::ServerFrame {
+            request_id: 0,
+            body: Some(Body::Message(to_wire(record))),
+        };
+        let frame = qun_proto::encode_server_frame(&envelope);
+        let Some(Body::Message(message)) = envelope.body.take() else {
+            unreachable!("the envelope was built with a message body")
+        };
+        Self {
+            message: Arc::new(message),
+            frame,
+        }
+    }
+
+    fn seq(&self) -> u64 {
+        self.message.seq
+    }
+}
+
+/// Where a message with a client message id landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub(crate) seq: u64,
+    pub(crate) ts_ms: u64,
+}
+
+/// The recent `(sender, client_msg_id) → seq` entries of a group.
+///
+/// It holds every message with an id whose seq is above `floor`, pending
+/// or visible, so a retry is answered from memory when it is recent; below
+/// the floor the store's index answers (see `Groups::submit_post`).
 #[derive(Debug)]
-struct Pending {
-    seq: u64,
-    message: Arc<v1::ChatMessage>,
-    frame: Bytes,
+pub(crate) struct SentWindow {
+    by_id: HashMap<(String, String), Sent>,
+    order: VecDeque<(u64, (String, String))>,
+    floor: u64,
+    capacity: usize,
+}
+
+impl SentWindow {
+    fn new(floor: u64, capacity: usize) -> Self {
+        Self {
+            by_id: HashMap::new(),
+            order: VecDeque::new(),
+            floor,
+            capacity,
+        }
+    }
+
+    pub(crate) fn get(&self, sender: &str, client_msg_id: &str) -> Option<Sent> {
+        // A borrowed-key lookup would need a custom key type; ids are short.
+        self.by_id
+            .get(&(sender.to_string(), client_msg_id.to_string()))
+            .copied()
+    }
+
+    /// Every message with an id above this seq is in the window.
+    pub(crate) fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    fn insert(&mut self, sender: &str, client_msg_id: &str, sent: Sent) {
+        let key = (sender.to_string(), client_msg_id.to_string());
+        self.order.push_back((sent.seq, key.clone()));
+        self.by_id.insert(key, sent);
+    }
+
+    /// Forgets the oldest entries beyond the capacity, but never one that is
+    /// not yet durable (the store's index does not have it yet).
+    fn trim(&mut self, visible_seq: u64) {
+        while self.order.len() > self.capacity {
+            match self.order.front() {
+                Some((seq, _)) if *seq <= visible_seq => {}
+                _ => break,
+            }
+            if let Some((seq, key)) = self.order.pop_front() {
+                self.by_id.remove(&key);
+                self.floor = seq;
+            }
+        }
+    }
+
+    /// A failed write: pending entries (above `visible_seq`) never landed.
+    fn forget_above(&mut self, visible_seq: u64) {
+        while self.order.back().is_some_and(|(seq, _)| *seq > visible_seq) {
+            if let Some((_, key)) = self.order.pop_back() {
+                self.by_id.remove(&key);
+            }
+        }
+    }
 }
 
 /// A group held in memory.
@@ -66,23 +179,48 @@ pub(crate) struct GroupState {
     /// The highest seq published to subscribers.
     visible_seq: u64,
     /// Sequenced, submitted to the store, not yet durable; ascending.
-    pending: VecDeque<Pending>,
+    pending: VecDeque<Encoded>,
     /// The newest visible messages; ascending; at most `ring_capacity`.
-    recent: VecDeque<Arc<v1::ChatMessage>>,
+    recent: VecDeque<Encoded>,
     ring_capacity: usize,
     subscribers: Vec<Subscriber>,
+    /// Recent client message ids, for idempotent sends.
+    pub(crate) sent: SentWindow,
+    /// Each member's read mark (absent: nothing read).
+    read_marks: HashMap<String, u64>,
+    /// Slow mode: all buyers of the group together.
+    buyer_chatter: TokenBucket,
     /// A write of this group failed; it refuses writes until restart.
     failed: bool,
 }
 
+/// What a group is loaded from.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub(crate) record: GroupRecord,
+    pub(crate) members: Vec<MemberRecord>,
+    pub(crate) read_marks: Vec<(String, u64)>,
+    pub(crate) recent: Vec<MessageRecord>,
+    pub(crate) last_seq: u64,
+}
+
+/// Per-group bounds from the core configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupLimits {
+    pub(crate) ring_capacity: usize,
+    pub(crate) sent_window: usize,
+    pub(crate) buyer_chatter: Rate,
+}
+
 impl GroupCell {
-    pub(crate) fn new(
-        record: GroupRecord,
-        members: impl IntoIterator<Item = MemberRecord>,
-        recent: Vec<MessageRecord>,
-        last_seq: u64,
-        ring_capacity: usize,
-    ) -> Self {
+    pub(crate) fn new(loaded: Loaded, limits: GroupLimits, now_ms: u64) -> Self {
+        let Loaded {
+            record,
+            members,
+            read_marks,
+            recent,
+            last_seq,
+        } = loaded;
         let members = members
             .into_iter()
             .map(|m| {
@@ -90,8 +228,8 @@ impl GroupCell {
                 (m.user_id, Member { role })
             })
             .collect();
-        let mut ring: VecDeque<_> = recent.into_iter().map(|r| Arc::new(to_wire(r))).collect();
-        while ring.len() > ring_capacity {
+        let mut ring: VecDeque<_> = recent.into_iter().map(Encoded::new).collect();
+        while ring.len() > limits.ring_capacity {
             ring.pop_front();
         }
         Self {
@@ -102,8 +240,12 @@ impl GroupCell {
                 visible_seq: last_seq,
                 pending: VecDeque::new(),
                 recent: ring,
-                ring_capacity,
+                ring_capacity: limits.ring_capacity,
                 subscribers: Vec::new(),
+                // Everything already stored is in the store's index.
+                sent: SentWindow::new(last_seq, limits.sent_window),
+                read_marks: read_marks.into_iter().collect(),
+                buyer_chatter: TokenBucket::full(limits.buyer_chatter, now_ms),
                 failed: false,
             }),
         }
@@ -197,14 +339,62 @@ impl GroupState {
     /// Removes a member and every one of their connections' subscriptions.
     pub(crate) fn remove_member(&mut self, user_id: &str) -> bool {
         self.subscribers.retain(|s| s.user_id != user_id);
+        self.read_marks.remove(user_id);
         self.members.remove(user_id).is_some()
     }
 
-    /// Adds a subscription; a connection is subscribed at most once.
+    /// Adds a subscription, replacing an earlier one of the same connection.
     pub(crate) fn subscribe(&mut self, sub: Subscriber) {
-        if !self.subscribers.iter().any(|s| s.conn == sub.conn) {
-            self.subscribers.push(sub);
+        self.unsubscribe(sub.conn);
+        self.subscribers.push(sub);
+    }
+
+    /// A member's read mark.
+    pub(crate) fn read_mark(&self, user_id: &str) -> u64 {
+        self.read_marks.get(user_id).copied().unwrap_or(0)
+    }
+
+    /// Visible messages above a member's read mark.
+    pub(crate) fn unread(&self, user_id: &str) -> u64 {
+        self.visible_seq.saturating_sub(self.read_mark(user_id))
+    }
+
+    /// Moves a read mark forwards to `seq` (never past the newest visible
+    /// message). Returns the new mark when it moved.
+    pub(crate) fn advance_read_mark(&mut self, user_id: &str, seq: u64) -> Option<u64> {
+        let seq = seq.min(self.next_seq - 1);
+        let mark = self.read_marks.entry(user_id.to_string()).or_insert(0);
+        (seq > *mark).then(|| {
+            *mark = seq;
+            seq
+        })
+    }
+
+    /// Slow mode: takes a token from the group's buyer-chatter bucket.
+    pub(crate) fn take_buyer_chatter(&mut self, rate: Rate, now_ms: u64) -> Result<(), u64> {
+        self.buyer_chatter.take(rate, now_ms)
+    }
+
+    /// The visible messages with seq in `(after, through]`, encoded, if the
+    /// ring holds all of them.
+    pub(crate) fn ring_range(&self, after: u64, through: u64) -> Option<Vec<Encoded>> {
+        if after >= through {
+            return Some(Vec::new());
         }
+        let first = self
+            .recent
+            .front()
+            .map_or(self.visible_seq + 1, Encoded::seq);
+        if first > after + 1 {
+            return None;
+        }
+        Some(
+            self.recent
+                .iter()
+                .filter(|e| e.seq() > after && e.seq() <= through)
+                .cloned()
+                .collect(),
+        )
     }
 
     pub(crate) fn unsubscribe(&mut self, conn: ConnId) {
@@ -230,27 +420,18 @@ impl GroupState {
         if before <= 1 {
             return Some(Vec::new());
         }
-        let ring_first = self.recent.front().map_or(self.visible_seq + 1, |m| m.seq);
-        if ring_first > want_from {
-            return None;
-        }
-        Some(
-            self.recent
-                .iter()
-                .filter(|m| m.seq >= want_from && m.seq < before)
-                .map(|m| (**m).clone())
-                .collect(),
-        )
+        self.ring_range(want_from - 1, before - 1)
+            .map(|found| found.iter().map(|e| (*e.message).clone()).collect())
     }
 
     /// A quote of message `seq` if it is in memory.
     pub(crate) fn quote_in_memory(&self, seq: u64) -> Option<QuoteRecord> {
-        let find = |m: &Arc<v1::ChatMessage>| (m.seq == seq).then(|| quote_of(m));
+        let find = |e: &Encoded| (e.seq() == seq).then(|| quote_of(&e.message));
         self.recent
             .iter()
             .rev()
             .find_map(find)
-            .or_else(|| self.pending.iter().find_map(|p| find(&p.message)))
+            .or_else(|| self.pending.iter().find_map(find))
     }
 
     /// Whether `seq` names a message of this group (sequenced or visible).
@@ -291,27 +472,20 @@ impl GroupState {
         }
     }
 
-    /// Records that `record`'s write is queued: its seq is taken, and its
-    /// frame is encoded once, ready for publishing.
+    /// Records that `record`'s write is queued: its seq is taken, its id
+    /// remembered, and its frame encoded once, ready for publishing.
     pub(crate) fn commit_sequenced(&mut self, record: MessageRecord) {
         debug_assert_eq!(record.seq, self.next_seq);
-        let seq = record.seq;
-        // Encode the push frame once, then take the message back out of it
-        // for the ring: no copy of the message on the hot path.
-        let mut envelope = v1::ServerFrame {
-            request_id: 0,
-            body: Some(Body::Message(to_wire(record))),
-        };
-        let frame = qun_proto::encode_server_frame(&envelope);
-        let Some(Body::Message(message)) = envelope.body.take() else {
-            unreachable!("the envelope was built with a message body")
-        };
+        if !record.client_msg_id.is_empty() {
+            let sent = Sent {
+                seq: record.seq,
+                ts_ms: record.ts_ms,
+            };
+            self.sent
+                .insert(&record.sender_id, &record.client_msg_id, sent);
+        }
         self.next_seq += 1;
-        self.pending.push_back(Pending {
-            seq,
-            message: Arc::new(message),
-            frame,
-        });
+        self.pending.push_back(Encoded::new(record));
     }
 
     /// The store reported `seq` durable, so it and everything before it is:
@@ -319,27 +493,34 @@ impl GroupState {
     pub(crate) fn publish_through(&mut self, seq: u64, stats: &CoreStats) {
         let mut queued = 0u64;
         let mut dropped = 0u64;
-        while self.pending.front().is_some_and(|p| p.seq <= seq) {
+        while self.pending.front().is_some_and(|p| p.seq() <= seq) {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            let mut closed = false;
+            let mut ended = false;
             for sub in &self.subscribers {
-                match sub.outbox.push(p.frame.clone()) {
+                match sub.outbox.push_in(sub.epoch, p.frame.clone()) {
                     Pushed::Queued => queued += 1,
-                    Pushed::Dropped => dropped += 1,
-                    Pushed::Closed => closed = true,
+                    Pushed::Dropped => {
+                        dropped += 1;
+                        ended = true;
+                    }
+                    Pushed::Stale | Pushed::Closed => ended = true,
                 }
             }
-            if closed {
-                self.subscribers.retain(|s| !s.outbox.is_closed());
+            if ended {
+                // Out of sync or gone: the subscription ends here; the
+                // client resumes from the last seq it has.
+                self.subscribers
+                    .retain(|s| !s.outbox.is_closed() && s.outbox.epoch() == s.epoch);
             }
-            self.visible_seq = p.seq;
-            self.recent.push_back(p.message);
+            self.visible_seq = p.seq();
+            self.recent.push_back(p);
             if self.recent.len() > self.ring_capacity {
                 self.recent.pop_front();
             }
         }
+        self.sent.trim(self.visible_seq);
         stats.deliveries_queued.fetch_add(queued, Ordering::Relaxed);
         stats
             .deliveries_dropped
@@ -351,6 +532,7 @@ impl GroupState {
     pub(crate) fn fail(&mut self) {
         self.failed = true;
         self.pending.clear();
+        self.sent.forget_above(self.visible_seq);
     }
 }
 

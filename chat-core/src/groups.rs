@@ -10,8 +10,12 @@ use qun_storage::records::{GroupRecord, MemberRecord, QuoteRecord};
 use qun_storage::{StorageError, Store, StoreExt, WriteOp};
 use tokio::sync::{OnceCell, oneshot};
 
-use crate::group::{ConnId, GroupCell, Subscriber, quote_of_record, to_wire};
-use crate::{ChatError, Identity};
+use crate::devices::Devices;
+use crate::group::{
+    ConnId, GroupCell, GroupLimits, Loaded, Sent, Subscriber, quote_of_record, to_wire,
+};
+use crate::rate::{Rate, UserRates};
+use crate::{ChatError, Identity, Role};
 
 /// Bounds and defaults of chat-core.
 #[derive(Debug, Clone)]
@@ -26,6 +30,16 @@ pub struct CoreConfig {
     pub join_recent: usize,
     /// Most messages one history page may ask for.
     pub history_max: usize,
+    /// The largest gap a resume fills by push; beyond it the client is told
+    /// `gap_too_large` and pages history instead.
+    pub resume_max_gap: u64,
+    /// Client message ids remembered in memory per group (older retries are
+    /// answered from the store's index).
+    pub sent_window: usize,
+    /// Per-user rate of buyers' messages.
+    pub buyer_send_rate: Rate,
+    /// Per-group rate of all buyers' messages together (slow mode).
+    pub group_buyer_rate: Rate,
 }
 
 impl Default for CoreConfig {
@@ -36,6 +50,26 @@ impl Default for CoreConfig {
             recent_ring: 256,
             join_recent: 50,
             history_max: 200,
+            resume_max_gap: 1_000,
+            sent_window: 1_024,
+            buyer_send_rate: Rate {
+                per_sec: 5.0,
+                burst: 10,
+            },
+            group_buyer_rate: Rate {
+                per_sec: 50.0,
+                burst: 100,
+            },
+        }
+    }
+}
+
+impl CoreConfig {
+    pub(crate) fn group_limits(&self) -> GroupLimits {
+        GroupLimits {
+            ring_capacity: self.recent_ring,
+            sent_window: self.sent_window,
+            buyer_chatter: self.group_buyer_rate,
         }
     }
 }
@@ -51,6 +85,16 @@ pub struct CoreStats {
     pub deliveries_dropped: AtomicU64,
     /// Groups created.
     pub groups_created: AtomicU64,
+    /// Sends answered with the original ack because they were retries.
+    pub duplicate_sends: AtomicU64,
+    /// Buyers' messages refused by the per-user rate or slow mode.
+    pub sends_rate_limited: AtomicU64,
+    /// Resumes served, and messages pushed by them as catch-up.
+    pub resumes: AtomicU64,
+    /// Messages pushed as catch-up by resumes.
+    pub catch_up_messages: AtomicU64,
+    /// Resumes whose gap was over the cap (`gap_too_large`).
+    pub resume_gaps_too_large: AtomicU64,
 }
 
 /// A request to create a group.
@@ -86,6 +130,18 @@ pub struct PostTicket {
 }
 
 impl PostTicket {
+    /// A ticket for a message already durable.
+    fn ready(ack: v1::SendAck) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(()));
+        Self { ack, rx }
+    }
+
+    /// Whether this is a retry answered with the original message's seq.
+    pub fn is_duplicate(&self) -> bool {
+        self.ack.duplicate
+    }
+
     /// The seq the message was given.
     pub fn seq(&self) -> u64 {
         self.ack.seq
@@ -124,10 +180,17 @@ impl PostTicket {
 /// let info = groups
 ///     .create_group(&agent, NewGroup { name: "Sneaker fans".into(), ..Default::default() }, now_ms)
 ///     .await?;
-/// let ack = groups
-///     .post(&agent, NewMessage { group_id: info.group_id, text: "Welcome!".into(), ..Default::default() }, now_ms)
-///     .await?;
+/// let welcome = NewMessage {
+///     group_id: info.group_id,
+///     text: "Welcome!".into(),
+///     client_msg_id: "a1-0001".into(),
+///     ..Default::default()
+/// };
+/// let ack = groups.post(&agent, welcome.clone(), now_ms).await?;
 /// assert_eq!(ack.seq, 1);
+/// // A retry (same client message id) posts nothing and gets the same seq.
+/// let retry = groups.post(&agent, welcome, now_ms).await?;
+/// assert_eq!((retry.seq, retry.duplicate), (1, true));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -136,15 +199,17 @@ pub struct Groups {
 }
 
 #[derive(Debug)]
-struct Inner {
-    store: Arc<dyn Store>,
-    config: CoreConfig,
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: CoreConfig,
     cells: DashMap<u64, Arc<OnceCell<Arc<GroupCell>>>>,
     next_group_id: AtomicU64,
-    stats: Arc<CoreStats>,
+    pub(crate) stats: Arc<CoreStats>,
+    user_rates: UserRates,
+    pub(crate) devices: Devices,
 }
 
-fn durable_channel() -> (
+pub(crate) fn durable_channel() -> (
     qun_storage::DurableCallback,
     oneshot::Receiver<Result<(), StorageError>>,
 ) {
@@ -157,7 +222,9 @@ fn durable_channel() -> (
     )
 }
 
-async fn durable(rx: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), ChatError> {
+pub(crate) async fn durable(
+    rx: oneshot::Receiver<Result<(), StorageError>>,
+) -> Result<(), ChatError> {
     rx.await
         .unwrap_or(Err(StorageError::Closed))
         .map_err(ChatError::from)
@@ -173,10 +240,12 @@ impl Groups {
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
+                user_rates: UserRates::new(config.buyer_send_rate),
                 config,
                 cells: DashMap::new(),
                 next_group_id: AtomicU64::new(max + 1),
                 stats: Arc::new(CoreStats::default()),
+                devices: Devices::default(),
             }),
         })
     }
@@ -196,7 +265,17 @@ impl Groups {
         &self.inner.store
     }
 
-    async fn cell(&self, group_id: u64) -> Result<Arc<GroupCell>, ChatError> {
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// Forgets per-user rate buckets that have refilled (call now and then,
+    /// e.g. every minute); returns how many users are still being limited.
+    pub fn forget_idle_senders(&self, now_ms: u64) -> usize {
+        self.inner.user_rates.forget_idle(now_ms)
+    }
+
+    pub(crate) async fn cell(&self, group_id: u64) -> Result<Arc<GroupCell>, ChatError> {
         if let Some(cell) = self
             .inner
             .cells
@@ -226,6 +305,7 @@ impl Groups {
             .await?
             .ok_or(ChatError::UnknownGroup(group_id))?;
         let members = store.load_members(group_id).await?;
+        let read_marks = store.load_read_marks(group_id).await?;
         let last_seq = store.last_seq(group_id).await?;
         let warm = self
             .inner
@@ -234,12 +314,17 @@ impl Groups {
             .min(self.inner.config.recent_ring);
         let recent = store.messages_before(group_id, last_seq + 1, warm).await?;
         tracing::debug!(group_id, members = members.len(), last_seq, "group loaded");
-        Ok(Arc::new(GroupCell::new(
+        let loaded = Loaded {
             record,
             members,
+            read_marks,
             recent,
             last_seq,
-            self.inner.config.recent_ring,
+        };
+        Ok(Arc::new(GroupCell::new(
+            loaded,
+            self.inner.config.group_limits(),
+            0,
         )))
     }
 
@@ -310,13 +395,14 @@ impl Groups {
                 WriteOp::PutMember(creator.clone()),
             ])
             .await?;
-        let cell = Arc::new(GroupCell::new(
+        let loaded = Loaded {
             record,
-            [creator],
-            Vec::new(),
-            0,
-            cfg.recent_ring,
-        ));
+            members: vec![creator],
+            read_marks: Vec::new(),
+            recent: Vec::new(),
+            last_seq: 0,
+        };
+        let cell = Arc::new(GroupCell::new(loaded, cfg.group_limits(), now_ms));
         let info = cell.lock().info();
         self.inner
             .cells
@@ -349,15 +435,22 @@ impl Groups {
             match g.admit(who, now_ms)? {
                 None => None,
                 Some(record) => {
+                    // What was posted before joining does not count as unread.
+                    let read_to = g.visible_seq();
+                    let ops = vec![
+                        WriteOp::PutMember(record),
+                        WriteOp::PutReadMark {
+                            group_id,
+                            user_id: who.user_id().to_string(),
+                            seq: read_to,
+                        },
+                    ];
                     let (done, rx) = durable_channel();
-                    if let Err(e) = self
-                        .inner
-                        .store
-                        .submit(vec![WriteOp::PutMember(record)], done)
-                    {
+                    if let Err(e) = self.inner.store.submit(ops, done) {
                         g.unadmit(who.user_id());
                         return Err(e.into());
                     }
+                    g.advance_read_mark(who.user_id(), read_to);
                     Some(rx)
                 }
             }
@@ -370,11 +463,18 @@ impl Groups {
             return Err(e);
         }
         let join_recent = self.inner.config.join_recent;
-        let (info, role, recent, visible) = {
+        let (info, role, recent, visible, last_read_seq, unread) = {
             let mut g = cell.lock();
             let role = g.member(who)?.role;
             g.subscribe(sub);
-            (g.info(), role, g.recent_tail(join_recent), g.visible_seq())
+            (
+                g.info(),
+                role,
+                g.recent_tail(join_recent),
+                g.visible_seq(),
+                g.read_mark(who.user_id()),
+                g.unread(who.user_id()),
+            )
         };
         // Messages up to `visible` come from memory or the store; everything
         // above it reaches `sub` by push. Nothing is missed or doubled.
@@ -390,6 +490,8 @@ impl Groups {
             recent,
             role: role.to_proto() as i32,
             already_member,
+            last_read_seq,
+            unread,
         })
     }
 
@@ -457,11 +559,19 @@ impl Groups {
     /// one (so its messages keep their order) but may wait for many tickets
     /// at once (so one phone's messages share group commits).
     ///
+    /// # Idempotence
+    /// `client_msg_id` is required. A message from the same sender to the
+    /// same group with an id already used is a retry: its ticket carries the
+    /// original seq and time with `duplicate` set, and nothing is posted.
+    /// Recent ids are answered from memory, older ones from the store's
+    /// index, so this holds across restarts. A retry is answered before any
+    /// rate limit applies.
+    ///
     /// # Errors
     /// `TextEmpty`, `TextTooLong`, `TextNotUtf8`, `InvalidArgument` (a
-    /// `client_msg_id` over 64 bytes), `UnknownGroup`, `NotMember`,
-    /// `ReplyToUnknown`, `Storage` (the write could not be queued; no seq
-    /// was used).
+    /// missing or over-long `client_msg_id`), `UnknownGroup`, `NotMember`,
+    /// `ReplyToUnknown`, `RateLimited` and `SlowMode` (buyers only),
+    /// `Storage` (the write could not be queued; no seq was used).
     pub async fn submit_post(
         &self,
         who: &Identity,
@@ -469,9 +579,13 @@ impl Groups {
         now_ms: u64,
     ) -> Result<PostTicket, ChatError> {
         let text = validate_text(&msg.text)?;
-        if msg.client_msg_id.len() > 64 {
+        let client_msg_id = msg.client_msg_id;
+        if client_msg_id.is_empty()
+            || client_msg_id.len() > 64
+            || client_msg_id.chars().any(char::is_control)
+        {
             return Err(ChatError::InvalidArgument(
-                "client_msg_id is longer than 64 bytes".into(),
+                "client_msg_id must be 1 to 64 bytes without control characters".into(),
             ));
         }
         let group_id = msg.group_id;
@@ -481,16 +595,100 @@ impl Groups {
         } else {
             Some(self.quote(&cell, who, group_id, msg.reply_to).await?)
         };
+        let ack = |seq, ts_ms, duplicate| v1::SendAck {
+            group_id,
+            seq,
+            ts_ms,
+            client_msg_id: client_msg_id.clone(),
+            duplicate,
+        };
+        // Which seqs the store's index has been asked about: every message
+        // with an id is either at or below this (index) or above the
+        // window's floor (memory). See `SentWindow`.
+        let mut checked_through = 0;
+        loop {
+            let floor = {
+                let g = cell.lock();
+                g.member(who)?;
+                if let Some(sent) = g.sent.get(who.user_id(), &client_msg_id) {
+                    return self.retry_ticket(&g, ack(sent.seq, sent.ts_ms, true), sent);
+                }
+                g.sent.floor()
+            };
+            if floor <= checked_through {
+                break;
+            }
+            if let Some(found) = self
+                .inner
+                .store
+                .find_sent(group_id, who.user_id(), &client_msg_id)
+                .await?
+            {
+                self.inner
+                    .stats
+                    .duplicate_sends
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(PostTicket::ready(ack(found.seq, found.ts_ms, true)));
+            }
+            checked_through = floor;
+        }
+        let buyer = who.role() == Role::Buyer;
+        if buyer && let Err(retry_after_ms) = self.inner.user_rates.take(who.user_id(), now_ms) {
+            self.inner
+                .stats
+                .sends_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ChatError::RateLimited { retry_after_ms });
+        }
         let (tx, rx) = oneshot::channel();
         let mut g = cell.lock();
-        g.member(who)?;
-        g.refuse_if_failed()?;
+        let refused = (|| {
+            g.member(who)?;
+            g.refuse_if_failed()?;
+            if let Some(sent) = g.sent.get(who.user_id(), &client_msg_id) {
+                // The same id arrived on another connection meanwhile.
+                return Ok(Some(sent));
+            }
+            if g.sent.floor() > checked_through {
+                // The window moved past what the index was asked about
+                // (thousands of posts in between): refuse rather than risk
+                // posting a retry twice.
+                return Err(ChatError::Storage(StorageError::Overloaded));
+            }
+            if buyer {
+                let rate = self.inner.config.group_buyer_rate;
+                g.take_buyer_chatter(rate, now_ms)
+                    .map_err(|retry_after_ms| ChatError::SlowMode { retry_after_ms })?;
+            }
+            Ok(None)
+        })();
+        match refused {
+            Ok(None) => {}
+            Ok(Some(sent)) => {
+                if buyer {
+                    self.inner.user_rates.give_back(who.user_id());
+                }
+                return self.retry_ticket(&g, ack(sent.seq, sent.ts_ms, true), sent);
+            }
+            Err(e) => {
+                if buyer {
+                    self.inner.user_rates.give_back(who.user_id());
+                }
+                if matches!(e, ChatError::SlowMode { .. }) {
+                    self.inner
+                        .stats
+                        .sends_rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        }
         let record = g.next_message(
             who,
             text,
             msg.reply_to,
             quote,
-            msg.client_msg_id.clone(),
+            client_msg_id.clone(),
             now_ms,
         );
         let seq = record.seq;
@@ -514,20 +712,49 @@ impl Groups {
             drop(g);
             let _ = tx.send(outcome);
         });
-        self.inner
-            .store
-            .submit(vec![WriteOp::AppendMessage(record.clone())], done)?;
+        // Sending a message means having read up to it.
+        let ops = vec![
+            WriteOp::AppendMessage(record.clone()),
+            WriteOp::PutReadMark {
+                group_id,
+                user_id: who.user_id().to_string(),
+                seq,
+            },
+        ];
+        if let Err(e) = self.inner.store.submit(ops, done) {
+            if buyer {
+                self.inner.user_rates.give_back(who.user_id());
+            }
+            return Err(e.into());
+        }
         g.commit_sequenced(record);
+        g.advance_read_mark(who.user_id(), seq);
         drop(g);
         Ok(PostTicket {
-            ack: v1::SendAck {
-                group_id,
-                seq,
-                ts_ms: now_ms,
-                client_msg_id: msg.client_msg_id,
-            },
+            ack: ack(seq, now_ms, false),
             rx,
         })
+    }
+
+    /// The ticket of a retry whose original is in the group's window: ready
+    /// at once when the original is visible, else once it is durable (an
+    /// empty submission resolves after every earlier one).
+    fn retry_ticket(
+        &self,
+        g: &crate::group::GroupState,
+        ack: v1::SendAck,
+        sent: Sent,
+    ) -> Result<PostTicket, ChatError> {
+        self.inner
+            .stats
+            .duplicate_sends
+            .fetch_add(1, Ordering::Relaxed);
+        if sent.seq <= g.visible_seq() {
+            return Ok(PostTicket::ready(ack));
+        }
+        let (done, rx) = durable_channel();
+        self.inner.store.submit(Vec::new(), done)?;
+        Ok(PostTicket { ack, rx })
     }
 
     async fn quote(
@@ -570,16 +797,7 @@ impl Groups {
         before_seq: u64,
         limit: u32,
     ) -> Result<v1::HistoryPage, ChatError> {
-        let max = self.inner.config.history_max;
-        let limit = match limit as usize {
-            0 => self.inner.config.join_recent,
-            n if n <= max => n,
-            n => {
-                return Err(ChatError::InvalidArgument(format!(
-                    "limit {n} is above {max}"
-                )));
-            }
-        };
+        let limit = self.page_limit(limit)?;
         let before = if before_seq == 0 {
             u64::MAX
         } else {
@@ -604,6 +822,18 @@ impl Groups {
             messages,
             has_more,
         })
+    }
+
+    /// A page size as asked (0: the default), within the maximum.
+    pub(crate) fn page_limit(&self, limit: u32) -> Result<usize, ChatError> {
+        let max = self.inner.config.history_max;
+        match limit as usize {
+            0 => Ok(self.inner.config.join_recent),
+            n if n <= max => Ok(n),
+            n => Err(ChatError::InvalidArgument(format!(
+                "limit {n} is above {max}"
+            ))),
+        }
     }
 
     async fn stored_before(

@@ -13,6 +13,10 @@
 //!   place its seqs are assigned.
 //! - [`Outbox`]: a connection's bounded push queue; a full one drops and marks
 //!   the connection out of sync instead of slowing the group.
+//! - `delivery`: [`Groups::resume`] (catch-up, then live, on one queue) and
+//!   [`Groups::fetch_range`].
+//! - `read_state`: read marks, unread counts, a user's devices and groups.
+//! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
 //! - [`Identity`] and [`Role`]: who is acting.
 //! - [`ChatError`]: why something was refused, with its wire code.
 //!
@@ -26,17 +30,23 @@
 //! # Example
 //! See [`Groups`].
 
+mod delivery;
+mod devices;
 mod error;
 mod group;
 mod groups;
 mod identity;
 mod outbox;
+mod rate;
+mod read_state;
 
+pub use delivery::MAX_RESUME_CURSORS;
 pub use error::ChatError;
 pub use group::{ConnId, Subscriber};
 pub use groups::{CoreConfig, CoreStats, Groups, NewGroup, NewMessage, PostTicket};
 pub use identity::{Identity, IdentityError, Role};
 pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
+pub use rate::Rate;
 
 #[cfg(test)]
 mod tests;

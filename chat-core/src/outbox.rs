@@ -5,8 +5,18 @@
 //! connection's writer task reads with [`Outbox::recv`] and learns about the
 //! drop as [`Outgoing::OutOfSync`]. A slow phone therefore costs its group
 //! nothing but one failed push, and its memory stays within the bound.
+//!
+//! # Epochs: why a drop ends every subscription
+//! Every subscription records the outbox's *epoch* when it was made
+//! ([`Outbox::epoch`]) and pushes with [`Outbox::push_in`]. An overflow
+//! starts a new epoch, so every subscription made before it is answered
+//! [`Pushed::Stale`] from then on and its group forgets it. The client is
+//! told once ([`Outgoing::OutOfSync`]) and resumes from the last seq it has;
+//! nothing reaches it with a hole in the middle, and a connection that fell
+//! behind costs the groups nothing until it does.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -35,8 +45,11 @@ impl Default for OutboxLimits {
 pub enum Pushed {
     /// The frame is queued.
     Queued,
-    /// The connection is out of sync; the frame (and the queue) was dropped.
+    /// The queue was full: the frame and the queue were dropped, the
+    /// connection is out of sync and every subscription of it has ended.
     Dropped,
+    /// The subscription this push was for ended with an earlier drop.
+    Stale,
     /// The connection is gone.
     Closed,
 }
@@ -71,8 +84,13 @@ pub struct Outbox {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
+    /// Wakes the writer when something is queued.
     notify: Notify,
+    /// Wakes [`Outbox::push_when_room`] when the writer takes something.
+    room: Notify,
     limits: OutboxLimits,
+    /// The most bytes any outbox sharing this gauge has held.
+    peak_gauge: Option<Arc<AtomicU64>>,
 }
 
 #[derive(Debug, Default)]
@@ -80,19 +98,40 @@ struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
     dropped: u64,
+    epoch: u64,
+    peak_bytes: usize,
+    waiting_for_room: bool,
     closed: bool,
 }
 
 impl Outbox {
     /// An empty outbox with these bounds.
     pub fn new(limits: OutboxLimits) -> Self {
+        Self::build(limits, None)
+    }
+
+    /// An empty outbox that also raises `peak_gauge` to the most bytes it
+    /// ever holds (for a server-wide `/metrics` high-water mark).
+    pub fn with_peak_gauge(limits: OutboxLimits, peak_gauge: Arc<AtomicU64>) -> Self {
+        Self::build(limits, Some(peak_gauge))
+    }
+
+    fn build(limits: OutboxLimits, peak_gauge: Option<Arc<AtomicU64>>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 notify: Notify::new(),
+                room: Notify::new(),
                 limits,
+                peak_gauge,
             }),
         }
+    }
+
+    /// The current epoch. A subscription remembers it and pushes with
+    /// [`Outbox::push_in`]; an overflow moves to the next epoch.
+    pub fn epoch(&self) -> u64 {
+        self.state().epoch
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -102,34 +141,90 @@ impl Outbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues a frame without waiting.
+    /// Queues a frame that belongs to no subscription (e.g. a read-state
+    /// notice) without waiting; it can still overflow the queue.
     pub fn push(&self, frame: Bytes) -> Pushed {
+        let epoch = self.epoch();
+        self.push_in(epoch, frame)
+    }
+
+    /// Queues a frame of a subscription made in `epoch`, without waiting.
+    /// A full queue is dropped whole ([`Pushed::Dropped`]); a subscription
+    /// from before a drop gets [`Pushed::Stale`].
+    pub fn push_in(&self, epoch: u64, frame: Bytes) -> Pushed {
         let outcome = {
             let mut s = self.state();
             if s.closed {
                 return Pushed::Closed;
             }
-            if s.dropped > 0 {
-                // Already out of sync and not yet told: keep dropping until
-                // the writer has reported it, so the gap is one contiguous run.
-                s.dropped += 1;
-                return Pushed::Dropped;
+            if s.epoch != epoch {
+                return Pushed::Stale;
             }
             let limits = self.shared.limits;
             if s.frames.len() >= limits.max_frames || s.bytes + frame.len() > limits.max_bytes {
-                s.dropped = s.frames.len() as u64 + 1;
+                s.dropped += s.frames.len() as u64 + 1;
                 s.frames.clear();
                 s.frames.shrink_to(64);
                 s.bytes = 0;
+                s.epoch += 1;
                 Pushed::Dropped
             } else {
-                s.bytes += frame.len();
-                s.frames.push_back(frame);
+                self.enqueue(&mut s, frame);
                 Pushed::Queued
             }
         };
         self.shared.notify.notify_one();
         outcome
+    }
+
+    fn enqueue(&self, s: &mut State, frame: Bytes) {
+        s.bytes += frame.len();
+        s.frames.push_back(frame);
+        if s.bytes > s.peak_bytes {
+            s.peak_bytes = s.bytes;
+            if let Some(gauge) = &self.shared.peak_gauge {
+                gauge.fetch_max(s.bytes as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether `frames` more frames of `bytes` in total fit now.
+    pub fn has_room(&self, frames: usize, bytes: usize) -> bool {
+        let s = self.state();
+        let limits = self.shared.limits;
+        s.frames.len() + frames <= limits.max_frames && s.bytes + bytes <= limits.max_bytes
+    }
+
+    /// Queues a frame of a subscription made in `epoch`, waiting until there
+    /// is room instead of dropping: for catch-up, which a connection does on
+    /// its own request, at the pace its phone reads. A frame larger than the
+    /// byte bound is queued once the queue is empty.
+    pub async fn push_when_room(&self, epoch: u64, frame: Bytes) -> Pushed {
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            {
+                let mut s = self.state();
+                if s.closed {
+                    return Pushed::Closed;
+                }
+                if s.epoch != epoch {
+                    return Pushed::Stale;
+                }
+                let limits = self.shared.limits;
+                let fits = s.frames.len() < limits.max_frames
+                    && (s.bytes + frame.len() <= limits.max_bytes || s.frames.is_empty());
+                if fits {
+                    self.enqueue(&mut s, frame);
+                    drop(s);
+                    self.shared.notify.notify_one();
+                    return Pushed::Queued;
+                }
+                s.waiting_for_room = true;
+                room.as_mut().enable();
+            }
+            room.await;
+        }
     }
 
     /// Waits for the next thing to write; `None` once closed.
@@ -159,6 +254,9 @@ impl Outbox {
         match s.frames.pop_front() {
             Some(frame) => {
                 s.bytes -= frame.len();
+                if std::mem::take(&mut s.waiting_for_room) {
+                    self.shared.room.notify_waiters();
+                }
                 Ok(Outgoing::Frame(frame))
             }
             None => Err(Empty::Now),
@@ -175,6 +273,7 @@ impl Outbox {
             s.bytes = 0;
         }
         self.shared.notify.notify_one();
+        self.shared.room.notify_waiters();
     }
 
     /// Whether [`Outbox::close`] was called.
@@ -185,6 +284,11 @@ impl Outbox {
     /// Bytes queued now.
     pub fn queued_bytes(&self) -> usize {
         self.state().bytes
+    }
+
+    /// The most bytes this outbox has held at once.
+    pub fn peak_bytes(&self) -> usize {
+        self.state().peak_bytes
     }
 }
 
@@ -213,18 +317,71 @@ mod tests {
             max_frames: 2,
             max_bytes: 1 << 20,
         });
-        assert_eq!(o.push(frame(1)), Pushed::Queued);
-        assert_eq!(o.push(frame(1)), Pushed::Queued);
-        assert_eq!(o.push(frame(1)), Pushed::Dropped);
-        assert_eq!(o.push(frame(1)), Pushed::Dropped);
+        let sub = o.epoch();
+        assert_eq!(o.push_in(sub, frame(1)), Pushed::Queued);
+        assert_eq!(o.push_in(sub, frame(1)), Pushed::Queued);
+        assert_eq!(o.push_in(sub, frame(1)), Pushed::Dropped);
+        // The subscription ended with the drop.
+        assert_eq!(o.push_in(sub, frame(1)), Pushed::Stale);
         assert_eq!(o.queued_bytes(), 0);
-        assert_eq!(o.recv().await, Some(Outgoing::OutOfSync { dropped: 4 }));
-        // After the report, pushes flow again.
-        assert_eq!(o.push(Bytes::from_static(b"x")), Pushed::Queued);
+        assert_eq!(o.peak_bytes(), 2);
+        // A subscription made after the drop flows, after the report.
+        let resumed = o.epoch();
+        assert_ne!(resumed, sub);
+        assert_eq!(o.push_in(resumed, Bytes::from_static(b"x")), Pushed::Queued);
+        assert_eq!(o.recv().await, Some(Outgoing::OutOfSync { dropped: 3 }));
         assert_eq!(
             o.recv().await,
             Some(Outgoing::Frame(Bytes::from_static(b"x")))
         );
+    }
+
+    #[tokio::test]
+    async fn push_when_room_waits_for_the_writer_instead_of_dropping() {
+        let o = Outbox::new(OutboxLimits {
+            max_frames: 1,
+            max_bytes: 1 << 20,
+        });
+        let epoch = o.epoch();
+        assert_eq!(o.push_when_room(epoch, frame(1)).await, Pushed::Queued);
+        let second = {
+            let o = o.clone();
+            tokio::spawn(async move { o.push_when_room(epoch, frame(2)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "must wait while the queue is full");
+        assert_eq!(o.recv().await, Some(Outgoing::Frame(frame(1))));
+        assert_eq!(second.await.unwrap(), Pushed::Queued);
+        assert_eq!(o.recv().await, Some(Outgoing::Frame(frame(2))));
+    }
+
+    #[tokio::test]
+    async fn push_when_room_gives_up_when_the_subscription_ends() {
+        let o = Outbox::new(OutboxLimits {
+            max_frames: 1,
+            max_bytes: 1 << 20,
+        });
+        let epoch = o.epoch();
+        o.push_in(epoch, frame(1));
+        let waiting = {
+            let o = o.clone();
+            tokio::spawn(async move { o.push_when_room(epoch, frame(2)).await })
+        };
+        tokio::task::yield_now().await;
+        o.close();
+        assert_eq!(waiting.await.unwrap(), Pushed::Closed);
+    }
+
+    #[test]
+    fn peak_gauge_records_the_high_water_mark() {
+        let gauge = Arc::new(AtomicU64::new(0));
+        let o = Outbox::with_peak_gauge(OutboxLimits::default(), gauge.clone());
+        o.push(frame(10));
+        o.push(frame(5));
+        assert_eq!(o.try_recv(), Ok(Outgoing::Frame(frame(10))));
+        o.push(frame(1));
+        assert_eq!(gauge.load(Ordering::Relaxed), 15);
+        assert_eq!(o.peak_bytes(), 15);
     }
 
     #[tokio::test]

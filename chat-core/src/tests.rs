@@ -7,6 +7,8 @@ use bytes::Bytes;
 use qun_proto::{ErrorCode, decode_server_frame, v1};
 use qun_storage::{FjallConfig, FjallStore, Store};
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::*;
 
 const NOW: u64 = 1_700_000_000_000;
@@ -53,20 +55,24 @@ fn buyer(id: &str) -> Identity {
 fn sub(conn: u64, who: &Identity, limits: OutboxLimits) -> (Subscriber, Outbox) {
     let outbox = Outbox::new(limits);
     (
-        Subscriber {
-            conn: ConnId(conn),
-            user_id: who.user_id().into(),
-            outbox: outbox.clone(),
-        },
+        Subscriber::new(ConnId(conn), who.user_id(), outbox.clone()),
         outbox,
     )
 }
 
+/// A text message with a fresh client message id.
 fn text(group_id: u64, s: &str) -> NewMessage {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    with_id(group_id, s, &format!("c-{id}"))
+}
+
+fn with_id(group_id: u64, s: &str, client_msg_id: &str) -> NewMessage {
     NewMessage {
         group_id,
         text: Bytes::copy_from_slice(s.as_bytes()),
-        ..Default::default()
+        reply_to: 0,
+        client_msg_id: client_msg_id.into(),
     }
 }
 
@@ -121,8 +127,10 @@ async fn seqs_start_at_one_and_every_subscriber_sees_the_same_order() {
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for n in 0..30 {
+                // A second apart: within the buyers' rate limits.
+                let now = NOW + n * 1_000;
                 let ack = groups
-                    .post(&who, text(g, &format!("{i}-{n}")), NOW)
+                    .post(&who, text(g, &format!("{i}-{n}")), now)
                     .await
                     .unwrap();
                 seqs.push(ack.seq);
@@ -414,45 +422,459 @@ async fn leaving_stops_pushes_to_every_device_and_frees_a_place() {
 }
 
 #[tokio::test]
-async fn a_slow_subscriber_is_marked_out_of_sync_and_others_get_everything() {
+async fn a_slow_subscriber_falls_out_of_sync_then_resumes_to_the_complete_sequence() {
     let f = fixture().await;
     let a = agent("a1", "shop");
     let g = create(&f.groups, &a, 0).await;
     let (slow_b, fast_b) = (buyer("slow"), buyer("fast"));
-    let (slow, o_slow) = sub(
-        1,
-        &slow_b,
-        OutboxLimits {
-            max_frames: 5,
-            max_bytes: 1 << 20,
-        },
-    );
+    let slow_limits = OutboxLimits {
+        max_frames: 5,
+        max_bytes: 1 << 20,
+    };
+    let (slow, o_slow) = sub(1, &slow_b, slow_limits);
     let (fast, o_fast) = sub(2, &fast_b, OutboxLimits::default());
     f.groups.join(&slow_b, g, slow, NOW).await.unwrap();
     f.groups.join(&fast_b, g, fast, NOW).await.unwrap();
-    for n in 0..20 {
+    for n in 1..=20 {
         f.groups
             .post(&a, text(g, &format!("{n}")), NOW)
             .await
             .unwrap();
     }
     let (fast_msgs, fast_dropped) = drain(&o_fast).await;
-    assert_eq!(fast_msgs.len(), 20);
+    assert_eq!(seqs(&fast_msgs), (1..=20).collect::<Vec<_>>());
     assert_eq!(fast_dropped, 0);
+    // The slow one overflowed at its sixth message: its queue went, and so
+    // did its subscription — nothing more was queued for it.
+    assert_eq!(f.groups.subscriber_count(g), 1);
     let (slow_msgs, slow_dropped) = drain(&o_slow).await;
-    assert_eq!(
-        slow_msgs.len() as u64 + slow_dropped,
-        20,
-        "every message is delivered or counted as dropped"
-    );
-    assert!(slow_dropped > 0);
+    assert!(slow_msgs.is_empty(), "the queue was dropped whole");
+    assert_eq!(slow_dropped, 6);
+    assert!(o_slow.peak_bytes() <= slow_limits.max_bytes);
     let stats = f.groups.stats();
-    assert!(
-        stats
-            .deliveries_dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
+    assert_eq!(stats.deliveries_dropped.load(Relaxed), 1);
+
+    // It had nothing; it resumes from 0 while reading, and ends complete.
+    let reader = tokio::spawn({
+        let o = o_slow.clone();
+        async move { drain_until(&o, 21).await }
+    });
+    let resumed = f
+        .groups
+        .resume(
+            &slow_b,
+            g,
+            0,
+            Subscriber::new(ConnId(1), "slow", o_slow.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resumed.through_seq, 20);
+    assert!(!resumed.gap_too_large);
+    f.groups.post(&a, text(g, "21"), NOW).await.unwrap();
+    let got = reader.await.unwrap();
+    assert_eq!(
+        seqs(&got),
+        (1..=21).collect::<Vec<_>>(),
+        "no gap, no duplicate"
     );
+}
+
+fn seqs(msgs: &[v1::ChatMessage]) -> Vec<u64> {
+    msgs.iter().map(|m| m.seq).collect()
+}
+
+/// Reads pushed messages until the one with seq `last` arrives.
+async fn drain_until(outbox: &Outbox, last: u64) -> Vec<v1::ChatMessage> {
+    let mut msgs = Vec::new();
+    loop {
+        let item = tokio::time::timeout(std::time::Duration::from_secs(10), outbox.recv())
+            .await
+            .expect("pushes stopped before the last seq")
+            .expect("outbox closed");
+        match item {
+            Outgoing::Frame(b) => match decode_server_frame(&b).unwrap().body {
+                Some(v1::server_frame::Body::Message(m)) => {
+                    let done = m.seq == last;
+                    msgs.push(m);
+                    if done {
+                        return msgs;
+                    }
+                }
+                other => panic!("unexpected push {other:?}"),
+            },
+            Outgoing::OutOfSync { dropped } => panic!("out of sync ({dropped})"),
+        }
+    }
+}
+
+fn small_ring() -> CoreConfig {
+    CoreConfig {
+        recent_ring: 8,
+        join_recent: 4,
+        ..CoreConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn resume_pushes_exactly_the_gap_from_store_and_ring_then_live() {
+    let mut f = fixture().await;
+    f.reopen(small_ring()).await;
+    let a = agent("a1", "shop");
+    let b = buyer("b1");
+    let g = create(&f.groups, &a, 0).await;
+    let (s, _o) = sub(1, &b, OutboxLimits::default());
+    f.groups.join(&b, g, s, NOW).await.unwrap();
+    for n in 1..=30 {
+        f.groups
+            .post(&a, text(g, &format!("m{n}")), NOW)
+            .await
+            .unwrap();
+    }
+    // A new connection of the same buyer had up to 5; the ring holds 23..=30,
+    // so 6..=22 come from the store.
+    let (s2, o2) = sub(2, &b, OutboxLimits::default());
+    let r = f.groups.resume(&b, g, 5, s2).await.unwrap();
+    assert_eq!((r.through_seq, r.gap_too_large), (30, false));
+    f.groups.post(&a, text(g, "m31"), NOW).await.unwrap();
+    let got = drain_until(&o2, 31).await;
+    assert_eq!(seqs(&got), (6..=31).collect::<Vec<_>>());
+    assert_eq!(got[0].text, "m6");
+    assert!(drain(&o2).await.0.is_empty(), "nothing after: no duplicate");
+    // Resuming when up to date pushes nothing but keeps it live.
+    let (s3, o3) = sub(3, &b, OutboxLimits::default());
+    let r = f.groups.resume(&b, g, 31, s3).await.unwrap();
+    assert_eq!(r.through_seq, 31);
+    f.groups.post(&a, text(g, "m32"), NOW).await.unwrap();
+    assert_eq!(seqs(&drain(&o3).await.0), [32]);
+    // A cursor beyond the newest message is refused.
+    let (s4, _o4) = sub(4, &b, OutboxLimits::default());
+    let err = f.groups.resume(&b, g, 99, s4).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    // Non-members may not resume.
+    let (s5, _o5) = sub(5, &buyer("x"), OutboxLimits::default());
+    let err = f.groups.resume(&buyer("x"), g, 0, s5).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotMember);
+}
+
+#[tokio::test]
+async fn catch_up_waits_for_a_slow_reader_instead_of_dropping_it() {
+    let mut f = fixture().await;
+    f.reopen(small_ring()).await;
+    let a = agent("a1", "shop");
+    let g = create(&f.groups, &a, 0).await;
+    for n in 1..=40 {
+        f.groups
+            .post(&a, text(g, &format!("m{n}")), NOW)
+            .await
+            .unwrap();
+    }
+    // An outbox of 3 frames must carry 40 messages of catch-up.
+    let tiny = OutboxLimits {
+        max_frames: 3,
+        max_bytes: 1 << 20,
+    };
+    let (s, o) = sub(1, &a, tiny);
+    let reader = tokio::spawn({
+        let o = o.clone();
+        async move { drain_until(&o, 40).await }
+    });
+    let r = f.groups.resume(&a, g, 0, s).await.unwrap();
+    assert_eq!(r.through_seq, 40);
+    assert_eq!(seqs(&reader.await.unwrap()), (1..=40).collect::<Vec<_>>());
+    assert_eq!(f.groups.subscriber_count(g), 1);
+}
+
+#[tokio::test]
+async fn a_gap_over_the_cap_is_reported_and_paged_forwards() {
+    let mut f = fixture().await;
+    f.reopen(CoreConfig {
+        resume_max_gap: 10,
+        ..small_ring()
+    })
+    .await;
+    let a = agent("a1", "shop");
+    let g = create(&f.groups, &a, 0).await;
+    for n in 1..=30 {
+        f.groups
+            .post(&a, text(g, &format!("m{n}")), NOW)
+            .await
+            .unwrap();
+    }
+    let (s, o) = sub(1, &a, OutboxLimits::default());
+    let r = f.groups.resume(&a, g, 3, s).await.unwrap();
+    assert_eq!((r.through_seq, r.gap_too_large), (30, true));
+    f.groups.post(&a, text(g, "m31"), NOW).await.unwrap();
+    assert_eq!(
+        seqs(&drain(&o).await.0),
+        [31],
+        "live continues after the gap"
+    );
+    // The client pages 4..=30 forwards.
+    let mut have = Vec::new();
+    let mut after = 3;
+    loop {
+        let page = f.groups.fetch_range(&a, g, after, 7).await.unwrap();
+        have.extend(seqs(&page.messages));
+        after = *have.last().unwrap();
+        if after >= 30 {
+            break;
+        }
+        assert!(page.has_more);
+    }
+    assert_eq!(have[..27], (4..=30).collect::<Vec<_>>()[..]);
+    let last = f.groups.fetch_range(&a, g, 31, 7).await.unwrap();
+    assert!(last.messages.is_empty() && !last.has_more);
+}
+
+#[tokio::test]
+async fn a_retried_send_gets_the_original_seq_also_after_restart() {
+    let mut f = fixture().await;
+    f.reopen(CoreConfig {
+        sent_window: 2,
+        ..CoreConfig::default()
+    })
+    .await;
+    let a = agent("a1", "shop");
+    let b = buyer("b1");
+    let g = create(&f.groups, &a, 0).await;
+    let (s, o) = sub(1, &a, OutboxLimits::default());
+    f.groups.join(&a, g, s, NOW).await.unwrap();
+    let (sb, _ob) = sub(2, &b, OutboxLimits::default());
+    f.groups.join(&b, g, sb, NOW).await.unwrap();
+    let first = f
+        .groups
+        .post(&b, with_id(g, "is S EU 34?", "x-1"), NOW)
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    // From memory.
+    let again = f
+        .groups
+        .post(&b, with_id(g, "is S EU 34?", "x-1"), NOW + 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.seq, again.ts_ms, again.duplicate),
+        (first.seq, first.ts_ms, true)
+    );
+    // Another sender may use the same id.
+    let other = f
+        .groups
+        .post(&a, with_id(g, "yes", "x-1"), NOW)
+        .await
+        .unwrap();
+    assert_ne!(other.seq, first.seq);
+    // Push x-1 out of the in-memory window: the store's index answers.
+    for n in 0..4 {
+        f.groups
+            .post(&b, text(g, &format!("more {n}")), NOW)
+            .await
+            .unwrap();
+    }
+    let old = f
+        .groups
+        .post(&b, with_id(g, "is S EU 34?", "x-1"), NOW)
+        .await
+        .unwrap();
+    assert_eq!((old.seq, old.duplicate), (first.seq, true));
+    assert_eq!(
+        seqs(&drain(&o).await.0),
+        (1..=6).collect::<Vec<_>>(),
+        "posted once"
+    );
+    // And after a restart.
+    f.reopen(CoreConfig::default()).await;
+    let after = f
+        .groups
+        .post(&b, with_id(g, "is S EU 34?", "x-1"), NOW)
+        .await
+        .unwrap();
+    assert_eq!((after.seq, after.duplicate), (first.seq, true));
+    assert_eq!(f.store.last_seq(g).await.unwrap(), 6);
+    assert_eq!(
+        f.groups.stats().duplicate_sends.load(Relaxed),
+        1,
+        "counted since the restart"
+    );
+    // The id is required.
+    let err = f
+        .groups
+        .post(&b, with_id(g, "no id", ""), NOW)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+}
+
+#[tokio::test]
+async fn concurrent_retries_of_one_id_post_once() {
+    let f = fixture().await;
+    let a = agent("a1", "shop");
+    let g = create(&f.groups, &a, 0).await;
+    let tickets: Vec<_> = futures_util::future::join_all((0..8).map(|_| {
+        f.groups
+            .post(&a, with_id(g, "flash sale at 8!", "dup"), NOW)
+    }))
+    .await;
+    let seqs: std::collections::BTreeSet<u64> =
+        tickets.iter().map(|t| t.as_ref().unwrap().seq).collect();
+    assert_eq!(seqs.len(), 1);
+    assert_eq!(
+        tickets
+            .iter()
+            .filter(|t| !t.as_ref().unwrap().duplicate)
+            .count(),
+        1
+    );
+    assert_eq!(f.store.last_seq(g).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn buyers_are_rate_limited_and_slowed_but_staff_never() {
+    let mut f = fixture().await;
+    f.reopen(CoreConfig {
+        buyer_send_rate: Rate {
+            per_sec: 1.0,
+            burst: 2,
+        },
+        group_buyer_rate: Rate {
+            per_sec: 0.5,
+            burst: 3,
+        },
+        ..CoreConfig::default()
+    })
+    .await;
+    let a = agent("a1", "shop");
+    let g = create(&f.groups, &a, 0).await;
+    let (b1, b2, b3) = (buyer("b1"), buyer("b2"), buyer("b3"));
+    for (i, b) in [&b1, &b2, &b3].into_iter().enumerate() {
+        let (s, _o) = sub(i as u64, b, OutboxLimits::default());
+        f.groups.join(b, g, s, NOW).await.unwrap();
+    }
+    f.groups.post(&b1, text(g, "1"), NOW).await.unwrap();
+    f.groups
+        .post(&b1, with_id(g, "2", "b1-2"), NOW)
+        .await
+        .unwrap();
+    let err = f.groups.post(&b1, text(g, "3"), NOW).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ChatError::RateLimited {
+                retry_after_ms: 1000
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), ErrorCode::RateLimited);
+    // A retry is answered, not limited.
+    let dup = f
+        .groups
+        .post(&b1, with_id(g, "2", "b1-2"), NOW)
+        .await
+        .unwrap();
+    assert!(dup.duplicate);
+    // The group has one buyer message left in its burst.
+    f.groups.post(&b2, text(g, "b2"), NOW).await.unwrap();
+    let err = f.groups.post(&b3, text(g, "b3"), NOW).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ChatError::SlowMode {
+                retry_after_ms: 2000
+            }
+        ),
+        "{err:?}"
+    );
+    // b3's own bucket was not charged for the refused message.
+    // Staff are never limited.
+    for n in 0..50 {
+        f.groups
+            .post(&a, text(g, &format!("answer {n}")), NOW)
+            .await
+            .unwrap();
+    }
+    // Time passes: both buckets refill.
+    f.groups
+        .post(&b3, text(g, "b3 later"), NOW + 2_000)
+        .await
+        .unwrap();
+    f.groups
+        .post(&b3, text(g, "b3 again"), NOW + 4_000)
+        .await
+        .unwrap();
+    assert_eq!(f.groups.stats().sends_rate_limited.load(Relaxed), 2);
+}
+
+#[tokio::test]
+async fn read_marks_count_unread_reach_every_device_and_survive_restart() {
+    let mut f = fixture().await;
+    let a = agent("a1", "shop");
+    let b = buyer("b1");
+    let g = create(&f.groups, &a, 0).await;
+    f.groups
+        .post(&a, text(g, "before b joined"), NOW)
+        .await
+        .unwrap();
+    let (phone, o_phone) = sub(1, &b, OutboxLimits::default());
+    let (pad, o_pad) = sub(2, &b, OutboxLimits::default());
+    f.groups.attach_device(&b, ConnId(1), o_phone.clone());
+    f.groups.attach_device(&b, ConnId(2), o_pad.clone());
+    let joined = f.groups.join(&b, g, phone, NOW).await.unwrap();
+    assert_eq!((joined.last_read_seq, joined.unread), (1, 0));
+    f.groups.join(&b, g, pad, NOW).await.unwrap();
+    for n in 2..=4 {
+        f.groups
+            .post(&a, text(g, &format!("{n}")), NOW)
+            .await
+            .unwrap();
+    }
+    drain(&o_phone).await;
+    drain(&o_pad).await;
+    let marked = f.groups.mark_read(&b, ConnId(1), g, 3).await.unwrap();
+    assert_eq!((marked.last_read_seq, marked.unread), (3, 1));
+    // The pad hears of it; the phone (which asked) does not.
+    let pushed = o_pad.try_recv().unwrap();
+    let Outgoing::Frame(bytes) = pushed else {
+        panic!("{pushed:?}")
+    };
+    let Some(v1::server_frame::Body::ReadState(rs)) = decode_server_frame(&bytes).unwrap().body
+    else {
+        panic!("not a ReadState")
+    };
+    assert_eq!((rs.group_id, rs.last_read_seq, rs.unread), (g, 3, 1));
+    assert!(o_phone.try_recv().is_err());
+    // Marks never move back, and never past the newest message.
+    assert_eq!(
+        f.groups
+            .mark_read(&b, ConnId(1), g, 2)
+            .await
+            .unwrap()
+            .last_read_seq,
+        3
+    );
+    assert!(o_pad.try_recv().is_err(), "nothing moved, nothing pushed");
+    assert_eq!(
+        f.groups
+            .mark_read(&b, ConnId(1), g, 99)
+            .await
+            .unwrap()
+            .last_read_seq,
+        4
+    );
+    // Sending moves the sender's own mark.
+    f.groups.post(&a, text(g, "5"), NOW).await.unwrap();
+    f.groups.post(&b, text(g, "6"), NOW).await.unwrap();
+    f.reopen(CoreConfig::default()).await;
+    let mine = f.groups.my_groups(&b).await.unwrap();
+    assert_eq!(mine.groups.len(), 1);
+    let entry = &mine.groups[0];
+    assert_eq!(entry.group.as_ref().unwrap().group_id, g);
+    assert_eq!((entry.last_read_seq, entry.unread), (6, 0));
+    // The agent's own posts moved its mark to 5; b's message is unread.
+    assert_eq!(f.groups.my_groups(&a).await.unwrap().groups[0].unread, 1);
+    f.groups.detach_device(&b, ConnId(1));
+    assert_eq!(f.groups.device_count("b1"), 0, "registry is per server run");
 }
 
 #[tokio::test]

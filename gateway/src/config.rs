@@ -53,6 +53,25 @@ pub struct Config {
     pub max_members_limit: u32,
     /// Newest messages kept in memory per group.
     pub recent_ring: usize,
+    /// Largest gap (in messages) a `Resume` fills by push; a larger one is
+    /// answered `gap_too_large` and the client pages history instead.
+    pub resume_max_gap: u64,
+    /// Client message ids remembered in memory per group for idempotent
+    /// sends; older retries are found in the store's index.
+    pub sent_window: usize,
+    /// Messages per second one buyer may send, across groups and devices
+    /// (0: unlimited). Staff are never limited.
+    pub buyer_send_rate: f64,
+    /// Messages a quiet buyer may send at once.
+    pub buyer_send_burst: u32,
+    /// Slow mode: messages per second all buyers of one group may send
+    /// together (0: unlimited).
+    pub group_buyer_rate: f64,
+    /// Messages the buyers of a quiet group may send at once.
+    pub group_buyer_burst: u32,
+    /// Milliseconds without any frame from a client before the server closes
+    /// its connection (close code 4000).
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -74,6 +93,13 @@ impl Default for Config {
             default_max_members: 5_000,
             max_members_limit: 100_000,
             recent_ring: 256,
+            resume_max_gap: 1_000,
+            sent_window: 1_024,
+            buyer_send_rate: 5.0,
+            buyer_send_burst: 10,
+            group_buyer_rate: 50.0,
+            group_buyer_burst: 100,
+            idle_timeout_ms: 90_000,
         }
     }
 }
@@ -109,6 +135,21 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// chat-core's settings from this configuration.
+    pub fn core(&self) -> qun_chat_core::CoreConfig {
+        let rate = |per_sec, burst| qun_chat_core::Rate { per_sec, burst };
+        qun_chat_core::CoreConfig {
+            default_max_members: self.default_max_members,
+            max_members_limit: self.max_members_limit,
+            recent_ring: self.recent_ring,
+            resume_max_gap: self.resume_max_gap,
+            sent_window: self.sent_window,
+            buyer_send_rate: rate(self.buyer_send_rate, self.buyer_send_burst),
+            group_buyer_rate: rate(self.group_buyer_rate, self.group_buyer_burst),
+            ..qun_chat_core::CoreConfig::default()
+        }
+    }
+
     /// The names of every field, as used in the file and (upper-cased, with
     /// the `QUN_` prefix) in the environment.
     pub fn field_names() -> Vec<String> {
@@ -187,6 +228,22 @@ impl Config {
         if self.recent_ring < 50 {
             return bad("recent_ring must be at least 50 (a join returns the latest 50)".into());
         }
+        if self.resume_max_gap == 0 || self.sent_window == 0 {
+            return bad("resume_max_gap and sent_window must be > 0".into());
+        }
+        for (name, rate, burst) in [
+            ("buyer_send", self.buyer_send_rate, self.buyer_send_burst),
+            ("group_buyer", self.group_buyer_rate, self.group_buyer_burst),
+        ] {
+            if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && burst == 0) {
+                return bad(format!(
+                    "{name}_rate must be >= 0 (0: unlimited) and {name}_burst >= 1 when limited"
+                ));
+            }
+        }
+        if self.idle_timeout_ms < 1_000 {
+            return bad("idle_timeout_ms must be at least 1000".into());
+        }
         if !self.token_key.is_empty() {
             crate::auth::TokenKey::from_hex(&self.token_key)
                 .map_err(|e| ConfigError::Invalid(format!("token_key: {e}")))?;
@@ -200,7 +257,9 @@ impl Config {
 fn env_value(raw: &str) -> toml::Value {
     match format!("v = {raw}").parse::<toml::Table>() {
         Ok(mut t) => match t.remove("v") {
-            Some(v @ (toml::Value::Integer(_) | toml::Value::Boolean(_))) => v,
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
+            ) => v,
             _ => toml::Value::String(raw.to_string()),
         },
         Err(_) => toml::Value::String(raw.to_string()),

@@ -8,14 +8,17 @@
 //! falls behind, and reported as `OutOfSync`).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, SplitSink};
 use futures_util::{SinkExt as _, StreamExt as _};
-use qun_chat_core::{ConnId, Empty, Identity, NewGroup, NewMessage, Outbox, Outgoing, Subscriber};
+use qun_chat_core::{
+    ChatError, ConnId, Empty, Identity, MAX_RESUME_CURSORS, NewGroup, NewMessage, Outbox, Outgoing,
+    Subscriber,
+};
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ServerFrame, decode_client_frame, encode_server_frame};
 use tokio::net::TcpStream;
@@ -36,6 +39,10 @@ pub const WS_PATH: &str = "/ws";
 
 /// Answers queued for the writer, per connection.
 const ANSWER_QUEUE: usize = 64;
+
+/// WebSocket close code for a connection the server heard nothing from for
+/// `idle_timeout_ms` (4000-4999 are for applications).
+pub const IDLE_CLOSE_CODE: u16 = 4000;
 
 /// What the reader asks the writer to do.
 #[derive(Debug)]
@@ -91,7 +98,10 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
     };
     metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let (sink, source) = ws.split();
-    let outbox = Outbox::new(shared.outbox_limits);
+    let outbox = Outbox::with_peak_gauge(
+        shared.outbox_limits,
+        shared.metrics.outbox_peak_bytes.clone(),
+    );
     let (tx, rx) = mpsc::channel(ANSWER_QUEUE);
     let writer = tokio::spawn(write_loop(sink, rx, outbox.clone(), shared.clone()));
     let mut session = Session {
@@ -100,11 +110,15 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
         tx,
         outbox: outbox.clone(),
         identity: None,
-        subscribed: HashSet::new(),
+        subscribed: Arc::default(),
     };
     let close = session.read_loop(source).await;
-    for group_id in session.subscribed.drain() {
+    let subscribed = std::mem::take(&mut *lock(&session.subscribed));
+    for group_id in subscribed {
         shared.groups.unsubscribe(conn, group_id);
+    }
+    if let Some(who) = &session.identity {
+        shared.groups.detach_device(who, conn);
     }
     if let Some((code, reason)) = close {
         let _ = session.tx.send(WriterCmd::Close(code, reason)).await;
@@ -132,7 +146,13 @@ struct Session {
     tx: mpsc::Sender<WriterCmd>,
     outbox: Outbox,
     identity: Option<Identity>,
-    subscribed: HashSet<u64>,
+    /// Groups this connection may be subscribed to, to unsubscribe at the
+    /// end. Shared with in-flight resumes.
+    subscribed: Arc<Mutex<HashSet<u64>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Session {
@@ -146,11 +166,19 @@ impl Session {
         let hello_deadline =
             tokio::time::sleep(Duration::from_millis(shared.config.hello_timeout_ms));
         tokio::pin!(hello_deadline);
+        let idle_timeout = Duration::from_millis(shared.config.idle_timeout_ms);
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
         let close = loop {
             tokio::select! {
                 () = shared.shutdown.cancelled() => break Some(self.going_away().await),
                 () = &mut hello_deadline, if self.identity.is_none() => {
                     break Some((CloseCode::Policy, "no Hello in time".into()));
+                }
+                () = &mut idle => {
+                    shared.metrics.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("idle timeout");
+                    break Some((CloseCode::Library(IDLE_CLOSE_CODE), "idle timeout".into()));
                 }
                 Some((request_id, answer)) = in_flight.next(), if !in_flight.is_empty() => {
                     if !self.answer(request_id, answer).await {
@@ -159,6 +187,7 @@ impl Session {
                 }
                 incoming = source.next(), if in_flight.len() < max_in_flight => {
                     let Some(incoming) = incoming else { break None };
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                     match self.on_message(incoming).await {
                         Step::Continue => {}
                         Step::Wait(fut) => in_flight.push(fut),
@@ -290,6 +319,28 @@ impl Session {
                 .await
                 .map(Body::HistoryPage)
                 .map_err(RequestError::from),
+            client_frame::Body::Resume(r) => return self.resume(who, request_id, r),
+            client_frame::Body::FetchRange(r) => self
+                .shared
+                .groups
+                .fetch_range(who, r.group_id, r.after_seq, r.limit)
+                .await
+                .map(Body::HistoryPage)
+                .map_err(RequestError::from),
+            client_frame::Body::MarkRead(m) => self
+                .shared
+                .groups
+                .mark_read(who, self.conn, m.group_id, m.seq)
+                .await
+                .map(Body::ReadMarked)
+                .map_err(RequestError::from),
+            client_frame::Body::ListMyGroups(_) => self
+                .shared
+                .groups
+                .my_groups(who)
+                .await
+                .map(Body::MyGroups)
+                .map_err(RequestError::from),
             client_frame::Body::SendMessage(m) => {
                 let msg = NewMessage {
                     group_id: m.group_id,
@@ -362,7 +413,12 @@ impl Session {
             server_time_ms: now_ms(),
             server_version: env!("CARGO_PKG_VERSION").to_string(),
             max_frame_bytes: u32::try_from(self.shared.config.max_frame_bytes).unwrap_or(u32::MAX),
+            idle_timeout_ms: u32::try_from(self.shared.config.idle_timeout_ms).unwrap_or(u32::MAX),
+            resume_max_gap: u32::try_from(self.shared.config.resume_max_gap).unwrap_or(u32::MAX),
         };
+        self.shared
+            .groups
+            .attach_device(&who, self.conn, self.outbox.clone());
         self.identity = Some(who);
         if self.answer(request_id, Ok(Body::Welcome(welcome))).await {
             Step::Continue
@@ -382,24 +438,67 @@ impl Session {
     }
 
     async fn join(&mut self, who: &Identity, group_id: u64) -> Result<Body, RequestError> {
-        let sub = Subscriber {
-            conn: self.conn,
-            user_id: who.user_id().to_string(),
-            outbox: self.outbox.clone(),
-        };
+        let sub = Subscriber::new(self.conn, who.user_id(), self.outbox.clone());
+        lock(&self.subscribed).insert(group_id);
         let joined = self
             .shared
             .groups
             .join(who, group_id, sub, now_ms())
             .await?;
-        self.subscribed.insert(group_id);
         Ok(Body::Joined(joined))
     }
 
     async fn leave(&mut self, who: &Identity, group_id: u64) -> Result<Body, RequestError> {
         self.shared.groups.leave(who, group_id).await?;
-        self.subscribed.remove(&group_id);
+        lock(&self.subscribed).remove(&group_id);
         Ok(Body::Left(v1::Left { group_id }))
+    }
+
+    /// Catches up every group named, one after the other, without holding
+    /// up this connection's other requests: catch-up goes at the pace the
+    /// phone reads. Every subscription is made in the outbox epoch of this
+    /// moment, so a drop during the catch-up ends them all (and the client,
+    /// told out of sync, resumes again).
+    fn resume(&self, who: &Identity, request_id: u64, r: v1::Resume) -> Dispatched {
+        let mut seen = HashSet::new();
+        if r.cursors.len() > MAX_RESUME_CURSORS
+            || !r.cursors.iter().all(|c| seen.insert(c.group_id))
+        {
+            return Dispatched::Done(Err(RequestError::Chat(ChatError::InvalidArgument(
+                format!("Resume takes at most {MAX_RESUME_CURSORS} cursors, each group once"),
+            ))));
+        }
+        let groups = self.shared.groups.clone();
+        let who = who.clone();
+        let subscribed = self.subscribed.clone();
+        let conn = self.conn;
+        let outbox = self.outbox.clone();
+        Dispatched::Wait(Box::pin(
+            async move {
+                let mut answers = Vec::with_capacity(r.cursors.len());
+                for cursor in r.cursors {
+                    let sub = Subscriber::new(conn, who.user_id(), outbox.clone());
+                    lock(&subscribed).insert(cursor.group_id);
+                    let answer = match groups
+                        .resume(&who, cursor.group_id, cursor.last_seq, sub)
+                        .await
+                    {
+                        Ok(done) => done,
+                        Err(e) => {
+                            tracing::debug!(group_id = cursor.group_id, error = %e, "resume refused");
+                            v1::GroupResumed {
+                                group_id: cursor.group_id,
+                                error: e.code() as i32,
+                                ..Default::default()
+                            }
+                        }
+                    };
+                    answers.push(answer);
+                }
+                (request_id, Ok(Body::Resumed(v1::Resumed { groups: answers })))
+            }
+            .in_current_span(),
+        ))
     }
 }
 
@@ -417,6 +516,10 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::SendMessage(_) => "send_message",
         client_frame::Body::FetchHistory(_) => "fetch_history",
         client_frame::Body::Ping(_) => "ping",
+        client_frame::Body::Resume(_) => "resume",
+        client_frame::Body::FetchRange(_) => "fetch_range",
+        client_frame::Body::MarkRead(_) => "mark_read",
+        client_frame::Body::ListMyGroups(_) => "list_my_groups",
     }
 }
 

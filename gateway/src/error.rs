@@ -6,6 +6,7 @@
 //! short message).
 
 use qun_chat_core::ChatError;
+use qun_proto::v1::server_frame::Body;
 use qun_proto::{DecodeError, ErrorCode, ServerFrame, error_frame};
 
 use crate::auth::TokenError;
@@ -75,6 +76,10 @@ impl RequestError {
         } else {
             tracing::debug!(error = %self, ?code, request_id, "request refused");
         }
-        error_frame(request_id, code, message)
+        let mut frame = error_frame(request_id, code, message);
+        if let (RequestError::Chat(e), Some(Body::Error(err))) = (self, frame.body.as_mut()) {
+            err.retry_after_ms = e.retry_after_ms().unwrap_or(0);
+        }
+        frame
     }
 }

@@ -35,5 +35,5 @@ pub mod metrics;
 pub mod server;
 
 pub use config::{Config, ConfigError, Overrides};
-pub use connection::WS_PATH;
+pub use connection::{IDLE_CLOSE_CODE, WS_PATH};
 pub use server::{Listeners, ServerError, run};

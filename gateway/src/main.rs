@@ -135,6 +135,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async {
         let listeners = Listeners::bind(&config).await?;
+        // One line on stdout with the bound addresses, for scripts and tests
+        // that listen on port 0 (logs go to stderr).
+        println!(
+            "qun listening ws=ws://{}{} http={}",
+            listeners.ws_addr()?,
+            qun_gateway::WS_PATH,
+            listeners.http_addr()?
+        );
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
         qun_gateway::run(config, listeners, shutdown).await?;

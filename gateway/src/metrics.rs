@@ -28,6 +28,10 @@ pub struct Metrics {
     pub errors_sent: AtomicU64,
     /// Out-of-sync notices sent.
     pub out_of_sync_sent: AtomicU64,
+    /// Connections closed for idleness.
+    pub idle_closed: AtomicU64,
+    /// The most bytes any one connection's outbox has held.
+    pub outbox_peak_bytes: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -112,6 +116,48 @@ impl Metrics {
             "counter",
             "Groups created.",
             core.groups_created.load(Relaxed),
+        );
+        put(
+            "qun_idle_closed_total",
+            "counter",
+            "Connections closed after idle_timeout_ms without a frame.",
+            self.idle_closed.load(Relaxed),
+        );
+        put(
+            "qun_outbox_peak_bytes",
+            "gauge",
+            "The most bytes any one connection's push queue has held (bounded by outbox_max_bytes).",
+            self.outbox_peak_bytes.load(Relaxed),
+        );
+        put(
+            "qun_duplicate_sends_total",
+            "counter",
+            "Sends answered with the original ack because they were retries.",
+            core.duplicate_sends.load(Relaxed),
+        );
+        put(
+            "qun_sends_rate_limited_total",
+            "counter",
+            "Buyer messages refused by the per-user rate or slow mode.",
+            core.sends_rate_limited.load(Relaxed),
+        );
+        put(
+            "qun_resumes_total",
+            "counter",
+            "Group resumes served.",
+            core.resumes.load(Relaxed),
+        );
+        put(
+            "qun_catch_up_messages_total",
+            "counter",
+            "Messages pushed as catch-up by resumes.",
+            core.catch_up_messages.load(Relaxed),
+        );
+        put(
+            "qun_resume_gaps_too_large_total",
+            "counter",
+            "Resumes whose gap exceeded resume_max_gap.",
+            core.resume_gaps_too_large.load(Relaxed),
         );
         put(
             "qun_groups_loaded",

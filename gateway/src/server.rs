@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use qun_chat_core::{ConnId, CoreConfig, Groups, OutboxLimits};
+use qun_chat_core::{ConnId, Groups, OutboxLimits};
 use qun_storage::{FjallConfig, FjallStore, StorageError, Store};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -115,13 +115,7 @@ pub async fn run(
     } else {
         TokenKey::from_hex(&config.token_key)?
     };
-    let core = CoreConfig {
-        default_max_members: config.default_max_members,
-        max_members_limit: config.max_members_limit,
-        recent_ring: config.recent_ring,
-        ..CoreConfig::default()
-    };
-    let groups = Groups::open(store.clone(), core).await?;
+    let groups = Groups::open(store.clone(), config.core()).await?;
     let shared = Arc::new(Shared {
         outbox_limits: OutboxLimits {
             max_frames: config.outbox_max_frames,
@@ -151,7 +145,9 @@ pub async fn run(
             }
         })
     };
+    let sweeper = tokio::spawn(forget_idle_senders(shared.clone()));
     accept_loop(listeners.ws, &shared).await;
+    sweeper.abort();
 
     tracing::info!("shutting down: closing connections");
     shared.tracker.close();
@@ -218,5 +214,20 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Now and then, forgets the rate buckets of buyers who have gone quiet, so
+/// their memory does not grow with every buyer who ever sent a message.
+async fn forget_idle_senders(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = every.tick() => {
+                let limited = shared.groups.forget_idle_senders(crate::connection::now_ms());
+                tracing::trace!(limited, "idle rate buckets forgotten");
+            }
+        }
     }
 }

@@ -3,136 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
 
 use bytes::Bytes;
+use common::{TestServer, code, messages, next_event, no_rate_limits, now_secs};
 use qun_client::{Client, ClientError, Event, proto};
 use qun_gateway::auth::{Claims, TokenKey};
-use qun_gateway::{Config, Listeners};
 use qun_proto::{ClientFrame, ErrorCode, encode_client_frame, v1};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-struct TestServer {
-    url: String,
-    http: SocketAddr,
-    key: TokenKey,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), qun_gateway::ServerError>>,
-}
-
-impl TestServer {
-    async fn start(data_dir: &Path) -> Self {
-        Self::start_with(data_dir, |_| {}).await
-    }
-
-    async fn start_with(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
-        let mut config = Config {
-            data_dir: data_dir.to_path_buf(),
-            ws_listen: "127.0.0.1:0".parse().unwrap(),
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            ..Config::default()
-        };
-        tweak(&mut config);
-        let key = TokenKey::load_or_create(data_dir).unwrap();
-        let listeners = Listeners::bind(&config).await.unwrap();
-        let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
-        let http = listeners.http_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
-        Self {
-            url,
-            http,
-            key,
-            shutdown,
-            task,
-        }
-    }
-
-    fn token(&self, user: &str, role: &str, shop: Option<&str>) -> String {
-        self.token_expiring(user, role, shop, now_secs() + 3600)
-    }
-
-    fn token_expiring(&self, user: &str, role: &str, shop: Option<&str>, exp: u64) -> String {
-        self.key.sign(&Claims {
-            sub: user.into(),
-            name: format!("{role} {user}"),
-            role: role.into(),
-            shop: shop.map(Into::into),
-            exp,
-            iat: now_secs(),
-        })
-    }
-
-    async fn client(&self, user: &str, role: &str, shop: Option<&str>) -> Client {
-        Client::connect(&self.url, &self.token(user, role, shop))
-            .await
-            .unwrap()
-    }
-
-    /// An agent of shop-1 connected, with a new group of that shop.
-    async fn agent_with_group(&self, name: &str, max_members: u32) -> (Client, u64) {
-        let agent = self.client("mei", "agent", Some("shop-1")).await;
-        let g = agent
-            .create_group(name, max_members)
-            .await
-            .unwrap()
-            .group_id;
-        (agent, g)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-
-    async fn http_get(&self, path: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// The next `n` pushed messages (fails after 10 s of silence).
-async fn messages(client: &mut Client, n: usize) -> Vec<v1::ChatMessage> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let event = tokio::time::timeout(Duration::from_secs(10), client.next_event())
-            .await
-            .expect("no push within 10 s")
-            .expect("connection ended");
-        match event {
-            Event::Message(m) => out.push(m),
-            other => panic!("unexpected event {other:?}"),
-        }
-    }
-    out
-}
-
-async fn next_event(client: &mut Client) -> Event {
-    tokio::time::timeout(Duration::from_secs(10), client.next_event())
-        .await
-        .expect("no event within 10 s")
-        .expect("connection ended")
-}
-
-fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
-    r.unwrap_err().code().expect("a server error code")
-}
 
 #[tokio::test]
 async fn two_buyers_and_an_agent_see_the_same_order() {
@@ -198,7 +75,7 @@ async fn two_buyers_and_an_agent_see_the_same_order() {
 #[tokio::test]
 async fn concurrent_senders_produce_one_gap_free_sequence() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start_with(dir.path(), no_rate_limits).await;
     let (_agent, g) = server.agent_with_group("Flash sale", 0).await;
     let mut watcher = server.client("watcher", "buyer", None).await;
     watcher.join(g).await.unwrap();
@@ -250,7 +127,7 @@ async fn concurrent_senders_produce_one_gap_free_sequence() {
 #[tokio::test]
 async fn history_is_identical_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start_with(dir.path(), no_rate_limits).await;
     let (agent, g) = server.agent_with_group("Restart", 0).await;
     let buyer = server.client("ann", "buyer", None).await;
     buyer.join(g).await.unwrap();
@@ -265,7 +142,7 @@ async fn history_is_identical_after_a_restart() {
     drop((agent, buyer));
     server.stop().await;
 
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start_with(dir.path(), no_rate_limits).await;
     let buyer = server.client("ann", "buyer", None).await;
     assert_eq!(buyer.history(g, 0, 50).await.unwrap(), newest);
     assert_eq!(buyer.history(g, 11, 50).await.unwrap(), oldest);

@@ -2,8 +2,21 @@
 //!
 //! [`Client`] speaks Qun's WebSocket protocol: it connects, authenticates
 //! with a token, sends requests and matches answers to them by request id,
-//! and hands pushed messages to the caller as [`Event`]s in the order the
-//! server sent them. Tests, the load tester and `qun-cli` all use it.
+//! and hands pushed messages to the caller as [`Event`]s, per group in seq
+//! order. Tests, the load tester and `qun-cli` all use it.
+//!
+//! # Nothing lost, nothing doubled
+//! - Every [`Client::send`] carries a fresh client message id; retrying with
+//!   the same id ([`Client::send_with_id`]) after a timeout or a reconnect
+//!   returns the original seq and posts nothing.
+//! - [`Client::next_event`] passes every group's messages through a
+//!   [`Sequencer`]: duplicates are dropped, and a jump in seqs is filled by
+//!   fetching the missing range before going on.
+//! - After `OutOfSync`, [`Client::next_event`] resumes every followed group
+//!   by itself. After a reconnect, call [`Client::resume`] on the new client
+//!   with [`Client::cursors`] of the old one.
+//! - A gap larger than the server's cap is reported as [`Event::Gap`]; page
+//!   it with [`Client::fetch_range`].
 //!
 //! # Example
 //! ```no_run
@@ -21,10 +34,10 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -36,12 +49,58 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use qun_proto::v1 as proto;
 
+mod sequencer;
+pub use sequencer::{Sequencer, Step};
+
 /// The largest server frame the client accepts (a full history page of
 /// 4 KiB messages fits easily).
 const MAX_SERVER_FRAME: usize = 16 * 1024 * 1024;
 
-/// Pushes buffered before the client stops reading the socket.
-const EVENT_BUFFER: usize = 4096;
+/// Messages fetched per page when filling a gap.
+const GAP_PAGE: u32 = 200;
+
+/// How a [`Client`] behaves.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Pushes buffered before the client stops reading the socket (and the
+    /// server, in turn, sees a slow reader).
+    pub event_buffer: usize,
+    /// How long a request waits for its answer.
+    pub timeout: Duration,
+    /// Send a `Ping` this often, keeping the connection alive and the clock
+    /// offset fresh; `None` to never ping on its own.
+    pub heartbeat: Option<Duration>,
+    /// Free text the server logs, e.g. "qun-ios/3.2.1".
+    pub client_name: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            event_buffer: 4096,
+            timeout: Duration::from_secs(30),
+            heartbeat: Some(Duration::from_secs(30)),
+            client_name: format!("qun-client/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// A fresh client message id: 128 random bits, hex.
+///
+/// # Panics
+/// Never in practice: only if the operating system has no randomness.
+pub fn new_client_msg_id() -> String {
+    let mut bytes = [0u8; 16];
+    #[allow(clippy::expect_used)]
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// What went wrong on the client side, or what the server refused.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +122,17 @@ pub enum ClientError {
         /// The server's message.
         message: String,
     },
+    /// The server refused a message under a rate limit (`RATE_LIMITED` or
+    /// `SLOW_MODE`); nothing was posted. Retry after the wait.
+    #[error("server error {code} ({name}): {message}; retry in {retry_after_ms} ms", name = code_name(*.code))]
+    RateLimited {
+        /// The numeric [`ErrorCode`].
+        code: i32,
+        /// The server's message.
+        message: String,
+        /// How long to wait.
+        retry_after_ms: u64,
+    },
     /// The connection closed before the answer came.
     #[error("connection closed")]
     Closed,
@@ -75,10 +145,21 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether retrying the same request on a new connection may succeed:
+    /// the connection failed, closed or timed out (not a refusal).
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Closed | ClientError::Timeout(_)
+        )
+    }
+
     /// The server's error code, when the server refused the request.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ClientError::Server { code, .. } => ErrorCode::try_from(*code).ok(),
+            ClientError::Server { code, .. } | ClientError::RateLimited { code, .. } => {
+                ErrorCode::try_from(*code).ok()
+            }
             _ => None,
         }
     }
@@ -114,6 +195,20 @@ pub enum Event {
         /// Reconnect after this many milliseconds.
         reconnect_after_ms: u32,
     },
+    /// Another device of this user moved its read mark.
+    ReadState(v1::ReadState),
+    /// The server could not catch this group up by push (the gap was over
+    /// its cap): messages `after_seq + 1 ..= through_seq` were skipped and
+    /// live messages go on after `through_seq`. Page the gap with
+    /// [`Client::fetch_range`] if it is wanted.
+    Gap {
+        /// The group.
+        group_id: u64,
+        /// The newest seq the client had.
+        after_seq: u64,
+        /// The newest seq skipped.
+        through_seq: u64,
+    },
     /// An error frame not tied to a request (e.g. a malformed frame).
     Error {
         /// The numeric code.
@@ -132,15 +227,113 @@ pub enum Event {
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 
+/// The sending side of a connection, shared with the heartbeat task.
+#[derive(Debug)]
+struct Link {
+    out: mpsc::Sender<Message>,
+    waiters: Waiters,
+    next_id: AtomicU64,
+    /// Server clock minus local clock, in ms, from the last pong.
+    clock_offset: AtomicI64,
+    has_offset: AtomicBool,
+}
+
+impl Link {
+    /// Sends a request; the receiver gets its answer.
+    async fn send(
+        &self,
+        body: client_frame::Body,
+    ) -> Result<(u64, oneshot::Receiver<ServerFrame>), ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(request_id, tx);
+        let frame = ClientFrame {
+            request_id,
+            body: Some(body),
+        };
+        if self
+            .out
+            .send(Message::Binary(encode_client_frame(&frame)))
+            .await
+            .is_err()
+        {
+            lock(&self.waiters).remove(&request_id);
+            return Err(ClientError::Closed);
+        }
+        Ok((request_id, rx))
+    }
+
+    fn forget(&self, request_id: u64) {
+        lock(&self.waiters).remove(&request_id);
+    }
+
+    async fn ping(&self, timeout: Duration) -> Result<u64, ClientError> {
+        let sent = now_ms();
+        let (id, rx) = self
+            .send(client_frame::Body::Ping(v1::Ping {
+                client_time_ms: u64::try_from(sent).unwrap_or(0),
+            }))
+            .await?;
+        let frame = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(_)) => return Err(ClientError::Closed),
+            Err(_) => {
+                self.forget(id);
+                return Err(ClientError::Timeout(timeout));
+            }
+        };
+        match answer_body(frame)? {
+            Body::Pong(p) => {
+                let received = now_ms();
+                let server = i64::try_from(p.server_time_ms).unwrap_or(i64::MAX);
+                self.clock_offset
+                    .store(server - (sent + received) / 2, Ordering::Relaxed);
+                self.has_offset.store(true, Ordering::Relaxed);
+                Ok(p.server_time_ms)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn answer_body(frame: ServerFrame) -> Result<Body, ClientError> {
+    match frame.body {
+        Some(Body::Error(e)) if e.retry_after_ms > 0 => Err(ClientError::RateLimited {
+            code: e.code,
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        }),
+        Some(Body::Error(e)) => Err(ClientError::Server {
+            code: e.code,
+            message: e.message,
+        }),
+        Some(body) => Ok(body),
+        None => Err(ClientError::Protocol("answer without a body".into())),
+    }
+}
+
 /// A connected, authenticated client.
 #[derive(Debug)]
 pub struct Client {
-    out: mpsc::Sender<Message>,
-    waiters: Waiters,
+    link: Arc<Link>,
     events: mpsc::Receiver<Event>,
-    next_id: AtomicU64,
+    /// Pushes read off the channel while waiting for an answer, not yet
+    /// through the sequencer.
+    held: VecDeque<Event>,
+    /// Events ready for the caller, in order.
+    ready: VecDeque<Event>,
+    sequencer: Mutex<Sequencer>,
     welcome: v1::Welcome,
     timeout: Duration,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
 }
 
 impl Client {
@@ -151,17 +344,43 @@ impl Client {
     /// [`ClientError::Connect`] when the socket or handshake fails,
     /// [`ClientError::Server`] when the token is refused.
     pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
-        let mut client = Self::connect_unauthenticated(url).await?;
+        Self::connect_with(url, token, ClientOptions::default()).await
+    }
+
+    /// Connects with the given options.
+    ///
+    /// # Errors
+    /// As for [`Client::connect`].
+    pub async fn connect_with(
+        url: &str,
+        token: &str,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let mut client = Self::open(url, &options).await?;
         let body = client
             .request(client_frame::Body::Hello(v1::Hello {
                 protocol_version: qun_proto::PROTOCOL_VERSION,
                 token: token.to_string(),
-                client_name: format!("qun-client/{}", env!("CARGO_PKG_VERSION")),
+                client_name: options.client_name.clone(),
             }))
             .await?;
         match body {
             Body::Welcome(w) => {
                 client.welcome = w;
+                if let Some(every) = options.heartbeat {
+                    let link = client.link.clone();
+                    let timeout = client.timeout;
+                    client.heartbeat = Some(tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(every);
+                        tick.tick().await;
+                        loop {
+                            tick.tick().await;
+                            if matches!(link.ping(timeout).await, Err(ClientError::Closed)) {
+                                return;
+                            }
+                        }
+                    }));
+                }
                 Ok(client)
             }
             other => Err(unexpected(&other)),
@@ -174,6 +393,10 @@ impl Client {
     /// # Errors
     /// [`ClientError::Connect`].
     pub async fn connect_unauthenticated(url: &str) -> Result<Self, ClientError> {
+        Self::open(url, &ClientOptions::default()).await
+    }
+
+    async fn open(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_SERVER_FRAME))
             .max_frame_size(Some(MAX_SERVER_FRAME));
@@ -185,7 +408,7 @@ impl Client {
             })?;
         let (mut sink, mut stream) = ws.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(256);
-        let (ev_tx, ev_rx) = mpsc::channel(EVENT_BUFFER);
+        let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
         let waiters: Waiters = Arc::default();
         tokio::spawn(async move {
             while let Some(msg) = out_rx.recv().await {
@@ -222,6 +445,7 @@ impl Client {
                 let event = match frame.body {
                     Some(Body::Message(m)) => Event::Message(m),
                     Some(Body::OutOfSync(o)) => Event::OutOfSync { dropped: o.dropped },
+                    Some(Body::ReadState(r)) => Event::ReadState(r),
                     Some(Body::GoingAway(g)) => Event::GoingAway {
                         reason: g.reason,
                         reconnect_after_ms: g.reconnect_after_ms,
@@ -243,12 +467,20 @@ impl Client {
             let _ = ev_tx.send(Event::Closed { code, reason }).await;
         });
         Ok(Self {
-            out: out_tx,
-            waiters,
+            link: Arc::new(Link {
+                out: out_tx,
+                waiters,
+                next_id: AtomicU64::new(1),
+                clock_offset: AtomicI64::new(0),
+                has_offset: AtomicBool::new(false),
+            }),
             events: ev_rx,
-            next_id: AtomicU64::new(1),
+            held: VecDeque::new(),
+            ready: VecDeque::new(),
+            sequencer: Mutex::default(),
             welcome: v1::Welcome::default(),
-            timeout: Duration::from_secs(30),
+            timeout: options.timeout,
+            heartbeat: None,
         })
     }
 
@@ -268,37 +500,43 @@ impl Client {
     /// [`ClientError::Server`] for an error frame, [`ClientError::Closed`],
     /// [`ClientError::Timeout`].
     pub async fn request(&self, body: client_frame::Body) -> Result<Body, ClientError> {
-        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(request_id, tx);
-        let frame = ClientFrame {
-            request_id,
-            body: Some(body),
-        };
-        if self
-            .out
-            .send(Message::Binary(encode_client_frame(&frame)))
-            .await
-            .is_err()
-        {
-            lock(&self.waiters).remove(&request_id);
-            return Err(ClientError::Closed);
-        }
-        let answer = match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(frame)) => frame,
-            Ok(Err(_)) => return Err(ClientError::Closed),
+        let (request_id, rx) = self.link.send(body).await?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(frame)) => answer_body(frame),
+            Ok(Err(_)) => Err(ClientError::Closed),
             Err(_) => {
-                lock(&self.waiters).remove(&request_id);
-                return Err(ClientError::Timeout(self.timeout));
+                self.link.forget(request_id);
+                Err(ClientError::Timeout(self.timeout))
             }
-        };
-        match answer.body {
-            Some(Body::Error(e)) => Err(ClientError::Server {
-                code: e.code,
-                message: e.message,
-            }),
-            Some(body) => Ok(body),
-            None => Err(ClientError::Protocol("answer without a body".into())),
+        }
+    }
+
+    /// Like [`Client::request`], but keeps reading pushes while it waits
+    /// (holding them for [`Client::next_event`]), so that a full event
+    /// buffer can never stand between the client and its answer.
+    async fn request_reading(&mut self, body: client_frame::Body) -> Result<Body, ClientError> {
+        let (request_id, rx) = self.link.send(body).await?;
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        tokio::pin!(rx);
+        let mut events_open = true;
+        loop {
+            tokio::select! {
+                answer = &mut rx => {
+                    return match answer {
+                        Ok(frame) => answer_body(frame),
+                        Err(_) => Err(ClientError::Closed),
+                    };
+                }
+                ev = self.events.recv(), if events_open => match ev {
+                    Some(ev) => self.held.push_back(ev),
+                    None => events_open = false,
+                },
+                () = &mut deadline => {
+                    self.link.forget(request_id);
+                    return Err(ClientError::Timeout(self.timeout));
+                }
+            }
         }
     }
 
@@ -307,7 +545,8 @@ impl Client {
     /// # Errors
     /// [`ClientError::Closed`].
     pub async fn send_raw(&self, bytes: Bytes) -> Result<(), ClientError> {
-        self.out
+        self.link
+            .out
             .send(Message::Binary(bytes))
             .await
             .map_err(|_| ClientError::Closed)
@@ -318,16 +557,223 @@ impl Client {
     /// # Errors
     /// [`ClientError::Closed`].
     pub async fn send_text_frame(&self, text: &str) -> Result<(), ClientError> {
-        self.out
+        self.link
+            .out
             .send(Message::text(text))
             .await
             .map_err(|_| ClientError::Closed)
     }
 
-    /// The next push, in the order the server sent them; `None` after
-    /// [`Event::Closed`] has been returned.
+    /// The next push; `None` after [`Event::Closed`] has been returned.
+    ///
+    /// Messages come per group in seq order, each once: duplicates are
+    /// dropped and a jump is filled by fetching the missing range first.
+    /// On `OutOfSync` every followed group is resumed before the event is
+    /// returned, so the messages that follow it continue where the client
+    /// was.
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+        loop {
+            if let Some(ev) = self.ready.pop_front() {
+                return Some(ev);
+            }
+            let ev = match self.held.pop_front() {
+                Some(ev) => ev,
+                None => self.events.recv().await?,
+            };
+            match ev {
+                Event::Message(m) => {
+                    let step = lock(&self.sequencer).observe(m.group_id, m.seq);
+                    match step {
+                        Step::Deliver => return Some(Event::Message(m)),
+                        Step::Duplicate => {}
+                        Step::Gap { after, before } => {
+                            self.fill_gap(m.group_id, after, before).await;
+                            lock(&self.sequencer).track(m.group_id, m.seq);
+                            self.ready.push_back(Event::Message(m));
+                        }
+                    }
+                }
+                Event::OutOfSync { dropped } => {
+                    let cursors = self.cursors();
+                    if !cursors.is_empty()
+                        && let Err(e) = self.resume(&cursors).await
+                    {
+                        self.ready.push_back(Event::Error {
+                            code: e.code().map_or(0, |c| c as i32),
+                            message: format!("resume after out-of-sync failed: {e}"),
+                        });
+                    }
+                    self.ready.push_front(Event::OutOfSync { dropped });
+                }
+                other => return Some(other),
+            }
+        }
+    }
+
+    /// Fetches `after + 1 ..= before - 1` of a group into the ready queue;
+    /// what cannot be fetched is reported as [`Event::Gap`].
+    async fn fill_gap(&mut self, group_id: u64, after: u64, before: u64) {
+        let mut cursor = after;
+        while cursor + 1 < before {
+            let page = self
+                .request_reading(client_frame::Body::FetchRange(v1::FetchRange {
+                    group_id,
+                    after_seq: cursor,
+                    limit: GAP_PAGE,
+                }))
+                .await;
+            let messages = match page {
+                Ok(Body::HistoryPage(p)) => p.messages,
+                _ => Vec::new(),
+            };
+            let before_len = self.ready.len();
+            for m in messages {
+                if m.seq <= cursor {
+                    continue;
+                }
+                if m.seq != cursor + 1 || m.seq >= before {
+                    break;
+                }
+                cursor = m.seq;
+                self.ready.push_back(Event::Message(m));
+            }
+            if self.ready.len() == before_len {
+                break;
+            }
+        }
+        if cursor + 1 < before {
+            self.ready.push_back(Event::Gap {
+                group_id,
+                after_seq: cursor,
+                through_seq: before - 1,
+            });
+        }
+        lock(&self.sequencer).track(group_id, before - 1);
+    }
+
+    /// Where this client stands in every group it follows: `(group, seq)`.
+    /// Save it, and after reconnecting hand it to [`Client::resume`].
+    pub fn cursors(&self) -> Vec<(u64, u64)> {
+        lock(&self.sequencer).cursors()
+    }
+
+    /// Duplicates dropped and gaps filled by this client's sequencer so far.
+    /// With a correct server both stay 0.
+    pub fn sequencer_stats(&self) -> (u64, u64) {
+        let s = lock(&self.sequencer);
+        (s.duplicates_dropped(), s.gaps_seen())
+    }
+
+    /// Catches up on groups from `(group, last_seq)` cursors and follows
+    /// them live: the missing messages then live ones arrive as events, in
+    /// order. Returns the server's answer per group; a group the server
+    /// refused (e.g. `NOT_MEMBER`) is no longer followed, and one whose gap
+    /// was over the cap is reported with an [`Event::Gap`].
+    ///
+    /// # Errors
+    /// [`ClientError`] when the request as a whole fails; codes include
+    /// `INVALID_ARGUMENT` (over 500 cursors, a group twice).
+    pub async fn resume(
+        &mut self,
+        cursors: &[(u64, u64)],
+    ) -> Result<Vec<v1::GroupResumed>, ClientError> {
+        {
+            let mut seq = lock(&self.sequencer);
+            for &(group_id, last_seq) in cursors {
+                seq.reset(group_id, last_seq);
+            }
+        }
+        let body = client_frame::Body::Resume(v1::Resume {
+            cursors: cursors
+                .iter()
+                .map(|&(group_id, last_seq)| v1::GroupCursor { group_id, last_seq })
+                .collect(),
+        });
+        let groups = match self.request_reading(body).await? {
+            Body::Resumed(r) => r.groups,
+            other => return Err(unexpected(&other)),
+        };
+        for (g, &(_, last_seq)) in groups.iter().zip(cursors) {
+            if g.error != 0 {
+                lock(&self.sequencer).forget(g.group_id);
+            } else if g.gap_too_large {
+                // Live messages continue after through_seq. Anything held
+                // from below it is a duplicate of what the caller will page.
+                lock(&self.sequencer).track(g.group_id, g.through_seq);
+                self.ready.push_back(Event::Gap {
+                    group_id: g.group_id,
+                    after_seq: last_seq,
+                    through_seq: g.through_seq,
+                });
+            }
+        }
+        Ok(groups)
+    }
+
+    /// A page of messages above `after_seq`, ascending (forwards paging).
+    ///
+    /// # Errors
+    /// [`ClientError`]; codes include `NOT_MEMBER`, `INVALID_ARGUMENT`.
+    pub async fn fetch_range(
+        &self,
+        group_id: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<v1::HistoryPage, ClientError> {
+        match self
+            .request(client_frame::Body::FetchRange(v1::FetchRange {
+                group_id,
+                after_seq,
+                limit,
+            }))
+            .await?
+        {
+            Body::HistoryPage(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Marks a group read up to `seq`; the caller's other devices are told.
+    ///
+    /// # Errors
+    /// [`ClientError`]; codes include `NOT_MEMBER`, `UNKNOWN_GROUP`.
+    pub async fn mark_read(&self, group_id: u64, seq: u64) -> Result<v1::ReadMarked, ClientError> {
+        match self
+            .request(client_frame::Body::MarkRead(v1::MarkRead { group_id, seq }))
+            .await?
+        {
+            Body::ReadMarked(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The caller's groups with their unread counts.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn my_groups(&self) -> Result<Vec<v1::MyGroup>, ClientError> {
+        match self
+            .request(client_frame::Body::ListMyGroups(v1::ListMyGroups {}))
+            .await?
+        {
+            Body::MyGroups(g) => Ok(g.groups),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Server clock minus this machine's clock, in ms, from the last pong
+    /// (`None` before the first). Render countdowns with
+    /// [`Client::server_now_ms`].
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.link
+            .has_offset
+            .load(Ordering::Relaxed)
+            .then(|| self.link.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// The server's clock now, as well as this client knows it.
+    pub fn server_now_ms(&self) -> i64 {
+        now_ms() + self.clock_offset_ms().unwrap_or(0)
     }
 
     /// Creates a group for the caller's shop (agents and owners).
@@ -364,7 +810,17 @@ impl Client {
             .request(client_frame::Body::JoinGroup(v1::JoinGroup { group_id }))
             .await?
         {
-            Body::Joined(j) => Ok(j),
+            Body::Joined(j) => {
+                // Pushes follow the newest message of `recent` (or last_seq).
+                let newest = j
+                    .recent
+                    .last()
+                    .map(|m| m.seq)
+                    .or_else(|| j.group.as_ref().map(|g| g.last_seq))
+                    .unwrap_or(0);
+                lock(&self.sequencer).track(group_id, newest);
+                Ok(j)
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -378,27 +834,49 @@ impl Client {
             .request(client_frame::Body::LeaveGroup(v1::LeaveGroup { group_id }))
             .await?
         {
-            Body::Left(_) => Ok(()),
+            Body::Left(_) => {
+                lock(&self.sequencer).forget(group_id);
+                Ok(())
+            }
             other => Err(unexpected(&other)),
         }
     }
 
-    /// Posts a text message; returns once it is durable, with its seq.
+    /// Posts a text message with a fresh client message id; returns once it
+    /// is durable, with its seq.
     ///
     /// # Errors
     /// [`ClientError`]; codes include `NOT_MEMBER`, `TEXT_TOO_LONG`,
-    /// `REPLY_TO_UNKNOWN`.
+    /// `REPLY_TO_UNKNOWN`, `RATE_LIMITED` and `SLOW_MODE` (see
+    /// [`ClientError::retry_after_ms`]).
     pub async fn send(
         &self,
         group_id: u64,
         text: &str,
         reply_to: Option<u64>,
     ) -> Result<v1::SendAck, ClientError> {
+        self.send_with_id(group_id, text, reply_to, &new_client_msg_id())
+            .await
+    }
+
+    /// Posts a text message with the caller's client message id. Sending
+    /// again with the same id (on this or a new connection, even after a
+    /// server restart) returns the original ack with `duplicate` set.
+    ///
+    /// # Errors
+    /// As for [`Client::send`].
+    pub async fn send_with_id(
+        &self,
+        group_id: u64,
+        text: &str,
+        reply_to: Option<u64>,
+        client_msg_id: &str,
+    ) -> Result<v1::SendAck, ClientError> {
         self.send_message(v1::SendMessage {
             group_id,
             text: Bytes::copy_from_slice(text.as_bytes()),
             reply_to: reply_to.unwrap_or(0),
-            client_msg_id: String::new(),
+            client_msg_id: client_msg_id.to_string(),
         })
         .await
     }
@@ -441,14 +919,9 @@ impl Client {
     ///
     /// # Errors
     /// [`ClientError`].
+    /// Also updates [`Client::clock_offset_ms`].
     pub async fn ping(&self) -> Result<u64, ClientError> {
-        match self
-            .request(client_frame::Body::Ping(v1::Ping { client_time_ms: 0 }))
-            .await?
-        {
-            Body::Pong(p) => Ok(p.server_time_ms),
-            other => Err(unexpected(&other)),
-        }
+        self.link.ping(self.timeout).await
     }
 }
 

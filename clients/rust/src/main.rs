@@ -35,13 +35,22 @@ enum Command {
     Join { group: u64 },
     /// Leave a group.
     Leave { group: u64 },
-    /// Post a message; prints its seq.
+    /// Post a message; prints its seq. On a lost connection it reconnects
+    /// and sends again with the same client message id, so the message is
+    /// posted once however many tries it takes.
     Send {
         group: u64,
         text: String,
         /// Seq of the message being answered.
         #[arg(long)]
         reply_to: Option<u64>,
+        /// The client message id (default: a fresh random one). Sending
+        /// again with the same id prints the original seq.
+        #[arg(long)]
+        client_msg_id: Option<String>,
+        /// Tries after a connection failure before giving up.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
     },
     /// Print a page of history (older than --before).
     History {
@@ -54,9 +63,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stream live messages.
+    /// Stream live messages (joining the group if needed).
     Tail {
         group: u64,
+        /// First print every message from this seq on, then live ones.
+        #[arg(long)]
+        from: Option<u64>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -103,6 +115,22 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
+    if let Command::Send {
+        group,
+        text,
+        reply_to,
+        client_msg_id,
+        retries,
+    } = &cli.command
+    {
+        let id = client_msg_id
+            .clone()
+            .unwrap_or_else(qun_client::new_client_msg_id);
+        let ack =
+            send_with_retries(&cli.url, token, *group, text, *reply_to, &id, *retries).await?;
+        println!("{}", ack.seq);
+        return Ok(());
+    }
     let mut client = Client::connect(&cli.url, token).await?;
     match cli.command {
         Command::Group {
@@ -123,14 +151,7 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
             }
         }
         Command::Leave { group } => client.leave(group).await?,
-        Command::Send {
-            group,
-            text,
-            reply_to,
-        } => {
-            let ack = client.send(group, &text, reply_to).await?;
-            println!("{}", ack.seq);
-        }
+        Command::Send { .. } => unreachable!("handled above"),
         Command::History {
             group,
             before,
@@ -142,19 +163,57 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
                 println!("{}", if json { as_json(m) } else { human(m) });
             }
         }
-        Command::Tail { group, json, count } => {
+        Command::Tail {
+            group,
+            from,
+            json,
+            count,
+        } => {
             client.join(group).await?;
+            if let Some(from) = from {
+                // Catch up from `from`, then live; the client drops what
+                // the join already pushed twice.
+                let resumed = client.resume(&[(group, from.saturating_sub(1))]).await?;
+                if let Some(r) = resumed.first().filter(|r| r.error != 0) {
+                    return Err(ClientError::Server {
+                        code: r.error,
+                        message: format!("cannot resume group {group}"),
+                    });
+                }
+            }
+            let print = |m: &proto::ChatMessage| {
+                println!("{}", if json { as_json(m) } else { human(m) });
+            };
             let mut seen = 0u64;
             while count.is_none_or(|c| seen < c) {
                 match client.next_event().await {
                     Some(Event::Message(m)) if m.group_id == group => {
-                        println!("{}", if json { as_json(&m) } else { human(&m) });
+                        print(&m);
                         seen += 1;
                     }
+                    Some(Event::Gap {
+                        group_id,
+                        after_seq,
+                        through_seq,
+                    }) if group_id == group => {
+                        // Too far behind to be pushed: page it.
+                        let mut after = after_seq;
+                        while after < through_seq && count.is_none_or(|c| seen < c) {
+                            let page = client.fetch_range(group, after, 200).await?;
+                            let Some(last) = page.messages.last().map(|m| m.seq) else {
+                                break;
+                            };
+                            for m in page.messages.iter().filter(|m| m.seq <= through_seq) {
+                                if count.is_none_or(|c| seen < c) {
+                                    print(m);
+                                    seen += 1;
+                                }
+                            }
+                            after = last;
+                        }
+                    }
                     Some(Event::OutOfSync { dropped }) => {
-                        eprintln!(
-                            "qun-cli: fell behind; {dropped} messages were dropped (see `history`)"
-                        );
+                        eprintln!("qun-cli: fell behind ({dropped} pushes dropped); resumed");
                     }
                     Some(Event::GoingAway { reason, .. }) => eprintln!("qun-cli: {reason}"),
                     Some(Event::Closed { .. }) | None => return Err(ClientError::Closed),
@@ -164,6 +223,40 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         }
     }
     Ok(())
+}
+
+/// Sends once, reconnecting and resending with the same client message id
+/// after connection failures (with a growing pause), so a flaky network
+/// never posts the message twice.
+async fn send_with_retries(
+    url: &str,
+    token: &str,
+    group: u64,
+    text: &str,
+    reply_to: Option<u64>,
+    client_msg_id: &str,
+    retries: u32,
+) -> Result<proto::SendAck, ClientError> {
+    let mut pause = std::time::Duration::from_millis(200);
+    let mut attempt = 0;
+    loop {
+        let tried = async {
+            let client = Client::connect(url, token).await?;
+            client
+                .send_with_id(group, text, reply_to, client_msg_id)
+                .await
+        }
+        .await;
+        match tried {
+            Err(e) if e.is_connection_error() && attempt < retries => {
+                attempt += 1;
+                eprintln!("qun-cli: {e}; retrying ({attempt}/{retries}) with the same message id");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn kind_name(kind: i32) -> &'static str {

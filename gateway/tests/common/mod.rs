@@ -1,0 +1,161 @@
+//! The test server and helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use qun_client::{Client, ClientError, ClientOptions, Event};
+use qun_gateway::auth::{Claims, TokenKey};
+use qun_gateway::{Config, Listeners};
+use qun_proto::{ErrorCode, v1};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestServer {
+    pub url: String,
+    pub http: SocketAddr,
+    pub key: TokenKey,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), qun_gateway::ServerError>>,
+}
+
+/// A config tweak: no buyer rate limits, for tests about something else.
+pub fn no_rate_limits(c: &mut Config) {
+    c.buyer_send_rate = 0.0;
+    c.group_buyer_rate = 0.0;
+}
+
+impl TestServer {
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, |_| {}).await
+    }
+
+    pub async fn start_with(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config {
+            data_dir: data_dir.to_path_buf(),
+            ws_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let key = TokenKey::load_or_create(data_dir).unwrap();
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
+        let http = listeners.http_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+        Self {
+            url,
+            http,
+            key,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn token(&self, user: &str, role: &str, shop: Option<&str>) -> String {
+        self.token_expiring(user, role, shop, now_secs() + 3600)
+    }
+
+    pub fn token_expiring(&self, user: &str, role: &str, shop: Option<&str>, exp: u64) -> String {
+        self.key.sign(&Claims {
+            sub: user.into(),
+            name: format!("{role} {user}"),
+            role: role.into(),
+            shop: shop.map(Into::into),
+            exp,
+            iat: now_secs(),
+        })
+    }
+
+    pub async fn client(&self, user: &str, role: &str, shop: Option<&str>) -> Client {
+        Client::connect(&self.url, &self.token(user, role, shop))
+            .await
+            .unwrap()
+    }
+
+    pub async fn client_with(
+        &self,
+        user: &str,
+        role: &str,
+        shop: Option<&str>,
+        options: ClientOptions,
+    ) -> Client {
+        Client::connect_with(&self.url, &self.token(user, role, shop), options)
+            .await
+            .unwrap()
+    }
+
+    /// One metric's value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let page = self.http_get("/metrics").await;
+        page.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no metric {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// An agent of shop-1 connected, with a new group of that shop.
+    pub async fn agent_with_group(&self, name: &str, max_members: u32) -> (Client, u64) {
+        let agent = self.client("mei", "agent", Some("shop-1")).await;
+        let g = agent
+            .create_group(name, max_members)
+            .await
+            .unwrap()
+            .group_id;
+        (agent, g)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    pub async fn http_get(&self, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The next `n` pushed messages (fails after 10 s of silence).
+pub async fn messages(client: &mut Client, n: usize) -> Vec<v1::ChatMessage> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(10), client.next_event())
+            .await
+            .expect("no push within 10 s")
+            .expect("connection ended");
+        match event {
+            Event::Message(m) => out.push(m),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    out
+}
+
+pub async fn next_event(client: &mut Client) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), client.next_event())
+        .await
+        .expect("no event within 10 s")
+        .expect("connection ended")
+}
+
+pub fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+    r.unwrap_err().code().expect("a server error code")
+}
