@@ -602,18 +602,20 @@ impl Groups {
             client_msg_id: client_msg_id.clone(),
             duplicate,
         };
-        // Which seqs the store's index has been asked about: every message
-        // with an id is either at or below this (index) or above the
-        // window's floor (memory). See `SentWindow`.
+        // The store's index answers for every seq at or below
+        // `checked_through` (it was visible, so durable with its index entry,
+        // when the index was read); the window holds every id above its
+        // floor. Together they cover every message while the floor stays at
+        // or below `checked_through` — see `SentWindow`.
         let mut checked_through = 0;
         loop {
-            let floor = {
+            let (floor, visible) = {
                 let g = cell.lock();
                 g.member(who)?;
                 if let Some(sent) = g.sent.get(who.user_id(), &client_msg_id) {
                     return self.retry_ticket(&g, ack(sent.seq, sent.ts_ms, true), sent);
                 }
-                g.sent.floor()
+                (g.sent.floor(), g.visible_seq())
             };
             if floor <= checked_through {
                 break;
@@ -630,7 +632,7 @@ impl Groups {
                     .fetch_add(1, Ordering::Relaxed);
                 return Ok(PostTicket::ready(ack(found.seq, found.ts_ms, true)));
             }
-            checked_through = floor;
+            checked_through = visible;
         }
         let buyer = who.role() == Role::Buyer;
         if buyer && let Err(retry_after_ms) = self.inner.user_rates.take(who.user_id(), now_ms) {
@@ -650,9 +652,9 @@ impl Groups {
                 return Ok(Some(sent));
             }
             if g.sent.floor() > checked_through {
-                // The window moved past what the index was asked about
-                // (thousands of posts in between): refuse rather than risk
-                // posting a retry twice.
+                // More than a whole window of messages was published while
+                // the index was read: refuse rather than risk posting a
+                // retry twice. The client retries with the same id.
                 return Err(ChatError::Storage(StorageError::Overloaded));
             }
             if buyer {
