@@ -147,3 +147,115 @@ async fn create_join_send_reply_history_and_tail() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// Starts the real server on `ws_listen` in `dir`; returns its URL.
+async fn start_server(
+    dir: &std::path::Path,
+    ws_listen: &str,
+) -> (
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), qun_gateway::ServerError>>,
+) {
+    let config = Config {
+        data_dir: dir.to_path_buf(),
+        ws_listen: ws_listen.parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let listeners = Listeners::bind(&config).await.unwrap();
+    let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+    (url, shutdown, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_is_idempotent_and_retries_until_the_server_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    // A port nothing listens on yet: the send must wait for the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (url, shutdown, server) = start_server(dir.path(), &addr).await;
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Retry"]).await);
+    let group = group.trim().to_string();
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+
+    let send = tokio::spawn({
+        let (url, agent, group) = (url.clone(), agent.clone(), group.clone());
+        async move {
+            let args = [
+                "send",
+                &group,
+                "restock at 8",
+                "--client-msg-id",
+                "m-1",
+                "--retries",
+                "30",
+            ];
+            cli(&url, &agent, &args).await
+        }
+    });
+    // The CLI is failing to connect and retrying meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (_, shutdown, server) = start_server(dir.path(), &addr).await;
+    let out = send.await.unwrap();
+    let seq = stdout(&out);
+    assert_eq!(seq.trim(), "1");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("retrying"),
+        "the CLI said it retried"
+    );
+    // The same id again: the original seq, nothing posted.
+    let again = stdout(
+        &cli(
+            &url,
+            &agent,
+            &["send", &group, "restock at 8", "--client-msg-id", "m-1"],
+        )
+        .await,
+    );
+    assert_eq!(again.trim(), "1");
+    stdout(&cli(&url, &agent, &["send", &group, "second"]).await);
+    stdout(&cli(&url, &agent, &["send", &group, "third"]).await);
+
+    // tail --from resumes from a seq: 2 and 3 from history, then live.
+    let tail = tokio::spawn({
+        let (url, agent, group) = (url.clone(), agent.clone(), group.clone());
+        async move {
+            cli(
+                &url,
+                &agent,
+                &["tail", &group, "--from", "2", "--json", "--count", "3"],
+            )
+            .await
+        }
+    });
+    let mut printed = None;
+    for n in 0..100 {
+        if tail.is_finished() {
+            printed = Some(tail.await.unwrap());
+            break;
+        }
+        stdout(&cli(&url, &agent, &["send", &group, &format!("live {n}")]).await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let printed = stdout(&printed.expect("tail never printed three messages"));
+    let lines: Vec<serde_json::Value> = printed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seqs: Vec<u64> = lines.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [2, 3, 4]);
+    assert_eq!(lines[0]["text"], "second");
+    assert_eq!(lines[2]["text"], "live 0");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
