@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestServer, code, messages, next_event, no_rate_limits};
-use qun_client::{Client, ClientError, ClientOptions, Event};
+use qun_client::{Client, ClientError, ClientOptions, Event, FullBuffer};
 use qun_proto::{ErrorCode, v1};
 
 /// Options for a client that never pings on its own.
@@ -247,6 +247,7 @@ async fn a_stalled_phone_never_slows_the_group_and_catches_up_completely() {
             ClientOptions {
                 event_buffer: 4,
                 heartbeat: None,
+                full_buffer: FullBuffer::Backpressure,
                 ..ClientOptions::default()
             },
         )
@@ -293,6 +294,33 @@ async fn a_stalled_phone_never_slows_the_group_and_catches_up_completely() {
     sorted.dedup();
     assert_eq!(sorted.len(), seqs.len(), "no duplicate");
     assert_eq!(sorted, (1..=TOTAL).collect::<Vec<_>>(), "no gap");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_events_still_gets_its_answers_and_then_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (agent, g) = server.agent_with_group("Busy", 0).await;
+    let mut buyer = server
+        .client_with(
+            "ann",
+            "buyer",
+            None,
+            ClientOptions {
+                event_buffer: 8,
+                ..ClientOptions::default()
+            },
+        )
+        .await;
+    buyer.join(g).await.unwrap();
+    // Far more pushes than its buffer, none read; requests still answer.
+    post_n(&agent, g, 100, "promo").await;
+    let page = buyer.history(g, 0, 10).await.unwrap();
+    assert_eq!(page.messages.last().unwrap().seq, 100);
+    // Reading now: the dropped pushes are recovered, each once, in order.
+    let seqs = collect_through(&mut buyer, g, 100).await;
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
     server.stop().await;
 }
 

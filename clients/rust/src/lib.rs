@@ -72,6 +72,22 @@ pub struct ClientOptions {
     pub heartbeat: Option<Duration>,
     /// Free text the server logs, e.g. "qun-ios/3.2.1".
     pub client_name: String,
+    /// What to do with pushes when `event_buffer` is full because the
+    /// caller is not calling [`Client::next_event`].
+    pub full_buffer: FullBuffer,
+}
+
+/// What a [`Client`] does when its event buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullBuffer {
+    /// Keep reading the socket, drop pushes and report `OutOfSync` (after
+    /// which [`Client::next_event`] resumes): answers to requests always get
+    /// through, even to a caller that never reads events (the default).
+    DropAndResume,
+    /// Stop reading the socket until the caller reads events, like a phone
+    /// whose app is frozen. Requests wait behind unread pushes. For tests
+    /// of slow readers.
+    Backpressure,
 }
 
 impl Default for ClientOptions {
@@ -81,6 +97,7 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(30),
             heartbeat: Some(Duration::from_secs(30)),
             client_name: format!("qun-client/{}", env!("CARGO_PKG_VERSION")),
+            full_buffer: FullBuffer::DropAndResume,
         }
     }
 }
@@ -419,9 +436,25 @@ impl Client {
             let _ = sink.close().await;
         });
         let reader_waiters = waiters.clone();
+        let full_buffer = options.full_buffer;
         tokio::spawn(async move {
+            let mut dropped = 0u64;
             let closed = loop {
-                let msg = match stream.next().await {
+                let next = if dropped > 0 {
+                    // Report the drop as soon as the caller makes room.
+                    tokio::select! {
+                        permit = ev_tx.reserve() => {
+                            let Ok(permit) = permit else { break None };
+                            permit.send(Event::OutOfSync { dropped });
+                            dropped = 0;
+                            continue;
+                        }
+                        next = stream.next() => next,
+                    }
+                } else {
+                    stream.next().await
+                };
+                let msg = match next {
                     Some(Ok(m)) => m,
                     Some(Err(_)) | None => break None,
                 };
@@ -456,10 +489,28 @@ impl Client {
                     },
                     _ => continue,
                 };
-                // Waiting here when the caller does not read is deliberate:
-                // the socket then backs up like a slow phone's.
-                if ev_tx.send(event).await.is_err() {
-                    break None;
+                match full_buffer {
+                    // The socket backs up like a stalled phone's; answers
+                    // wait behind the pushes.
+                    FullBuffer::Backpressure => {
+                        if ev_tx.send(event).await.is_err() {
+                            break None;
+                        }
+                    }
+                    // Keep reading so answers always get through; drop pushes
+                    // the caller has no room for and say so, as the server
+                    // does, so that `next_event` resumes.
+                    FullBuffer::DropAndResume => {
+                        if dropped > 0 {
+                            dropped += 1;
+                            continue;
+                        }
+                        match ev_tx.try_send(event) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => dropped = 1,
+                            Err(mpsc::error::TrySendError::Closed(_)) => break None,
+                        }
+                    }
                 }
             };
             lock(&reader_waiters).clear();
