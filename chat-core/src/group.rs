@@ -105,8 +105,12 @@ pub(crate) struct Sent {
 /// the floor the store's index answers (see `Groups::submit_post`).
 #[derive(Debug)]
 pub(crate) struct SentWindow {
-    by_id: HashMap<(String, String), Sent>,
-    order: VecDeque<(u64, (String, String))>,
+    /// `client_msg_id → [(sender, where it landed)]`: keyed by the id alone
+    /// so that a lookup borrows `&str` and allocates nothing; ids are
+    /// random per sender, so the list almost always has one entry.
+    by_id: HashMap<String, Vec<(String, Sent)>>,
+    /// `(seq, sender, client_msg_id)` in seq order, for forgetting.
+    order: VecDeque<(u64, String, String)>,
     floor: u64,
     capacity: usize,
 }
@@ -122,10 +126,10 @@ impl SentWindow {
     }
 
     pub(crate) fn get(&self, sender: &str, client_msg_id: &str) -> Option<Sent> {
-        // A borrowed-key lookup would need a custom key type; ids are short.
         self.by_id
-            .get(&(sender.to_string(), client_msg_id.to_string()))
-            .copied()
+            .get(client_msg_id)?
+            .iter()
+            .find_map(|(s, sent)| (s == sender).then_some(*sent))
     }
 
     /// Every message with an id above this seq is in the window.
@@ -134,9 +138,21 @@ impl SentWindow {
     }
 
     fn insert(&mut self, sender: &str, client_msg_id: &str, sent: Sent) {
-        let key = (sender.to_string(), client_msg_id.to_string());
-        self.order.push_back((sent.seq, key.clone()));
-        self.by_id.insert(key, sent);
+        self.order
+            .push_back((sent.seq, sender.to_string(), client_msg_id.to_string()));
+        self.by_id
+            .entry(client_msg_id.to_string())
+            .or_default()
+            .push((sender.to_string(), sent));
+    }
+
+    fn remove(&mut self, sender: &str, client_msg_id: &str) {
+        if let Some(senders) = self.by_id.get_mut(client_msg_id) {
+            senders.retain(|(s, _)| s != sender);
+            if senders.is_empty() {
+                self.by_id.remove(client_msg_id);
+            }
+        }
     }
 
     /// Forgets the oldest entries beyond the capacity, but never one that is
@@ -144,11 +160,11 @@ impl SentWindow {
     fn trim(&mut self, visible_seq: u64) {
         while self.order.len() > self.capacity {
             match self.order.front() {
-                Some((seq, _)) if *seq <= visible_seq => {}
+                Some((seq, _, _)) if *seq <= visible_seq => {}
                 _ => break,
             }
-            if let Some((seq, key)) = self.order.pop_front() {
-                self.by_id.remove(&key);
+            if let Some((seq, sender, id)) = self.order.pop_front() {
+                self.remove(&sender, &id);
                 self.floor = seq;
             }
         }
@@ -156,9 +172,13 @@ impl SentWindow {
 
     /// A failed write: pending entries (above `visible_seq`) never landed.
     fn forget_above(&mut self, visible_seq: u64) {
-        while self.order.back().is_some_and(|(seq, _)| *seq > visible_seq) {
-            if let Some((_, key)) = self.order.pop_back() {
-                self.by_id.remove(&key);
+        while self
+            .order
+            .back()
+            .is_some_and(|(seq, _, _)| *seq > visible_seq)
+        {
+            if let Some((_, sender, id)) = self.order.pop_back() {
+                self.remove(&sender, &id);
             }
         }
     }

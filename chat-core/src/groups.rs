@@ -89,7 +89,7 @@ pub struct CoreStats {
     pub duplicate_sends: AtomicU64,
     /// Buyers' messages refused by the per-user rate or slow mode.
     pub sends_rate_limited: AtomicU64,
-    /// Resumes served, and messages pushed by them as catch-up.
+    /// Group resumes served.
     pub resumes: AtomicU64,
     /// Messages pushed as catch-up by resumes.
     pub catch_up_messages: AtomicU64,
