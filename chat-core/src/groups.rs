@@ -137,11 +137,6 @@ impl PostTicket {
         Self { ack, rx }
     }
 
-    /// Whether this is a retry answered with the original message's seq.
-    pub fn is_duplicate(&self) -> bool {
-        self.ack.duplicate
-    }
-
     /// The seq the message was given.
     pub fn seq(&self) -> u64 {
         self.ack.seq

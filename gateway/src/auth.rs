@@ -149,6 +149,28 @@ impl TokenKey {
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
     }
 
+    /// Issues a token for a user, valid from `now_secs` for `ttl`: the
+    /// claims are built here, then signed. (Whether the server will accept
+    /// them is [`TokenKey::verify`]'s call.)
+    pub fn issue(
+        &self,
+        user: &str,
+        name: &str,
+        role: &str,
+        shop: Option<&str>,
+        now_secs: u64,
+        ttl: std::time::Duration,
+    ) -> String {
+        self.sign(&Claims {
+            sub: user.to_string(),
+            name: name.to_string(),
+            role: role.to_string(),
+            shop: shop.map(str::to_string),
+            exp: now_secs + ttl.as_secs(),
+            iat: now_secs,
+        })
+    }
+
     /// Signs claims into a token.
     pub fn sign(&self, claims: &Claims) -> String {
         let header = B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use qun_gateway::auth::{Claims, TokenKey};
+use qun_gateway::auth::TokenKey;
 use qun_gateway::{Config, Listeners, Overrides};
 use tokio_util::sync::CancellationToken;
 
@@ -185,15 +185,7 @@ fn token(
         .duration_since(UNIX_EPOCH)
         .context("clock before 1970")?
         .as_secs();
-    let claims = Claims {
-        sub: user,
-        name,
-        role,
-        shop,
-        exp: now + ttl.as_secs(),
-        iat: now,
-    };
-    let token = key.sign(&claims);
+    let token = key.issue(&user, &name, &role, shop.as_deref(), now, ttl);
     // Refuse to print a token the server would refuse.
     key.verify(&token, now)
         .context("these claims would not be accepted")?;

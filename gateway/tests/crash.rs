@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qun_client::{Client, ClientOptions, Event};
-use qun_gateway::auth::{Claims, TokenKey};
+use qun_gateway::auth::TokenKey;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
@@ -66,14 +66,14 @@ fn token(key: &TokenKey, user: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    key.sign(&Claims {
-        sub: user.into(),
-        name: user.into(),
-        role: "agent".into(),
-        shop: Some("shop-1".into()),
-        exp: now + 3600,
-        iat: now,
-    })
+    key.issue(
+        user,
+        user,
+        "agent",
+        Some("shop-1"),
+        now,
+        Duration::from_secs(3600),
+    )
 }
 
 fn random_below(n: u64) -> u64 {

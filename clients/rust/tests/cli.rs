@@ -5,7 +5,7 @@
 use std::process::Output;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use qun_gateway::auth::{Claims, TokenKey};
+use qun_gateway::auth::TokenKey;
 use qun_gateway::{Config, Listeners};
 use tokio_util::sync::CancellationToken;
 
@@ -14,14 +14,15 @@ fn token(key: &TokenKey, user: &str, role: &str, shop: Option<&str>) -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    key.sign(&Claims {
-        sub: user.into(),
-        name: format!("Name {user}"),
-        role: role.into(),
-        shop: shop.map(Into::into),
-        exp: now + 600,
-        iat: now,
-    })
+    let name = format!("Name {user}");
+    key.issue(
+        user,
+        &name,
+        role,
+        shop,
+        now,
+        std::time::Duration::from_secs(600),
+    )
 }
 
 async fn cli(url: &str, token: &str, args: &[&str]) -> Output {
