@@ -104,6 +104,24 @@ struct State {
     closed: bool,
 }
 
+impl State {
+    /// Why a push for a subscription of `epoch` cannot be queued at all.
+    fn refuses(&self, epoch: u64) -> Option<Pushed> {
+        if self.closed {
+            Some(Pushed::Closed)
+        } else if self.epoch != epoch {
+            Some(Pushed::Stale)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `frames` more frames of `bytes` in total stay within `limits`.
+    fn fits(&self, limits: OutboxLimits, frames: usize, bytes: usize) -> bool {
+        self.frames.len() + frames <= limits.max_frames && self.bytes + bytes <= limits.max_bytes
+    }
+}
+
 impl Outbox {
     /// An empty outbox with these bounds.
     pub fn new(limits: OutboxLimits) -> Self {
@@ -154,14 +172,10 @@ impl Outbox {
     pub fn push_in(&self, epoch: u64, frame: Bytes) -> Pushed {
         let outcome = {
             let mut s = self.state();
-            if s.closed {
-                return Pushed::Closed;
+            if let Some(refused) = s.refuses(epoch) {
+                return refused;
             }
-            if s.epoch != epoch {
-                return Pushed::Stale;
-            }
-            let limits = self.shared.limits;
-            if s.frames.len() >= limits.max_frames || s.bytes + frame.len() > limits.max_bytes {
+            if !s.fits(self.shared.limits, 1, frame.len()) {
                 s.dropped += s.frames.len() as u64 + 1;
                 s.frames.clear();
                 s.frames.shrink_to(64);
@@ -190,9 +204,7 @@ impl Outbox {
 
     /// Whether `frames` more frames of `bytes` in total fit now.
     pub fn has_room(&self, frames: usize, bytes: usize) -> bool {
-        let s = self.state();
-        let limits = self.shared.limits;
-        s.frames.len() + frames <= limits.max_frames && s.bytes + bytes <= limits.max_bytes
+        self.state().fits(self.shared.limits, frames, bytes)
     }
 
     /// Queues a frame of a subscription made in `epoch`, waiting until there
@@ -205,16 +217,10 @@ impl Outbox {
             tokio::pin!(room);
             {
                 let mut s = self.state();
-                if s.closed {
-                    return Pushed::Closed;
+                if let Some(refused) = s.refuses(epoch) {
+                    return refused;
                 }
-                if s.epoch != epoch {
-                    return Pushed::Stale;
-                }
-                let limits = self.shared.limits;
-                let fits = s.frames.len() < limits.max_frames
-                    && (s.bytes + frame.len() <= limits.max_bytes || s.frames.is_empty());
-                if fits {
+                if s.fits(self.shared.limits, 1, frame.len()) || s.frames.is_empty() {
                     self.enqueue(&mut s, frame);
                     drop(s);
                     self.shared.notify.notify_one();
