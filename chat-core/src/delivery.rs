@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 
 use qun_proto::v1;
 
-use crate::group::{Encoded, Subscriber};
+use crate::group::{Encoded, GroupState, Subscriber};
 use crate::groups::Groups;
 use crate::outbox::Pushed;
 use crate::{ChatError, Identity};
@@ -68,7 +68,6 @@ impl Groups {
             g.unsubscribe(sub.conn);
         }
         stats.resumes.fetch_add(1, Ordering::Relaxed);
-        let mut pushed = 0u64;
         loop {
             // Under the lock: either finish (the rest fits), or take the
             // next batch to push outside it.
@@ -76,20 +75,10 @@ impl Groups {
                 let mut g = cell.lock();
                 g.member(who)?;
                 let through = g.visible_seq();
-                let answer = |gap_too_large| v1::GroupResumed {
-                    group_id,
-                    error: 0,
-                    through_seq: through,
-                    gap_too_large,
-                    last_read_seq: g.read_mark(who.user_id()),
-                    unread: g.unread(who.user_id()),
-                };
                 if through - cursor > max_gap {
-                    let done = answer(true);
                     g.subscribe(sub);
                     stats.resume_gaps_too_large.fetch_add(1, Ordering::Relaxed);
-                    stats.catch_up_messages.fetch_add(pushed, Ordering::Relaxed);
-                    return Ok(done);
+                    return Ok(resumed(&g, who, through, true));
                 }
                 match g.ring_range(cursor, through) {
                     Some(rest) => {
@@ -100,11 +89,11 @@ impl Groups {
                                 // stale); the client resumes again.
                                 let _ = sub.outbox.push_in(sub.epoch, e.frame.clone());
                             }
-                            let done = answer(false);
                             g.subscribe(sub);
-                            pushed += rest.len() as u64;
-                            stats.catch_up_messages.fetch_add(pushed, Ordering::Relaxed);
-                            return Ok(done);
+                            stats
+                                .catch_up_messages
+                                .fetch_add(rest.len() as u64, Ordering::Relaxed);
+                            return Ok(resumed(&g, who, through, false));
                         }
                         Batch::Ring(rest)
                     }
@@ -136,20 +125,11 @@ impl Groups {
                     Pushed::Dropped | Pushed::Stale | Pushed::Closed => {
                         // Out of sync or gone: the client will resume from
                         // what it got.
-                        let g = cell.lock();
-                        stats.catch_up_messages.fetch_add(pushed, Ordering::Relaxed);
-                        return Ok(v1::GroupResumed {
-                            group_id,
-                            error: 0,
-                            through_seq: cursor,
-                            gap_too_large: false,
-                            last_read_seq: g.read_mark(who.user_id()),
-                            unread: g.unread(who.user_id()),
-                        });
+                        return Ok(resumed(&cell.lock(), who, cursor, false));
                     }
                 }
                 cursor = e.message.seq;
-                pushed += 1;
+                stats.catch_up_messages.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -194,6 +174,23 @@ impl Groups {
             has_more: newest < visible,
             messages,
         })
+    }
+}
+
+/// The answer for one resumed group.
+fn resumed(
+    g: &GroupState,
+    who: &Identity,
+    through_seq: u64,
+    gap_too_large: bool,
+) -> v1::GroupResumed {
+    v1::GroupResumed {
+        group_id: g.id(),
+        error: 0,
+        through_seq,
+        gap_too_large,
+        last_read_seq: g.read_mark(who.user_id()),
+        unread: g.unread(who.user_id()),
     }
 }
 
