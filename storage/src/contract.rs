@@ -11,7 +11,9 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use crate::records::{GroupRecord, MemberRecord, MessageRecord, SentRecord};
+use crate::records::{
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+};
 use crate::{Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
 /// Opens a backend at one location. Every call after the first must see what
@@ -31,6 +33,8 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     durable_across_reopen(&mut fresh()).await;
     sent_index_survives_reopen(&mut fresh()).await;
     read_marks(&mut fresh()).await;
+    objects_entries_and_deadlines(&mut fresh()).await;
+    products_and_cards(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -315,5 +319,103 @@ pub async fn read_marks<H: Harness>(h: &mut H) {
     .unwrap();
     assert_eq!(s.load_read_marks(6).await.unwrap(), [("u1".to_string(), 4)]);
     assert_eq!(s.load_read_marks(7).await.unwrap(), [("u1".to_string(), 9)]);
+    s.close().await.unwrap();
+}
+
+/// Objects and their entries are kept per group; an object's deadline is
+/// listed until it is replaced with none; all of it survives a restart.
+pub async fn objects_entries_and_deadlines<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let object = |g: u64, id: u64, due_ms: u64| ObjectRecord {
+        group_id: g,
+        object_id: id,
+        body: format!("object {id} of {g}").into_bytes(),
+        due_ms,
+    };
+    let entry = |g: u64, id: u64, u: &str, value: u64| EntryRecord {
+        group_id: g,
+        object_id: id,
+        user_id: u.into(),
+        value,
+    };
+    s.write(vec![
+        WriteOp::PutObject(object(8, 3, 5_000)),
+        WriteOp::PutObject(object(8, 9, 7_000)),
+        WriteOp::PutObject(object(9, 1, 0)),
+        WriteOp::PutEntry(entry(8, 3, "u1", 11)),
+        WriteOp::PutEntry(entry(8, 3, "u2", 12)),
+        WriteOp::PutEntry(entry(8, 9, "u1", 2)),
+        WriteOp::PutEntry(entry(9, 1, "u1", 1)),
+    ])
+    .await
+    .unwrap();
+    // Resolving object 3 clears its deadline; u2 leaves; u1's entry changes.
+    s.write(vec![
+        WriteOp::PutObject(object(8, 3, 0)),
+        WriteOp::RemoveEntry {
+            group_id: 8,
+            object_id: 3,
+            user_id: "u2".into(),
+        },
+        WriteOp::PutEntry(entry(8, 9, "u1", 3)),
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.load_objects(8).await.unwrap(),
+        [object(8, 3, 0), object(8, 9, 7_000)]
+    );
+    assert_eq!(s.load_objects(9).await.unwrap(), [object(9, 1, 0)]);
+    assert_eq!(
+        s.load_entries(8).await.unwrap(),
+        [entry(8, 3, "u1", 11), entry(8, 9, "u1", 3)]
+    );
+    assert_eq!(s.due_objects().await.unwrap(), [(8, 9, 7_000)]);
+    s.close().await.unwrap();
+}
+
+/// Products are per shop; a product's cards are listed per group, and a
+/// longer product id sharing a prefix is another product.
+pub async fn products_and_cards<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let product = |shop: &str, id: &str| ProductRecord {
+        shop_id: shop.into(),
+        product_id: id.into(),
+        body: format!("{shop}/{id}").into_bytes(),
+    };
+    let card = |shop: &str, id: &str, g: u64| WriteOp::PutCard {
+        shop_id: shop.into(),
+        product_id: id.into(),
+        group_id: g,
+    };
+    s.write(vec![
+        WriteOp::PutProduct(product("s1", "p1")),
+        WriteOp::PutProduct(product("s1", "p10")),
+        WriteOp::PutProduct(product("s2", "p1")),
+        card("s1", "p1", 300),
+        card("s1", "p1", 2),
+        card("s1", "p1", 2),
+        card("s1", "p10", 5),
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.load_product("s1", "p1").await.unwrap(),
+        Some(product("s1", "p1"))
+    );
+    assert_eq!(s.load_product("s1", "p2").await.unwrap(), None);
+    assert_eq!(
+        s.load_product("s2", "p1").await.unwrap(),
+        Some(product("s2", "p1"))
+    );
+    assert_eq!(s.groups_with_card("s1", "p1").await.unwrap(), [2, 300]);
+    assert_eq!(s.groups_with_card("s1", "p10").await.unwrap(), [5]);
+    assert!(s.groups_with_card("s2", "p1").await.unwrap().is_empty());
     s.close().await.unwrap();
 }

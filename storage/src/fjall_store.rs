@@ -10,7 +10,9 @@ use std::time::Instant;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
-use crate::records::{GroupRecord, MemberRecord, MessageRecord, SentRecord};
+use crate::records::{
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+};
 use crate::{BoxFuture, DurableCallback, StorageError, Store, WriteOp, keys};
 
 /// How the embedded store is opened.
@@ -67,6 +69,12 @@ struct Tables {
     messages: Keyspace,
     sent: Keyspace,
     read_marks: Keyspace,
+    objects: Keyspace,
+    entries: Keyspace,
+    /// `group_id | object_id → due_ms` of objects with a deadline.
+    due: Keyspace,
+    products: Keyspace,
+    cards: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -103,6 +111,11 @@ impl FjallStore {
             messages: open("messages")?,
             sent: open("sent")?,
             read_marks: open("read_marks")?,
+            objects: open("objects")?,
+            entries: open("entries")?,
+            due: open("due")?,
+            products: open("products")?,
+            cards: open("cards")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -288,6 +301,50 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         seq.to_be_bytes(),
                     );
                 }
+                WriteOp::PutObject(o) => {
+                    let key = keys::object_key(o.group_id, o.object_id);
+                    batch.insert(&tables.objects, key, o.encode_to_vec());
+                    if o.due_ms > 0 {
+                        batch.insert(&tables.due, key, o.due_ms.to_be_bytes());
+                    } else {
+                        batch.remove(&tables.due, key);
+                    }
+                }
+                WriteOp::PutEntry(e) => {
+                    batch.insert(
+                        &tables.entries,
+                        keys::entry_key(e.group_id, e.object_id, &e.user_id),
+                        e.encode_to_vec(),
+                    );
+                }
+                WriteOp::RemoveEntry {
+                    group_id,
+                    object_id,
+                    user_id,
+                } => {
+                    batch.remove(
+                        &tables.entries,
+                        keys::entry_key(*group_id, *object_id, user_id),
+                    );
+                }
+                WriteOp::PutProduct(p) => {
+                    batch.insert(
+                        &tables.products,
+                        keys::product_key(&p.shop_id, &p.product_id),
+                        p.encode_to_vec(),
+                    );
+                }
+                WriteOp::PutCard {
+                    shop_id,
+                    product_id,
+                    group_id,
+                } => {
+                    batch.insert(
+                        &tables.cards,
+                        keys::card_key(shop_id, product_id, *group_id),
+                        [],
+                    );
+                }
             }
         }
     }
@@ -318,6 +375,34 @@ fn decode_messages(
             decode("messages", &v)
         })
         .collect()
+}
+
+/// Decodes every value under `prefix` of a keyspace.
+fn decode_prefix<T: prost::Message + Default>(
+    keyspace: &Keyspace,
+    name: &'static str,
+    prefix: &[u8],
+) -> Result<Vec<T>, StorageError> {
+    keyspace
+        .prefix(prefix)
+        .map(|guard| {
+            let (_, v) = guard.into_inner().map_err(read_err)?;
+            decode(name, &v)
+        })
+        .collect()
+}
+
+/// The big-endian u64 at `range` of `bytes`.
+fn be_u64(
+    bytes: &[u8],
+    range: std::ops::Range<usize>,
+    what: &'static str,
+) -> Result<u64, StorageError> {
+    bytes
+        .get(range)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StorageError::corrupt(what, "key or value length"))
 }
 
 fn read_err(e: fjall::Error) -> StorageError {
@@ -375,15 +460,7 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<MemberRecord>, StorageError>> {
-        self.read(move |t| {
-            t.members
-                .prefix(keys::group_key(group_id))
-                .map(|guard| {
-                    let (_, v) = guard.into_inner().map_err(read_err)?;
-                    decode("members", &v)
-                })
-                .collect()
-        })
+        self.read(move |t| decode_prefix(&t.members, "members", &keys::group_key(group_id)))
     }
 
     fn groups_of_user(&self, user_id: &str) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
@@ -499,6 +576,65 @@ impl Store for FjallStore {
                         .try_into()
                         .map_err(|_| StorageError::corrupt("read_marks", "value length"))?;
                     Ok((user.to_string(), u64::from_be_bytes(seq)))
+                })
+                .collect()
+        })
+    }
+
+    fn load_objects(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<ObjectRecord>, StorageError>> {
+        self.read(move |t| decode_prefix(&t.objects, "objects", &keys::group_key(group_id)))
+    }
+
+    fn load_entries(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<EntryRecord>, StorageError>> {
+        self.read(move |t| decode_prefix(&t.entries, "entries", &keys::group_key(group_id)))
+    }
+
+    fn due_objects(&self) -> BoxFuture<'_, Result<Vec<(u64, u64, u64)>, StorageError>> {
+        self.read(|t| {
+            t.due
+                .iter()
+                .map(|guard| {
+                    let (k, v) = guard.into_inner().map_err(read_err)?;
+                    Ok((
+                        be_u64(&k, 0..8, "due")?,
+                        be_u64(&k, 8..16, "due")?,
+                        be_u64(&v, 0..8, "due")?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn load_product<'a>(
+        &'a self,
+        shop_id: &'a str,
+        product_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ProductRecord>, StorageError>> {
+        let key = keys::product_key(shop_id, product_id);
+        self.read(move |t| {
+            t.products
+                .get(key)
+                .map_err(read_err)?
+                .map(|v| decode("products", &v))
+                .transpose()
+        })
+    }
+
+    fn groups_with_card<'a>(
+        &'a self,
+        shop_id: &'a str,
+        product_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>> {
+        let prefix = keys::card_prefix(shop_id, product_id);
+        self.read(move |t| {
+            t.cards
+                .prefix(&prefix)
+                .map(|guard| {
+                    let k = guard.key().map_err(read_err)?;
+                    be_u64(&k, prefix.len()..prefix.len() + 8, "cards")
                 })
                 .collect()
         })

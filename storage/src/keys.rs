@@ -64,6 +64,46 @@ pub fn sent_key(group_id: u64, sender_id: &str, client_msg_id: &str) -> Vec<u8> 
     key
 }
 
+/// `group_id | object_id`: a group's live object, and the prefix of its entries.
+pub fn object_key(group_id: u64, object_id: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&group_id.to_be_bytes());
+    key[8..].copy_from_slice(&object_id.to_be_bytes());
+    key
+}
+
+/// `group_id | object_id | user_id`.
+pub fn entry_key(group_id: u64, object_id: u64, user_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16 + user_id.len());
+    key.extend_from_slice(&object_key(group_id, object_id));
+    key.extend_from_slice(user_id.as_bytes());
+    key
+}
+
+/// `shop_id | 0x00 | product_id`.
+pub fn product_key(shop_id: &str, product_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(shop_id.len() + 1 + product_id.len());
+    key.extend_from_slice(shop_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(product_id.as_bytes());
+    key
+}
+
+/// `shop_id | 0x00 | product_id | 0x00`: the prefix of a product's cards.
+pub fn card_prefix(shop_id: &str, product_id: &str) -> Vec<u8> {
+    let mut key = product_key(shop_id, product_id);
+    key.push(0);
+    key
+}
+
+/// `shop_id | 0x00 | product_id | 0x00 | group_id`: "this group has a card
+/// of this product", so that an update reaches every card.
+pub fn card_key(shop_id: &str, product_id: &str, group_id: u64) -> Vec<u8> {
+    let mut key = card_prefix(shop_id, product_id);
+    key.extend_from_slice(&group_id.to_be_bytes());
+    key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +141,14 @@ mod tests {
     fn sent_keys_do_not_collide_across_senders() {
         // "ab" + id "c" must differ from "a" + id "bc".
         assert_ne!(sent_key(1, "ab", "c"), sent_key(1, "a", "bc"));
+    }
+
+    #[test]
+    fn card_prefix_does_not_cover_longer_product_ids() {
+        let p = card_prefix("shop", "sku-1");
+        assert!(card_key("shop", "sku-1", 7).starts_with(&p));
+        assert!(!card_key("shop", "sku-10", 7).starts_with(&p));
+        assert_ne!(product_key("ab", "c"), product_key("a", "bc"));
     }
 
     #[test]

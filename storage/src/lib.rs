@@ -47,7 +47,9 @@ pub mod records;
 pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
-use records::{GroupRecord, MemberRecord, MessageRecord, SentRecord};
+use records::{
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+};
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -82,6 +84,32 @@ pub enum WriteOp {
         user_id: String,
         /// Read up to and including this seq.
         seq: u64,
+    },
+    /// Create or replace a live object. Its `due_ms` (0: none) replaces the
+    /// one listed by [`Store::due_objects`].
+    PutObject(ObjectRecord),
+    /// Create or replace one user's entry in an object.
+    PutEntry(EntryRecord),
+    /// Remove one user's entry in an object.
+    RemoveEntry {
+        /// The group.
+        group_id: u64,
+        /// The object.
+        object_id: u64,
+        /// The user.
+        user_id: String,
+    },
+    /// Create or replace a shop's product.
+    PutProduct(ProductRecord),
+    /// Record that a group has a card of a product
+    /// ([`Store::groups_with_card`]).
+    PutCard {
+        /// The shop.
+        shop_id: String,
+        /// The product.
+        product_id: String,
+        /// The group.
+        group_id: u64,
     },
 }
 
@@ -191,6 +219,47 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>>;
+
+    /// Every live object of a group, ascending object id.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_objects(&self, group_id: u64)
+    -> BoxFuture<'_, Result<Vec<ObjectRecord>, StorageError>>;
+
+    /// Every entry of every object of a group, by object then user.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_entries(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<EntryRecord>, StorageError>>;
+
+    /// Every object with a `due_ms`, as `(group_id, object_id, due_ms)`, so
+    /// that deadlines which passed while the server was down are resolved
+    /// at start-up.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn due_objects(&self) -> BoxFuture<'_, Result<Vec<(u64, u64, u64)>, StorageError>>;
+
+    /// A shop's product.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_product<'a>(
+        &'a self,
+        shop_id: &'a str,
+        product_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ProductRecord>, StorageError>>;
+
+    /// The groups that have a card of a product, ascending.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn groups_with_card<'a>(
+        &'a self,
+        shop_id: &'a str,
+        product_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

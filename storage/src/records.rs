@@ -100,6 +100,62 @@ pub struct MessageRecord {
     /// Snapshot of the quoted message when `reply_to` is set.
     #[prost(message, optional, tag = "11")]
     pub quote: Option<QuoteRecord>,
+    /// The body of a non-text kind (a commerce event), encoded by chat-core;
+    /// empty for text.
+    #[prost(bytes = "vec", tag = "12")]
+    pub body: Vec<u8>,
+}
+
+/// A live object of a group (a group-buy, coupon or poll). Key:
+/// `group_id | object_id`. The store keeps `body` as chat-core encoded it.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ObjectRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// Unique within the group.
+    #[prost(uint64, tag = "2")]
+    pub object_id: u64,
+    /// The object's state, encoded by chat-core.
+    #[prost(bytes = "vec", tag = "3")]
+    pub body: Vec<u8>,
+    /// When the object next changes by itself (a deadline), ms since the
+    /// Unix epoch; 0 when never. Objects with one are listed by
+    /// [`crate::Store::due_objects`].
+    #[prost(uint64, tag = "4")]
+    pub due_ms: u64,
+}
+
+/// One user's stake in an object: a group-buy participant, a coupon's
+/// claims, a poll vote. Key: `group_id | object_id | user_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct EntryRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// The object.
+    #[prost(uint64, tag = "2")]
+    pub object_id: u64,
+    /// The user (never contains a NUL byte).
+    #[prost(string, tag = "3")]
+    pub user_id: String,
+    /// What the object's kind makes of it (a time, a count, an option).
+    #[prost(uint64, tag = "4")]
+    pub value: u64,
+}
+
+/// A shop's product. Key: `shop_id | 0x00 | product_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ProductRecord {
+    /// The shop (never contains a NUL byte).
+    #[prost(string, tag = "1")]
+    pub shop_id: String,
+    /// The product (never contains a NUL byte).
+    #[prost(string, tag = "2")]
+    pub product_id: String,
+    /// The product, encoded by chat-core.
+    #[prost(bytes = "vec", tag = "3")]
+    pub body: Vec<u8>,
 }
 
 /// Where a message with a client message id landed. Key: `sent_key`
