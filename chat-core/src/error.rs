@@ -69,6 +69,18 @@ pub enum ChatError {
         /// Milliseconds until a message would be accepted.
         retry_after_ms: u64,
     },
+    /// No product with this id in the caller's shop. Create it first.
+    #[error("no product {0:?} in this shop")]
+    UnknownProduct(String),
+    /// No commerce object with this id in the group, or not of the kind
+    /// the request needs.
+    #[error("group {group_id} has no such object {object_id}")]
+    UnknownObject {
+        /// The group.
+        group_id: u64,
+        /// The id asked for.
+        object_id: u64,
+    },
     /// The store refused or failed the write; nothing became visible.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -90,6 +102,8 @@ impl ChatError {
             ChatError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             ChatError::RateLimited { .. } => ErrorCode::RateLimited,
             ChatError::SlowMode { .. } => ErrorCode::SlowMode,
+            ChatError::UnknownProduct(_) => ErrorCode::UnknownProduct,
+            ChatError::UnknownObject { .. } => ErrorCode::UnknownObject,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,

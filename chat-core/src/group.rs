@@ -14,6 +14,7 @@ use bytes::Bytes;
 use qun_proto::v1::{self, server_frame::Body};
 use qun_storage::records::{GroupRecord, MemberRecord, MessageRecord, QuoteRecord};
 
+use crate::commerce::Live;
 use crate::outbox::{Outbox, Pushed};
 use crate::rate::{Rate, TokenBucket};
 use crate::{ChatError, CoreStats, Identity, Role};
@@ -52,6 +53,7 @@ impl Subscriber {
 
 /// The kinds of message, as stored.
 pub(crate) const KIND_TEXT: u32 = v1::MessageKind::Text as u32;
+pub(crate) const KIND_COMMERCE: u32 = v1::MessageKind::Commerce as u32;
 
 /// Longest quoted snippet kept with a reply, in characters.
 const QUOTE_CHARS: usize = 200;
@@ -212,6 +214,8 @@ pub(crate) struct GroupState {
     buyer_chatter: TokenBucket,
     /// A write of this group failed; it refuses writes until restart.
     failed: bool,
+    /// Group-buys, coupons and polls, by object id.
+    pub(crate) objects: HashMap<u64, Live>,
 }
 
 /// What a group is loaded from.
@@ -222,6 +226,7 @@ pub(crate) struct Loaded {
     pub(crate) read_marks: Vec<(String, u64)>,
     pub(crate) recent: Vec<MessageRecord>,
     pub(crate) last_seq: u64,
+    pub(crate) objects: HashMap<u64, Live>,
 }
 
 /// Per-group bounds from the core configuration.
@@ -240,6 +245,7 @@ impl GroupCell {
             read_marks,
             recent,
             last_seq,
+            objects,
         } = loaded;
         let members = members
             .into_iter()
@@ -267,6 +273,7 @@ impl GroupCell {
                 read_marks: read_marks.into_iter().collect(),
                 buyer_chatter: TokenBucket::full(limits.buyer_chatter, now_ms),
                 failed: false,
+                objects,
             }),
         }
     }
@@ -489,6 +496,37 @@ impl GroupState {
             ts_ms: now_ms,
             client_msg_id,
             quote,
+            body: Vec::new(),
+        }
+    }
+
+    /// The seq the next message will get.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Builds the next message as a commerce event (see
+    /// [`GroupState::next_message`] for the rules).
+    pub(crate) fn next_event(
+        &self,
+        sender_id: &str,
+        sender_name: &str,
+        sender_role: Role,
+        text: String,
+        body: Vec<u8>,
+        now_ms: u64,
+    ) -> MessageRecord {
+        MessageRecord {
+            group_id: self.id(),
+            seq: self.next_seq,
+            sender_id: sender_id.to_string(),
+            sender_name: sender_name.to_string(),
+            sender_role: sender_role.to_u32(),
+            kind: KIND_COMMERCE,
+            text,
+            ts_ms: now_ms,
+            body,
+            ..Default::default()
         }
     }
 
@@ -594,5 +632,12 @@ pub(crate) fn to_wire(r: MessageRecord) -> v1::ChatMessage {
             sender_name: q.sender_name,
             text: q.text,
         }),
+        // chat-core wrote the body; one that does not decode is shown as
+        // its summary text alone.
+        commerce: if r.body.is_empty() {
+            None
+        } else {
+            prost::Message::decode(&r.body[..]).ok()
+        },
     }
 }

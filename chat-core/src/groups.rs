@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use dashmap::DashMap;
 use qun_proto::v1;
-use qun_storage::records::{GroupRecord, MemberRecord, QuoteRecord};
+use qun_storage::records::{GroupRecord, MemberRecord, MessageRecord, QuoteRecord};
 use qun_storage::{StorageError, Store, StoreExt, WriteOp};
 use tokio::sync::{OnceCell, oneshot};
 
+use crate::commerce::{self, CommerceState};
 use crate::devices::Devices;
 use crate::group::{
-    ConnId, GroupCell, GroupLimits, Loaded, Sent, Subscriber, quote_of_record, to_wire,
+    ConnId, GroupCell, GroupLimits, GroupState, Loaded, Sent, Subscriber, quote_of_record, to_wire,
 };
 use crate::rate::{Rate, UserRates};
 use crate::{ChatError, Identity, Role};
@@ -40,6 +41,9 @@ pub struct CoreConfig {
     pub buyer_send_rate: Rate,
     /// Per-group rate of all buyers' messages together (slow mode).
     pub group_buyer_rate: Rate,
+    /// The least time between two progress events of one group-buy or poll
+    /// (coalescing: 250 ms is at most four a second, however many join).
+    pub progress_interval_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -60,6 +64,7 @@ impl Default for CoreConfig {
                 per_sec: 50.0,
                 burst: 100,
             },
+            progress_interval_ms: 250,
         }
     }
 }
@@ -95,6 +100,15 @@ pub struct CoreStats {
     pub catch_up_messages: AtomicU64,
     /// Resumes whose gap was over the cap (`gap_too_large`).
     pub resume_gaps_too_large: AtomicU64,
+    /// Commerce events posted (cards, creations, progress, state changes).
+    pub commerce_events: AtomicU64,
+    /// Buyers' commerce actions that changed something (joins, leaves,
+    /// claims, votes).
+    pub commerce_actions: AtomicU64,
+    /// Coalesced progress events posted.
+    pub progress_events: AtomicU64,
+    /// Deadlines resolved.
+    pub deadlines_resolved: AtomicU64,
 }
 
 /// A request to create a group.
@@ -202,6 +216,7 @@ pub(crate) struct Inner {
     pub(crate) stats: Arc<CoreStats>,
     user_rates: UserRates,
     pub(crate) devices: Devices,
+    pub(crate) commerce: CommerceState,
 }
 
 pub(crate) fn durable_channel() -> (
@@ -226,12 +241,18 @@ pub(crate) async fn durable(
 }
 
 impl Groups {
-    /// Opens the registry over a store. Groups load lazily on first use.
+    /// Opens the registry over a store. Groups load lazily on first use;
+    /// the deadlines of every live object are read now, so the first
+    /// [`Groups::tick`] resolves those that passed while the server was down.
     ///
     /// # Errors
     /// [`StorageError`] when the store cannot be read.
     pub async fn open(store: Arc<dyn Store>, config: CoreConfig) -> Result<Self, StorageError> {
         let max = store.max_group_id().await?;
+        let commerce = CommerceState::default();
+        for due in store.due_objects().await? {
+            commerce.add_deadline(due.due_ms, due.group_id, due.object_id);
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -241,6 +262,7 @@ impl Groups {
                 next_group_id: AtomicU64::new(max + 1),
                 stats: Arc::new(CoreStats::default()),
                 devices: Devices::default(),
+                commerce,
             }),
         })
     }
@@ -270,13 +292,16 @@ impl Groups {
         self.inner.user_rates.forget_idle(now_ms)
     }
 
-    pub(crate) async fn cell(&self, group_id: u64) -> Result<Arc<GroupCell>, ChatError> {
-        if let Some(cell) = self
-            .inner
+    /// A group if it is in memory; never loads.
+    pub(crate) fn loaded_cell(&self, group_id: u64) -> Option<Arc<GroupCell>> {
+        self.inner
             .cells
             .get(&group_id)
             .and_then(|c| c.get().cloned())
-        {
+    }
+
+    pub(crate) async fn cell(&self, group_id: u64) -> Result<Arc<GroupCell>, ChatError> {
+        if let Some(cell) = self.loaded_cell(group_id) {
             return Ok(cell);
         }
         if group_id == 0 || group_id >= self.inner.next_group_id.load(Ordering::Acquire) {
@@ -308,13 +333,26 @@ impl Groups {
             .join_recent
             .min(self.inner.config.recent_ring);
         let recent = store.messages_before(group_id, last_seq + 1, warm).await?;
-        tracing::debug!(group_id, members = members.len(), last_seq, "group loaded");
+        let objects = commerce::restore_all(
+            store.load_objects(group_id).await?,
+            store.load_entries(group_id).await?,
+            0,
+        )?;
+        self.inner.commerce.note_restored(group_id, &objects);
+        tracing::debug!(
+            group_id,
+            members = members.len(),
+            last_seq,
+            objects = objects.len(),
+            "group loaded"
+        );
         let loaded = Loaded {
             record,
             members,
             read_marks,
             recent,
             last_seq,
+            objects,
         };
         Ok(Arc::new(GroupCell::new(
             loaded,
@@ -396,6 +434,7 @@ impl Groups {
             read_marks: Vec::new(),
             recent: Vec::new(),
             last_seq: 0,
+            objects: Default::default(),
         };
         let cell = Arc::new(GroupCell::new(loaded, cfg.group_limits(), now_ms));
         let info = cell.lock().info();
@@ -515,22 +554,14 @@ impl Groups {
 
     /// Stops pushing the group's messages to one connection.
     pub fn unsubscribe(&self, conn: ConnId, group_id: u64) {
-        if let Some(cell) = self
-            .inner
-            .cells
-            .get(&group_id)
-            .and_then(|c| c.get().cloned())
-        {
+        if let Some(cell) = self.loaded_cell(group_id) {
             cell.lock().unsubscribe(conn);
         }
     }
 
     /// Connections subscribed to a loaded group (0 when not loaded).
     pub fn subscriber_count(&self, group_id: u64) -> usize {
-        self.inner
-            .cells
-            .get(&group_id)
-            .and_then(|c| c.get().cloned())
+        self.loaded_cell(group_id)
             .map_or(0, |c| c.lock().subscriber_count())
     }
 
@@ -637,7 +668,6 @@ impl Groups {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(ChatError::RateLimited { retry_after_ms });
         }
-        let (tx, rx) = oneshot::channel();
         let mut g = cell.lock();
         let refused = (|| {
             g.member(who)?;
@@ -689,10 +719,48 @@ impl Groups {
             now_ms,
         );
         let seq = record.seq;
+        // Sending a message means having read up to it.
+        let read_mark = WriteOp::PutReadMark {
+            group_id,
+            user_id: who.user_id().to_string(),
+            seq,
+        };
+        let rx = match self.submit_sequenced(&cell, &mut g, record, vec![read_mark]) {
+            Ok(rx) => rx,
+            Err(e) => {
+                if buyer {
+                    self.inner.user_rates.give_back(who.user_id());
+                }
+                return Err(e.into());
+            }
+        };
+        g.advance_read_mark(who.user_id(), seq);
+        drop(g);
+        Ok(PostTicket {
+            ack: ack(seq, now_ms, false),
+            rx,
+        })
+    }
+
+    /// Under the group's lock (`g` is `cell`'s state): queues `record`, the
+    /// group's next message, with `extra` writes as one atomic batch, and
+    /// takes its seq. The receiver resolves once the batch is durable and
+    /// the message published to every subscriber, in seq order; only then
+    /// does anyone see it.
+    ///
+    /// # Errors
+    /// The store's refusal; then nothing was queued and no seq was taken.
+    pub(crate) fn submit_sequenced(
+        &self,
+        cell: &Arc<GroupCell>,
+        g: &mut GroupState,
+        record: MessageRecord,
+        extra: Vec<WriteOp>,
+    ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+        let seq = record.seq;
+        let (tx, rx) = oneshot::channel();
         let publisher = cell.clone();
         let stats = self.inner.stats.clone();
-        // The store calls this once the message is durable; only then does
-        // anyone see it.
         let done: qun_storage::DurableCallback = Box::new(move |result| {
             let mut g = publisher.lock();
             let outcome = match result {
@@ -709,28 +777,12 @@ impl Groups {
             drop(g);
             let _ = tx.send(outcome);
         });
-        // Sending a message means having read up to it.
-        let ops = vec![
-            WriteOp::AppendMessage(record.clone()),
-            WriteOp::PutReadMark {
-                group_id,
-                user_id: who.user_id().to_string(),
-                seq,
-            },
-        ];
-        if let Err(e) = self.inner.store.submit(ops, done) {
-            if buyer {
-                self.inner.user_rates.give_back(who.user_id());
-            }
-            return Err(e.into());
-        }
+        let mut ops = Vec::with_capacity(1 + extra.len());
+        ops.push(WriteOp::AppendMessage(record.clone()));
+        ops.extend(extra);
+        self.inner.store.submit(ops, done)?;
         g.commit_sequenced(record);
-        g.advance_read_mark(who.user_id(), seq);
-        drop(g);
-        Ok(PostTicket {
-            ack: ack(seq, now_ms, false),
-            rx,
-        })
+        Ok(rx)
     }
 
     /// The ticket of a retry whose original is in the group's window: ready

@@ -16,6 +16,10 @@
 //! - `delivery`: [`Groups::resume`] (catch-up, then live, on one queue) and
 //!   [`Groups::fetch_range`].
 //! - `read_state`: read marks, unread counts, a user's devices and groups.
+//! - `commerce`: product cards, group-buys (拼团), coupons and polls —
+//!   live objects changed under their group's lock, persisted, and
+//!   broadcast as events on the group's stream; [`Groups::tick`] resolves
+//!   their deadlines and posts coalesced progress.
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
 //! - [`Identity`] and [`Role`]: who is acting.
 //! - [`ChatError`]: why something was refused, with its wire code.
@@ -30,6 +34,7 @@
 //! # Example
 //! See [`Groups`].
 
+mod commerce;
 mod delivery;
 mod devices;
 mod error;
@@ -40,6 +45,7 @@ mod outbox;
 mod rate;
 mod read_state;
 
+pub use commerce::{MAX_MONEY_MINOR, TickReport, state_name};
 pub use delivery::MAX_RESUME_CURSORS;
 pub use error::ChatError;
 pub use group::{ConnId, Subscriber};
@@ -48,5 +54,7 @@ pub use identity::{Identity, IdentityError, Role};
 pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
 pub use rate::Rate;
 
+#[cfg(test)]
+mod commerce_tests;
 #[cfg(test)]
 mod tests;

@@ -11,16 +11,16 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use crate::*;
 
-const NOW: u64 = 1_700_000_000_000;
+pub(crate) const NOW: u64 = 1_700_000_000_000;
 
-struct Fixture {
+pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
-    store: Arc<FjallStore>,
-    groups: Groups,
+    pub(crate) store: Arc<FjallStore>,
+    pub(crate) groups: Groups,
 }
 
-async fn fixture() -> Fixture {
+pub(crate) async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let store = Arc::new(FjallStore::open(FjallConfig::new(&path)).unwrap());
@@ -36,7 +36,7 @@ async fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    async fn reopen(&mut self, config: CoreConfig) {
+    pub(crate) async fn reopen(&mut self, config: CoreConfig) {
         self.store.close().await.unwrap();
         let store = Arc::new(FjallStore::open(FjallConfig::new(&self.path)).unwrap());
         self.groups = Groups::open(store.clone(), config).await.unwrap();
@@ -44,15 +44,15 @@ impl Fixture {
     }
 }
 
-fn agent(id: &str, shop: &str) -> Identity {
+pub(crate) fn agent(id: &str, shop: &str) -> Identity {
     Identity::new(id, format!("Agent {id}"), Role::Agent, Some(shop.into())).unwrap()
 }
 
-fn buyer(id: &str) -> Identity {
+pub(crate) fn buyer(id: &str) -> Identity {
     Identity::new(id, format!("Buyer {id}"), Role::Buyer, None).unwrap()
 }
 
-fn sub(conn: u64, who: &Identity, limits: OutboxLimits) -> (Subscriber, Outbox) {
+pub(crate) fn sub(conn: u64, who: &Identity, limits: OutboxLimits) -> (Subscriber, Outbox) {
     let outbox = Outbox::new(limits);
     (
         Subscriber::new(ConnId(conn), who.user_id(), outbox.clone()),
@@ -61,13 +61,13 @@ fn sub(conn: u64, who: &Identity, limits: OutboxLimits) -> (Subscriber, Outbox) 
 }
 
 /// A text message with a fresh client message id.
-fn text(group_id: u64, s: &str) -> NewMessage {
+pub(crate) fn text(group_id: u64, s: &str) -> NewMessage {
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     with_id(group_id, s, &format!("c-{id}"))
 }
 
-fn with_id(group_id: u64, s: &str, client_msg_id: &str) -> NewMessage {
+pub(crate) fn with_id(group_id: u64, s: &str, client_msg_id: &str) -> NewMessage {
     NewMessage {
         group_id,
         text: Bytes::copy_from_slice(s.as_bytes()),
@@ -76,7 +76,7 @@ fn with_id(group_id: u64, s: &str, client_msg_id: &str) -> NewMessage {
     }
 }
 
-async fn create(groups: &Groups, who: &Identity, max_members: u32) -> u64 {
+pub(crate) async fn create(groups: &Groups, who: &Identity, max_members: u32) -> u64 {
     groups
         .create_group(
             who,
@@ -93,7 +93,7 @@ async fn create(groups: &Groups, who: &Identity, max_members: u32) -> u64 {
 }
 
 /// Drains what is queued in an outbox right now, decoding pushed messages.
-async fn drain(outbox: &Outbox) -> (Vec<v1::ChatMessage>, u64) {
+pub(crate) async fn drain(outbox: &Outbox) -> (Vec<v1::ChatMessage>, u64) {
     let mut msgs = Vec::new();
     let mut dropped = 0;
     while let Ok(Some(item)) =
@@ -264,7 +264,7 @@ async fn replies_carry_a_quote_of_the_question() {
     );
 }
 
-fn code<T: std::fmt::Debug>(r: Result<T, ChatError>) -> ErrorCode {
+pub(crate) fn code<T: std::fmt::Debug>(r: Result<T, ChatError>) -> ErrorCode {
     r.unwrap_err().code()
 }
 
@@ -485,7 +485,7 @@ fn seqs(msgs: &[v1::ChatMessage]) -> Vec<u64> {
 }
 
 /// Reads pushed messages until the one with seq `last` arrives.
-async fn drain_until(outbox: &Outbox, last: u64) -> Vec<v1::ChatMessage> {
+pub(crate) async fn drain_until(outbox: &Outbox, last: u64) -> Vec<v1::ChatMessage> {
     let mut msgs = Vec::new();
     loop {
         let item = tokio::time::timeout(std::time::Duration::from_secs(10), outbox.recv())

@@ -373,7 +373,14 @@ pub async fn objects_entries_and_deadlines<H: Harness>(h: &mut H) {
         s.load_entries(8).await.unwrap(),
         [entry(8, 3, "u1", 11), entry(8, 9, "u1", 3)]
     );
-    assert_eq!(s.due_objects().await.unwrap(), [(8, 9, 7_000)]);
+    assert_eq!(
+        s.due_objects().await.unwrap(),
+        [crate::Due {
+            group_id: 8,
+            object_id: 9,
+            due_ms: 7_000
+        }]
+    );
     s.close().await.unwrap();
 }
 

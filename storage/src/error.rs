@@ -55,7 +55,9 @@ impl StorageError {
         }
     }
 
-    pub(crate) fn corrupt(keyspace: &'static str, detail: impl fmt::Display) -> Self {
+    /// A record of `keyspace` that does not decode, for callers that decode
+    /// the opaque bodies they stored (object and product bodies).
+    pub fn corrupt(keyspace: &'static str, detail: impl fmt::Display) -> Self {
         Self::Corrupt {
             keyspace,
             detail: detail.to_string(),

@@ -13,7 +13,7 @@ use prost::Message as _;
 use crate::records::{
     EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
 };
-use crate::{BoxFuture, DurableCallback, StorageError, Store, WriteOp, keys};
+use crate::{BoxFuture, Due, DurableCallback, StorageError, Store, WriteOp, keys};
 
 /// How the embedded store is opened.
 #[derive(Debug, Clone)]
@@ -592,17 +592,17 @@ impl Store for FjallStore {
         self.read(move |t| decode_prefix(&t.entries, "entries", &keys::group_key(group_id)))
     }
 
-    fn due_objects(&self) -> BoxFuture<'_, Result<Vec<(u64, u64, u64)>, StorageError>> {
+    fn due_objects(&self) -> BoxFuture<'_, Result<Vec<Due>, StorageError>> {
         self.read(|t| {
             t.due
                 .iter()
                 .map(|guard| {
                     let (k, v) = guard.into_inner().map_err(read_err)?;
-                    Ok((
-                        be_u64(&k, 0..8, "due")?,
-                        be_u64(&k, 8..16, "due")?,
-                        be_u64(&v, 0..8, "due")?,
-                    ))
+                    Ok(Due {
+                        group_id: be_u64(&k, 0..8, "due")?,
+                        object_id: be_u64(&k, 8..16, "due")?,
+                        due_ms: be_u64(&v, 0..8, "due")?,
+                    })
                 })
                 .collect()
         })

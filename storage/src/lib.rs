@@ -113,6 +113,17 @@ pub enum WriteOp {
     },
 }
 
+/// An object's deadline, as listed by [`Store::due_objects`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// The group.
+    pub group_id: u64,
+    /// The object.
+    pub object_id: u64,
+    /// When it comes due, ms since the Unix epoch.
+    pub due_ms: u64,
+}
+
 /// A storage backend.
 ///
 /// Implementations must keep the ordering promise described in the crate
@@ -233,13 +244,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// As for [`Store::load_group`].
     fn load_entries(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<EntryRecord>, StorageError>>;
 
-    /// Every object with a `due_ms`, as `(group_id, object_id, due_ms)`, so
-    /// that deadlines which passed while the server was down are resolved
-    /// at start-up.
+    /// Every object with a `due_ms`, so that deadlines which passed while
+    /// the server was down are resolved at start-up.
     ///
     /// # Errors
     /// As for [`Store::load_group`].
-    fn due_objects(&self) -> BoxFuture<'_, Result<Vec<(u64, u64, u64)>, StorageError>>;
+    fn due_objects(&self) -> BoxFuture<'_, Result<Vec<Due>, StorageError>>;
 
     /// A shop's product.
     ///
