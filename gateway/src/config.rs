@@ -72,6 +72,12 @@ pub struct Config {
     /// Milliseconds without any frame from a client before the server closes
     /// its connection (close code 4000).
     pub idle_timeout_ms: u64,
+    /// Least milliseconds between two progress events (joined count, poll
+    /// tallies) of one group-buy or poll, however many buyers act.
+    pub progress_interval_ms: u64,
+    /// How often the server resolves commerce deadlines and posts pending
+    /// progress, in milliseconds. A deadline resolves at most this late.
+    pub commerce_tick_ms: u64,
 }
 
 impl Default for Config {
@@ -100,6 +106,8 @@ impl Default for Config {
             group_buyer_rate: 50.0,
             group_buyer_burst: 100,
             idle_timeout_ms: 90_000,
+            progress_interval_ms: 250,
+            commerce_tick_ms: 100,
         }
     }
 }
@@ -146,6 +154,7 @@ impl Config {
             sent_window: self.sent_window,
             buyer_send_rate: rate(self.buyer_send_rate, self.buyer_send_burst),
             group_buyer_rate: rate(self.group_buyer_rate, self.group_buyer_burst),
+            progress_interval_ms: self.progress_interval_ms,
             ..qun_chat_core::CoreConfig::default()
         }
     }
@@ -240,6 +249,14 @@ impl Config {
                     "{name}_rate must be >= 0 (0: unlimited) and {name}_burst >= 1 when limited"
                 ));
             }
+        }
+        if !(10..=10_000).contains(&self.commerce_tick_ms)
+            || self.progress_interval_ms < self.commerce_tick_ms
+        {
+            return bad(
+                "commerce_tick_ms must be 10..=10000 and progress_interval_ms at least as long"
+                    .into(),
+            );
         }
         if self.idle_timeout_ms < 1_000 {
             return bad("idle_timeout_ms must be at least 1000".into());

@@ -303,6 +303,7 @@ impl Session {
         request_id: u64,
         body: client_frame::Body,
     ) -> Dispatched {
+        let groups = &self.shared.groups;
         let result = match body {
             client_frame::Body::Hello(_) => Err(RequestError::AlreadyAuthenticated),
             client_frame::Body::Ping(p) => Ok(Body::Pong(v1::Pong {
@@ -341,6 +342,44 @@ impl Session {
                 .await
                 .map(Body::MyGroups)
                 .map_err(RequestError::from),
+            client_frame::Body::PostCard(c) => commerce(groups.post_card(who, c, now_ms()).await),
+            client_frame::Body::StartGroupBuy(s) => {
+                commerce(groups.start_group_buy(who, s, now_ms()).await)
+            }
+            client_frame::Body::JoinGroupBuy(j) => commerce(
+                groups
+                    .join_group_buy(who, j.group_id, j.group_buy_id, now_ms())
+                    .await,
+            ),
+            client_frame::Body::LeaveGroupBuy(l) => commerce(
+                groups
+                    .leave_group_buy(who, l.group_id, l.group_buy_id, now_ms())
+                    .await,
+            ),
+            client_frame::Body::IssueCoupon(c) => {
+                commerce(groups.issue_coupon(who, c, now_ms()).await)
+            }
+            client_frame::Body::ClaimCoupon(c) => commerce(
+                groups
+                    .claim_coupon(who, c.group_id, c.coupon_id, now_ms())
+                    .await,
+            ),
+            client_frame::Body::OpenPoll(p) => commerce(groups.open_poll(who, p, now_ms()).await),
+            client_frame::Body::Vote(v) => commerce(
+                groups
+                    .vote(who, v.group_id, v.poll_id, v.option, now_ms())
+                    .await,
+            ),
+            client_frame::Body::GetCommerce(g) => commerce(
+                groups
+                    .commerce_object(who, g.group_id, g.object_id, now_ms())
+                    .await,
+            ),
+            client_frame::Body::EndCommerce(e) => commerce(
+                groups
+                    .end_commerce(who, e.group_id, e.object_id, now_ms())
+                    .await,
+            ),
             client_frame::Body::SendMessage(m) => {
                 let msg = NewMessage {
                     group_id: m.group_id,
@@ -502,6 +541,13 @@ impl Session {
     }
 }
 
+/// A commerce answer as a frame body.
+fn commerce(answer: Result<v1::CommerceAnswer, ChatError>) -> Result<Body, RequestError> {
+    answer
+        .map(|a| Body::Commerce(Box::new(a)))
+        .map_err(RequestError::from)
+}
+
 enum Dispatched {
     Done(Result<Body, RequestError>),
     Wait(futures_util::future::BoxFuture<'static, Answer>),
@@ -520,6 +566,16 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::FetchRange(_) => "fetch_range",
         client_frame::Body::MarkRead(_) => "mark_read",
         client_frame::Body::ListMyGroups(_) => "list_my_groups",
+        client_frame::Body::PostCard(_) => "post_card",
+        client_frame::Body::StartGroupBuy(_) => "start_group_buy",
+        client_frame::Body::JoinGroupBuy(_) => "join_group_buy",
+        client_frame::Body::LeaveGroupBuy(_) => "leave_group_buy",
+        client_frame::Body::IssueCoupon(_) => "issue_coupon",
+        client_frame::Body::ClaimCoupon(_) => "claim_coupon",
+        client_frame::Body::OpenPoll(_) => "open_poll",
+        client_frame::Body::Vote(_) => "vote",
+        client_frame::Body::GetCommerce(_) => "get_commerce",
+        client_frame::Body::EndCommerce(_) => "end_commerce",
     }
 }
 

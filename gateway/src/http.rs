@@ -1,4 +1,5 @@
-//! The HTTP listener: `/healthz` and `/metrics`.
+//! The HTTP listener: `/healthz`, `/metrics`, and the merchant API
+//! (`crate::merchant_api`).
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ pub(crate) async fn serve(
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::merchant_api::routes())
         .with_state(shared);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

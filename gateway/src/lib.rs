@@ -31,6 +31,7 @@ pub mod config;
 mod connection;
 pub mod error;
 mod http;
+mod merchant_api;
 pub mod metrics;
 pub mod server;
 

@@ -160,6 +160,30 @@ impl Metrics {
             core.resume_gaps_too_large.load(Relaxed),
         );
         put(
+            "qun_commerce_events_total",
+            "counter",
+            "Commerce events posted (cards, new objects, progress, state changes).",
+            core.commerce_events.load(Relaxed),
+        );
+        put(
+            "qun_commerce_actions_total",
+            "counter",
+            "Buyers' joins, leaves, claims and votes that changed something.",
+            core.commerce_actions.load(Relaxed),
+        );
+        put(
+            "qun_commerce_progress_events_total",
+            "counter",
+            "Coalesced progress events posted.",
+            core.progress_events.load(Relaxed),
+        );
+        put(
+            "qun_commerce_deadlines_resolved_total",
+            "counter",
+            "Group-buy and poll deadlines resolved.",
+            core.deadlines_resolved.load(Relaxed),
+        );
+        put(
             "qun_groups_loaded",
             "gauge",
             "Groups held in memory.",

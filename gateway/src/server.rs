@@ -116,6 +116,15 @@ pub async fn run(
         TokenKey::from_hex(&config.token_key)?
     };
     let groups = Groups::open(store.clone(), config.core()).await?;
+    // Deadlines that passed while the server was down resolve before anyone
+    // can act on the objects.
+    let resolved = groups.tick(crate::connection::now_ms()).await;
+    if resolved.deadlines_resolved > 0 {
+        tracing::info!(
+            resolved = resolved.deadlines_resolved,
+            "deadlines passed while stopped were resolved"
+        );
+    }
     let shared = Arc::new(Shared {
         outbox_limits: OutboxLimits {
             max_frames: config.outbox_max_frames,
@@ -146,8 +155,10 @@ pub async fn run(
         })
     };
     let sweeper = tokio::spawn(forget_idle_senders(shared.clone()));
+    let ticker = tokio::spawn(commerce_ticks(shared.clone()));
     accept_loop(listeners.ws, &shared).await;
     sweeper.abort();
+    ticker.abort();
 
     tracing::info!("shutting down: closing connections");
     shared.tracker.close();
@@ -227,6 +238,25 @@ async fn forget_idle_senders(shared: Arc<Shared>) {
             _ = every.tick() => {
                 let limited = shared.groups.forget_idle_senders(crate::connection::now_ms());
                 tracing::trace!(limited, "idle rate buckets forgotten");
+            }
+        }
+    }
+}
+
+/// Resolves commerce deadlines and posts coalesced progress, every
+/// `commerce_tick_ms`. The server never ticks per object or per second:
+/// clients render countdowns from deadlines and the server clock.
+async fn commerce_ticks(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(Duration::from_millis(shared.config.commerce_tick_ms));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = every.tick() => {
+                let report = shared.groups.tick(crate::connection::now_ms()).await;
+                if report != qun_chat_core::TickReport::default() {
+                    tracing::trace!(?report, "commerce tick");
+                }
             }
         }
     }

@@ -1,0 +1,706 @@
+//! The merchant HTTP API: the shop's backend creates products, posts cards,
+//! starts and cancels group-buys, issues coupons and opens polls, and reads
+//! their state — JSON over HTTP, the same operations as the wire protocol's
+//! commerce frames, run by the same chat-core code.
+//!
+//! Every request carries `Authorization: Bearer <token>` with the role
+//! `owner` or `agent` of the shop that owns the group. Errors are JSON
+//! `{"code": 43, "name": "INVALID_ARGUMENT", "message": "..."}` with the
+//! wire protocol's codes. The contract is `docs/openapi.yaml`, also served
+//! at `/openapi.json`.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Json, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use qun_chat_core::{ChatError, Identity, state_name};
+use qun_proto::ErrorCode;
+use qun_proto::v1::{self, commerce_answer};
+use serde::{Deserialize, Serialize};
+
+use crate::connection::now_ms;
+use crate::server::Shared;
+
+/// The OpenAPI document, as written in docs/openapi.yaml.
+const OPENAPI_YAML: &str = include_str!("../../docs/openapi.yaml");
+
+/// The merchant routes, to be merged into the HTTP router.
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route(
+            "/v1/products/{product_id}",
+            get(get_product).put(put_product),
+        )
+        .route("/v1/groups/{group_id}/cards", post(post_card))
+        .route("/v1/groups/{group_id}/group-buys", post(start_group_buy))
+        .route("/v1/groups/{group_id}/group-buys/{id}", get(get_group_buy))
+        .route(
+            "/v1/groups/{group_id}/group-buys/{id}/cancel",
+            post(cancel_group_buy),
+        )
+        .route("/v1/groups/{group_id}/coupons", post(issue_coupon))
+        .route("/v1/groups/{group_id}/coupons/{id}", get(get_coupon))
+        .route("/v1/groups/{group_id}/polls", post(open_poll))
+        .route("/v1/groups/{group_id}/polls/{id}", get(get_poll))
+        .route("/v1/groups/{group_id}/polls/{id}/close", post(close_poll))
+}
+
+// ─────────────────────────────── errors ───────────────────────────────
+
+/// A refused request: an HTTP status and the wire protocol's code.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    code: ErrorCode,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: i32,
+    name: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    /// The HTTP status for a wire code.
+    fn status(&self) -> StatusCode {
+        match self.code {
+            ErrorCode::TokenInvalid | ErrorCode::TokenExpired | ErrorCode::NotAuthenticated => {
+                StatusCode::UNAUTHORIZED
+            }
+            ErrorCode::ForbiddenRole | ErrorCode::WrongShop | ErrorCode::NotMember => {
+                StatusCode::FORBIDDEN
+            }
+            ErrorCode::UnknownGroup | ErrorCode::UnknownProduct | ErrorCode::UnknownObject => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::GroupFull => StatusCode::CONFLICT,
+            ErrorCode::RateLimited | ErrorCode::SlowMode => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::StorageUnavailable | ErrorCode::Overloaded | ErrorCode::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        let code = e.code();
+        if matches!(
+            code,
+            ErrorCode::Internal | ErrorCode::StorageUnavailable | ErrorCode::Overloaded
+        ) {
+            tracing::warn!(error = %e, ?code, "merchant request failed on the server side");
+        }
+        Self::new(code, e.client_message())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        Self::invalid(format!("request body: {}", e.body_text()))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Self::invalid(format!("path: {}", e.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let name = self.code.as_str_name();
+        let body = ErrorBody {
+            code: self.code as i32,
+            name: name.strip_prefix("ERROR_CODE_").unwrap_or(name),
+            message: &self.message,
+        };
+        (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<(StatusCode, axum::Json<T>), ApiError>;
+
+fn ok<T>(body: T) -> ApiResult<T> {
+    Ok((StatusCode::OK, axum::Json(body)))
+}
+
+fn created<T>(body: T) -> ApiResult<T> {
+    Ok((StatusCode::CREATED, axum::Json(body)))
+}
+
+/// The caller, from `Authorization: Bearer <token>`.
+fn caller(shared: &Shared, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotAuthenticated,
+                "send Authorization: Bearer <token> (an owner or agent token of the shop)",
+            )
+        })?;
+    shared.key.verify(token, now_ms() / 1000).map_err(|e| {
+        let code = match e {
+            crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
+            _ => ErrorCode::TokenInvalid,
+        };
+        ApiError::new(code, e.to_string())
+    })
+}
+
+// ──────────────────────────────── JSON ────────────────────────────────
+
+/// A product as the API shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct ProductJson {
+    product_id: String,
+    shop_id: String,
+    title: String,
+    image_url: String,
+    price_minor: i64,
+    member_price_minor: i64,
+    currency: String,
+    stock_hint: u32,
+    link: String,
+    sold_out: bool,
+    version: u64,
+    updated_at_ms: u64,
+}
+
+impl From<v1::Product> for ProductJson {
+    fn from(p: v1::Product) -> Self {
+        Self {
+            product_id: p.product_id,
+            shop_id: p.shop_id,
+            title: p.title,
+            image_url: p.image_url,
+            price_minor: p.price_minor,
+            member_price_minor: p.member_price_minor,
+            currency: p.currency,
+            stock_hint: p.stock_hint,
+            link: p.link,
+            sold_out: p.sold_out,
+            version: p.version,
+            updated_at_ms: p.updated_at_ms,
+        }
+    }
+}
+
+/// The body of `PUT /v1/products/{product_id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductInput {
+    title: String,
+    price_minor: i64,
+    #[serde(default)]
+    member_price_minor: i64,
+    #[serde(default)]
+    currency: String,
+    #[serde(default)]
+    stock_hint: u32,
+    #[serde(default)]
+    image_url: String,
+    #[serde(default)]
+    link: String,
+    #[serde(default)]
+    sold_out: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CardInput {
+    product_id: String,
+}
+
+#[derive(Debug, Serialize)]
+struct CardJson {
+    group_id: u64,
+    seq: u64,
+    product: Option<ProductJson>,
+}
+
+/// A deadline given as a time or as a duration from now.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBuyInput {
+    product_id: String,
+    price_minor: i64,
+    target: u32,
+    slots: u32,
+    #[serde(default)]
+    starts_at_ms: u64,
+    #[serde(default)]
+    deadline_ms: u64,
+    #[serde(default)]
+    duration_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupBuyJson {
+    group_buy_id: u64,
+    group_id: u64,
+    product: Option<ProductJson>,
+    price_minor: i64,
+    target: u32,
+    slots: u32,
+    joined: u32,
+    starts_at_ms: u64,
+    deadline_ms: u64,
+    state: &'static str,
+    closed: bool,
+    started_by: String,
+    changed_at_ms: u64,
+    server_time_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CouponInput {
+    title: String,
+    amount_minor: i64,
+    #[serde(default)]
+    min_spend_minor: i64,
+    #[serde(default)]
+    currency: String,
+    quantity: u32,
+    #[serde(default)]
+    per_buyer_limit: u32,
+    #[serde(default)]
+    expires_at_ms: u64,
+    #[serde(default)]
+    expires_in_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CouponJson {
+    coupon_id: u64,
+    group_id: u64,
+    title: String,
+    amount_minor: i64,
+    min_spend_minor: i64,
+    currency: String,
+    quantity: u32,
+    claimed: u32,
+    per_buyer_limit: u32,
+    expires_at_ms: u64,
+    issued_by: String,
+    issued_at_ms: u64,
+    server_time_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollInput {
+    question: String,
+    options: Vec<String>,
+    #[serde(default)]
+    deadline_ms: u64,
+    #[serde(default)]
+    duration_ms: u64,
+    #[serde(default)]
+    votes_final: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct PollOptionJson {
+    text: String,
+    votes: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct PollJson {
+    poll_id: u64,
+    group_id: u64,
+    question: String,
+    options: Vec<PollOptionJson>,
+    deadline_ms: u64,
+    votes_final: bool,
+    closed: bool,
+    voters: u32,
+    opened_by: String,
+    opened_at_ms: u64,
+    server_time_ms: u64,
+}
+
+/// `at`, or `now + duration`; exactly one of them.
+fn when(what: &str, at: u64, duration: u64, now: u64) -> Result<u64, ApiError> {
+    match (at, duration) {
+        (at, 0) if at > 0 => Ok(at),
+        (0, d) if d > 0 => Ok(now.saturating_add(d)),
+        _ => Err(ApiError::invalid(format!(
+            "give exactly one of {what}_ms and its duration"
+        ))),
+    }
+}
+
+fn group_buy_json(a: v1::CommerceAnswer) -> Result<GroupBuyJson, ApiError> {
+    let server_time_ms = a.server_time_ms;
+    let Some(commerce_answer::Object::GroupBuy(g)) = a.object else {
+        return Err(not_this_kind("group-buy"));
+    };
+    Ok(GroupBuyJson {
+        state: state_name(g.state()),
+        group_buy_id: g.group_buy_id,
+        group_id: g.group_id,
+        product: g.product.map(ProductJson::from),
+        price_minor: g.price_minor,
+        target: g.target,
+        slots: g.slots,
+        joined: g.joined,
+        starts_at_ms: g.starts_at_ms,
+        deadline_ms: g.deadline_ms,
+        closed: g.closed,
+        started_by: g.started_by,
+        changed_at_ms: g.changed_at_ms,
+        server_time_ms,
+    })
+}
+
+fn coupon_json(a: v1::CommerceAnswer) -> Result<CouponJson, ApiError> {
+    let server_time_ms = a.server_time_ms;
+    let Some(commerce_answer::Object::Coupon(c)) = a.object else {
+        return Err(not_this_kind("coupon"));
+    };
+    Ok(CouponJson {
+        coupon_id: c.coupon_id,
+        group_id: c.group_id,
+        title: c.title,
+        amount_minor: c.amount_minor,
+        min_spend_minor: c.min_spend_minor,
+        currency: c.currency,
+        quantity: c.quantity,
+        claimed: c.claimed,
+        per_buyer_limit: c.per_buyer_limit,
+        expires_at_ms: c.expires_at_ms,
+        issued_by: c.issued_by,
+        issued_at_ms: c.issued_at_ms,
+        server_time_ms,
+    })
+}
+
+fn poll_json(a: v1::CommerceAnswer) -> Result<PollJson, ApiError> {
+    let server_time_ms = a.server_time_ms;
+    let Some(commerce_answer::Object::Poll(p)) = a.object else {
+        return Err(not_this_kind("poll"));
+    };
+    Ok(PollJson {
+        poll_id: p.poll_id,
+        group_id: p.group_id,
+        question: p.question,
+        options: p
+            .options
+            .into_iter()
+            .map(|o| PollOptionJson {
+                text: o.text,
+                votes: o.votes,
+            })
+            .collect(),
+        deadline_ms: p.deadline_ms,
+        votes_final: p.votes_final,
+        closed: p.closed,
+        voters: p.voters,
+        opened_by: p.opened_by,
+        opened_at_ms: p.opened_at_ms,
+        server_time_ms,
+    })
+}
+
+fn not_this_kind(kind: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnknownObject,
+        format!("the group has no {kind} with that id"),
+    )
+}
+
+// ─────────────────────────────── handlers ───────────────────────────────
+
+type Shared_ = State<Arc<Shared>>;
+
+async fn openapi() -> Response {
+    static JSON: OnceLock<Result<serde_json::Value, String>> = OnceLock::new();
+    match JSON.get_or_init(|| serde_norway::from_str(OPENAPI_YAML).map_err(|e| e.to_string())) {
+        Ok(doc) => axum::Json(doc).into_response(),
+        Err(e) => ApiError::new(ErrorCode::Internal, format!("openapi.yaml: {e}")).into_response(),
+    }
+}
+
+async fn put_product(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<ProductInput>, JsonRejection>,
+) -> ApiResult<ProductJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(product_id) = path?;
+    let Json(p) = body?;
+    let product = v1::Product {
+        product_id,
+        shop_id: String::new(),
+        title: p.title,
+        image_url: p.image_url,
+        price_minor: p.price_minor,
+        member_price_minor: p.member_price_minor,
+        currency: p.currency,
+        stock_hint: p.stock_hint,
+        link: p.link,
+        sold_out: p.sold_out,
+        version: 0,
+        updated_at_ms: 0,
+    };
+    let saved = shared.groups.put_product(&who, product, now_ms()).await?;
+    ok(saved.into())
+}
+
+async fn get_product(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<ProductJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(product_id) = path?;
+    ok(shared.groups.product(&who, &product_id).await?.into())
+}
+
+async fn post_card(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<CardInput>, JsonRejection>,
+) -> ApiResult<CardJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(c) = body?;
+    let req = v1::PostCard {
+        group_id,
+        product_id: c.product_id,
+        product: None,
+    };
+    let a = shared.groups.post_card(&who, req, now_ms()).await?;
+    let product = match a.object {
+        Some(commerce_answer::Object::Product(p)) => Some(p.into()),
+        _ => None,
+    };
+    created(CardJson {
+        group_id,
+        seq: a.seq,
+        product,
+    })
+}
+
+async fn start_group_buy(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<GroupBuyInput>, JsonRejection>,
+) -> ApiResult<GroupBuyJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(g) = body?;
+    let now = now_ms();
+    let req = v1::StartGroupBuy {
+        group_id,
+        product_id: g.product_id,
+        price_minor: g.price_minor,
+        target: g.target,
+        slots: g.slots,
+        starts_at_ms: g.starts_at_ms,
+        deadline_ms: when("deadline", g.deadline_ms, g.duration_ms, now)?,
+    };
+    created(group_buy_json(
+        shared.groups.start_group_buy(&who, req, now).await?,
+    )?)
+}
+
+async fn get_group_buy(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<GroupBuyJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, id)) = path?;
+    let a = shared
+        .groups
+        .commerce_object(&who, group_id, id, now_ms())
+        .await?;
+    ok(group_buy_json(a)?)
+}
+
+async fn cancel_group_buy(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<GroupBuyJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, id)) = path?;
+    let now = now_ms();
+    // Check the kind first: ending a poll here would be a surprise.
+    group_buy_json(
+        shared
+            .groups
+            .commerce_object(&who, group_id, id, now)
+            .await?,
+    )?;
+    ok(group_buy_json(
+        shared.groups.end_commerce(&who, group_id, id, now).await?,
+    )?)
+}
+
+async fn issue_coupon(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<CouponInput>, JsonRejection>,
+) -> ApiResult<CouponJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(c) = body?;
+    let now = now_ms();
+    let req = v1::IssueCoupon {
+        group_id,
+        title: c.title,
+        amount_minor: c.amount_minor,
+        min_spend_minor: c.min_spend_minor,
+        currency: c.currency,
+        quantity: c.quantity,
+        per_buyer_limit: c.per_buyer_limit,
+        expires_at_ms: when("expires_at", c.expires_at_ms, c.expires_in_ms, now)?,
+    };
+    created(coupon_json(
+        shared.groups.issue_coupon(&who, req, now).await?,
+    )?)
+}
+
+async fn get_coupon(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<CouponJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, id)) = path?;
+    let a = shared
+        .groups
+        .commerce_object(&who, group_id, id, now_ms())
+        .await?;
+    ok(coupon_json(a)?)
+}
+
+async fn open_poll(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<PollInput>, JsonRejection>,
+) -> ApiResult<PollJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(p) = body?;
+    let now = now_ms();
+    let req = v1::OpenPoll {
+        group_id,
+        question: p.question,
+        options: p.options,
+        deadline_ms: when("deadline", p.deadline_ms, p.duration_ms, now)?,
+        votes_final: p.votes_final,
+    };
+    created(poll_json(shared.groups.open_poll(&who, req, now).await?)?)
+}
+
+async fn get_poll(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<PollJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, id)) = path?;
+    let a = shared
+        .groups
+        .commerce_object(&who, group_id, id, now_ms())
+        .await?;
+    ok(poll_json(a)?)
+}
+
+async fn close_poll(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<PollJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, id)) = path?;
+    let now = now_ms();
+    poll_json(
+        shared
+            .groups
+            .commerce_object(&who, group_id, id, now)
+            .await?,
+    )?;
+    ok(poll_json(
+        shared.groups.end_commerce(&who, group_id, id, now).await?,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_parses_and_names_every_route() {
+        let doc: serde_json::Value = serde_norway::from_str(OPENAPI_YAML).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for path in [
+            "/v1/products/{product_id}",
+            "/v1/groups/{group_id}/cards",
+            "/v1/groups/{group_id}/group-buys",
+            "/v1/groups/{group_id}/group-buys/{id}",
+            "/v1/groups/{group_id}/group-buys/{id}/cancel",
+            "/v1/groups/{group_id}/coupons",
+            "/v1/groups/{group_id}/coupons/{id}",
+            "/v1/groups/{group_id}/polls",
+            "/v1/groups/{group_id}/polls/{id}",
+            "/v1/groups/{group_id}/polls/{id}/close",
+        ] {
+            assert!(paths.contains_key(path), "{path} is not documented");
+        }
+        assert_eq!(paths.len(), 10, "a documented path is not served");
+    }
+
+    #[test]
+    fn statuses_follow_the_codes() {
+        let status = |c| ApiError::new(c, "").status();
+        assert_eq!(status(ErrorCode::WrongShop), StatusCode::FORBIDDEN);
+        assert_eq!(status(ErrorCode::UnknownObject), StatusCode::NOT_FOUND);
+        assert_eq!(status(ErrorCode::InvalidArgument), StatusCode::BAD_REQUEST);
+        assert_eq!(status(ErrorCode::TokenExpired), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            status(ErrorCode::Overloaded),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_a_time_or_a_duration_never_both() {
+        assert_eq!(when("deadline", 5, 0, 1).unwrap(), 5);
+        assert_eq!(when("deadline", 0, 5, 1).unwrap(), 6);
+        assert!(when("deadline", 5, 5, 1).is_err());
+        assert!(when("deadline", 0, 0, 1).is_err());
+    }
+}
