@@ -49,6 +49,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use qun_proto::v1 as proto;
 
+mod commerce;
 mod sequencer;
 pub use sequencer::{Sequencer, Step};
 

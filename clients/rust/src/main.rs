@@ -63,6 +63,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Product cards.
+    Card {
+        #[command(subcommand)]
+        command: CardCommand,
+    },
+    /// Group-buys (拼团).
+    #[command(name = "groupbuy")]
+    GroupBuy {
+        #[command(subcommand)]
+        command: GroupBuyCommand,
+    },
+    /// Coupons.
+    Coupon {
+        #[command(subcommand)]
+        command: CouponCommand,
+    },
+    /// Polls.
+    Poll {
+        #[command(subcommand)]
+        command: PollCommand,
+    },
     /// Stream live messages (joining the group if needed).
     Tail {
         group: u64,
@@ -88,6 +109,134 @@ enum GroupCommand {
         #[arg(long, default_value_t = 0)]
         max_members: u32,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CardCommand {
+    /// Create or update the product, then post its card; prints the seq.
+    Post {
+        group: u64,
+        #[arg(long)]
+        product: String,
+        #[arg(long)]
+        title: String,
+        /// Price in minor units (fen for CNY).
+        #[arg(long, allow_negative_numbers = true)]
+        price: i64,
+        #[arg(long, allow_negative_numbers = true)]
+        member_price: Option<i64>,
+        #[arg(long, default_value = "CNY")]
+        currency: String,
+        #[arg(long)]
+        stock: Option<u32>,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        link: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupBuyCommand {
+    /// Start a group-buy of a product of your shop; prints its id alone.
+    Start {
+        group: u64,
+        #[arg(long)]
+        product: String,
+        /// The group price in minor units.
+        #[arg(long, allow_negative_numbers = true)]
+        price: i64,
+        /// Buyers needed for the deal.
+        #[arg(long)]
+        target: u32,
+        /// Most buyers (the stock).
+        #[arg(long)]
+        slots: u32,
+        /// Time until the deadline, e.g. `10m` or `1h 30m`.
+        #[arg(long)]
+        ends_in: humantime::Duration,
+    },
+    /// Join; prints `joined`, `already-joined`, `sold-out`, `closed` or
+    /// `not-started`.
+    Join { group: u64, id: u64 },
+    /// Leave while open; prints `left`, `not-joined` or `closed`.
+    Leave { group: u64, id: u64 },
+    /// Print the state, joined count, slots and deadline.
+    Show {
+        group: u64,
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel (staff).
+    Cancel { group: u64, id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum CouponCommand {
+    /// Issue a coupon; prints its id alone.
+    Issue {
+        group: u64,
+        #[arg(long)]
+        title: String,
+        /// The discount in minor units.
+        #[arg(long, allow_negative_numbers = true)]
+        amount: i64,
+        /// The order total from which it applies, minor units.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        min_spend: i64,
+        #[arg(long, default_value = "CNY")]
+        currency: String,
+        /// How many in all.
+        #[arg(long)]
+        quantity: u32,
+        /// How many one buyer may claim.
+        #[arg(long, default_value_t = 1)]
+        per_buyer: u32,
+        /// Time until it expires, e.g. `7d`.
+        #[arg(long)]
+        expires_in: humantime::Duration,
+    },
+    /// Claim one; prints `claimed`, `exhausted`, `expired` or
+    /// `limit-reached`.
+    Claim { group: u64, id: u64 },
+    /// Print its state.
+    Show {
+        group: u64,
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PollCommand {
+    /// Open a poll; prints its id alone.
+    Open {
+        group: u64,
+        #[arg(long)]
+        question: String,
+        /// An option; give 2 to 10.
+        #[arg(long = "option", required = true)]
+        options: Vec<String>,
+        /// Time until it closes, e.g. `1d`.
+        #[arg(long)]
+        ends_in: humantime::Duration,
+        /// A buyer's first vote is final.
+        #[arg(long)]
+        r#final: bool,
+    },
+    /// Vote for an option (0-based); prints `voted` or `vote-closed`.
+    Vote { group: u64, id: u64, option: u32 },
+    /// Print the tallies.
+    Show {
+        group: u64,
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close now (staff); the final result is broadcast.
+    Close { group: u64, id: u64 },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -152,6 +301,10 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         }
         Command::Leave { group } => client.leave(group).await?,
         Command::Send { .. } => unreachable!("handled above"),
+        Command::Card { command } => card(&client, command).await?,
+        Command::GroupBuy { command } => group_buy(&client, command).await?,
+        Command::Coupon { command } => coupon(&client, command).await?,
+        Command::Poll { command } => poll(&client, command).await?,
         Command::History {
             group,
             before,
@@ -225,6 +378,209 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// A buyer's result as the CLI prints it: `already-joined`.
+fn result_name(a: &proto::CommerceAnswer) -> String {
+    a.result()
+        .as_str_name()
+        .trim_start_matches("COMMERCE_RESULT_")
+        .to_ascii_lowercase()
+        .replace('_', "-")
+}
+
+/// Milliseconds since the Unix epoch, `d` from now by the server's clock
+/// (measured with a ping first).
+async fn server_time_in(client: &Client, d: humantime::Duration) -> Result<u64, ClientError> {
+    client.ping().await?;
+    let now = u64::try_from(client.server_now_ms()).unwrap_or(0);
+    let d = u64::try_from(std::time::Duration::from(d).as_millis()).unwrap_or(u64::MAX);
+    Ok(now.saturating_add(d))
+}
+
+async fn card(client: &Client, command: CardCommand) -> Result<(), ClientError> {
+    let CardCommand::Post {
+        group,
+        product,
+        title,
+        price,
+        member_price,
+        currency,
+        stock,
+        image,
+        link,
+    } = command;
+    let req = proto::PostCard {
+        group_id: group,
+        product_id: product.clone(),
+        product: Some(proto::Product {
+            product_id: product,
+            title,
+            price_minor: price,
+            member_price_minor: member_price.unwrap_or(0),
+            currency,
+            stock_hint: stock.unwrap_or(0),
+            image_url: image.unwrap_or_default(),
+            link: link.unwrap_or_default(),
+            ..Default::default()
+        }),
+    };
+    println!("{}", client.post_card(req).await?.seq);
+    Ok(())
+}
+
+async fn group_buy(client: &Client, command: GroupBuyCommand) -> Result<(), ClientError> {
+    match command {
+        GroupBuyCommand::Start {
+            group,
+            product,
+            price,
+            target,
+            slots,
+            ends_in,
+        } => {
+            let req = proto::StartGroupBuy {
+                group_id: group,
+                product_id: product,
+                price_minor: price,
+                target,
+                slots,
+                starts_at_ms: 0,
+                deadline_ms: server_time_in(client, ends_in).await?,
+            };
+            println!("{}", client.start_group_buy(req).await?.seq);
+        }
+        GroupBuyCommand::Join { group, id } => {
+            println!("{}", result_name(&client.join_group_buy(group, id).await?));
+        }
+        GroupBuyCommand::Leave { group, id } => {
+            println!("{}", result_name(&client.leave_group_buy(group, id).await?));
+        }
+        GroupBuyCommand::Cancel { group, id } => {
+            let a = client.end_commerce(group, id).await?;
+            print_object(&a, false);
+        }
+        GroupBuyCommand::Show { group, id, json } => {
+            print_object(&client.commerce_object(group, id).await?, json);
+        }
+    }
+    Ok(())
+}
+
+async fn coupon(client: &Client, command: CouponCommand) -> Result<(), ClientError> {
+    match command {
+        CouponCommand::Issue {
+            group,
+            title,
+            amount,
+            min_spend,
+            currency,
+            quantity,
+            per_buyer,
+            expires_in,
+        } => {
+            let req = proto::IssueCoupon {
+                group_id: group,
+                title,
+                amount_minor: amount,
+                min_spend_minor: min_spend,
+                currency,
+                quantity,
+                per_buyer_limit: per_buyer,
+                expires_at_ms: server_time_in(client, expires_in).await?,
+            };
+            println!("{}", client.issue_coupon(req).await?.seq);
+        }
+        CouponCommand::Claim { group, id } => {
+            println!("{}", result_name(&client.claim_coupon(group, id).await?));
+        }
+        CouponCommand::Show { group, id, json } => {
+            print_object(&client.commerce_object(group, id).await?, json);
+        }
+    }
+    Ok(())
+}
+
+async fn poll(client: &Client, command: PollCommand) -> Result<(), ClientError> {
+    match command {
+        PollCommand::Open {
+            group,
+            question,
+            options,
+            ends_in,
+            r#final,
+        } => {
+            let req = proto::OpenPoll {
+                group_id: group,
+                question,
+                options,
+                deadline_ms: server_time_in(client, ends_in).await?,
+                votes_final: r#final,
+            };
+            println!("{}", client.open_poll(req).await?.seq);
+        }
+        PollCommand::Vote { group, id, option } => {
+            println!("{}", result_name(&client.vote(group, id, option).await?));
+        }
+        PollCommand::Show { group, id, json } => {
+            print_object(&client.commerce_object(group, id).await?, json);
+        }
+        PollCommand::Close { group, id } => {
+            print_object(&client.end_commerce(group, id).await?, false);
+        }
+    }
+    Ok(())
+}
+
+/// Prints a commerce object: one JSON object, or a line for people.
+fn print_object(a: &proto::CommerceAnswer, json: bool) {
+    use proto::commerce_answer::Object;
+    let v = match &a.object {
+        Some(Object::GroupBuy(g)) => json!({
+            "group_buy_id": g.group_buy_id,
+            "state": g.state().as_str_name().trim_start_matches("GROUP_BUY_STATE_").to_ascii_lowercase(),
+            "closed": g.closed,
+            "joined": g.joined,
+            "target": g.target,
+            "slots": g.slots,
+            "price_minor": g.price_minor,
+            "deadline_ms": g.deadline_ms,
+            "server_time_ms": a.server_time_ms,
+            "joined_by_you": a.joined_by_you,
+        }),
+        Some(Object::Coupon(c)) => json!({
+            "coupon_id": c.coupon_id,
+            "title": c.title,
+            "claimed": c.claimed,
+            "quantity": c.quantity,
+            "expires_at_ms": c.expires_at_ms,
+            "server_time_ms": a.server_time_ms,
+            "claimed_by_you": a.claimed_by_you,
+        }),
+        Some(Object::Poll(p)) => json!({
+            "poll_id": p.poll_id,
+            "question": p.question,
+            "options": p.options.iter().map(|o| json!({"text": o.text, "votes": o.votes})).collect::<Vec<_>>(),
+            "closed": p.closed,
+            "voters": p.voters,
+            "deadline_ms": p.deadline_ms,
+            "server_time_ms": a.server_time_ms,
+            "your_vote": a.your_vote,
+        }),
+        Some(Object::Product(p)) => json!({"product_id": p.product_id, "version": p.version}),
+        None => json!({}),
+    };
+    if json {
+        println!("{v}");
+        return;
+    }
+    match v.as_object() {
+        Some(fields) => {
+            let line: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{}", line.join(" "));
+        }
+        None => println!("{v}"),
+    }
+}
+
 /// Sends once, reconnecting and resending with the same client message id
 /// after connection failures (with a growing pause), so a flaky network
 /// never posts the message twice.
@@ -262,6 +618,7 @@ async fn send_with_retries(
 fn kind_name(kind: i32) -> &'static str {
     match proto::MessageKind::try_from(kind) {
         Ok(proto::MessageKind::Text) => "text",
+        Ok(proto::MessageKind::Commerce) => "commerce",
         _ => "unknown",
     }
 }

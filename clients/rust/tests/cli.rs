@@ -260,3 +260,176 @@ async fn send_is_idempotent_and_retries_until_the_server_is_back() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn card_group_buy_coupon_and_poll_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let fans: Vec<String> = (1..=3)
+        .map(|i| token(&key, &format!("fan{i}"), "buyer", None))
+        .collect();
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Launch"]).await)
+        .trim()
+        .to_string();
+    for fan in &fans {
+        stdout(&cli(&url, fan, &["join", &group]).await);
+    }
+    let seq = stdout(
+        &cli(
+            &url,
+            &agent,
+            &[
+                "card",
+                "post",
+                &group,
+                "--product",
+                "sku-1",
+                "--title",
+                "Phone X",
+                "--price",
+                "599900",
+                "--member-price",
+                "579900",
+                "--stock",
+                "500",
+            ],
+        )
+        .await,
+    );
+    assert!(seq.trim().parse::<u64>().is_ok(), "{seq:?}");
+    let id = stdout(
+        &cli(
+            &url,
+            &agent,
+            &[
+                "groupbuy",
+                "start",
+                &group,
+                "--product",
+                "sku-1",
+                "--price",
+                "499900",
+                "--target",
+                "2",
+                "--slots",
+                "2",
+                "--ends-in",
+                "10m",
+            ],
+        )
+        .await,
+    );
+    let id = id.trim();
+    assert!(id.parse::<u64>().is_ok(), "the id alone: {id:?}");
+    let join_args = ["groupbuy", "join", group.as_str(), id];
+    let join = |fan: usize| cli(&url, &fans[fan], &join_args);
+    assert_eq!(stdout(&join(0).await), "joined\n");
+    assert_eq!(stdout(&join(0).await), "already-joined\n");
+    assert_eq!(stdout(&join(1).await), "joined\n");
+    assert_eq!(stdout(&join(2).await), "sold-out\n");
+    let shown = stdout(&cli(&url, &agent, &["groupbuy", "show", &group, id, "--json"]).await);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["state"], "sold_out");
+    assert_eq!(
+        (shown["joined"].as_u64(), shown["slots"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert!(shown["deadline_ms"].as_u64().unwrap() > shown["server_time_ms"].as_u64().unwrap());
+
+    // A buyer posting a card: a clear error and a failing exit.
+    let refused = cli(
+        &url,
+        &fans[0],
+        &[
+            "card",
+            "post",
+            &group,
+            "--product",
+            "x",
+            "--title",
+            "x",
+            "--price",
+            "1",
+        ],
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("FORBIDDEN_ROLE"));
+    let negative = cli(
+        &url,
+        &agent,
+        &[
+            "card",
+            "post",
+            &group,
+            "--product",
+            "x",
+            "--title",
+            "x",
+            "--price",
+            "-5",
+        ],
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&negative.stderr).contains("INVALID_ARGUMENT"));
+
+    let coupon = stdout(
+        &cli(
+            &url,
+            &agent,
+            &[
+                "coupon",
+                "issue",
+                &group,
+                "--title",
+                "20 off",
+                "--amount",
+                "2000",
+                "--quantity",
+                "1",
+                "--expires-in",
+                "1h",
+            ],
+        )
+        .await,
+    );
+    let coupon = coupon.trim();
+    let claim_args = ["coupon", "claim", group.as_str(), coupon];
+    let claim = |fan: usize| cli(&url, &fans[fan], &claim_args);
+    assert_eq!(stdout(&claim(0).await), "claimed\n");
+    assert_eq!(stdout(&claim(0).await), "limit-reached\n");
+    assert_eq!(stdout(&claim(1).await), "exhausted\n");
+
+    let poll = stdout(
+        &cli(
+            &url,
+            &agent,
+            &[
+                "poll",
+                "open",
+                &group,
+                "--question",
+                "Next colour?",
+                "--option",
+                "red",
+                "--option",
+                "blue",
+                "--ends-in",
+                "1d",
+            ],
+        )
+        .await,
+    );
+    let poll = poll.trim();
+    assert_eq!(
+        stdout(&cli(&url, &fans[0], &["poll", "vote", &group, poll, "1"]).await),
+        "voted\n"
+    );
+    let tally = stdout(&cli(&url, &agent, &["poll", "show", &group, poll, "--json"]).await);
+    let tally: serde_json::Value = serde_json::from_str(&tally).unwrap();
+    assert_eq!(tally["options"][1]["votes"], 1);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}

@@ -115,6 +115,37 @@ impl TestServer {
         self.task.await.unwrap().unwrap();
     }
 
+    /// One HTTP request with an optional bearer token and JSON body;
+    /// returns the status and the body parsed as JSON.
+    pub async fn http_json(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {out:?}"));
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+        (status, json)
+    }
+
     pub async fn http_get(&self, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
