@@ -437,6 +437,44 @@ fn not_this_kind(kind: &str) -> ApiError {
 
 type Shared_ = State<Arc<Shared>>;
 
+/// Reads the object at `/v1/groups/{group_id}/…/{id}` as the kind that
+/// `convert` accepts (another kind is `UNKNOWN_OBJECT`).
+async fn read_object<T>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+    convert: fn(v1::CommerceAnswer) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let who = caller(shared, headers)?;
+    let Path((group_id, id)) = path?;
+    let a = shared
+        .groups
+        .commerce_object(&who, group_id, id, now_ms())
+        .await?;
+    convert(a)
+}
+
+/// Ends the object at the path (cancel a group-buy, close a poll), after
+/// checking it is the kind `convert` accepts: ending a poll through the
+/// group-buy route would be a surprise.
+async fn end_object<T>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+    convert: fn(v1::CommerceAnswer) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let who = caller(shared, headers)?;
+    let Path((group_id, id)) = path?;
+    let now = now_ms();
+    convert(
+        shared
+            .groups
+            .commerce_object(&who, group_id, id, now)
+            .await?,
+    )?;
+    convert(shared.groups.end_commerce(&who, group_id, id, now).await?)
+}
+
 async fn openapi() -> Response {
     static JSON: OnceLock<Result<serde_json::Value, String>> = OnceLock::new();
     match JSON.get_or_init(|| serde_norway::from_str(OPENAPI_YAML).map_err(|e| e.to_string())) {
@@ -537,13 +575,7 @@ async fn get_group_buy(
     headers: HeaderMap,
     path: Result<Path<(u64, u64)>, PathRejection>,
 ) -> ApiResult<GroupBuyJson> {
-    let who = caller(&shared, &headers)?;
-    let Path((group_id, id)) = path?;
-    let a = shared
-        .groups
-        .commerce_object(&who, group_id, id, now_ms())
-        .await?;
-    ok(group_buy_json(a)?)
+    ok(read_object(&shared, &headers, path, group_buy_json).await?)
 }
 
 async fn cancel_group_buy(
@@ -551,19 +583,7 @@ async fn cancel_group_buy(
     headers: HeaderMap,
     path: Result<Path<(u64, u64)>, PathRejection>,
 ) -> ApiResult<GroupBuyJson> {
-    let who = caller(&shared, &headers)?;
-    let Path((group_id, id)) = path?;
-    let now = now_ms();
-    // Check the kind first: ending a poll here would be a surprise.
-    group_buy_json(
-        shared
-            .groups
-            .commerce_object(&who, group_id, id, now)
-            .await?,
-    )?;
-    ok(group_buy_json(
-        shared.groups.end_commerce(&who, group_id, id, now).await?,
-    )?)
+    ok(end_object(&shared, &headers, path, group_buy_json).await?)
 }
 
 async fn issue_coupon(
@@ -596,13 +616,7 @@ async fn get_coupon(
     headers: HeaderMap,
     path: Result<Path<(u64, u64)>, PathRejection>,
 ) -> ApiResult<CouponJson> {
-    let who = caller(&shared, &headers)?;
-    let Path((group_id, id)) = path?;
-    let a = shared
-        .groups
-        .commerce_object(&who, group_id, id, now_ms())
-        .await?;
-    ok(coupon_json(a)?)
+    ok(read_object(&shared, &headers, path, coupon_json).await?)
 }
 
 async fn open_poll(
@@ -630,13 +644,7 @@ async fn get_poll(
     headers: HeaderMap,
     path: Result<Path<(u64, u64)>, PathRejection>,
 ) -> ApiResult<PollJson> {
-    let who = caller(&shared, &headers)?;
-    let Path((group_id, id)) = path?;
-    let a = shared
-        .groups
-        .commerce_object(&who, group_id, id, now_ms())
-        .await?;
-    ok(poll_json(a)?)
+    ok(read_object(&shared, &headers, path, poll_json).await?)
 }
 
 async fn close_poll(
@@ -644,18 +652,7 @@ async fn close_poll(
     headers: HeaderMap,
     path: Result<Path<(u64, u64)>, PathRejection>,
 ) -> ApiResult<PollJson> {
-    let who = caller(&shared, &headers)?;
-    let Path((group_id, id)) = path?;
-    let now = now_ms();
-    poll_json(
-        shared
-            .groups
-            .commerce_object(&who, group_id, id, now)
-            .await?,
-    )?;
-    ok(poll_json(
-        shared.groups.end_commerce(&who, group_id, id, now).await?,
-    )?)
+    ok(end_object(&shared, &headers, path, poll_json).await?)
 }
 
 #[cfg(test)]

@@ -1044,30 +1044,7 @@ impl Groups {
             if !ended {
                 return Ok(live.answer(who.user_id(), refused, 0, now_ms));
             }
-            live.dirty = false;
-            let object = live.to_event_object();
-            let record = live.record(group_id, object_id);
-            let posted = self.post_event(
-                &cell,
-                &mut g,
-                Event {
-                    author: Author::of(who),
-                    change: CommerceChange::State,
-                    object,
-                },
-                vec![WriteOp::PutObject(record)],
-                now_ms,
-            );
-            let (seq, rx) = match posted {
-                Ok(p) => p,
-                Err(e) => {
-                    // Nothing was queued: put the object back as it was.
-                    if let Some(live) = g.objects.get_mut(&object_id) {
-                        reopen(live);
-                    }
-                    return Err(e);
-                }
-            };
+            let (seq, rx) = self.post_closing(&cell, &mut g, object_id, Author::of(who), now_ms)?;
             let live = g
                 .objects
                 .get(&object_id)
@@ -1149,31 +1126,44 @@ impl Groups {
                     .add_deadline(live.due_ms(), group_id, object_id);
                 return Ok(false);
             }
-            live.dirty = false;
-            let object = live.to_event_object();
-            let record = live.record(group_id, object_id);
-            match self.post_event(
-                &cell,
-                &mut g,
-                Event {
-                    author: Author::system(),
-                    change: CommerceChange::State,
-                    object,
-                },
-                vec![WriteOp::PutObject(record)],
-                now_ms,
-            ) {
-                Ok((_, rx)) => rx,
-                Err(e) => {
-                    if let Some(live) = g.objects.get_mut(&object_id) {
-                        reopen(live);
-                    }
-                    return Err(e);
-                }
-            }
+            self.post_closing(&cell, &mut g, object_id, Author::system(), now_ms)?
+                .1
         };
         durable(rx).await?;
         Ok(true)
+    }
+
+    /// Under the group's lock, after `object_id` was just closed (ended
+    /// early or at its deadline): posts its STATE event with its record.
+    /// If the batch cannot be queued, the object is reopened, so nothing
+    /// changed.
+    fn post_closing(
+        &self,
+        cell: &Arc<GroupCell>,
+        g: &mut GroupState,
+        object_id: u64,
+        author: Author<'_>,
+        now_ms: u64,
+    ) -> Result<(u64, Durable), ChatError> {
+        let group_id = g.id();
+        let live = g
+            .objects
+            .get_mut(&object_id)
+            .ok_or_else(|| unknown(group_id, object_id))?;
+        live.dirty = false;
+        let event = Event {
+            author,
+            change: CommerceChange::State,
+            object: live.to_event_object(),
+        };
+        let record = live.record(group_id, object_id);
+        let posted = self.post_event(cell, g, event, vec![WriteOp::PutObject(record)], now_ms);
+        if posted.is_err()
+            && let Some(live) = g.objects.get_mut(&object_id)
+        {
+            reopen(live);
+        }
+        posted
     }
 
     /// Posts one object's progress if its interval has passed; `true` when
