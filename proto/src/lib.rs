@@ -42,6 +42,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The default largest frame, in bytes, that either side accepts.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// The ALPN protocol id of Qun over QUIC.
+pub const QUIC_ALPN: &[u8] = b"qun/1";
+
+/// Over QUIC every frame is preceded by its length as this many bytes,
+/// big-endian (see docs/protocol.md, "QUIC").
+pub const QUIC_LENGTH_PREFIX: usize = 4;
+
 /// The longest text message, in bytes of UTF-8.
 pub const MAX_TEXT_BYTES: usize = 4096;
 

@@ -1,6 +1,8 @@
 //! The Rust client for Qun.
 //!
-//! [`Client`] speaks Qun's WebSocket protocol: it connects, authenticates
+//! [`Client`] speaks Qun's protocol over WebSocket (`ws://host:port/ws`) or
+//! QUIC (`quic://host:port`, with [`ClientOptions::cert_sha256`]): it
+//! connects, authenticates
 //! with a token, sends requests and matches answers to them by request id,
 //! and hands pushed messages to the caller as [`Event`]s, per group in seq
 //! order. Tests, the load tester and `qun-cli` all use it.
@@ -40,18 +42,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ClientFrame, ErrorCode, ServerFrame, decode_server_frame, encode_client_frame};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use qun_proto::v1 as proto;
 
 mod commerce;
 mod sequencer;
+mod transport;
+
 pub use sequencer::{Sequencer, Step};
+use transport::{Incoming, Outbound};
 
 /// The largest server frame the client accepts (a full history page of
 /// 4 KiB messages fits easily).
@@ -76,6 +79,14 @@ pub struct ClientOptions {
     /// What to do with pushes when `event_buffer` is full because the
     /// caller is not calling [`Client::next_event`].
     pub full_buffer: FullBuffer,
+    /// For `quic://` URLs: the SHA-256 of the server's certificate, in hex
+    /// (as `qun serve` prints it). The connection is refused unless the
+    /// server shows exactly that certificate.
+    pub cert_sha256: Option<String>,
+    /// For `quic://` URLs: accept any server certificate. For development
+    /// against a self-signed certificate only: anyone on the path could
+    /// pose as the server.
+    pub insecure_dev_cert: bool,
 }
 
 /// What a [`Client`] does when its event buffer is full.
@@ -99,6 +110,8 @@ impl Default for ClientOptions {
             heartbeat: Some(Duration::from_secs(30)),
             client_name: format!("qun-client/{}", env!("CARGO_PKG_VERSION")),
             full_buffer: FullBuffer::DropAndResume,
+            cert_sha256: None,
+            insecure_dev_cert: false,
         }
     }
 }
@@ -160,6 +173,9 @@ pub enum ClientError {
     /// The server sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A local socket operation failed (e.g. [`Client::rebind`]).
+    #[error("local socket: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl ClientError {
@@ -248,7 +264,7 @@ type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 /// The sending side of a connection, shared with the heartbeat task.
 #[derive(Debug)]
 struct Link {
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Outbound>,
     waiters: Waiters,
     next_id: AtomicU64,
     /// Server clock minus local clock, in ms, from the last pong.
@@ -271,7 +287,7 @@ impl Link {
         };
         if self
             .out
-            .send(Message::Binary(encode_client_frame(&frame)))
+            .send(Outbound::Frame(encode_client_frame(&frame)))
             .await
             .is_err()
         {
@@ -344,6 +360,8 @@ pub struct Client {
     welcome: v1::Welcome,
     timeout: Duration,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+    /// The QUIC endpoint, for [`Client::rebind`].
+    quic: Option<quinn::Endpoint>,
 }
 
 impl Drop for Client {
@@ -415,27 +433,13 @@ impl Client {
     }
 
     async fn open(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_SERVER_FRAME))
-            .max_frame_size(Some(MAX_SERVER_FRAME));
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
-            .await
-            .map_err(|e| ClientError::Connect {
-                url: url.to_string(),
-                detail: e.to_string(),
-            })?;
-        let (mut sink, mut stream) = ws.split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Message>(256);
+        let transport::Opened {
+            out: out_tx,
+            incoming: mut stream,
+            quic,
+        } = transport::open(url, options).await?;
         let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
         let waiters: Waiters = Arc::default();
-        tokio::spawn(async move {
-            while let Some(msg) = out_rx.recv().await {
-                if sink.send(msg).await.is_err() {
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
         let reader_waiters = waiters.clone();
         let full_buffer = options.full_buffer;
         tokio::spawn(async move {
@@ -455,16 +459,10 @@ impl Client {
                 } else {
                     stream.next().await
                 };
-                let msg = match next {
-                    Some(Ok(m)) => m,
-                    Some(Err(_)) | None => break None,
-                };
-                let bytes = match msg {
-                    Message::Binary(b) => b,
-                    Message::Close(frame) => {
-                        break frame.map(|f| (u16::from(f.code), f.reason.to_string()));
-                    }
-                    _ => continue,
+                let bytes = match next {
+                    Some(Incoming::Frame(b)) => b,
+                    Some(Incoming::Closed(how)) => break how,
+                    None => break None,
                 };
                 let Ok(frame) = decode_server_frame(&bytes) else {
                     continue;
@@ -533,6 +531,7 @@ impl Client {
             welcome: v1::Welcome::default(),
             timeout: options.timeout,
             heartbeat: None,
+            quic,
         })
     }
 
@@ -592,26 +591,48 @@ impl Client {
         }
     }
 
-    /// Sends raw bytes as one binary WebSocket message (for protocol tests).
+    /// Moves a QUIC connection to a new local UDP socket (a new port), as
+    /// a phone's address changes when it leaves Wi-Fi for cellular. The
+    /// connection carries on: no new handshake, no new `Hello`, the same
+    /// subscriptions. Returns the new local address.
+    ///
+    /// # Errors
+    /// [`ClientError::Protocol`] on a WebSocket connection,
+    /// [`ClientError::Io`] when no socket can be bound.
+    pub fn rebind(&self) -> Result<std::net::SocketAddr, ClientError> {
+        let endpoint = self
+            .quic
+            .as_ref()
+            .ok_or_else(|| ClientError::Protocol("rebind needs a quic:// connection".into()))?;
+        let old = endpoint.local_addr()?;
+        let socket = std::net::UdpSocket::bind((old.ip(), 0))?;
+        let new = socket.local_addr()?;
+        endpoint.rebind(socket)?;
+        Ok(new)
+    }
+
+    /// Sends raw bytes as one frame: a binary WebSocket message, or one
+    /// length-prefixed QUIC frame (for protocol tests).
     ///
     /// # Errors
     /// [`ClientError::Closed`].
     pub async fn send_raw(&self, bytes: Bytes) -> Result<(), ClientError> {
         self.link
             .out
-            .send(Message::Binary(bytes))
+            .send(Outbound::Frame(bytes))
             .await
             .map_err(|_| ClientError::Closed)
     }
 
-    /// Sends a text WebSocket message (which the server refuses; for tests).
+    /// Sends a text WebSocket message (which the server refuses; for
+    /// tests). Over QUIC there is no such thing and nothing is sent.
     ///
     /// # Errors
     /// [`ClientError::Closed`].
     pub async fn send_text_frame(&self, text: &str) -> Result<(), ClientError> {
         self.link
             .out
-            .send(Message::text(text))
+            .send(Outbound::Text(text.to_string()))
             .await
             .map_err(|_| ClientError::Closed)
     }

@@ -53,6 +53,7 @@ async fn create_join_send_reply_history_and_tail() {
         data_dir: dir.path().to_path_buf(),
         ws_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
+        quic_listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
     let key = TokenKey::load_or_create(dir.path()).unwrap();
@@ -162,6 +163,7 @@ async fn start_server(
         data_dir: dir.to_path_buf(),
         ws_listen: ws_listen.parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
+        quic_listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
     let listeners = Listeners::bind(&config).await.unwrap();

@@ -1,0 +1,315 @@
+//! The two ways to reach a server: WebSocket (`ws://`) and QUIC
+//! (`quic://`). Both give the client the same thing: a queue for encoded
+//! client frames and a stream of server frames ending with how the
+//! connection closed. docs/protocol.md describes both framings.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::BoxStream;
+use futures_util::{SinkExt as _, StreamExt as _};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::{ClientError, ClientOptions, MAX_SERVER_FRAME};
+
+/// What the client sends.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// An encoded frame (or raw bytes, for protocol tests).
+    Frame(Bytes),
+    /// A WebSocket text message (for tests; not possible over QUIC).
+    Text(String),
+}
+
+/// What the client receives.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// One server frame.
+    Frame(Bytes),
+    /// The connection ended, with the server's close code and reason when
+    /// it sent one.
+    Closed(Option<(u16, String)>),
+}
+
+/// An open connection, before `Hello`.
+pub(crate) struct Opened {
+    pub(crate) out: mpsc::Sender<Outbound>,
+    pub(crate) incoming: BoxStream<'static, Incoming>,
+    /// The QUIC endpoint, kept to move the connection to a new socket.
+    pub(crate) quic: Option<quinn::Endpoint>,
+}
+
+/// Connects to `url`: `ws://…` or `quic://host:port`.
+pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<Opened, ClientError> {
+    let failed = |detail: String| ClientError::Connect {
+        url: url.to_string(),
+        detail,
+    };
+    match url.strip_prefix("quic://") {
+        Some(rest) => open_quic(rest.trim_end_matches('/'), options)
+            .await
+            .map_err(failed),
+        None => open_ws(url).await.map_err(failed),
+    }
+}
+
+async fn open_ws(url: &str) -> Result<Opened, String> {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_SERVER_FRAME))
+        .max_frame_size(Some(MAX_SERVER_FRAME));
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sink, stream) = ws.split();
+    let (out, mut out_rx) = mpsc::channel::<Outbound>(256);
+    tokio::spawn(async move {
+        while let Some(item) = out_rx.recv().await {
+            let msg = match item {
+                Outbound::Frame(b) => Message::Binary(b),
+                Outbound::Text(t) => Message::text(t),
+            };
+            if sink.send(msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let incoming = stream
+        .filter_map(|msg| async move {
+            match msg {
+                Ok(Message::Binary(b)) => Some(Incoming::Frame(b)),
+                Ok(Message::Close(frame)) => Some(Incoming::Closed(
+                    frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                )),
+                Ok(_) => None,
+                Err(_) => Some(Incoming::Closed(None)),
+            }
+        })
+        .boxed();
+    Ok(Opened {
+        out,
+        incoming,
+        quic: None,
+    })
+}
+
+/// How the client trusts the server's QUIC certificate.
+fn trust_key(options: &ClientOptions) -> Result<Option<[u8; 32]>, String> {
+    if options.insecure_dev_cert {
+        return Ok(None);
+    }
+    let Some(hex) = &options.cert_sha256 else {
+        return Err(
+            "quic:// needs the server certificate's SHA-256 (printed by `qun serve`; \
+             --cert-fingerprint) or, for development only, --insecure-dev-cert"
+                .into(),
+        );
+    };
+    let hex = hex.trim().replace(':', "").to_ascii_lowercase();
+    let bytes: Result<Vec<u8>, _> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect();
+    match bytes.ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+        Some(pin) => Ok(Some(pin)),
+        None => Err(format!(
+            "{hex:?} is not a SHA-256 fingerprint (64 hex digits)"
+        )),
+    }
+}
+
+/// Trusts exactly one certificate, by the SHA-256 of its DER (or, with no
+/// pin, any certificate: development only). Handshake signatures are
+/// still verified, so the server must hold the certificate's key.
+#[derive(Debug)]
+struct PinnedCert {
+    pin: Option<[u8; 32]>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pin {
+            Some(pin) if Sha256::digest(end_entity.as_ref()).as_slice() != pin => {
+                Err(rustls::Error::General(
+                    "the server's certificate does not match the pinned SHA-256".into(),
+                ))
+            }
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// One QUIC client configuration per trust, for the whole process: its
+/// TLS session cache lets a reconnect resume the session (one round trip
+/// less). 0-RTT is not used: early data could be replayed.
+fn quic_config(pin: Option<[u8; 32]>) -> Result<quinn::ClientConfig, String> {
+    static CONFIGS: OnceLock<Mutex<HashMap<Option<[u8; 32]>, quinn::ClientConfig>>> =
+        OnceLock::new();
+    let mut configs = CONFIGS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(c) = configs.get(&pin) {
+        return Ok(c.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedCert {
+        pin,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![qun_proto::QUIC_ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // Keeps NAT bindings and the server's idle timer fresh between pings.
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    config.transport_config(Arc::new(transport));
+    configs.insert(pin, config.clone());
+    Ok(config)
+}
+
+/// A local UDP socket suited to reaching `server`.
+pub(crate) fn local_socket(server: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(a) if a.ip().is_loopback() => "127.0.0.1:0",
+        SocketAddr::V4(_) => "0.0.0.0:0",
+        SocketAddr::V6(a) if a.ip().is_loopback() => "[::1]:0",
+        SocketAddr::V6(_) => "[::]:0",
+    }
+    .parse()
+    .map_err(std::io::Error::other)?;
+    std::net::UdpSocket::bind(local)
+}
+
+async fn open_quic(authority: &str, options: &ClientOptions) -> Result<Opened, String> {
+    let config = quic_config(trust_key(options)?)?;
+    let server = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{authority} resolves to no address"))?;
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let socket = local_socket(server).map_err(|e| e.to_string())?;
+    let runtime = quinn::default_runtime().ok_or("no async runtime")?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .map_err(|e| e.to_string())?;
+    let connection = endpoint
+        .connect_with(config, server, host)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, answers) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    let (out, mut out_rx) = mpsc::channel::<Outbound>(256);
+    {
+        let connection = connection.clone();
+        tokio::spawn(async move {
+            while let Some(item) = out_rx.recv().await {
+                let Outbound::Frame(frame) = item else {
+                    continue; // text messages do not exist over QUIC
+                };
+                let Ok(len) = u32::try_from(frame.len()) else {
+                    continue;
+                };
+                let mut chunks = [Bytes::copy_from_slice(&len.to_be_bytes()), frame];
+                if send.write_all_chunks(&mut chunks).await.is_err() {
+                    break;
+                }
+            }
+            // The client is done: deliver what was written, then leave.
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            connection.close(quinn::VarInt::from_u32(1000), b"");
+        });
+    }
+    let pushes = {
+        let connection = connection.clone();
+        futures_util::stream::once(async move { connection.accept_uni().await.ok() })
+            .filter_map(|r| async move { r })
+            .flat_map(frames)
+    };
+    let closed = futures_util::stream::once(async move {
+        match connection.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => Incoming::Closed(Some((
+                u16::try_from(c.error_code.into_inner()).unwrap_or(u16::MAX),
+                String::from_utf8_lossy(&c.reason).into_owned(),
+            ))),
+            _ => Incoming::Closed(None),
+        }
+    });
+    let incoming = futures_util::stream::select(frames(answers), pushes)
+        .chain(closed)
+        .boxed();
+    Ok(Opened {
+        out,
+        incoming,
+        quic: Some(endpoint),
+    })
+}
+
+/// The server's frames on one QUIC stream, cut by their length prefix;
+/// ends at the stream's end or on an error.
+fn frames(recv: quinn::RecvStream) -> BoxStream<'static, Incoming> {
+    futures_util::stream::unfold(recv, |mut recv| async move {
+        let mut prefix = [0u8; qun_proto::QUIC_LENGTH_PREFIX];
+        recv.read_exact(&mut prefix).await.ok()?;
+        let size = u32::from_be_bytes(prefix) as usize;
+        if size > MAX_SERVER_FRAME {
+            return None;
+        }
+        let mut frame = BytesMut::zeroed(size);
+        recv.read_exact(&mut frame).await.ok()?;
+        Some((Incoming::Frame(frame.freeze()), recv))
+    })
+    .boxed()
+}
