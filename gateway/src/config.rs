@@ -18,8 +18,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address of the WebSocket listener (path `/ws`).
     pub ws_listen: SocketAddr,
-    /// Address of the HTTP listener (`/healthz`, `/metrics`).
+    /// Address of the HTTP listener (`/healthz`, `/metrics`, merchant API).
     pub http_listen: SocketAddr,
+    /// Address of the QUIC listener (UDP, ALPN `qun/1`).
+    pub quic_listen: SocketAddr,
+    /// PEM certificate chain for QUIC; empty: a self-signed development
+    /// certificate in the data dir (created on first start).
+    pub quic_cert: String,
+    /// PEM private key of `quic_cert`.
+    pub quic_key: String,
     /// Largest client frame accepted, in bytes. Larger frames are answered
     /// with `FRAME_TOO_LARGE` and the connection is closed.
     pub max_frame_bytes: usize,
@@ -86,6 +93,9 @@ impl Default for Config {
             data_dir: PathBuf::from("./qun-data"),
             ws_listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7780)),
+            quic_listen: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            quic_cert: String::new(),
+            quic_key: String::new(),
             max_frame_bytes: qun_proto::DEFAULT_MAX_FRAME_BYTES,
             outbox_max_frames: 1024,
             outbox_max_bytes: 512 * 1024,
@@ -140,6 +150,8 @@ pub struct Overrides {
     pub ws_listen: Option<String>,
     /// `--http-listen`.
     pub http_listen: Option<String>,
+    /// `--quic-listen`.
+    pub quic_listen: Option<String>,
 }
 
 impl Config {
@@ -208,6 +220,7 @@ impl Config {
         );
         set("ws_listen", flags.ws_listen.clone());
         set("http_listen", flags.http_listen.clone());
+        set("quic_listen", flags.quic_listen.clone());
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
@@ -258,6 +271,9 @@ impl Config {
                     .into(),
             );
         }
+        if self.quic_cert.is_empty() != self.quic_key.is_empty() {
+            return bad("quic_cert and quic_key go together: set both or neither".into());
+        }
         if self.idle_timeout_ms < 1_000 {
             return bad("idle_timeout_ms must be at least 1000".into());
         }
@@ -300,6 +316,7 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.ws_listen.to_string(), "127.0.0.1:7700");
         assert_eq!(c.http_listen.to_string(), "127.0.0.1:7780");
+        assert_eq!(c.quic_listen.to_string(), "127.0.0.1:7701");
         assert_eq!(c.data_dir, PathBuf::from("./qun-data"));
         assert_eq!(c.max_frame_bytes, 64 * 1024);
     }

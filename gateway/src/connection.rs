@@ -1,11 +1,15 @@
-//! One WebSocket connection: handshake, `Hello`, then requests and pushes.
+//! One connection: `Hello`, then requests and pushes, over any transport.
 //!
-//! Each connection is two tasks. The *reader* (this module's [`serve`])
-//! decodes frames and runs requests; the *writer* ([`write_loop`]) owns the
-//! socket's sending half and writes two streams: answers to this
-//! connection's requests (a bounded channel; never dropped) and pushes from
-//! groups (the connection's [`Outbox`]; dropped as a whole when the phone
-//! falls behind, and reported as `OutOfSync`).
+//! [`serve`] does the WebSocket handshake; `crate::quic` sets up a QUIC
+//! connection. Both hand a stream of [`Inbound`] frames and a [`FrameSink`]
+//! to [`run`], the one session loop.
+//!
+//! Each connection is two tasks. The *reader* ([`run`]) decodes frames and
+//! runs requests; the *writer* ([`write_loop`]) owns the sending side and
+//! writes two flows: answers to this connection's requests (a bounded
+//! channel; never dropped) and pushes from groups (the connection's
+//! [`Outbox`]; dropped as a whole when the phone falls behind, and reported
+//! as `OutOfSync`).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -13,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, SplitSink};
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::Stream;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use qun_chat_core::{
     ChatError, ConnId, Empty, Identity, MAX_RESUME_CURSORS, NewGroup, NewMessage, Outbox, Outgoing,
     Subscriber,
@@ -23,16 +28,14 @@ use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ServerFrame, decode_client_frame, encode_server_frame};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument as _;
 
 use crate::error::RequestError;
 use crate::server::Shared;
+use crate::transport::{FrameSink, Inbound, Lane, WsSink, close, ws_inbound};
 
 /// The WebSocket path.
 pub const WS_PATH: &str = "/ws";
@@ -40,9 +43,9 @@ pub const WS_PATH: &str = "/ws";
 /// Answers queued for the writer, per connection.
 const ANSWER_QUEUE: usize = 64;
 
-/// WebSocket close code for a connection the server heard nothing from for
+/// Close code for a connection the server heard nothing from for
 /// `idle_timeout_ms` (4000-4999 are for applications).
-pub const IDLE_CLOSE_CODE: u16 = 4000;
+pub const IDLE_CLOSE_CODE: u16 = close::IDLE;
 
 /// What the reader asks the writer to do.
 #[derive(Debug)]
@@ -50,7 +53,7 @@ enum WriterCmd {
     /// Write this encoded frame.
     Frame(Bytes),
     /// Write a close frame and stop.
-    Close(CloseCode, String),
+    Close(u16, String),
 }
 
 /// Milliseconds since the Unix epoch: the server's clock, read only here
@@ -61,7 +64,8 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Serves one accepted TCP connection until it closes or the server stops.
+/// Serves one accepted TCP connection (WebSocket) until it closes or the
+/// server stops.
 pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) {
     let metrics = &shared.metrics;
     let ws_config = WebSocketConfig::default()
@@ -96,8 +100,21 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
             return;
         }
     };
-    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let (sink, source) = ws.split();
+    run(source.map(ws_inbound), WsSink(sink), conn, shared).await;
+}
+
+/// The session of one connection, whatever its transport: reads frames
+/// from `source`, runs them, and writes answers and pushes to `sink` until
+/// the client leaves, a fatal error, or shutdown.
+pub(crate) async fn run(
+    source: impl Stream<Item = Inbound> + Unpin + Send,
+    sink: impl FrameSink,
+    conn: ConnId,
+    shared: Arc<Shared>,
+) {
+    let metrics = &shared.metrics;
+    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let outbox = Outbox::with_peak_gauge(
         shared.outbox_limits,
         shared.metrics.outbox_peak_bytes.clone(),
@@ -136,8 +153,6 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
     tracing::debug!("connection closed");
 }
 
-type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
-type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
 type Answer = (u64, Result<Body, RequestError>);
 
 struct Session {
@@ -158,7 +173,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Session {
     /// Reads until the peer leaves, a fatal error, or shutdown. Returns the
     /// close frame to send, if any.
-    async fn read_loop(&mut self, mut source: Source) -> Option<(CloseCode, String)> {
+    async fn read_loop(
+        &mut self,
+        mut source: impl Stream<Item = Inbound> + Unpin,
+    ) -> Option<(u16, String)> {
         let shared = self.shared.clone();
         let max_in_flight = shared.config.max_in_flight;
         let mut in_flight: FuturesUnordered<futures_util::future::BoxFuture<'static, Answer>> =
@@ -173,12 +191,12 @@ impl Session {
             tokio::select! {
                 () = shared.shutdown.cancelled() => break Some(self.going_away().await),
                 () = &mut hello_deadline, if self.identity.is_none() => {
-                    break Some((CloseCode::Policy, "no Hello in time".into()));
+                    break Some((close::POLICY, "no Hello in time".into()));
                 }
                 () = &mut idle => {
                     shared.metrics.idle_closed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("idle timeout");
-                    break Some((CloseCode::Library(IDLE_CLOSE_CODE), "idle timeout".into()));
+                    break Some((IDLE_CLOSE_CODE, "idle timeout".into()));
                 }
                 Some((request_id, answer)) = in_flight.next(), if !in_flight.is_empty() => {
                     if !self.answer(request_id, answer).await {
@@ -207,7 +225,7 @@ impl Session {
         close
     }
 
-    async fn going_away(&self) -> (CloseCode, String) {
+    async fn going_away(&self) -> (u16, String) {
         let hint = self.shared.config.reconnect_hint_ms;
         let reason = format!("server shutting down; reconnect in {hint} ms");
         let frame = ServerFrame {
@@ -220,7 +238,7 @@ impl Session {
         let _ = self
             .tx
             .try_send(WriterCmd::Frame(encode_server_frame(&frame)));
-        (CloseCode::Away, reason)
+        (close::GOING_AWAY, reason)
     }
 
     /// Sends an answer; `false` when the writer is gone.
@@ -244,21 +262,18 @@ impl Session {
             .is_ok()
     }
 
-    async fn on_message(&mut self, incoming: Result<Message, WsError>) -> Step {
+    async fn on_message(&mut self, incoming: Inbound) -> Step {
         let bytes = match incoming {
-            Ok(Message::Binary(b)) => b,
-            Ok(Message::Text(_)) => return self.refuse(0, RequestError::TextFrame).await,
-            Ok(Message::Close(_)) => return Step::Gone,
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => return Step::Continue,
-            Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
-                let e = RequestError::FrameTooLarge {
-                    size,
-                    max: max_size,
-                };
+            Inbound::Frame(b) => b,
+            Inbound::Text => return self.refuse(0, RequestError::TextFrame).await,
+            Inbound::Closed => return Step::Gone,
+            Inbound::Ignore => return Step::Continue,
+            Inbound::TooLarge { size, max } => {
+                let e = RequestError::FrameTooLarge { size, max };
                 self.answer(0, Err(e)).await;
-                return Step::Close(CloseCode::Size, "frame too large".into());
+                return Step::Close(close::TOO_LARGE, "frame too large".into());
             }
-            Err(e) => {
+            Inbound::Failed(e) => {
                 tracing::debug!(error = %e, "read failed");
                 return Step::Gone;
             }
@@ -416,7 +431,7 @@ impl Session {
             return Step::Gone;
         }
         if fatal {
-            Step::Close(CloseCode::Policy, "send Hello first".into())
+            Step::Close(close::POLICY, "send Hello first".into())
         } else {
             Step::Continue
         }
@@ -431,14 +446,14 @@ impl Session {
         if hello.protocol_version != qun_proto::PROTOCOL_VERSION {
             let e = RequestError::UnsupportedVersion(hello.protocol_version);
             self.answer(request_id, Err(e)).await;
-            return Step::Close(CloseCode::Protocol, "unsupported protocol version".into());
+            return Step::Close(close::PROTOCOL, "unsupported protocol version".into());
         }
         let who = match self.shared.key.verify(&hello.token, now_ms() / 1000) {
             Ok(who) => who,
             Err(e) => {
                 tracing::info!(error = %e, "token refused");
                 self.answer(request_id, Err(e.into())).await;
-                return Step::Close(CloseCode::Policy, "token refused".into());
+                return Step::Close(close::POLICY, "token refused".into());
             }
         };
         tracing::Span::current().record("user", who.user_id());
@@ -582,14 +597,14 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
 enum Step {
     Continue,
     Wait(futures_util::future::BoxFuture<'static, Answer>),
-    Close(CloseCode, String),
+    Close(u16, String),
     Gone,
 }
 
 /// The writer task: answers first, then pushes; batches whatever is ready
 /// into one flush.
 async fn write_loop(
-    mut sink: Sink,
+    mut sink: impl FrameSink,
     mut rx: mpsc::Receiver<WriterCmd>,
     outbox: Outbox,
     shared: Arc<Shared>,
@@ -612,10 +627,9 @@ async fn write_loop(
         let mut written = 0u64;
         // Write everything already waiting, then flush once.
         while let Some(item) = next.take() {
-            let msg = match item {
-                Next::Cmd(WriterCmd::Frame(b)) | Next::Push(Outgoing::Frame(b)) => {
-                    Message::Binary(b)
-                }
+            let (lane, frame) = match item {
+                Next::Cmd(WriterCmd::Frame(b)) => (Lane::Answer, b),
+                Next::Push(Outgoing::Frame(b)) => (Lane::Push, b),
                 Next::Push(Outgoing::OutOfSync { dropped }) => {
                     metrics.out_of_sync_sent.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
@@ -626,21 +640,15 @@ async fn write_loop(
                         request_id: 0,
                         body: Some(Body::OutOfSync(v1::OutOfSync { dropped })),
                     };
-                    Message::Binary(encode_server_frame(&frame))
+                    (Lane::Push, encode_server_frame(&frame))
                 }
                 Next::Cmd(WriterCmd::Close(code, reason)) => {
-                    let _ = sink.flush().await;
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        })))
-                        .await;
                     metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+                    sink.close(code, reason).await;
                     return;
                 }
             };
-            if sink.feed(msg).await.is_err() {
+            if sink.feed(lane, frame).await.is_err() {
                 return;
             }
             written += 1;
@@ -665,7 +673,7 @@ async fn write_loop(
             return;
         }
     }
-    let _ = sink.close().await;
+    sink.shutdown().await;
 }
 
 enum Next {

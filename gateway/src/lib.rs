@@ -9,7 +9,9 @@
 //! - [`auth`]: HS256 tokens and the key that signs them.
 //! - [`server`]: [`run`] — binds nothing itself; takes [`Listeners`] and a
 //!   shutdown token, so tests run the real server on port 0.
-//! - `connection`: one WebSocket connection (a reader task and a writer task).
+//! - `connection`: one connection's session (a reader task and a writer
+//!   task), whatever its transport; [`transport`]: what a transport gives
+//!   it; [`quic`]: the QUIC listener and framing.
 //! - `http`: `/healthz` and `/metrics`.
 //! - [`metrics`]: Prometheus counters.
 //!
@@ -33,7 +35,9 @@ pub mod error;
 mod http;
 mod merchant_api;
 pub mod metrics;
+pub mod quic;
 pub mod server;
+pub mod transport;
 
 pub use config::{Config, ConfigError, Overrides};
 pub use connection::{IDLE_CLOSE_CODE, WS_PATH};

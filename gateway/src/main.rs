@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the server (embedded store, WebSocket and HTTP listeners).
+    /// Run the server (embedded store, WebSocket, QUIC and HTTP listeners).
     Serve {
         #[command(flatten)]
         common: CommonFlags,
@@ -32,6 +32,9 @@ enum Command {
         /// HTTP listen address for /healthz and /metrics [default: 127.0.0.1:7780].
         #[arg(long)]
         http_listen: Option<String>,
+        /// QUIC listen address (UDP) [default: 127.0.0.1:7701].
+        #[arg(long)]
+        quic_listen: Option<String>,
     },
     /// Print a token signed with the server's key.
     Token {
@@ -69,11 +72,13 @@ fn load_config(
     common: &CommonFlags,
     ws_listen: Option<String>,
     http_listen: Option<String>,
+    quic_listen: Option<String>,
 ) -> Result<Config, ExitCode> {
     let overrides = Overrides {
         data_dir: common.data_dir.clone(),
         ws_listen,
         http_listen,
+        quic_listen,
     };
     Config::load(common.config.as_deref(), std::env::vars(), &overrides).map_err(|e| {
         eprintln!("qun: {e}");
@@ -94,8 +99,9 @@ fn main() -> ExitCode {
             common,
             ws_listen,
             http_listen,
+            quic_listen,
         } => {
-            let config = match load_config(&common, ws_listen, http_listen) {
+            let config = match load_config(&common, ws_listen, http_listen, quic_listen) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -109,7 +115,7 @@ fn main() -> ExitCode {
             shop,
             ttl,
         } => {
-            let config = match load_config(&common, None, None) {
+            let config = match load_config(&common, None, None, None) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -138,10 +144,12 @@ fn serve(config: Config) -> anyhow::Result<()> {
         // One line on stdout with the bound addresses, for scripts and tests
         // that listen on port 0 (logs go to stderr).
         println!(
-            "qun listening ws=ws://{}{} http={}",
+            "qun listening ws=ws://{}{} http={} quic=quic://{} cert_sha256={}",
             listeners.ws_addr()?,
             qun_gateway::WS_PATH,
-            listeners.http_addr()?
+            listeners.http_addr()?,
+            listeners.quic_addr()?,
+            listeners.quic_fingerprint()
         );
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub out_of_sync_sent: AtomicU64,
     /// Connections closed for idleness.
     pub idle_closed: AtomicU64,
+    /// QUIC connections set up.
+    pub quic_connections: AtomicU64,
     /// The most bytes any one connection's outbox has held.
     pub outbox_peak_bytes: Arc<AtomicU64>,
 }
@@ -56,6 +58,12 @@ impl Metrics {
             "gauge",
             "Connections open now.",
             self.connections_open.load(Relaxed),
+        );
+        put(
+            "qun_quic_connections_total",
+            "counter",
+            "QUIC connections set up (handshake and streams done).",
+            self.quic_connections.load(Relaxed),
         );
         put(
             "qun_connections_refused_total",

@@ -25,13 +25,16 @@ pub struct Listeners {
     pub ws: TcpListener,
     /// HTTP listener.
     pub http: TcpListener,
+    /// QUIC endpoint (UDP) with its certificate.
+    pub quic: crate::quic::QuicListener,
 }
 
 impl Listeners {
     /// Binds the addresses of `config`.
     ///
     /// # Errors
-    /// [`ServerError::Bind`] naming the address that could not be bound.
+    /// [`ServerError::Bind`] naming the address that could not be bound,
+    /// [`ServerError::Quic`] when the QUIC certificate or socket is wrong.
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -41,6 +44,7 @@ impl Listeners {
         Ok(Self {
             ws: bind(config.ws_listen).await?,
             http: bind(config.http_listen).await?,
+            quic: crate::quic::QuicListener::bind(config)?,
         })
     }
 
@@ -50,6 +54,19 @@ impl Listeners {
     /// The OS error, if the socket has none.
     pub fn ws_addr(&self) -> std::io::Result<SocketAddr> {
         self.ws.local_addr()
+    }
+
+    /// The QUIC (UDP) address actually bound.
+    ///
+    /// # Errors
+    /// The OS error, if the socket has none.
+    pub fn quic_addr(&self) -> std::io::Result<SocketAddr> {
+        self.quic.local_addr()
+    }
+
+    /// The lowercase hex SHA-256 of the QUIC certificate, for clients to pin.
+    pub fn quic_fingerprint(&self) -> &str {
+        &self.quic.fingerprint
     }
 
     /// The HTTP address actually bound.
@@ -77,6 +94,9 @@ pub enum ServerError {
     /// The store could not be opened or flushed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// The QUIC listener could not be set up (certificate or UDP socket).
+    #[error("quic: {0}")]
+    Quic(#[from] crate::quic::QuicError),
     /// The token key could not be loaded or created.
     #[error("token key: {0}")]
     Key(#[from] KeyError),
@@ -93,6 +113,33 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     pub(crate) outbox_limits: OutboxLimits,
     next_conn: AtomicU64,
+    /// One permit per open connection, WebSocket or QUIC.
+    permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Admits a new connection from `peer` under `max_connections`: its id
+    /// and the permit it holds while open, or `None` (counted and logged)
+    /// when the server is full.
+    pub(crate) fn admit(
+        &self,
+        peer: SocketAddr,
+    ) -> Option<(ConnId, tokio::sync::OwnedSemaphorePermit)> {
+        self.metrics
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, limit = self.config.max_connections, "connection limit reached; refusing");
+            return None;
+        };
+        Some((
+            ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
+            permit,
+        ))
+    }
 }
 
 /// Runs the server until `shutdown` is cancelled, then shuts down
@@ -136,11 +183,14 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
+        permits: Arc::new(Semaphore::new(config.max_connections)),
         config,
     });
     tracing::info!(
         ws = %listeners.ws.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         http = %listeners.http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        quic = %listeners.quic.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        cert_sha256 = %listeners.quic.fingerprint,
         data_dir = %shared.config.data_dir.display(),
         "qun serving"
     );
@@ -156,6 +206,11 @@ pub async fn run(
     };
     let sweeper = tokio::spawn(forget_idle_senders(shared.clone()));
     let ticker = tokio::spawn(commerce_ticks(shared.clone()));
+    let quic_endpoint = listeners.quic.endpoint.clone();
+    let quic = tokio::spawn(crate::quic::accept_loop(
+        listeners.quic.endpoint,
+        shared.clone(),
+    ));
     accept_loop(listeners.ws, &shared).await;
     sweeper.abort();
     ticker.abort();
@@ -173,13 +228,18 @@ pub async fn run(
         );
     }
     let _ = tokio::time::timeout(grace, http).await;
+    let _ = quic.await;
+    quic_endpoint.close(
+        quinn::VarInt::from(crate::transport::close::GOING_AWAY),
+        b"shutdown",
+    );
+    let _ = tokio::time::timeout(grace, quic_endpoint.wait_idle()).await;
     store.close().await?;
     tracing::info!("shutdown complete");
     Ok(())
 }
 
 async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
     loop {
         let accepted = tokio::select! {
             () = shared.shutdown.cancelled() => return,
@@ -202,21 +262,11 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
                 continue;
             }
         };
-        shared
-            .metrics
-            .connections_accepted
-            .fetch_add(1, Ordering::Relaxed);
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            shared
-                .metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, limit = shared.config.max_connections, "connection limit reached; refusing");
+        let Some((conn, permit)) = shared.admit(peer) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-        let span = tracing::info_span!("conn", id = conn.0, %peer, user = tracing::field::Empty);
+        let span = tracing::info_span!("conn", id = conn.0, %peer, transport = "ws", user = tracing::field::Empty);
         let shared2 = shared.clone();
         shared.tracker.spawn(
             async move {

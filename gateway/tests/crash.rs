@@ -34,6 +34,7 @@ impl Qun {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--quic-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

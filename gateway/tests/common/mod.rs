@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestServer {
     pub url: String,
+    /// `quic://ADDR` of the same server.
+    pub quic_url: String,
+    /// SHA-256 of its (development) QUIC certificate.
+    pub cert_sha256: String,
     pub http: SocketAddr,
     pub key: TokenKey,
     pub shutdown: CancellationToken,
@@ -37,6 +41,7 @@ impl TestServer {
             data_dir: data_dir.to_path_buf(),
             ws_listen: "127.0.0.1:0".parse().unwrap(),
             http_listen: "127.0.0.1:0".parse().unwrap(),
+            quic_listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
         tweak(&mut config);
@@ -44,10 +49,14 @@ impl TestServer {
         let listeners = Listeners::bind(&config).await.unwrap();
         let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
         let http = listeners.http_addr().unwrap();
+        let quic_url = format!("quic://{}", listeners.quic_addr().unwrap());
+        let cert_sha256 = listeners.quic_fingerprint().to_string();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
         Self {
             url,
+            quic_url,
+            cert_sha256,
             http,
             key,
             shutdown,
@@ -86,6 +95,25 @@ impl TestServer {
         Client::connect_with(&self.url, &self.token(user, role, shop), options)
             .await
             .unwrap()
+    }
+
+    /// A client over QUIC, pinning the server's certificate.
+    pub async fn quic_client(&self, user: &str, role: &str, shop: Option<&str>) -> Client {
+        Client::connect_with(
+            &self.quic_url,
+            &self.token(user, role, shop),
+            self.quic_options(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Client options that pin this server's QUIC certificate.
+    pub fn quic_options(&self) -> ClientOptions {
+        ClientOptions {
+            cert_sha256: Some(self.cert_sha256.clone()),
+            ..ClientOptions::default()
+        }
     }
 
     /// One metric's value from `/metrics`.
