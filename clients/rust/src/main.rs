@@ -3,13 +3,14 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use qun_client::{Client, ClientError, Event, proto};
+use qun_client::{Client, ClientError, ClientOptions, Event, proto};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
 #[command(name = "qun-cli", version, about = "Command-line client for Qun")]
 struct Cli {
-    /// Server WebSocket URL.
+    /// Server URL: `ws://HOST:PORT/ws`, or `quic://HOST:PORT` with
+    /// --cert-fingerprint (or --insecure-dev-cert).
     #[arg(
         long,
         env = "QUN_URL",
@@ -20,6 +21,13 @@ struct Cli {
     /// Token from `qun token`.
     #[arg(long, env = "QUN_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// For quic:// URLs: the SHA-256 of the server's certificate, as
+    /// `qun serve` prints it (cert_sha256=...).
+    #[arg(long, env = "QUN_CERT_FINGERPRINT", global = true)]
+    cert_fingerprint: Option<String>,
+    /// For quic:// URLs: accept any certificate. Development only.
+    #[arg(long, global = true)]
+    insecure_dev_cert: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -275,12 +283,16 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         let id = client_msg_id
             .clone()
             .unwrap_or_else(qun_client::new_client_msg_id);
-        let ack =
-            send_with_retries(&cli.url, token, *group, text, *reply_to, &id, *retries).await?;
+        let server = Server {
+            url: &cli.url,
+            token,
+            options: options(&cli),
+        };
+        let ack = send_with_retries(&server, *group, text, *reply_to, &id, *retries).await?;
         println!("{}", ack.seq);
         return Ok(());
     }
-    let mut client = Client::connect(&cli.url, token).await?;
+    let mut client = Client::connect_with(&cli.url, token, options(&cli)).await?;
     match cli.command {
         Command::Group {
             command: GroupCommand::Create { name, max_members },
@@ -376,6 +388,15 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         }
     }
     Ok(())
+}
+
+/// Client options from the command line.
+fn options(cli: &Cli) -> ClientOptions {
+    ClientOptions {
+        cert_sha256: cli.cert_fingerprint.clone(),
+        insecure_dev_cert: cli.insecure_dev_cert,
+        ..ClientOptions::default()
+    }
 }
 
 /// A buyer's result as the CLI prints it: `already-joined`.
@@ -584,9 +605,15 @@ fn print_object(a: &proto::CommerceAnswer, json: bool) {
 /// Sends once, reconnecting and resending with the same client message id
 /// after connection failures (with a growing pause), so a flaky network
 /// never posts the message twice.
+/// Where and as whom to connect.
+struct Server<'a> {
+    url: &'a str,
+    token: &'a str,
+    options: ClientOptions,
+}
+
 async fn send_with_retries(
-    url: &str,
-    token: &str,
+    server: &Server<'_>,
     group: u64,
     text: &str,
     reply_to: Option<u64>,
@@ -597,7 +624,8 @@ async fn send_with_retries(
     let mut attempt = 0;
     loop {
         let tried = async {
-            let client = Client::connect(url, token).await?;
+            let client =
+                Client::connect_with(server.url, server.token, server.options.clone()).await?;
             client
                 .send_with_id(group, text, reply_to, client_msg_id)
                 .await

@@ -435,3 +435,49 @@ async fn card_group_buy_coupon_and_poll_from_the_command_line() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_quic_with_a_pinned_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ws_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        quic_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let listeners = Listeners::bind(&config).await.unwrap();
+    let quic = format!("quic://{}", listeners.quic_addr().unwrap());
+    let pin = listeners.quic_fingerprint().to_string();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let over_quic = |args: &[&str]| {
+        let mut all = vec!["--cert-fingerprint", pin.as_str()];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(String::from).collect();
+        let quic = quic.clone();
+        let agent = agent.clone();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            cli(&quic, &agent, &args).await
+        }
+    };
+    let group = stdout(&over_quic(&["group", "create", "--name", "Over QUIC"]).await);
+    let group = group.trim();
+    let seq = stdout(&over_quic(&["send", group, "hello over quic"]).await);
+    assert_eq!(seq.trim(), "1");
+    let page = stdout(&over_quic(&["history", group, "--json"]).await);
+    assert!(page.contains("hello over quic"), "{page}");
+    // Without a pin, a clear refusal that says what to pass.
+    let unpinned = cli(&quic, &agent, &["history", group]).await;
+    assert!(!unpinned.status.success());
+    assert!(
+        String::from_utf8_lossy(&unpinned.stderr).contains("--cert-fingerprint"),
+        "{}",
+        String::from_utf8_lossy(&unpinned.stderr)
+    );
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
