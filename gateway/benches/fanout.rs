@@ -20,7 +20,10 @@ use qun_gateway::{Config, Listeners};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let transport = args.first().map_or("ws", String::as_str).to_string();
     let members: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(500);
     let messages: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(200);
@@ -53,9 +56,20 @@ async fn run(transport: &str, members: usize, messages: usize) {
     };
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
-    let url = if transport == "quic" { quic } else { ws.clone() };
+    let url = if transport == "quic" {
+        quic
+    } else {
+        ws.clone()
+    };
     let token = |user: &str, role: &str, shop: Option<&str>| {
-        key.issue(user, user, role, shop, now_secs(), Duration::from_secs(3600))
+        key.issue(
+            user,
+            user,
+            role,
+            shop,
+            now_secs(),
+            Duration::from_secs(3600),
+        )
     };
     let agent = Client::connect(&ws, &token("agent", "agent", Some("shop-1")))
         .await

@@ -404,4 +404,15 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_quic_certificate_needs_its_key() {
+        let e = Config::load(
+            None,
+            env(&[("QUN_QUIC_CERT", "/etc/qun/cert.pem")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("quic_key"), "{e}");
+    }
 }

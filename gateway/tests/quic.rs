@@ -159,3 +159,39 @@ async fn shutdown_says_going_away_over_quic_before_closing() {
     assert_eq!(code, Some(qun_gateway::transport::close::GOING_AWAY));
     server.task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn the_development_certificate_is_kept_and_a_configured_one_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(dir.path()).await;
+    let pin = first.cert_sha256.clone();
+    assert_eq!(pin.len(), 64);
+    first.stop().await;
+    let again = TestServer::start(dir.path()).await;
+    assert_eq!(
+        again.cert_sha256, pin,
+        "a restart keeps the pinned certificate"
+    );
+    again.stop().await;
+
+    // A configured certificate is served as it is.
+    let made = rcgen::generate_simple_self_signed(vec!["qun.example".into()]).unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(other.path(), |c| {
+        c.quic_cert = cert.display().to_string();
+        c.quic_key = key.display().to_string();
+    })
+    .await;
+    assert_eq!(
+        server.cert_sha256,
+        qun_gateway::quic::fingerprint(made.cert.der())
+    );
+    let c = server.quic_client("ann", "buyer", None).await;
+    assert!(c.ping().await.is_ok());
+    drop(c);
+    server.stop().await;
+}
