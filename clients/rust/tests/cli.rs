@@ -49,18 +49,8 @@ fn stdout(o: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_join_send_reply_history_and_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        ws_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        quic_listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
     let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let listeners = Listeners::bind(&config).await.unwrap();
-    let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
     let agent = token(&key, "mei", "agent", Some("shop-1"));
     let buyer = token(&key, "ann", "buyer", None);
 
@@ -150,6 +140,18 @@ async fn create_join_send_reply_history_and_tail() {
     server.await.unwrap().unwrap();
 }
 
+/// A real server started by a test.
+struct Started {
+    /// `ws://ADDR/ws`.
+    url: String,
+    /// `quic://ADDR`.
+    quic: String,
+    /// SHA-256 of its QUIC certificate.
+    pin: String,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), qun_gateway::ServerError>>,
+}
+
 /// Starts the real server on `ws_listen` in `dir`; returns its URL.
 async fn start_server(
     dir: &std::path::Path,
@@ -159,6 +161,12 @@ async fn start_server(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), qun_gateway::ServerError>>,
 ) {
+    let s = start(dir, ws_listen).await;
+    (s.url, s.shutdown, s.server)
+}
+
+/// Starts the real server on `ws_listen` in `dir` (QUIC and HTTP on port 0).
+async fn start(dir: &std::path::Path, ws_listen: &str) -> Started {
     let config = Config {
         data_dir: dir.to_path_buf(),
         ws_listen: ws_listen.parse().unwrap(),
@@ -168,9 +176,17 @@ async fn start_server(
     };
     let listeners = Listeners::bind(&config).await.unwrap();
     let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
+    let quic = format!("quic://{}", listeners.quic_addr().unwrap());
+    let pin = listeners.quic_fingerprint().to_string();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
-    (url, shutdown, server)
+    Started {
+        url,
+        quic,
+        pin,
+        shutdown,
+        server,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,8 +282,8 @@ async fn send_is_idempotent_and_retries_until_the_server_is_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn card_group_buy_coupon_and_poll_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
     let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
     let agent = token(&key, "mei", "agent", Some("shop-1"));
     let fans: Vec<String> = (1..=3)
         .map(|i| token(&key, &format!("fan{i}"), "buyer", None))
@@ -439,19 +455,14 @@ async fn card_group_buy_coupon_and_poll_from_the_command_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_speaks_quic_with_a_pinned_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        ws_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        quic_listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
     let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let listeners = Listeners::bind(&config).await.unwrap();
-    let quic = format!("quic://{}", listeners.quic_addr().unwrap());
-    let pin = listeners.quic_fingerprint().to_string();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+    let Started {
+        quic,
+        pin,
+        shutdown,
+        server,
+        ..
+    } = start(dir.path(), "127.0.0.1:0").await;
     let agent = token(&key, "mei", "agent", Some("shop-1"));
     let over_quic = |args: &[&str]| {
         let mut all = vec!["--cert-fingerprint", pin.as_str()];
