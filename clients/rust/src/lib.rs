@@ -250,7 +250,8 @@ pub enum Event {
         /// The message.
         message: String,
     },
-    /// The server closed the WebSocket.
+    /// The connection ended (WebSocket close, or QUIC connection close with
+    /// the same codes).
     Closed {
         /// The close code (1001 on shutdown), if one was sent.
         code: Option<u16>,
