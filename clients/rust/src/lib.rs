@@ -87,6 +87,10 @@ pub struct ClientOptions {
     /// against a self-signed certificate only: anyone on the path could
     /// pose as the server.
     pub insecure_dev_cert: bool,
+    /// The local address to connect from (e.g. `127.0.0.2`), so that a
+    /// load generator can spread connections over several source
+    /// addresses and not run out of ephemeral ports. `None`: any.
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 /// What a [`Client`] does when its event buffer is full.
@@ -112,6 +116,7 @@ impl Default for ClientOptions {
             full_buffer: FullBuffer::DropAndResume,
             cert_sha256: None,
             insecure_dev_cert: false,
+            local_ip: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! connection closed. docs/protocol.md describes both framings.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -60,17 +60,48 @@ pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<Opened, C
         Some(rest) => open_quic(rest.trim_end_matches('/'), options)
             .await
             .map_err(failed),
-        None => open_ws(url).await.map_err(failed),
+        None => open_ws(url, options.local_ip).await.map_err(failed),
     }
 }
 
-async fn open_ws(url: &str) -> Result<Opened, String> {
+async fn open_ws(url: &str, local_ip: Option<IpAddr>) -> Result<Opened, String> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SERVER_FRAME))
         .max_frame_size(Some(MAX_SERVER_FRAME));
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
-        .await
-        .map_err(|e| e.to_string())?;
+    let ws = match local_ip {
+        None => {
+            tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+                .await
+                .map_err(|e| e.to_string())?
+                .0
+        }
+        Some(ip) => {
+            let authority = url
+                .strip_prefix("ws://")
+                .and_then(|rest| rest.split('/').next())
+                .ok_or("a local address needs a ws:// URL")?;
+            let server = tokio::net::lookup_host(authority)
+                .await
+                .map_err(|e| e.to_string())?
+                .next()
+                .ok_or_else(|| format!("{authority} resolves to no address"))?;
+            let socket = match ip {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .map_err(|e| e.to_string())?;
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| format!("bind {ip}: {e}"))?;
+            let stream = socket.connect(server).await.map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+            tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+                .await
+                .map_err(|e| e.to_string())?
+                .0
+        }
+    };
     let (mut sink, stream) = ws.split();
     let (out, mut out_rx) = mpsc::channel::<Outbound>(256);
     tokio::spawn(async move {
@@ -240,7 +271,11 @@ async fn open_quic(authority: &str, options: &ClientOptions) -> Result<Opened, S
         .map_or(authority, |(h, _)| h)
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let socket = local_socket(server).map_err(|e| e.to_string())?;
+    let socket = match options.local_ip {
+        Some(ip) => std::net::UdpSocket::bind(SocketAddr::new(ip, 0)),
+        None => local_socket(server),
+    }
+    .map_err(|e| e.to_string())?;
     let runtime = quinn::default_runtime().ok_or("no async runtime")?;
     let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
         .map_err(|e| e.to_string())?;
