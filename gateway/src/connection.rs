@@ -40,6 +40,13 @@ use crate::transport::{FrameSink, Inbound, Lane, WsSink, close, ws_inbound};
 /// The WebSocket path.
 pub const WS_PATH: &str = "/ws";
 
+/// Initial read buffer of a WebSocket connection.
+const WS_READ_BUFFER: usize = 4 * 1024;
+
+/// Bytes a WebSocket connection gathers before writing to the socket
+/// (a flush writes whatever is gathered).
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+
 /// Answers queued for the writer, per connection.
 const ANSWER_QUEUE: usize = 64;
 
@@ -70,7 +77,14 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
     let metrics = &shared.metrics;
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(shared.config.max_frame_bytes))
-        .max_frame_size(Some(shared.config.max_frame_bytes));
+        .max_frame_size(Some(shared.config.max_frame_bytes))
+        // tungstenite allocates its read buffer eagerly (128 KiB by
+        // default): with tens of thousands of mostly idle phones that is
+        // most of the server's memory. Client frames are small; the buffer
+        // grows for a large one.
+        .read_buffer_size(WS_READ_BUFFER)
+        // Frames are batched by the writer and flushed once per batch.
+        .write_buffer_size(WS_WRITE_BUFFER);
     // The error type is fixed by tungstenite's `Callback` trait.
     #[allow(clippy::result_large_err)]
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
