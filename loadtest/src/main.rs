@@ -1,10 +1,218 @@
-//! `qun-loadtest`: reserved for the load generator (fan-out, connections,
-//! flash sales, history storms). It has no workloads yet; it says so and
-//! exits non-zero rather than pretending to measure anything.
+//! `qun-loadtest`: drives a running Qun server on loopback with shop-group
+//! workloads and reports what it measured.
+//!
+//! Scenarios: `connections` (idle connections and the server's memory per
+//! connection), `fanout` (groups × members × senders: deliveries/s and
+//! end-to-end latency, with lost, duplicate and out-of-order counts),
+//! `flash-sale` (members pressing join on one group-buy: exactly K must
+//! win), `history` (backfill and resume storms).
+//!
+//! Members run in worker processes (this binary, `worker` subcommand) of at
+//! most `--per-worker` connections each, connecting from several loopback
+//! source addresses, so no process nears the descriptor limit and the
+//! ephemeral ports of one address do not run out. Every run is bounded by
+//! `--timeout` and stops by itself. See docs/benchmarks.md.
 
+mod coordinator;
+mod report;
+mod spec;
+mod worker;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use qun_gateway::auth::TokenKey;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qun-loadtest",
+    version,
+    about = "Load generator for Qun (loopback only)"
+)]
+pub(crate) struct Cli {
+    /// The server: `ws://127.0.0.1:PORT/ws` or `quic://127.0.0.1:PORT`.
+    #[arg(long, default_value = "ws://127.0.0.1:7700/ws", global = true)]
+    url: String,
+    /// The server's data directory, whose token key signs the test users'
+    /// tokens (as `qun token` does).
+    #[arg(long, default_value = "./qun-data", global = true)]
+    data_dir: PathBuf,
+    /// For quic://: the server certificate's SHA-256 (`cert_sha256=`).
+    #[arg(long, global = true)]
+    cert_fingerprint: Option<String>,
+    /// For quic://: accept any certificate (development servers).
+    #[arg(long, global = true)]
+    insecure_dev_cert: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// The server's PID, to read its memory (`/proc/PID/status`).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Most connections per worker process.
+    #[arg(long, default_value_t = 8_000, global = true)]
+    per_worker: usize,
+    /// Loopback source addresses to spread connections over (127.0.0.2 …);
+    /// 0 to let the OS choose.
+    #[arg(long, default_value_t = 8, global = true)]
+    sources: u8,
+    /// Upper bound on the whole run; it stops by itself after this.
+    #[arg(long, default_value = "10m", global = true)]
+    timeout: humantime::Duration,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub(crate) enum Scenario {
+    /// Open N idle authenticated connections joined to groups; report the
+    /// connect rate, failures and the server's memory per connection.
+    Connections {
+        #[arg(long, default_value_t = 1_000)]
+        count: usize,
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+    },
+    /// R groups × M members; S senders per group post for D (at a rate, or
+    /// as fast as acks allow); every member reads every message.
+    Fanout {
+        #[arg(long, default_value_t = 100)]
+        groups: usize,
+        #[arg(long, default_value_t = 50)]
+        members: usize,
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+        /// Messages per second per sender; 0: as fast as acks allow (64 in
+        /// flight per sender).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+    },
+    /// One group of M members; a group-buy of K slots; every member presses
+    /// join within T. Exactly K must join.
+    FlashSale {
+        #[arg(long, default_value_t = 2_000)]
+        members: usize,
+        #[arg(long, default_value_t = 500)]
+        slots: u32,
+        #[arg(long, default_value = "2s")]
+        within: humantime::Duration,
+    },
+    /// C clients of one group of P messages: `backfill` pages the whole
+    /// history at once; `resume` reconnects all at once and resumes from
+    /// `behind` messages back.
+    History {
+        #[arg(long, default_value_t = 1_000)]
+        clients: usize,
+        #[arg(long, default_value_t = 1_000)]
+        messages: usize,
+        #[arg(long, default_value = "backfill")]
+        mode: HistoryMode,
+        #[arg(long, default_value_t = 200)]
+        behind: u64,
+    },
+    /// (internal) Run a share of the members; driven over stdin/stdout.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+/// What the history scenario storms.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HistoryMode {
+    /// Everyone pages the whole history backwards at once.
+    Backfill,
+    /// Everyone reconnects at once and resumes.
+    Resume,
+}
+
+/// Microseconds since the Unix epoch (shared by processes on one machine).
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// A random u64.
+pub(crate) fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// The token of member `i` of a run.
+pub(crate) fn member_token(key: &TokenKey, run_id: &str, i: usize) -> String {
+    let user = format!("lt-{run_id}-{i}");
+    key.issue(
+        &user,
+        &user,
+        "buyer",
+        None,
+        now_us() / 1_000_000,
+        Duration::from_secs(24 * 3600),
+    )
+}
+
+/// The loopback source address of worker `w` (`None`: let the OS choose).
+pub(crate) fn source_ip(cli_sources: u8, server: IpAddr, w: usize) -> Option<IpAddr> {
+    match server {
+        IpAddr::V4(v4) if v4.is_loopback() && cli_sources > 0 => {
+            let n = u8::try_from(w % usize::from(cli_sources)).unwrap_or(0);
+            Some(IpAddr::from([127, 0, 0, 2 + n]))
+        }
+        _ => None,
+    }
+}
 
 fn main() -> ExitCode {
-    eprintln!("qun-loadtest: no workloads are implemented yet");
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("qun-loadtest: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Scenario::Worker { spec } = &cli.scenario {
+        return match runtime.block_on(worker::run(spec)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!(
+                    "{}",
+                    serde_json::to_string(&spec::WorkerLine::Error(format!("{e:#}")))
+                        .unwrap_or_default()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let timeout: Duration = cli.timeout.into();
+    match runtime.block_on(async { tokio::time::timeout(timeout, coordinator::run(&cli)).await }) {
+        Ok(Ok(report)) => {
+            print!("{}", report.table());
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("qun-loadtest: a check failed");
+                ExitCode::from(3)
+            }
+        }
+        Ok(Err(e)) => {
+            eprintln!("qun-loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("qun-loadtest: stopped after --timeout {}", cli.timeout);
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,727 @@
+//! The coordinator: sets a scenario up through its own connections, starts
+//! the worker processes that run the members, says "go", runs the senders,
+//! and turns what the workers measured into a [`Report`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util_lite::drive_window;
+use indicatif::{ProgressBar, ProgressStyle};
+use qun_client::{Client, ClientOptions, proto};
+use qun_gateway::auth::TokenKey;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
+
+use crate::report::{Latency, Report, histogram, merge};
+use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
+use crate::{Cli, HistoryMode, Scenario, now_us, random_u64, source_ip};
+
+/// Messages a sender keeps in flight when posting as fast as acks allow.
+const WINDOW: usize = 64;
+
+/// Runs the scenario of `cli` and reports.
+///
+/// # Errors
+/// A non-loopback server, a missing token key, a failed setup request, or a
+/// worker that could not start.
+pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
+    let server_ip = loopback_server(&cli.url).await?;
+    let key_file = cli.data_dir.join("token.key");
+    if !key_file.exists() {
+        bail!(
+            "no token key at {}: point --data-dir at the server's data directory",
+            key_file.display()
+        );
+    }
+    let key = TokenKey::load_or_create(&cli.data_dir)?;
+    let run_id = format!("{:06x}", random_u64() & 0xff_ffff);
+    let shop = format!("lt-shop-{run_id}");
+    let options = ClientOptions {
+        cert_sha256: cli.cert_fingerprint.clone(),
+        insecure_dev_cert: cli.insecure_dev_cert,
+        timeout: Duration::from_secs(60),
+        ..ClientOptions::default()
+    };
+    let staff = |name: &str| {
+        key.issue(
+            &format!("lt-{run_id}-{name}"),
+            name,
+            "agent",
+            Some(&shop),
+            now_us() / 1_000_000,
+            Duration::from_secs(24 * 3600),
+        )
+    };
+    let agent = Arc::new(
+        Client::connect_with(&cli.url, &staff("agent"), options.clone())
+            .await
+            .context("connecting the coordinator's agent")?,
+    );
+    let ctx = Ctx {
+        cli,
+        server_ip,
+        run_id: run_id.clone(),
+        options,
+    };
+    let transport = if cli.url.starts_with("quic://") {
+        "quic"
+    } else {
+        "ws"
+    };
+    let mut report = match cli.scenario.clone() {
+        Scenario::Connections { count, groups } => connections(&ctx, &agent, count, groups).await?,
+        Scenario::Fanout {
+            groups,
+            members,
+            senders,
+            rate,
+            duration,
+        } => {
+            let senders_tokens: Vec<Vec<String>> = (0..groups)
+                .map(|g| (0..senders).map(|s| staff(&format!("s{g}-{s}"))).collect())
+                .collect();
+            fanout(
+                &ctx,
+                &agent,
+                groups,
+                members,
+                senders_tokens,
+                rate,
+                duration.into(),
+            )
+            .await?
+        }
+        Scenario::FlashSale {
+            members,
+            slots,
+            within,
+        } => flash_sale(&ctx, &agent, members, slots, within.into()).await?,
+        Scenario::History {
+            clients,
+            messages,
+            mode,
+            behind,
+        } => history(&ctx, &agent, clients, messages, mode, behind).await?,
+        Scenario::Worker { .. } => bail!("worker is not a scenario"),
+    };
+    transport.clone_into(&mut report.transport);
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// What every scenario needs.
+struct Ctx<'a> {
+    cli: &'a Cli,
+    server_ip: IpAddr,
+    run_id: String,
+    options: ClientOptions,
+}
+
+/// The server's address, refusing anything but loopback.
+async fn loopback_server(url: &str) -> anyhow::Result<IpAddr> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("quic://"))
+        .context("the URL must be ws://… or quic://…")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let addrs: Vec<_> = tokio::net::lookup_host(authority)
+        .await
+        .with_context(|| format!("resolving {authority}"))?
+        .collect();
+    match addrs.first() {
+        Some(a) if addrs.iter().all(|a| a.ip().is_loopback()) => Ok(a.ip()),
+        _ => bail!(
+            "{authority} is not a loopback address: qun-loadtest only targets 127.0.0.1 or ::1"
+        ),
+    }
+}
+
+/// The server's resident memory, from `/proc/PID/status`, in bytes.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The worker processes of one run.
+struct Workers {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    lines: mpsc::UnboundedReceiver<(usize, WorkerLine)>,
+    total: usize,
+}
+
+impl Workers {
+    /// Starts enough workers for `total` members, each with `task`.
+    fn spawn(ctx: &Ctx<'_>, total: usize, task: &Task) -> anyhow::Result<Self> {
+        let per = ctx.cli.per_worker.max(1);
+        let exe = std::env::current_exe().context("finding qun-loadtest's own binary")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        for (w, first) in (0..total).step_by(per).enumerate() {
+            let spec = WorkerSpec {
+                url: ctx.cli.url.clone(),
+                data_dir: ctx.cli.data_dir.clone(),
+                cert_sha256: ctx.options.cert_sha256.clone(),
+                insecure_dev_cert: ctx.options.insecure_dev_cert,
+                source_ip: source_ip(ctx.cli.sources, ctx.server_ip, w),
+                run_id: ctx.run_id.clone(),
+                first,
+                count: per.min(total - first),
+                task: task.clone(),
+            };
+            let mut child = tokio::process::Command::new(&exe)
+                .args(["worker", "--spec", &serde_json::to_string(&spec)?])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a worker process")?;
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                bail!("worker {w} has no pipes");
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut out = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = out.next_line().await {
+                    if let Ok(l) = serde_json::from_str::<WorkerLine>(&line) {
+                        let _ = tx.send((w, l));
+                    }
+                }
+            });
+            children.push(child);
+            stdins.push(stdin);
+        }
+        Ok(Self {
+            children,
+            stdins,
+            lines,
+            total,
+        })
+    }
+
+    /// Waits until every worker is set up, showing progress. Returns the
+    /// connected and failed counts and how long it took.
+    async fn ready(&mut self) -> anyhow::Result<(usize, usize, Duration)> {
+        let started = Instant::now();
+        let bar = ProgressBar::new(self.total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("connecting {bar:40} {pos}/{len} {per_sec} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let mut progress = vec![0usize; self.children.len()];
+        let mut ready = 0;
+        let (mut connected, mut failed) = (0, 0);
+        while ready < self.children.len() {
+            let Some((w, line)) = self.lines.recv().await else {
+                bail!("a worker exited during setup");
+            };
+            match line {
+                WorkerLine::Progress(n) => progress[w] = n,
+                WorkerLine::Ready {
+                    connected: c,
+                    failed: f,
+                } => {
+                    ready += 1;
+                    connected += c;
+                    failed += f;
+                }
+                WorkerLine::Error(e) => bail!("worker {w}: {e}"),
+                WorkerLine::Result(_) => {}
+            }
+            bar.set_position(progress.iter().sum::<usize>() as u64);
+        }
+        bar.finish_and_clear();
+        Ok((connected, failed, started.elapsed()))
+    }
+
+    async fn say(&mut self, line: &CoordinatorLine) -> anyhow::Result<()> {
+        let mut text = serde_json::to_string(line)?;
+        text.push('\n');
+        for stdin in &mut self.stdins {
+            stdin.write_all(text.as_bytes()).await?;
+            stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Collects every worker's result.
+    async fn results(&mut self) -> anyhow::Result<Vec<WorkerResult>> {
+        let mut out = Vec::new();
+        while out.len() < self.children.len() {
+            match self.lines.recv().await {
+                Some((_, WorkerLine::Result(r))) => out.push(r),
+                Some((w, WorkerLine::Error(e))) => bail!("worker {w}: {e}"),
+                Some(_) => {}
+                None => bail!("a worker exited before reporting"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tells every worker to stop and waits for them.
+    async fn stop(mut self) {
+        let _ = self.say(&CoordinatorLine::Stop).await;
+        drop(self.stdins);
+        for mut c in self.children {
+            if tokio::time::timeout(Duration::from_secs(30), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+/// The workers' results folded together.
+struct Totals {
+    ops: u64,
+    lost: u64,
+    duplicates: u64,
+    gaps: u64,
+    counts: BTreeMap<String, u64>,
+    latency: Latency,
+}
+
+fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
+    let mut h = histogram();
+    let mut counts = BTreeMap::new();
+    let (mut ops, mut lost, mut duplicates, mut gaps) = (0, 0, 0, 0);
+    for r in results {
+        merge(&mut h, &r.latency)?;
+        ops += r.ops;
+        lost += r.lost;
+        duplicates += r.duplicates;
+        gaps += r.gaps;
+        for (k, v) in &r.results {
+            *counts.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &r.errors {
+            *counts.entry(format!("error: {k}")).or_default() += v;
+        }
+    }
+    Ok(Totals {
+        ops,
+        lost,
+        duplicates,
+        gaps,
+        counts,
+        latency: Latency::of(&h),
+    })
+}
+
+fn report(scenario: &str, params: &[(&str, String)]) -> Report {
+    Report {
+        scenario: scenario.into(),
+        transport: String::new(),
+        params: params
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), v.clone()))
+            .collect(),
+        figures: BTreeMap::new(),
+        latency: None,
+        counts: BTreeMap::new(),
+        checks: BTreeMap::new(),
+        elapsed_ms: 0.0,
+    }
+}
+
+async fn create_groups(
+    agent: &Arc<Client>,
+    n: usize,
+    max_members: usize,
+) -> anyhow::Result<Vec<u64>> {
+    let max = u32::try_from(max_members.clamp(2, 100_000)).unwrap_or(100_000);
+    let mut groups = Vec::with_capacity(n);
+    for g in 0..n {
+        let info = agent
+            .create_group(&format!("load {g}"), max)
+            .await
+            .context("creating a group")?;
+        groups.push(info.group_id);
+    }
+    Ok(groups)
+}
+
+async fn connections(
+    ctx: &Ctx<'_>,
+    agent: &Arc<Client>,
+    count: usize,
+    groups: usize,
+) -> anyhow::Result<Report> {
+    let groups = create_groups(agent, groups.max(1), count / groups.max(1) + 10).await?;
+    let before = ctx.cli.server_pid.and_then(rss_bytes);
+    let mut workers = Workers::spawn(ctx, count, &Task::Idle { groups })?;
+    let (connected, failed, took) = workers.ready().await?;
+    let after = ctx.cli.server_pid.and_then(rss_bytes);
+    workers.say(&CoordinatorLine::Go).await?;
+    workers.results().await?;
+    workers.stop().await;
+    let mut r = report("connections", &[("count", count.to_string())]);
+    r.elapsed_ms = took.as_secs_f64() * 1000.0;
+    r.figures.insert(
+        "connections_per_sec".into(),
+        connected as f64 / took.as_secs_f64(),
+    );
+    if let (Some(b), Some(a)) = (before, after) {
+        r.figures
+            .insert("server_rss_mib".into(), a as f64 / 1048576.0);
+        let per = a.saturating_sub(b) as f64 / connected.max(1) as f64;
+        r.figures
+            .insert("server_rss_per_connection_bytes".into(), per);
+    }
+    r.counts.insert("connected".into(), connected as u64);
+    r.counts.insert("failed".into(), failed as u64);
+    r.checks.insert("all_connected".into(), failed == 0);
+    Ok(r)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fanout(
+    ctx: &Ctx<'_>,
+    agent: &Arc<Client>,
+    groups: usize,
+    members: usize,
+    sender_tokens: Vec<Vec<String>>,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<Report> {
+    let senders_per_group = sender_tokens.first().map_or(0, Vec::len);
+    let group_ids = create_groups(agent, groups, members + senders_per_group + 10).await?;
+    // Senders: staff of the shop (never rate-limited), each on its own
+    // connection, joined to its group.
+    let mut senders = Vec::new();
+    for (g, tokens) in group_ids.iter().zip(sender_tokens) {
+        for token in tokens {
+            let c = Client::connect_with(&ctx.cli.url, &token, ctx.options.clone()).await?;
+            c.join(*g).await?;
+            senders.push((*g, Arc::new(c)));
+        }
+    }
+    let total = groups * members;
+    let mut workers = Workers::spawn(
+        ctx,
+        total,
+        &Task::Fanout {
+            groups: group_ids.clone(),
+        },
+    )?;
+    let (connected, failed, _) = workers.ready().await?;
+    workers.say(&CoordinatorLine::Go).await?;
+    let started = Instant::now();
+    eprintln!("posting for {duration:?}...");
+    let posting: Vec<_> = senders
+        .into_iter()
+        .map(|(g, c)| {
+            tokio::spawn(async move { (g, drive_window(c, g, rate, duration, WINDOW).await) })
+        })
+        .collect();
+    let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut posted = 0u64;
+    let mut send_errors = 0u64;
+    for p in posting {
+        let (g, (sent, last, errors)) = p.await?;
+        posted += sent;
+        send_errors += errors;
+        let e = ends.entry(g).or_default();
+        *e = (*e).max(last);
+    }
+    let posting_took = started.elapsed();
+    workers.say(&CoordinatorLine::End(ends.clone())).await?;
+    let results = workers.results().await?;
+    let took = started.elapsed();
+    workers.stop().await;
+    let t = fold(&results)?;
+    // Each member of group g must receive every message of g.
+    let expected: u64 = group_ids
+        .iter()
+        .enumerate()
+        .map(|(gi, g)| {
+            let members_of_g = (0..total).filter(|i| i % groups == gi).count() as u64;
+            ends.get(g).copied().unwrap_or(0) * members_of_g
+        })
+        .sum();
+    let mut r = report(
+        "fanout",
+        &[
+            ("groups", groups.to_string()),
+            ("members", members.to_string()),
+            ("senders_per_group", senders_per_group.to_string()),
+            (
+                "rate_per_sender",
+                if rate > 0.0 {
+                    rate.to_string()
+                } else {
+                    "max".into()
+                },
+            ),
+            ("duration", format!("{duration:?}")),
+        ],
+    );
+    r.elapsed_ms = took.as_secs_f64() * 1000.0;
+    r.figures.insert(
+        "messages_per_sec".into(),
+        posted as f64 / posting_took.as_secs_f64(),
+    );
+    r.figures.insert(
+        "deliveries_per_sec".into(),
+        t.ops as f64 / took.as_secs_f64(),
+    );
+    r.latency = Some(t.latency);
+    r.counts = t.counts;
+    r.counts
+        .insert("members_connected".into(), connected as u64);
+    r.counts.insert("members_failed".into(), failed as u64);
+    r.counts.insert("messages_posted".into(), posted);
+    r.counts.insert("send_errors".into(), send_errors);
+    r.counts.insert("deliveries".into(), t.ops);
+    r.counts.insert("deliveries_expected".into(), expected);
+    r.counts.insert("lost".into(), t.lost);
+    r.counts.insert("duplicates_dropped".into(), t.duplicates);
+    r.counts.insert("gaps_filled".into(), t.gaps);
+    r.checks.insert("all_members_connected".into(), failed == 0);
+    r.checks
+        .insert("nothing_lost".into(), t.lost == 0 && t.ops >= expected);
+    Ok(r)
+}
+
+async fn flash_sale(
+    ctx: &Ctx<'_>,
+    agent: &Arc<Client>,
+    members: usize,
+    slots: u32,
+    within: Duration,
+) -> anyhow::Result<Report> {
+    let group = create_groups(agent, 1, members + 10).await?[0];
+    agent
+        .post_card(proto::PostCard {
+            group_id: group,
+            product_id: "lt-phone".into(),
+            product: Some(proto::Product {
+                product_id: "lt-phone".into(),
+                title: "Load-test phone".into(),
+                price_minor: 599_900,
+                ..Default::default()
+            }),
+        })
+        .await?;
+    let group_buy = agent
+        .start_group_buy(proto::StartGroupBuy {
+            group_id: group,
+            product_id: "lt-phone".into(),
+            price_minor: 499_900,
+            target: 2,
+            slots: slots.max(2),
+            starts_at_ms: 0,
+            deadline_ms: now_us() / 1000 + 3_600_000,
+        })
+        .await?
+        .seq;
+    let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+    let task = Task::FlashSale {
+        group,
+        group_buy,
+        within_ms,
+    };
+    let mut workers = Workers::spawn(ctx, members, &task)?;
+    let (connected, failed, _) = workers.ready().await?;
+    workers.say(&CoordinatorLine::Go).await?;
+    let started = Instant::now();
+    let results = workers.results().await?;
+    let took = started.elapsed();
+    workers.stop().await;
+    let t = fold(&results)?;
+    let shown = agent.commerce_object(group, group_buy).await?;
+    let joined = match shown.object {
+        Some(proto::commerce_answer::Object::GroupBuy(g)) => g.joined,
+        _ => 0,
+    };
+    let mut r = report(
+        "flash-sale",
+        &[
+            ("members", members.to_string()),
+            ("slots", slots.to_string()),
+            ("within", format!("{within:?}")),
+        ],
+    );
+    r.elapsed_ms = took.as_secs_f64() * 1000.0;
+    r.figures
+        .insert("joins_per_sec".into(), t.ops as f64 / took.as_secs_f64());
+    r.latency = Some(t.latency);
+    r.counts = t.counts;
+    r.counts
+        .insert("members_connected".into(), connected as u64);
+    r.counts.insert("members_failed".into(), failed as u64);
+    r.counts
+        .insert("group_buy_joined".into(), u64::from(joined));
+    let expect = u32::try_from(connected)
+        .unwrap_or(u32::MAX)
+        .min(slots.max(2));
+    r.checks
+        .insert("exactly_slots_joined".into(), joined == expect);
+    r.checks.insert(
+        "winners_match_answers".into(),
+        r.counts.get("joined").copied().unwrap_or(0) == u64::from(joined),
+    );
+    Ok(r)
+}
+
+async fn history(
+    ctx: &Ctx<'_>,
+    agent: &Arc<Client>,
+    clients: usize,
+    messages: usize,
+    mode: HistoryMode,
+    behind: u64,
+) -> anyhow::Result<Report> {
+    let group = create_groups(agent, 1, clients + 10).await?[0];
+    eprintln!("posting {messages} messages of history...");
+    let (_, last_seq, _) = drive_count(agent.clone(), group, messages as u64).await;
+    let task = match mode {
+        HistoryMode::Backfill => Task::Backfill { group, page: 50 },
+        HistoryMode::Resume => Task::ResumeStorm {
+            group,
+            last_seq,
+            behind,
+        },
+    };
+    let mut workers = Workers::spawn(ctx, clients, &task)?;
+    let (connected, failed, _) = workers.ready().await?;
+    workers.say(&CoordinatorLine::Go).await?;
+    let started = Instant::now();
+    let results = workers.results().await?;
+    let took = started.elapsed();
+    workers.stop().await;
+    let t = fold(&results)?;
+    let name = match mode {
+        HistoryMode::Backfill => "history backfill",
+        HistoryMode::Resume => "history resume",
+    };
+    let mut r = report(
+        name,
+        &[
+            ("clients", clients.to_string()),
+            ("messages", messages.to_string()),
+            ("behind", behind.to_string()),
+        ],
+    );
+    r.elapsed_ms = took.as_secs_f64() * 1000.0;
+    let unit = if mode == HistoryMode::Backfill {
+        "pages_per_sec"
+    } else {
+        "messages_caught_up_per_sec"
+    };
+    r.figures
+        .insert(unit.into(), t.ops as f64 / took.as_secs_f64());
+    r.latency = Some(t.latency);
+    r.counts = t.counts;
+    r.counts
+        .insert("clients_connected".into(), connected as u64);
+    r.counts.insert("clients_failed".into(), failed as u64);
+    r.counts.insert("lost".into(), t.lost);
+    r.checks.insert("nothing_lost".into(), t.lost == 0);
+    r.checks.insert("all_clients_connected".into(), failed == 0);
+    Ok(r)
+}
+
+/// Posts exactly `n` messages with `WINDOW` in flight; returns (posted,
+/// last seq, errors).
+async fn drive_count(client: Arc<Client>, group: u64, n: u64) -> (u64, u64, u64) {
+    futures_util_lite::post_n(client, group, n, WINDOW).await
+}
+
+/// Small helpers for keeping a window of sends in flight.
+mod futures_util_lite {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use qun_client::Client;
+    use tokio::task::JoinSet;
+
+    use crate::now_us;
+
+    /// Posts for `duration` at `rate` per second (0: as fast as acks allow,
+    /// `window` in flight). Returns (posted, last seq, errors).
+    pub(super) async fn drive_window(
+        client: Arc<Client>,
+        group: u64,
+        rate: f64,
+        duration: Duration,
+        window: usize,
+    ) -> (u64, u64, u64) {
+        let started = Instant::now();
+        let mut set = JoinSet::new();
+        let (mut posted, mut last, mut errors) = (0u64, 0u64, 0u64);
+        let mut sent = 0u64;
+        while started.elapsed() < duration {
+            if rate > 0.0 {
+                let due = started + Duration::from_secs_f64(sent as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            while set.len() >= window {
+                collect(set.join_next().await, &mut posted, &mut last, &mut errors);
+            }
+            let c = client.clone();
+            set.spawn(async move { c.send(group, &now_us().to_string(), None).await });
+            sent += 1;
+        }
+        while let Some(r) = set.join_next().await {
+            collect(Some(r), &mut posted, &mut last, &mut errors);
+        }
+        (posted, last, errors)
+    }
+
+    /// Posts exactly `n` messages, `window` in flight.
+    pub(super) async fn post_n(
+        client: Arc<Client>,
+        group: u64,
+        n: u64,
+        window: usize,
+    ) -> (u64, u64, u64) {
+        let mut set = JoinSet::new();
+        let (mut posted, mut last, mut errors) = (0u64, 0u64, 0u64);
+        for _ in 0..n {
+            while set.len() >= window {
+                collect(set.join_next().await, &mut posted, &mut last, &mut errors);
+            }
+            let c = client.clone();
+            set.spawn(async move { c.send(group, &now_us().to_string(), None).await });
+        }
+        while let Some(r) = set.join_next().await {
+            collect(Some(r), &mut posted, &mut last, &mut errors);
+        }
+        (posted, last, errors)
+    }
+
+    type Sent =
+        Result<Result<qun_client::proto::SendAck, qun_client::ClientError>, tokio::task::JoinError>;
+
+    fn collect(r: Option<Sent>, posted: &mut u64, last: &mut u64, errors: &mut u64) {
+        match r {
+            Some(Ok(Ok(ack))) => {
+                *posted += 1;
+                *last = (*last).max(ack.seq);
+            }
+            Some(_) => *errors += 1,
+            None => {}
+        }
+    }
+}

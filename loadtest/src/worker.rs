@@ -1,0 +1,329 @@
+//! A worker process: runs a share of the members (at most
+//! `--per-worker` connections, so no process nears the descriptor limit),
+//! reports progress, waits for "go", measures, and reports.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use qun_client::{Client, ClientOptions, Event};
+use qun_gateway::auth::TokenKey;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::sync::watch;
+
+use crate::report::{encode, histogram};
+use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
+use crate::{member_token, now_us, random_u64};
+
+/// Connections opened at once while setting up.
+const CONNECT_CONCURRENCY: usize = 200;
+/// How long members keep reading after the senders stopped.
+const DRAIN: Duration = Duration::from_secs(15);
+
+fn say(line: &WorkerLine) {
+    if let Ok(s) = serde_json::to_string(line) {
+        println!("{s}");
+    }
+}
+
+/// Runs one worker until the coordinator says stop (or goes away).
+///
+/// # Errors
+/// When the spec cannot be read or the token key loaded.
+pub(crate) async fn run(spec_json: &str) -> anyhow::Result<()> {
+    let spec: WorkerSpec = serde_json::from_str(spec_json).context("worker spec")?;
+    let key = TokenKey::load_or_create(&spec.data_dir).context("token key")?;
+    let options = ClientOptions {
+        cert_sha256: spec.cert_sha256.clone(),
+        insecure_dev_cert: spec.insecure_dev_cert,
+        local_ip: spec.source_ip,
+        event_buffer: 65_536,
+        timeout: Duration::from_secs(60),
+        ..ClientOptions::default()
+    };
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let clients = connect_all(&spec, &key, &options).await;
+    let connected = clients.iter().filter(|c| c.is_some()).count();
+    say(&WorkerLine::Ready {
+        connected,
+        failed: spec.count - connected,
+    });
+    let clients: Vec<(usize, Client)> = clients
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.map(|c| (spec.first + i, c)))
+        .collect();
+    loop {
+        match next_line(&mut lines).await {
+            Some(CoordinatorLine::Go) => break,
+            Some(CoordinatorLine::Stop) | None => return Ok(()),
+            Some(CoordinatorLine::End(_)) => {}
+        }
+    }
+    let (ends_tx, ends_rx) = watch::channel(None);
+    let measured = tokio::spawn(measure(spec.clone(), key, options, clients, ends_rx));
+    // Forward "end" to the members, until the measured phase is over.
+    tokio::pin!(measured);
+    let result = loop {
+        tokio::select! {
+            r = &mut measured => break r?,
+            line = next_line(&mut lines) => match line {
+                Some(CoordinatorLine::End(ends)) => { let _ = ends_tx.send(Some(ends)); }
+                Some(CoordinatorLine::Stop) | None => return Ok(()),
+                Some(CoordinatorLine::Go) => {}
+            },
+        }
+    };
+    say(&WorkerLine::Result(result.0));
+    // Hold the connections (the coordinator may be measuring memory).
+    let _held = result.1;
+    while let Some(line) = next_line(&mut lines).await {
+        if matches!(line, CoordinatorLine::Stop) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn next_line(
+    lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>,
+) -> Option<CoordinatorLine> {
+    loop {
+        let line = lines.next_line().await.ok()??;
+        if let Ok(l) = serde_json::from_str(&line) {
+            return Some(l);
+        }
+    }
+}
+
+/// The group member `i` joins.
+fn group_of(task: &Task, i: usize) -> u64 {
+    match task {
+        Task::Idle { groups } | Task::Fanout { groups } => groups[i % groups.len()],
+        Task::FlashSale { group, .. }
+        | Task::Backfill { group, .. }
+        | Task::ResumeStorm { group, .. } => *group,
+    }
+}
+
+async fn connect_all(
+    spec: &WorkerSpec,
+    key: &TokenKey,
+    options: &ClientOptions,
+) -> Vec<Option<Client>> {
+    let mut out = Vec::with_capacity(spec.count);
+    let indices: Vec<usize> = (spec.first..spec.first + spec.count).collect();
+    for chunk in indices.chunks(CONNECT_CONCURRENCY) {
+        let batch: Vec<_> = chunk
+            .iter()
+            .map(|&i| {
+                let token = member_token(key, &spec.run_id, i);
+                let (url, options) = (spec.url.clone(), options.clone());
+                let group = group_of(&spec.task, i);
+                tokio::spawn(async move {
+                    let c = Client::connect_with(&url, &token, options).await.ok()?;
+                    c.join(group).await.ok()?;
+                    Some(c)
+                })
+            })
+            .collect();
+        for t in batch {
+            out.push(t.await.ok().flatten());
+        }
+        say(&WorkerLine::Progress(out.len()));
+    }
+    out
+}
+
+type Measured = (WorkerResult, Vec<Client>);
+
+/// The measured phase; returns the result and the clients still open.
+async fn measure(
+    spec: WorkerSpec,
+    key: TokenKey,
+    options: ClientOptions,
+    clients: Vec<(usize, Client)>,
+    ends: watch::Receiver<Option<BTreeMap<u64, u64>>>,
+) -> Measured {
+    let key = Arc::new(key);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|(i, client)| {
+            let (spec, key, options, ends) =
+                (spec.clone(), key.clone(), options.clone(), ends.clone());
+            tokio::spawn(async move { member(spec, &key, options, i, client, ends).await })
+        })
+        .collect();
+    let mut total = WorkerResult::default();
+    let mut latency = histogram();
+    let mut kept = Vec::new();
+    for t in tasks {
+        let Ok((r, h, client)) = t.await else {
+            *total.errors.entry("task panicked".into()).or_default() += 1;
+            continue;
+        };
+        total.ops += r.ops;
+        total.lost += r.lost;
+        total.duplicates += r.duplicates;
+        total.gaps += r.gaps;
+        for (k, v) in r.results {
+            *total.results.entry(k).or_default() += v;
+        }
+        for (k, v) in r.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+        let _ = latency.add(h);
+        kept.extend(client);
+    }
+    total.latency = encode(&latency);
+    (total, kept)
+}
+
+/// One member's measured phase.
+async fn member(
+    spec: WorkerSpec,
+    key: &TokenKey,
+    options: ClientOptions,
+    i: usize,
+    mut client: Client,
+    mut ends: watch::Receiver<Option<BTreeMap<u64, u64>>>,
+) -> (WorkerResult, Histogram<u64>, Option<Client>) {
+    let mut r = WorkerResult::default();
+    let mut h = histogram();
+    let fail = |r: &mut WorkerResult, what: &str| *r.errors.entry(what.into()).or_default() += 1;
+    match spec.task {
+        Task::Idle { .. } => {}
+        Task::Fanout { ref groups } => {
+            let group = groups[i % groups.len()];
+            let mut last = 0u64;
+            let mut deadline: Option<tokio::time::Instant> = None;
+            loop {
+                let target = ends
+                    .borrow()
+                    .as_ref()
+                    .map(|e| e.get(&group).copied().unwrap_or(0));
+                if let Some(t) = target {
+                    if last >= t {
+                        break;
+                    }
+                    let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN);
+                    if tokio::time::Instant::now() >= d {
+                        r.lost += t - last;
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = ends.changed(), if target.is_none() => {
+                        if changed.is_err() { break; }
+                    }
+                    event = tokio::time::timeout(Duration::from_millis(500), client.next_event()) => {
+                        match event {
+                            Ok(Some(Event::Message(m))) if m.group_id == group => {
+                                if let Ok(sent) = m.text.parse::<u64>() {
+                                    let _ = h.record(now_us().saturating_sub(sent).max(1));
+                                }
+                                last = last.max(m.seq);
+                                r.ops += 1;
+                            }
+                            Ok(Some(Event::Closed { .. }) | None) => { fail(&mut r, "closed"); break; }
+                            Ok(Some(_)) | Err(_) => {}
+                        }
+                    }
+                }
+            }
+            let (duplicates, gaps) = client.sequencer_stats();
+            r.duplicates = duplicates;
+            r.gaps = gaps;
+        }
+        Task::FlashSale {
+            group,
+            group_buy,
+            within_ms,
+        } => {
+            if within_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(random_u64() % within_ms)).await;
+            }
+            let t = Instant::now();
+            match client.join_group_buy(group, group_buy).await {
+                Ok(a) => {
+                    let _ = h.record(micros(t.elapsed()));
+                    let name = a
+                        .result()
+                        .as_str_name()
+                        .trim_start_matches("COMMERCE_RESULT_")
+                        .to_ascii_lowercase();
+                    *r.results.entry(name).or_default() += 1;
+                    r.ops += 1;
+                }
+                Err(e) => fail(&mut r, &e.to_string()),
+            }
+        }
+        Task::Backfill { group, page } => {
+            let mut before = 0;
+            loop {
+                let t = Instant::now();
+                match client.history(group, before, page).await {
+                    Ok(p) => {
+                        let _ = h.record(micros(t.elapsed()));
+                        r.ops += 1;
+                        match p.messages.first() {
+                            Some(m) if p.has_more => before = m.seq,
+                            _ => break,
+                        }
+                    }
+                    Err(e) => {
+                        fail(&mut r, &e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        Task::ResumeStorm {
+            group,
+            last_seq,
+            behind,
+        } => {
+            drop(client);
+            let t = Instant::now();
+            let token = member_token(key, &spec.run_id, i);
+            let Ok(mut fresh) = Client::connect_with(&spec.url, &token, options).await else {
+                fail(&mut r, "reconnect");
+                return (r, h, None);
+            };
+            let from = last_seq.saturating_sub(behind);
+            if fresh.resume(&[(group, from)]).await.is_err() {
+                fail(&mut r, "resume");
+                return (r, h, Some(fresh));
+            }
+            let mut seen: HashMap<u64, ()> = HashMap::new();
+            let caught_up = tokio::time::timeout(DRAIN, async {
+                while let Some(event) = fresh.next_event().await {
+                    if let Event::Message(m) = event
+                        && m.group_id == group
+                    {
+                        seen.insert(m.seq, ());
+                        if m.seq >= last_seq {
+                            return true;
+                        }
+                    }
+                }
+                false
+            })
+            .await;
+            if caught_up == Ok(true) {
+                let _ = h.record(micros(t.elapsed()));
+            } else {
+                r.lost += last_seq - from - seen.len() as u64;
+            }
+            r.ops += seen.len() as u64;
+            return (r, h, Some(fresh));
+        }
+    }
+    (r, h, Some(client))
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}

@@ -1,0 +1,170 @@
+//! qun-loadtest against the real server, at toy sizes: the tool starts its
+//! workers, measures, checks, and refuses what it must refuse.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Output;
+
+use qun_gateway::{Config, Listeners};
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    url: String,
+    quic: String,
+    pin: String,
+    dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), qun_gateway::ServerError>>,
+}
+
+async fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    qun_gateway::auth::TokenKey::load_or_create(dir.path()).unwrap();
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ws_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        quic_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let listeners = Listeners::bind(&config).await.unwrap();
+    let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
+    let quic = format!("quic://{}", listeners.quic_addr().unwrap());
+    let pin = listeners.quic_fingerprint().to_string();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
+    Server {
+        url,
+        quic,
+        pin,
+        dir,
+        shutdown,
+        task,
+    }
+}
+
+async fn loadtest(s: &Server, url: &str, args: &[&str]) -> (Output, serde_json::Value) {
+    let json = s.dir.path().join("report.json");
+    let _ = std::fs::remove_file(&json);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
+        .arg("--url")
+        .arg(url)
+        .arg("--data-dir")
+        .arg(s.dir.path())
+        .arg("--json")
+        .arg(&json)
+        .args(["--timeout", "60s", "--per-worker", "4", "--sources", "2"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let report = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out, report)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_and_flash_sale_measure_and_check() {
+    let s = server().await;
+    // 2 groups × 5 members over 3 worker processes (4 connections each).
+    let (out, r) = loadtest(
+        &s,
+        &s.url,
+        &[
+            "fanout",
+            "--groups",
+            "2",
+            "--members",
+            "5",
+            "--duration",
+            "1s",
+            "--rate",
+            "20",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let posted = r["counts"]["messages_posted"].as_u64().unwrap();
+    assert!(posted > 0, "{r}");
+    assert_eq!(
+        r["counts"]["deliveries"], r["counts"]["deliveries_expected"],
+        "{r}"
+    );
+    assert_eq!(r["counts"]["deliveries"].as_u64().unwrap(), posted * 5);
+    assert_eq!(r["checks"]["nothing_lost"], true);
+    assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+
+    let (out, r) = loadtest(
+        &s,
+        &s.url,
+        &[
+            "flash-sale",
+            "--members",
+            "12",
+            "--slots",
+            "5",
+            "--within",
+            "200ms",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["counts"]["group_buy_joined"], 5, "{r}");
+    assert_eq!(r["counts"]["sold_out"], 7, "{r}");
+    assert_eq!(r["checks"]["exactly_slots_joined"], true);
+
+    // The same over QUIC, with the certificate pinned.
+    let (out, r) = loadtest(
+        &s,
+        &s.quic,
+        &[
+            "--cert-fingerprint",
+            &s.pin,
+            "history",
+            "--clients",
+            "6",
+            "--messages",
+            "60",
+            "--mode",
+            "resume",
+            "--behind",
+            "20",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["transport"], "quic");
+    assert_eq!(r["checks"]["nothing_lost"], true, "{r}");
+    s.shutdown.cancel();
+    s.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn only_loopback_targets_and_a_real_token_key() {
+    let s = server().await;
+    let (out, _) = loadtest(
+        &s,
+        "ws://192.0.2.1:7700/ws",
+        &["connections", "--count", "1"],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
+    let empty = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
+        .args(["--url", &s.url, "--data-dir"])
+        .arg(empty.path())
+        .args(["connections", "--count", "1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("token key"), "{}", stderr(&out));
+    s.shutdown.cancel();
+    s.task.await.unwrap().unwrap();
+}
