@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hdrhistogram::Histogram;
 use qun_client::{Client, ClientOptions, Event};
 use qun_gateway::auth::TokenKey;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -160,7 +159,7 @@ async fn measure(
     let mut latency = histogram();
     let mut kept = Vec::new();
     for t in tasks {
-        let Ok((r, h, client)) = t.await else {
+        let Ok((r, samples, client)) = t.await else {
             *total.errors.entry("task panicked".into()).or_default() += 1;
             continue;
         };
@@ -174,7 +173,9 @@ async fn measure(
         for (k, v) in r.errors {
             *total.errors.entry(k).or_default() += v;
         }
-        let _ = latency.add(h);
+        for us in samples {
+            let _ = latency.record(us.max(1));
+        }
         kept.extend(client);
     }
     total.latency = encode(&latency);
@@ -189,9 +190,12 @@ async fn member(
     i: usize,
     mut client: Client,
     mut ends: watch::Receiver<Option<BTreeMap<u64, u64>>>,
-) -> (WorkerResult, Histogram<u64>, Option<Client>) {
+) -> (WorkerResult, Vec<u64>, Option<Client>) {
     let mut r = WorkerResult::default();
-    let mut h = histogram();
+    // Raw samples, folded into the worker's one histogram at the end: a
+    // histogram per member would cost tens of KiB each, zeroed while the
+    // run is being measured.
+    let mut h: Vec<u64> = Vec::new();
     let fail = |r: &mut WorkerResult, what: &str| *r.errors.entry(what.into()).or_default() += 1;
     match spec.task {
         Task::Idle { .. } => {}
@@ -222,7 +226,7 @@ async fn member(
                         match event {
                             Ok(Some(Event::Message(m))) if m.group_id == group => {
                                 if let Ok(sent) = m.text.parse::<u64>() {
-                                    let _ = h.record(now_us().saturating_sub(sent).max(1));
+                                    h.push(now_us().saturating_sub(sent));
                                 }
                                 last = last.max(m.seq);
                                 r.ops += 1;
@@ -248,7 +252,7 @@ async fn member(
             let t = Instant::now();
             match client.join_group_buy(group, group_buy).await {
                 Ok(a) => {
-                    let _ = h.record(micros(t.elapsed()));
+                    h.push(micros(t.elapsed()));
                     let name = a
                         .result()
                         .as_str_name()
@@ -266,7 +270,7 @@ async fn member(
                 let t = Instant::now();
                 match client.history(group, before, page).await {
                     Ok(p) => {
-                        let _ = h.record(micros(t.elapsed()));
+                        h.push(micros(t.elapsed()));
                         r.ops += 1;
                         match p.messages.first() {
                             Some(m) if p.has_more => before = m.seq,
@@ -313,7 +317,7 @@ async fn member(
             })
             .await;
             if caught_up == Ok(true) {
-                let _ = h.record(micros(t.elapsed()));
+                h.push(micros(t.elapsed()));
             } else {
                 r.lost += last_seq - from - seen.len() as u64;
             }
