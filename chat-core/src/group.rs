@@ -186,6 +186,54 @@ impl SentWindow {
     }
 }
 
+/// A group's subscriptions: a list, iterated for every message published,
+/// and an index by connection, so that subscribing and unsubscribing cost
+/// the same in a group of 20,000 as in a group of 20 (when a crowd
+/// disconnects at once, a search of the list per connection would be
+/// quadratic).
+#[derive(Debug, Default)]
+struct Subscribers {
+    list: Vec<Subscriber>,
+    at: HashMap<ConnId, usize>,
+}
+
+impl Subscribers {
+    /// Adds a subscription, replacing an earlier one of the same connection.
+    fn insert(&mut self, sub: Subscriber) {
+        self.remove(sub.conn);
+        self.at.insert(sub.conn, self.list.len());
+        self.list.push(sub);
+    }
+
+    fn remove(&mut self, conn: ConnId) {
+        if let Some(i) = self.at.remove(&conn) {
+            self.list.swap_remove(i);
+            if let Some(moved) = self.list.get(i) {
+                self.at.insert(moved.conn, i);
+            }
+        }
+    }
+
+    /// Keeps the subscriptions `keep` accepts (a rare, whole-list change).
+    fn retain(&mut self, keep: impl FnMut(&Subscriber) -> bool) {
+        self.list.retain(keep);
+        self.at = self
+            .list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.conn, i))
+            .collect();
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Subscriber> {
+        self.list.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+}
+
 /// A group held in memory.
 #[derive(Debug)]
 pub(crate) struct GroupCell {
@@ -205,7 +253,7 @@ pub(crate) struct GroupState {
     /// The newest visible messages; ascending; at most `ring_capacity`.
     recent: VecDeque<Encoded>,
     ring_capacity: usize,
-    subscribers: Vec<Subscriber>,
+    subscribers: Subscribers,
     /// Recent client message ids, for idempotent sends.
     pub(crate) sent: SentWindow,
     /// Each member's read mark (absent: nothing read).
@@ -267,7 +315,7 @@ impl GroupCell {
                 pending: VecDeque::new(),
                 recent: ring,
                 ring_capacity: limits.ring_capacity,
-                subscribers: Vec::new(),
+                subscribers: Subscribers::default(),
                 // Everything already stored is in the store's index.
                 sent: SentWindow::new(last_seq, limits.sent_window),
                 read_marks: read_marks.into_iter().collect(),
@@ -372,8 +420,7 @@ impl GroupState {
 
     /// Adds a subscription, replacing an earlier one of the same connection.
     pub(crate) fn subscribe(&mut self, sub: Subscriber) {
-        self.unsubscribe(sub.conn);
-        self.subscribers.push(sub);
+        self.subscribers.insert(sub);
     }
 
     /// A member's read mark.
@@ -425,9 +472,7 @@ impl GroupState {
     }
 
     pub(crate) fn unsubscribe(&mut self, conn: ConnId) {
-        if let Some(i) = self.subscribers.iter().position(|s| s.conn == conn) {
-            self.subscribers.swap_remove(i);
-        }
+        self.subscribers.remove(conn);
     }
 
     pub(crate) fn subscriber_count(&self) -> usize {
@@ -556,7 +601,7 @@ impl GroupState {
                 break;
             };
             let mut ended = false;
-            for sub in &self.subscribers {
+            for sub in self.subscribers.iter() {
                 match sub.outbox.push_in(sub.epoch, p.frame.clone()) {
                     Pushed::Queued => queued += 1,
                     Pushed::Dropped => {
@@ -639,5 +684,46 @@ pub(crate) fn to_wire(r: MessageRecord) -> v1::ChatMessage {
         } else {
             prost::Message::decode(&r.body[..]).ok()
         },
+    }
+}
+
+#[cfg(test)]
+mod subscriber_tests {
+    use super::*;
+    use crate::OutboxLimits;
+
+    fn sub(conn: u64, user: &str) -> Subscriber {
+        Subscriber::new(ConnId(conn), user, Outbox::new(OutboxLimits::default()))
+    }
+
+    /// The connections subscribed, after checking the index points at them.
+    fn conns(s: &Subscribers) -> Vec<u64> {
+        assert_eq!(s.at.len(), s.list.len());
+        for (conn, i) in &s.at {
+            assert_eq!(s.list[*i].conn, *conn);
+        }
+        let mut c: Vec<u64> = s.iter().map(|s| s.conn.0).collect();
+        c.sort_unstable();
+        c
+    }
+
+    #[test]
+    fn the_index_follows_every_change() {
+        let mut s = Subscribers::default();
+        for c in 1..=5 {
+            s.insert(sub(c, if c % 2 == 0 { "even" } else { "odd" }));
+        }
+        s.insert(sub(3, "odd")); // again: replaced, not doubled
+        assert_eq!(conns(&s), [1, 2, 3, 4, 5]);
+        s.remove(ConnId(1)); // moves the last one into its place
+        s.remove(ConnId(9)); // unknown: nothing
+        assert_eq!(conns(&s), [2, 3, 4, 5]);
+        s.retain(|x| x.user_id != "even");
+        assert_eq!(conns(&s), [3, 5]);
+        for c in [3, 5] {
+            s.remove(ConnId(c));
+        }
+        assert_eq!(conns(&s), [0u64; 0]);
+        assert_eq!(s.len(), 0);
     }
 }
