@@ -125,6 +125,9 @@ impl ChatError {
         match self {
             ChatError::Storage(StorageError::Overloaded) => "server is busy; retry shortly".into(),
             ChatError::Storage(StorageError::Corrupt { .. }) => "internal error".into(),
+            ChatError::Storage(StorageError::Timeout { .. } | StorageError::Unavailable { .. }) => {
+                "storage is unavailable; retry shortly".into()
+            }
             ChatError::Storage(_) => "storage unavailable; nothing was written".into(),
             other => other.to_string(),
         }

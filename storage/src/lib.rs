@@ -11,6 +11,10 @@
 //!   whatever has queued up into one atomic batch and one journal fsync —
 //!   group commit — so throughput grows with load while an idle server adds
 //!   no waiting.
+//! - [`scylla_store::ScyllaStore`]: the clustered store on ScyllaDB (or
+//!   Cassandra 4.x), for deployments that outgrow one machine.
+//! - [`Coalescing`]: wraps a store so that concurrent reads of the same
+//!   history page share one query.
 //! - [`records`] and [`keys`]: the schema and the key layout (partition
 //!   `(group_id, bucket)`, clustering `seq`), the same for every backend.
 //! - [`contract`]: the test suite every backend must pass.
@@ -38,12 +42,15 @@
 use std::future::Future;
 use std::pin::Pin;
 
+mod coalesce;
 pub mod contract;
 mod error;
 mod fjall_store;
 pub mod keys;
 pub mod records;
+pub mod scylla_store;
 
+pub use coalesce::{Coalescing, CoalescingStats};
 pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 

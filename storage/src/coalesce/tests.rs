@@ -1,0 +1,279 @@
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::AtomicBool;
+
+use tokio::sync::watch;
+
+use super::*;
+use crate::{FjallConfig, FjallStore, StoreExt};
+
+/// A test double: the real embedded store behind a gate. Page reads wait
+/// until the gate opens (so a test can hold a query in flight), are counted,
+/// and fail with a timeout while `fail` is set. Everything else is the
+/// embedded store's.
+#[derive(Debug)]
+struct GatedStoreDouble {
+    real: FjallStore,
+    gate: watch::Receiver<bool>,
+    page_queries: AtomicU64,
+    fail: AtomicBool,
+}
+
+impl GatedStoreDouble {
+    async fn page(
+        &self,
+        read: BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>>,
+    ) -> Result<Vec<MessageRecord>, StorageError> {
+        self.page_queries.fetch_add(1, Ordering::SeqCst);
+        let mut gate = self.gate.clone();
+        gate.wait_for(|open| *open).await.unwrap();
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::Timeout { op: "read" });
+        }
+        read.await
+    }
+}
+
+impl Store for GatedStoreDouble {
+    fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError> {
+        self.real.submit(ops, done)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.real.flush()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.real.close()
+    }
+    fn load_group(&self, g: u64) -> BoxFuture<'_, Result<Option<GroupRecord>, StorageError>> {
+        self.real.load_group(g)
+    }
+    fn load_members(&self, g: u64) -> BoxFuture<'_, Result<Vec<MemberRecord>, StorageError>> {
+        self.real.load_members(g)
+    }
+    fn groups_of_user(&self, u: &str) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
+        self.real.groups_of_user(u)
+    }
+    fn max_group_id(&self) -> BoxFuture<'_, Result<u64, StorageError>> {
+        self.real.max_group_id()
+    }
+    fn last_seq(&self, g: u64) -> BoxFuture<'_, Result<u64, StorageError>> {
+        self.real.last_seq(g)
+    }
+    fn messages_before(
+        &self,
+        g: u64,
+        before: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>> {
+        Box::pin(self.page(self.real.messages_before(g, before, limit)))
+    }
+    fn messages_after(
+        &self,
+        g: u64,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>> {
+        Box::pin(self.page(self.real.messages_after(g, after, limit)))
+    }
+    fn find_sent<'a>(
+        &'a self,
+        g: u64,
+        s: &'a str,
+        c: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>> {
+        self.real.find_sent(g, s, c)
+    }
+    fn load_read_marks(&self, g: u64) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
+        self.real.load_read_marks(g)
+    }
+    fn load_objects(&self, g: u64) -> BoxFuture<'_, Result<Vec<ObjectRecord>, StorageError>> {
+        self.real.load_objects(g)
+    }
+    fn load_entries(&self, g: u64) -> BoxFuture<'_, Result<Vec<EntryRecord>, StorageError>> {
+        self.real.load_entries(g)
+    }
+    fn due_objects(&self) -> BoxFuture<'_, Result<Vec<Due>, StorageError>> {
+        self.real.due_objects()
+    }
+    fn load_product<'a>(
+        &'a self,
+        s: &'a str,
+        p: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ProductRecord>, StorageError>> {
+        self.real.load_product(s, p)
+    }
+    fn groups_with_card<'a>(
+        &'a self,
+        s: &'a str,
+        p: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>> {
+        self.real.groups_with_card(s, p)
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<Coalescing<GatedStoreDouble>>,
+    gate: watch::Sender<bool>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, rx) = watch::channel(true);
+    let real = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
+    Fixture {
+        _dir: dir,
+        store: Arc::new(Coalescing::new(GatedStoreDouble {
+            real,
+            gate: rx,
+            page_queries: AtomicU64::new(0),
+            fail: AtomicBool::new(false),
+        })),
+        gate,
+    }
+}
+
+fn msg(group_id: u64, seq: u64) -> WriteOp {
+    WriteOp::AppendMessage(MessageRecord {
+        group_id,
+        seq,
+        text: format!("m{seq}"),
+        ..Default::default()
+    })
+}
+
+fn seqs(r: &[MessageRecord]) -> Vec<u64> {
+    r.iter().map(|m| m.seq).collect()
+}
+
+impl Fixture {
+    fn queries(&self) -> u64 {
+        self.store.inner().page_queries.load(Ordering::SeqCst)
+    }
+
+    /// Starts `n` readers of one page while the gate is shut, and waits
+    /// until they are all waiting.
+    async fn readers(
+        &self,
+        n: usize,
+        before: u64,
+    ) -> Vec<tokio::task::JoinHandle<Result<Vec<MessageRecord>, StorageError>>> {
+        let stats = self.store.stats();
+        let seen = || stats.queries.load(Ordering::SeqCst) + stats.shared.load(Ordering::SeqCst);
+        let start = seen();
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let s = self.store.clone();
+                tokio::spawn(async move { s.messages_before(1, before, 10).await })
+            })
+            .collect();
+        while seen() < start + n as u64 {
+            tokio::task::yield_now().await;
+        }
+        handles
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_of_one_page_share_one_query() {
+    let f = fixture();
+    f.store
+        .write((1..=30).map(|s| msg(1, s)).collect())
+        .await
+        .unwrap();
+    f.gate.send(false).unwrap();
+    let readers = f.readers(100, 31).await;
+    f.gate.send(true).unwrap();
+    for r in readers {
+        assert_eq!(
+            seqs(&r.await.unwrap().unwrap()),
+            (21..=30).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(
+        f.queries(),
+        1,
+        "100 readers of one page ran more than one query"
+    );
+    assert_eq!(f.store.stats().shared.load(Ordering::SeqCst), 99);
+
+    // Finished flights are forgotten: a later reader queries again.
+    f.store.messages_before(1, 31, 10).await.unwrap();
+    assert_eq!(f.queries(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_pages_and_groups_are_not_shared() {
+    let f = fixture();
+    f.store
+        .write((1..=5).flat_map(|s| [msg(1, s), msg(2, s)]).collect())
+        .await
+        .unwrap();
+    let (a, b, c, d) = tokio::join!(
+        f.store.messages_before(1, 6, 10),
+        f.store.messages_before(2, 6, 10),
+        f.store.messages_after(1, 0, 10),
+        f.store.messages_before(1, 6, 2),
+    );
+    assert_eq!(seqs(&a.unwrap()), [1, 2, 3, 4, 5]);
+    assert!(b.unwrap().iter().all(|m| m.group_id == 2));
+    assert_eq!(seqs(&c.unwrap()), [1, 2, 3, 4, 5]);
+    assert_eq!(seqs(&d.unwrap()), [4, 5]);
+    assert_eq!(f.queries(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_joins_a_query_older_than_a_durable_message() {
+    let f = fixture();
+    f.store.write(vec![msg(1, 1)]).await.unwrap();
+    f.gate.send(false).unwrap();
+    let early = f.readers(1, u64::MAX).await;
+    // A message becomes durable while the first query waits.
+    f.store.write(vec![msg(1, 2)]).await.unwrap();
+    let late = {
+        let s = f.store.clone();
+        tokio::spawn(async move { s.messages_before(1, u64::MAX, 10).await })
+    };
+    while f.queries() < 2 {
+        tokio::task::yield_now().await;
+    }
+    f.gate.send(true).unwrap();
+    assert_eq!(seqs(&late.await.unwrap().unwrap()), [1, 2]);
+    early.into_iter().next().unwrap().await.unwrap().unwrap();
+    assert_eq!(f.queries(), 2, "the late reader must run its own query");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reaches_every_waiter_and_is_not_remembered() {
+    let f = fixture();
+    f.store.write(vec![msg(1, 1)]).await.unwrap();
+    f.store.inner().fail.store(true, Ordering::SeqCst);
+    f.gate.send(false).unwrap();
+    let readers = f.readers(5, 2).await;
+    f.gate.send(true).unwrap();
+    for r in readers {
+        let e = r.await.unwrap().unwrap_err();
+        assert!(matches!(e, StorageError::Timeout { .. }), "{e:?}");
+    }
+    f.store.inner().fail.store(false, Ordering::SeqCst);
+    assert_eq!(seqs(&f.store.messages_before(1, 2, 10).await.unwrap()), [1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_takes_over_when_the_first_caller_goes_away() {
+    let f = fixture();
+    f.store.write(vec![msg(1, 1)]).await.unwrap();
+    f.gate.send(false).unwrap();
+    let first = f.readers(1, 2).await.remove(0);
+    let second = f.readers(1, 2).await.remove(0);
+    assert_eq!(
+        f.store.stats().shared.load(Ordering::SeqCst),
+        1,
+        "second joined first"
+    );
+    // The caller that started the query is cancelled (its phone hung up).
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    f.gate.send(true).unwrap();
+    assert_eq!(seqs(&second.await.unwrap().unwrap()), [1]);
+}
