@@ -128,8 +128,40 @@ impl ChatError {
             ChatError::Storage(StorageError::Timeout { .. } | StorageError::Unavailable { .. }) => {
                 "storage is unavailable; retry shortly".into()
             }
-            ChatError::Storage(_) => "storage unavailable; nothing was written".into(),
+            // Not "nothing was written": with a cluster store a write that
+            // timed out may still land. A retry with the same id is safe.
+            ChatError::Storage(_) => {
+                "storage unavailable; retry with the same client_msg_id".into()
+            }
             other => other.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_storage_errors_reach_clients_as_retryable_unavailability() {
+        let cases = [
+            StorageError::Timeout { op: "read" },
+            StorageError::Unavailable {
+                op: "write",
+                detail: "2 of 3 replicas down".into(),
+            },
+        ];
+        for e in cases {
+            let e = ChatError::Storage(e);
+            assert_eq!(e.code(), ErrorCode::StorageUnavailable);
+            assert_eq!(e.client_message(), "storage is unavailable; retry shortly");
+        }
+        let overloaded = ChatError::Storage(StorageError::Overloaded);
+        assert_eq!(overloaded.code(), ErrorCode::Overloaded);
+        // A refused write is never reported as sent, and the client is
+        // told how to retry safely.
+        let poisoned = ChatError::Storage(StorageError::Poisoned);
+        assert_eq!(poisoned.code(), ErrorCode::StorageUnavailable);
+        assert!(poisoned.client_message().contains("same client_msg_id"));
     }
 }
