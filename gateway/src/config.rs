@@ -85,6 +85,33 @@ pub struct Config {
     /// How often the server resolves commerce deadlines and posts pending
     /// progress, in milliseconds. A deadline resolves at most this late.
     pub commerce_tick_ms: u64,
+    /// Where history lives: `embedded` (fjall in `data_dir`, the default) or
+    /// `scylla` (a ScyllaDB or Cassandra 4.x cluster; see
+    /// docs/operations/scylla.md).
+    pub storage: String,
+    /// Contact points of the cluster, `host:port[,host:port…]`.
+    pub scylla_nodes: String,
+    /// Keyspace of the cluster store (created by `qun migrate`).
+    pub scylla_keyspace: String,
+    /// The local datacenter: requests prefer its nodes and never fail over
+    /// to another. Empty: no preference (one datacenter).
+    pub scylla_dc: String,
+    /// Consistency of reads and writes: `local_quorum` (default), `quorum`,
+    /// `each_quorum`, `all`, `local_one` or `one`. Below a quorum an
+    /// acknowledged message can be lost with one node.
+    pub scylla_consistency: String,
+    /// Client-side timeout of one CQL request, in milliseconds.
+    pub scylla_request_timeout_ms: u64,
+    /// How long a failing write is retried, in milliseconds, before the
+    /// server refuses writes until restarted.
+    pub scylla_write_retry_ms: u64,
+    /// Replication `qun migrate` creates the keyspace with: `simple:N`, or
+    /// `DC:N[,DC:N…]` for NetworkTopologyStrategy.
+    pub scylla_replication: String,
+    /// User name for a cluster with authentication (empty: none).
+    pub scylla_user: String,
+    /// Password of `scylla_user`.
+    pub scylla_password: String,
 }
 
 impl Default for Config {
@@ -118,6 +145,16 @@ impl Default for Config {
             idle_timeout_ms: 90_000,
             progress_interval_ms: 250,
             commerce_tick_ms: 100,
+            storage: "embedded".into(),
+            scylla_nodes: String::new(),
+            scylla_keyspace: "qun".into(),
+            scylla_dc: String::new(),
+            scylla_consistency: "local_quorum".into(),
+            scylla_request_timeout_ms: 5_000,
+            scylla_write_retry_ms: 10_000,
+            scylla_replication: "simple:1".into(),
+            scylla_user: String::new(),
+            scylla_password: String::new(),
         }
     }
 }
@@ -152,6 +189,16 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     /// `--quic-listen`.
     pub quic_listen: Option<String>,
+    /// `--storage`.
+    pub storage: Option<String>,
+    /// `--scylla-nodes`.
+    pub scylla_nodes: Option<String>,
+    /// `--scylla-keyspace`.
+    pub scylla_keyspace: Option<String>,
+    /// `--scylla-dc`.
+    pub scylla_dc: Option<String>,
+    /// `--replication` (of `qun migrate`).
+    pub scylla_replication: Option<String>,
 }
 
 impl Config {
@@ -221,6 +268,11 @@ impl Config {
         set("ws_listen", flags.ws_listen.clone());
         set("http_listen", flags.http_listen.clone());
         set("quic_listen", flags.quic_listen.clone());
+        set("storage", flags.storage.clone());
+        set("scylla_nodes", flags.scylla_nodes.clone());
+        set("scylla_keyspace", flags.scylla_keyspace.clone());
+        set("scylla_dc", flags.scylla_dc.clone());
+        set("scylla_replication", flags.scylla_replication.clone());
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
@@ -277,11 +329,80 @@ impl Config {
         if self.idle_timeout_ms < 1_000 {
             return bad("idle_timeout_ms must be at least 1000".into());
         }
+        self.check_storage()?;
         if !self.token_key.is_empty() {
             crate::auth::TokenKey::from_hex(&self.token_key)
                 .map_err(|e| ConfigError::Invalid(format!("token_key: {e}")))?;
         }
         Ok(())
+    }
+}
+
+impl Config {
+    fn check_storage(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        match self.storage.as_str() {
+            "embedded" => {}
+            "scylla" => {
+                self.scylla()?;
+            }
+            other => return bad(format!("storage {other:?}: use embedded or scylla")),
+        }
+        qun_storage::scylla_store::parse_consistency(&self.scylla_consistency)
+            .map_err(|e| ConfigError::Invalid(format!("scylla_consistency: {e}")))?;
+        self.replication()?;
+        if self.scylla_request_timeout_ms == 0 {
+            return bad("scylla_request_timeout_ms must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Whether history lives in a ScyllaDB/Cassandra cluster.
+    pub fn uses_scylla(&self) -> bool {
+        self.storage == "scylla"
+    }
+
+    /// The cluster store's settings.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] without `scylla_nodes`, or with a bad
+    /// keyspace name or consistency.
+    pub fn scylla(&self) -> Result<qun_storage::scylla_store::ScyllaConfig, ConfigError> {
+        use qun_storage::scylla_store::{ScyllaConfig, check_keyspace_name, parse_consistency};
+        let nodes: Vec<String> = self
+            .scylla_nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect();
+        if nodes.is_empty() {
+            return Err(ConfigError::Invalid(
+                "storage = scylla needs scylla_nodes (--scylla-nodes host:9042[,host:9042…])"
+                    .into(),
+            ));
+        }
+        check_keyspace_name(&self.scylla_keyspace)
+            .map_err(|e| ConfigError::Invalid(format!("scylla_keyspace: {e}")))?;
+        let mut c = ScyllaConfig::new(nodes, self.scylla_keyspace.clone());
+        c.local_dc = self.scylla_dc.clone();
+        c.consistency = parse_consistency(&self.scylla_consistency)
+            .map_err(|e| ConfigError::Invalid(format!("scylla_consistency: {e}")))?;
+        c.request_timeout = std::time::Duration::from_millis(self.scylla_request_timeout_ms);
+        c.write_retry_window = std::time::Duration::from_millis(self.scylla_write_retry_ms);
+        c.user = self.scylla_user.clone();
+        c.password = self.scylla_password.clone();
+        Ok(c)
+    }
+
+    /// The replication `qun migrate` creates the keyspace with.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when `scylla_replication` does not parse.
+    pub fn replication(&self) -> Result<qun_storage::scylla_store::Replication, ConfigError> {
+        self.scylla_replication
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("scylla_replication: {e}")))
     }
 }
 
@@ -366,6 +487,14 @@ mod tests {
             ("max_frame_bytes = 10", "max_frame_bytes"),
             ("token_key = \"abc\"", "token_key"),
             ("this is not toml", "qun.toml"),
+            ("storage = \"cassandra\"", "embedded or scylla"),
+            ("storage = \"scylla\"", "scylla_nodes"),
+            (
+                "storage = \"scylla\"\nscylla_nodes = \"h:9042\"\nscylla_keyspace = \"Qun\"",
+                "scylla_keyspace",
+            ),
+            ("scylla_consistency = \"serial\"", "scylla_consistency"),
+            ("scylla_replication = \"dc1\"", "scylla_replication"),
         ] {
             std::fs::write(&file, text).unwrap();
             let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err();

@@ -22,10 +22,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the server (embedded store, WebSocket, QUIC and HTTP listeners).
+    /// Run the server (WebSocket, QUIC and HTTP listeners; embedded store
+    /// unless --storage scylla).
     Serve {
         #[command(flatten)]
         common: CommonFlags,
+        #[command(flatten)]
+        storage: StorageFlags,
         /// WebSocket listen address [default: 127.0.0.1:7700].
         #[arg(long)]
         ws_listen: Option<String>,
@@ -35,6 +38,18 @@ enum Command {
         /// QUIC listen address (UDP) [default: 127.0.0.1:7701].
         #[arg(long)]
         quic_listen: Option<String>,
+    },
+    /// Create or upgrade the cluster store's keyspace and tables
+    /// (ScyllaDB or Cassandra 4.x). Safe to run again.
+    Migrate {
+        #[command(flatten)]
+        common: CommonFlags,
+        #[command(flatten)]
+        storage: StorageFlags,
+        /// Replication of a new keyspace: simple:N, or DC:N[,DC:N…]
+        /// (NetworkTopologyStrategy) [default: simple:1].
+        #[arg(long)]
+        replication: Option<String>,
     },
     /// Print a token signed with the server's key.
     Token {
@@ -68,19 +83,37 @@ struct CommonFlags {
     data_dir: Option<PathBuf>,
 }
 
-fn load_config(
-    common: &CommonFlags,
-    ws_listen: Option<String>,
-    http_listen: Option<String>,
-    quic_listen: Option<String>,
-) -> Result<Config, ExitCode> {
-    let overrides = Overrides {
-        data_dir: common.data_dir.clone(),
-        ws_listen,
-        http_listen,
-        quic_listen,
-    };
-    Config::load(common.config.as_deref(), std::env::vars(), &overrides).map_err(|e| {
+#[derive(clap::Args, Debug)]
+struct StorageFlags {
+    /// Where history lives: embedded or scylla [default: embedded].
+    #[arg(long)]
+    storage: Option<String>,
+    /// Cluster contact points, host:port[,host:port…].
+    #[arg(long)]
+    scylla_nodes: Option<String>,
+    /// Cluster keyspace [default: qun].
+    #[arg(long)]
+    scylla_keyspace: Option<String>,
+    /// The local datacenter of the cluster.
+    #[arg(long)]
+    scylla_dc: Option<String>,
+}
+
+impl StorageFlags {
+    fn into_overrides(self, common: &CommonFlags) -> Overrides {
+        Overrides {
+            data_dir: common.data_dir.clone(),
+            storage: self.storage,
+            scylla_nodes: self.scylla_nodes,
+            scylla_keyspace: self.scylla_keyspace,
+            scylla_dc: self.scylla_dc,
+            ..Overrides::default()
+        }
+    }
+}
+
+fn load_config(common: &CommonFlags, overrides: &Overrides) -> Result<Config, ExitCode> {
+    Config::load(common.config.as_deref(), std::env::vars(), overrides).map_err(|e| {
         eprintln!("qun: {e}");
         ExitCode::from(EXIT_CONFIG)
     })
@@ -97,15 +130,45 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve {
             common,
+            storage,
             ws_listen,
             http_listen,
             quic_listen,
         } => {
-            let config = match load_config(&common, ws_listen, http_listen, quic_listen) {
+            let overrides = Overrides {
+                ws_listen,
+                http_listen,
+                quic_listen,
+                ..storage.into_overrides(&common)
+            };
+            let config = match load_config(&common, &overrides) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             report(serve(config))
+        }
+        Command::Migrate {
+            common,
+            storage,
+            replication,
+        } => {
+            let mut overrides = Overrides {
+                scylla_replication: replication,
+                ..storage.into_overrides(&common)
+            };
+            // Only the cluster store has a schema to migrate.
+            overrides.storage.get_or_insert_with(|| "scylla".into());
+            let config = match load_config(&common, &overrides) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if !config.uses_scylla() {
+                eprintln!(
+                    "qun: the embedded store needs no migration; migrate is for --storage scylla"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            report(migrate(&config))
         }
         Command::Token {
             common,
@@ -115,7 +178,11 @@ fn main() -> ExitCode {
             shop,
             ttl,
         } => {
-            let config = match load_config(&common, None, None, None) {
+            let overrides = Overrides {
+                data_dir: common.data_dir.clone(),
+                ..Overrides::default()
+            };
+            let config = match load_config(&common, &overrides) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -156,6 +223,33 @@ fn serve(config: Config) -> anyhow::Result<()> {
         qun_gateway::run(config, listeners, shutdown).await?;
         Ok(())
     })
+}
+
+fn migrate(config: &Config) -> anyhow::Result<()> {
+    let scylla = config.scylla()?;
+    let replication = config.replication()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = runtime
+        .block_on(qun_storage::scylla_store::migrate_with(
+            &scylla,
+            &replication,
+        ))
+        .with_context(|| format!("migrating keyspace {}", scylla.keyspace))?;
+    if report.applied.is_empty() {
+        println!(
+            "keyspace {} is up to date at schema version {}",
+            scylla.keyspace, report.to
+        );
+    } else {
+        println!(
+            "keyspace {} migrated from schema version {} to {} (applied {:?}; replication of a new keyspace: {replication})",
+            scylla.keyspace, report.from, report.to, report.applied
+        );
+    }
+    Ok(())
 }
 
 /// The first SIGTERM or SIGINT shuts down gracefully; a second one exits at once.

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub quic_connections: AtomicU64,
     /// The most bytes any one connection's outbox has held.
     pub outbox_peak_bytes: Arc<AtomicU64>,
+    /// History page reads of a coalescing store (the cluster store).
+    pub page_reads: Option<Arc<qun_storage::CoalescingStats>>,
 }
 
 impl Metrics {
@@ -191,6 +193,20 @@ impl Metrics {
             "Group-buy and poll deadlines resolved.",
             core.deadlines_resolved.load(Relaxed),
         );
+        if let Some(pages) = &self.page_reads {
+            put(
+                "qun_store_page_queries_total",
+                "counter",
+                "History page reads sent to the cluster store.",
+                pages.queries.load(Relaxed),
+            );
+            put(
+                "qun_store_page_reads_shared_total",
+                "counter",
+                "History page reads answered by sharing a query already in flight.",
+                pages.shared.load(Relaxed),
+            );
+        }
         put(
             "qun_groups_loaded",
             "gauge",

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use qun_chat_core::{ConnId, Groups, OutboxLimits};
-use qun_storage::{FjallConfig, FjallStore, StorageError, Store};
+use qun_storage::scylla_store::ScyllaStore;
+use qun_storage::{Coalescing, CoalescingStats, FjallConfig, FjallStore, StorageError, Store};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +93,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The store could not be opened or flushed.
-    #[error("storage: {0}")]
+    #[error(transparent)]
     Storage(#[from] StorageError),
     /// The QUIC listener could not be set up (certificate or UDP socket).
     #[error("quic: {0}")]
@@ -100,6 +101,30 @@ pub enum ServerError {
     /// The token key could not be loaded or created.
     #[error("token key: {0}")]
     Key(#[from] KeyError),
+    /// The configuration cannot be used as it is (checked again at start).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Opens the store `config` names: the embedded one in `data_dir`, or the
+/// cluster (wrapped so that concurrent reads of one history page share a
+/// query), with that wrapper's counters.
+///
+/// # Errors
+/// [`ServerError::Storage`] when the store cannot be opened or reached (a
+/// missing cluster schema says to run `qun migrate`),
+/// [`ServerError::Config`] for unusable cluster settings.
+pub async fn open_store(
+    config: &Config,
+) -> Result<(Arc<dyn Store>, Option<Arc<CoalescingStats>>), ServerError> {
+    if config.uses_scylla() {
+        let store = Coalescing::new(ScyllaStore::connect(config.scylla()?).await?);
+        let stats = store.stats();
+        return Ok((Arc::new(store), Some(stats)));
+    }
+    let mut store_config = FjallConfig::new(&config.data_dir);
+    store_config.fsync = config.fsync;
+    Ok((Arc::new(FjallStore::open(store_config)?), None))
 }
 
 /// State shared by every task of one server.
@@ -154,9 +179,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let mut store_config = FjallConfig::new(&config.data_dir);
-    store_config.fsync = config.fsync;
-    let store = Arc::new(FjallStore::open(store_config)?);
+    let (store, page_reads) = open_store(&config).await?;
     let key = if config.token_key.is_empty() {
         TokenKey::load_or_create(&config.data_dir)?
     } else {
@@ -179,7 +202,10 @@ pub async fn run(
         },
         groups,
         key,
-        metrics: Metrics::default(),
+        metrics: Metrics {
+            page_reads,
+            ..Metrics::default()
+        },
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
@@ -192,6 +218,7 @@ pub async fn run(
         quic = %listeners.quic.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         cert_sha256 = %listeners.quic.fingerprint,
         data_dir = %shared.config.data_dir.display(),
+        storage = %shared.config.storage,
         "qun serving"
     );
 
