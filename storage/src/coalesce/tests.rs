@@ -277,3 +277,18 @@ async fn a_waiter_takes_over_when_the_first_caller_goes_away() {
     f.gate.send(true).unwrap();
     assert_eq!(seqs(&second.await.unwrap().unwrap()), [1]);
 }
+
+/// The wrapper changes nothing a backend promises: the whole contract holds
+/// through it (here over the embedded store; over ScyllaDB in the live suite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_passes_the_storage_contract() {
+    struct Wrapped(tempfile::TempDir);
+    impl crate::contract::Harness for Wrapped {
+        async fn open(&mut self) -> Arc<dyn Store> {
+            Arc::new(Coalescing::new(
+                FjallStore::open(FjallConfig::new(self.0.path())).unwrap(),
+            ))
+        }
+    }
+    crate::contract::run_all(|| Wrapped(tempfile::tempdir().unwrap())).await;
+}

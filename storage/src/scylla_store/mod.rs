@@ -228,9 +228,9 @@ struct Inner {
     session: Arc<Session>,
     reads: Reads,
     jobs: mpsc::Sender<Job>,
-    /// Buckets already written to `message_buckets`, per group, by this
-    /// process: a message of a new bucket registers it.
-    buckets: DashMap<u64, Vec<u64>>,
+    /// Buckets known to be in `message_buckets`, per group: a message of
+    /// any other bucket registers its bucket in the same batch.
+    buckets: Arc<DashMap<u64, Vec<u64>>>,
     poisoned: Arc<AtomicBool>,
     closed: AtomicBool,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -368,6 +368,7 @@ impl ScyllaStore {
         }
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let poisoned = Arc::new(AtomicBool::new(false));
+        let buckets = Arc::new(DashMap::new());
         let writer = tokio::spawn(
             Writer {
                 session: session.clone(),
@@ -376,6 +377,7 @@ impl ScyllaStore {
                 max_batch_bytes: config.max_batch_bytes.max(1),
                 retry_window: config.write_retry_window,
                 poisoned: poisoned.clone(),
+                buckets: buckets.clone(),
             }
             .run(rx),
         );
@@ -390,7 +392,7 @@ impl ScyllaStore {
                 session,
                 reads,
                 jobs: tx,
-                buckets: DashMap::new(),
+                buckets,
                 poisoned,
                 closed: AtomicBool::new(false),
                 writer: Mutex::new(Some(writer)),
@@ -411,17 +413,16 @@ impl ScyllaStore {
         })
     }
 
-    /// Whether `bucket` of `group_id` still has to be registered, marking it
-    /// registered. A submission that fails poisons the store, so a bucket
-    /// marked here is either written or the process must restart.
+    /// Whether `bucket` of `group_id` still has to be registered. It counts
+    /// as registered only once a write of it was acknowledged (the writer
+    /// records it), so a refused or failed submission never leaves a bucket
+    /// unlisted; until then every message of it registers it again, which
+    /// is idempotent.
     fn new_bucket(&self, group_id: u64, bucket: u64) -> bool {
-        let mut known = self.inner.buckets.entry(group_id).or_default();
-        if known.contains(&bucket) {
-            false
-        } else {
-            known.push(bucket);
-            true
-        }
+        self.inner
+            .buckets
+            .get(&group_id)
+            .is_none_or(|known| !known.contains(&bucket))
     }
 
     /// Every row of `statement` with `values`, paged.
@@ -493,6 +494,7 @@ struct Writer {
     max_batch_bytes: usize,
     retry_window: Duration,
     poisoned: Arc<AtomicBool>,
+    buckets: Arc<DashMap<u64, Vec<u64>>>,
 }
 
 /// Most statements in one batch (ScyllaDB and Cassandra warn on larger).
@@ -560,6 +562,17 @@ impl Writer {
                     tracing::error!(error = %e, "store write failed; refusing all further writes until restart");
                 }
                 self.poisoned.store(true, Ordering::Release);
+            }
+            // Buckets registered by acknowledged submissions need no more
+            // registering.
+            let acknowledged = failed.as_ref().map_or(writes.len(), |(at, _)| *at);
+            for (_, statements) in &writes[..acknowledged] {
+                for (g, b) in statements.iter().filter_map(Statement::registered_bucket) {
+                    let mut known = self.buckets.entry(g).or_default();
+                    if !known.contains(&b) {
+                        known.push(b);
+                    }
+                }
             }
             writes.clear();
             for (i, done) in dones.drain(..).enumerate() {

@@ -200,6 +200,16 @@ pub(crate) fn shape<'a>(statements: impl IntoIterator<Item = &'a Statement>) -> 
 }
 
 impl Statement {
+    /// The `(group, bucket)` a `message_buckets` insert registers.
+    pub(crate) fn registered_bucket(&self) -> Option<(u64, u64)> {
+        match (self.write, &self.values[..]) {
+            (Write::PutMessageBucket, [CqlValue::BigInt(g), CqlValue::BigInt(b)]) => {
+                Some((u64::try_from(*g).ok()?, u64::try_from(*b).ok()?))
+            }
+            _ => None,
+        }
+    }
+
     /// Roughly how many bytes its values take in a request.
     pub(crate) fn approx_bytes(&self) -> usize {
         self.values
@@ -548,6 +558,11 @@ mod tests {
             ],
             "partition (group, bucket), then seq"
         );
+        let registered: Vec<_> = all(&message(7, BUCKET_SIZE, ""), true)
+            .iter()
+            .filter_map(Statement::registered_bucket)
+            .collect();
+        assert_eq!(registered, [(7, 1)]);
         let mut asked = None;
         statements(
             &message(7, 2 * BUCKET_SIZE, ""),
