@@ -1,0 +1,124 @@
+//! Durable appends through the embedded store's group commit.
+//!
+//! `cargo bench -p qun-storage --bench group_commit [-- APPENDS GROUPS IN_FLIGHT TEXT_BYTES]`
+//!
+//! Opens the real fjall store (fsync on, as in production) in a temporary
+//! folder and appends APPENDS messages round-robin over GROUPS groups, each
+//! submission shaped like a real send: the message (with its client message
+//! id, so the idempotency index entry is written too) and the sender's read
+//! mark. IN_FLIGHT submissions are kept outstanding at once, as many phones
+//! do; each is timed from `submit` to its durability callback.
+//!
+//! Prints durable appends per second and the append-to-durable latency
+//! percentiles. Progress goes to stderr every second.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use qun_storage::records::MessageRecord;
+use qun_storage::{FjallConfig, FjallStore, Store, WriteOp};
+use tokio::sync::Semaphore;
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let appends = args.first().copied().unwrap_or(300_000);
+    let groups = args.get(1).copied().unwrap_or(100).max(1);
+    let in_flight = args.get(2).copied().unwrap_or(8_192).max(1);
+    let text_bytes = args.get(3).copied().unwrap_or(100) as usize;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(appends, groups, in_flight, text_bytes));
+}
+
+async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
+    let permits = Arc::new(Semaphore::new(in_flight as usize));
+    let latencies = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    ));
+    let done = Arc::new(AtomicU64::new(0));
+    let text = "x".repeat(text_bytes);
+    let progress = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                eprintln!("  {} / {appends} durable", done.load(Ordering::Relaxed));
+            }
+        })
+    };
+    let started = Instant::now();
+    for n in 0..appends {
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        let group_id = 1 + n % groups;
+        let seq = 1 + n / groups;
+        let sender = format!("buyer-{}", n % 997);
+        let ops = vec![
+            WriteOp::AppendMessage(MessageRecord {
+                group_id,
+                seq,
+                sender_id: sender.clone(),
+                sender_name: "Buyer".into(),
+                sender_role: 1,
+                kind: 1,
+                text: text.clone(),
+                ts_ms: 1_700_000_000_000 + n,
+                client_msg_id: format!("c-{n}"),
+                ..Default::default()
+            }),
+            WriteOp::PutReadMark {
+                group_id,
+                user_id: sender,
+                seq,
+            },
+        ];
+        let submitted = Instant::now();
+        let latencies = latencies.clone();
+        let done = done.clone();
+        store
+            .submit(
+                ops,
+                Box::new(move |r| {
+                    r.unwrap();
+                    let us = submitted.elapsed().as_micros() as u64;
+                    latencies.lock().unwrap().record(us.max(1)).unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                    drop(permit);
+                }),
+            )
+            .unwrap_or_else(|e| panic!("submit refused ({e}); lower IN_FLIGHT"));
+    }
+    // Wait for the last callbacks: every permit back.
+    let _all = permits.acquire_many(in_flight as u32).await.unwrap();
+    let elapsed = started.elapsed();
+    progress.abort();
+    let h = latencies.lock().unwrap().clone();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes}"
+    );
+    println!(
+        "  elapsed {:.2} s, {:.0} durable appends/s",
+        elapsed.as_secs_f64(),
+        appends as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  append-to-durable p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        h.max() as f64 / 1000.0
+    );
+    store.close().await.unwrap();
+}
