@@ -31,6 +31,7 @@
 pub mod auth;
 pub mod config;
 mod connection;
+mod descriptors;
 pub mod error;
 mod http;
 mod merchant_api;

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub quic_connections: AtomicU64,
     /// The most bytes any one connection's outbox has held.
     pub outbox_peak_bytes: Arc<AtomicU64>,
+    /// The process's file descriptor limit (soft, after raising it).
+    pub fd_limit: u64,
+    /// Connections admitted at most: `max_connections`, or fewer when the
+    /// descriptor limit does not allow it.
+    pub connections_limit: u64,
     /// History page reads of a coalescing store (the cluster store).
     pub page_reads: Option<Arc<qun_storage::CoalescingStats>>,
 }
@@ -60,6 +65,24 @@ impl Metrics {
             "gauge",
             "Connections open now.",
             self.connections_open.load(Relaxed),
+        );
+        put(
+            "qun_connections_limit",
+            "gauge",
+            "Connections admitted at most (max_connections, lowered to fit the descriptor limit).",
+            self.connections_limit,
+        );
+        put(
+            "qun_fd_limit",
+            "gauge",
+            "The process's file descriptor limit.",
+            self.fd_limit,
+        );
+        put(
+            "qun_fds_open",
+            "gauge",
+            "File descriptors open now.",
+            crate::descriptors::open_now(),
         );
         put(
             "qun_quic_connections_total",

@@ -157,7 +157,7 @@ impl Shared {
             self.metrics
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, limit = self.config.max_connections, "connection limit reached; refusing");
+            tracing::warn!(%peer, limit = self.metrics.connections_limit, "connection limit reached; refusing");
             return None;
         };
         Some((
@@ -179,6 +179,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let fds = crate::descriptors::plan(config.max_connections);
     let (store, page_reads) = open_store(&config).await?;
     let key = if config.token_key.is_empty() {
         TokenKey::load_or_create(&config.data_dir)?
@@ -204,12 +205,14 @@ pub async fn run(
         key,
         metrics: Metrics {
             page_reads,
+            fd_limit: fds.limit,
+            connections_limit: fds.connections as u64,
             ..Metrics::default()
         },
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
-        permits: Arc::new(Semaphore::new(config.max_connections)),
+        permits: Arc::new(Semaphore::new(fds.connections)),
         config,
     });
     tracing::info!(
