@@ -22,9 +22,10 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::OnceCell;
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
+    ReportRecord, SentRecord,
 };
-use crate::{BoxFuture, Due, DurableCallback, StorageError, Store, WriteOp};
+use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
 /// Which page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -298,6 +299,34 @@ impl<S: Store> Store for Coalescing<S> {
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>> {
         self.inner.groups_with_card(shop_id, product_id)
+    }
+
+    fn load_reach_use(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Option<ReachUse>, StorageError>> {
+        self.inner.load_reach_use(group_id)
+    }
+
+    fn load_feedback<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<FeedbackDay>, StorageError>> {
+        self.inner.load_feedback(shop_id)
+    }
+
+    fn load_promotion_mutes(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        self.inner.load_promotion_mutes(group_id)
+    }
+
+    fn load_reports(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
+        self.inner.load_reports(group_id)
     }
 }
 

@@ -12,9 +12,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
+    ReportRecord, SentRecord,
 };
-use crate::{Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
+use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
 /// Opens a backend at one location. Every call after the first must see what
 /// earlier stores at that location made durable (a restart).
@@ -35,6 +36,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     read_marks(&mut fresh()).await;
     objects_entries_and_deadlines(&mut fresh()).await;
     products_and_cards(&mut fresh()).await;
+    reach_feedback_mutes_and_reports(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -424,5 +426,102 @@ pub async fn products_and_cards<H: Harness>(h: &mut H) {
     assert_eq!(s.groups_with_card("s1", "p1").await.unwrap(), [2, 300]);
     assert_eq!(s.groups_with_card("s1", "p10").await.unwrap(), [5]);
     assert!(s.groups_with_card("s2", "p1").await.unwrap().is_empty());
+    s.close().await.unwrap();
+}
+
+/// A group's promotion count is replaced day by day; a shop's feedback is
+/// kept per day and never mixes with a shop whose id it prefixes; promotion
+/// mutes go with the member; reports are listed by seq then reporter. All
+/// of it survives a restart.
+pub async fn reach_feedback_mutes_and_reports<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    assert_eq!(s.load_reach_use(1).await.unwrap(), None);
+    assert!(s.load_feedback("s1").await.unwrap().is_empty());
+    let feedback = |shop: &str, day: u64, positive: u64, negative: u64| WriteOp::PutFeedback {
+        shop_id: shop.into(),
+        day,
+        positive,
+        negative,
+    };
+    let mute = |g: u64, u: &str, muted: bool| WriteOp::PutPromotionMute {
+        group_id: g,
+        user_id: u.into(),
+        muted,
+    };
+    let report = |seq: u64, who: &str| ReportRecord {
+        group_id: 1,
+        seq,
+        reporter_id: who.into(),
+        reason: format!("{who} on {seq}"),
+        ts_ms: 9,
+    };
+    s.write(vec![
+        WriteOp::PutReachUse {
+            group_id: 1,
+            day: 20_000,
+            used: 3,
+        },
+        feedback("s1", 20_000, 4, 1),
+        feedback("s1", 300, 1, 0),
+        feedback("s10", 20_000, 9, 9),
+        mute(1, "u1", true),
+        mute(1, "u2", true),
+        mute(2, "u1", true),
+        WriteOp::PutReport(report(7, "u2")),
+        WriteOp::PutReport(report(3, "u1")),
+        WriteOp::PutReport(report(7, "u1")),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![
+        WriteOp::PutReachUse {
+            group_id: 1,
+            day: 20_001,
+            used: 1,
+        },
+        feedback("s1", 20_000, 5, 1),
+        mute(1, "u2", false),
+        WriteOp::RemoveMember {
+            group_id: 2,
+            user_id: "u1".into(),
+        },
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.load_reach_use(1).await.unwrap(),
+        Some(ReachUse {
+            day: 20_001,
+            used: 1
+        })
+    );
+    assert_eq!(s.load_reach_use(2).await.unwrap(), None);
+    assert_eq!(
+        s.load_feedback("s1").await.unwrap(),
+        [
+            FeedbackDay {
+                day: 300,
+                positive: 1,
+                negative: 0
+            },
+            FeedbackDay {
+                day: 20_000,
+                positive: 5,
+                negative: 1
+            }
+        ]
+    );
+    assert_eq!(s.load_promotion_mutes(1).await.unwrap(), ["u1"]);
+    assert!(
+        s.load_promotion_mutes(2).await.unwrap().is_empty(),
+        "a removed member's mute goes with them"
+    );
+    assert_eq!(
+        s.load_reports(1).await.unwrap(),
+        [report(3, "u1"), report(7, "u1"), report(7, "u2")]
+    );
     s.close().await.unwrap();
 }

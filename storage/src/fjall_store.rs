@@ -11,9 +11,12 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
+    ReportRecord, SentRecord,
 };
-use crate::{BoxFuture, Due, DurableCallback, StorageError, Store, WriteOp, keys};
+use crate::{
+    BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
+};
 
 /// How the embedded store is opened.
 #[derive(Debug, Clone)]
@@ -75,6 +78,13 @@ struct Tables {
     due: Keyspace,
     products: Keyspace,
     cards: Keyspace,
+    /// `group_id → day | used`.
+    reach: Keyspace,
+    /// `shop_id | 0x00 | day → positive | negative`.
+    feedback: Keyspace,
+    /// `group_id | user_id → []`.
+    promotion_mutes: Keyspace,
+    reports: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -116,6 +126,10 @@ impl FjallStore {
             due: open("due")?,
             products: open("products")?,
             cards: open("cards")?,
+            reach: open("reach")?,
+            feedback: open("feedback")?,
+            promotion_mutes: open("promotion_mutes")?,
+            reports: open("reports")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -271,6 +285,10 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         keys::user_group_key(user_id, *group_id),
                     );
                     batch.remove(&tables.read_marks, keys::member_key(*group_id, user_id));
+                    batch.remove(
+                        &tables.promotion_mutes,
+                        keys::member_key(*group_id, user_id),
+                    );
                 }
                 WriteOp::AppendMessage(msg) => {
                     batch.insert(
@@ -343,6 +361,46 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         &tables.cards,
                         keys::card_key(shop_id, product_id, *group_id),
                         [],
+                    );
+                }
+                WriteOp::PutReachUse {
+                    group_id,
+                    day,
+                    used,
+                } => {
+                    let mut v = [0u8; 16];
+                    v[..8].copy_from_slice(&day.to_be_bytes());
+                    v[8..].copy_from_slice(&u64::from(*used).to_be_bytes());
+                    batch.insert(&tables.reach, keys::group_key(*group_id), v);
+                }
+                WriteOp::PutFeedback {
+                    shop_id,
+                    day,
+                    positive,
+                    negative,
+                } => {
+                    let mut v = [0u8; 16];
+                    v[..8].copy_from_slice(&positive.to_be_bytes());
+                    v[8..].copy_from_slice(&negative.to_be_bytes());
+                    batch.insert(&tables.feedback, keys::feedback_key(shop_id, *day), v);
+                }
+                WriteOp::PutPromotionMute {
+                    group_id,
+                    user_id,
+                    muted,
+                } => {
+                    let key = keys::member_key(*group_id, user_id);
+                    if *muted {
+                        batch.insert(&tables.promotion_mutes, key, []);
+                    } else {
+                        batch.remove(&tables.promotion_mutes, key);
+                    }
+                }
+                WriteOp::PutReport(r) => {
+                    batch.insert(
+                        &tables.reports,
+                        keys::report_key(r.group_id, r.seq, &r.reporter_id),
+                        r.encode_to_vec(),
                     );
                 }
             }
@@ -638,6 +696,70 @@ impl Store for FjallStore {
                 })
                 .collect()
         })
+    }
+
+    fn load_reach_use(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Option<ReachUse>, StorageError>> {
+        self.read(move |t| {
+            t.reach
+                .get(keys::group_key(group_id))
+                .map_err(read_err)?
+                .map(|v| {
+                    Ok(ReachUse {
+                        day: be_u64(&v, 0..8, "reach")?,
+                        used: u32::try_from(be_u64(&v, 8..16, "reach")?)
+                            .map_err(|_| StorageError::corrupt("reach", "count"))?,
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn load_feedback<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<FeedbackDay>, StorageError>> {
+        let prefix = keys::feedback_prefix(shop_id);
+        self.read(move |t| {
+            t.feedback
+                .prefix(&prefix)
+                .map(|guard| {
+                    let (k, v) = guard.into_inner().map_err(read_err)?;
+                    Ok(FeedbackDay {
+                        day: be_u64(&k, prefix.len()..prefix.len() + 8, "feedback")?,
+                        positive: be_u64(&v, 0..8, "feedback")?,
+                        negative: be_u64(&v, 8..16, "feedback")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn load_promotion_mutes(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        self.read(move |t| {
+            t.promotion_mutes
+                .prefix(keys::group_key(group_id))
+                .map(|guard| {
+                    let k = guard.key().map_err(read_err)?;
+                    k.get(8..)
+                        .and_then(|u| std::str::from_utf8(u).ok())
+                        .map(str::to_string)
+                        .ok_or_else(|| StorageError::corrupt("promotion_mutes", "key"))
+                })
+                .collect()
+        })
+    }
+
+    fn load_reports(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
+        self.read(move |t| decode_prefix(&t.reports, "reports", &keys::group_key(group_id)))
     }
 }
 

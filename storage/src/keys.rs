@@ -104,6 +104,29 @@ pub fn card_key(shop_id: &str, product_id: &str, group_id: u64) -> Vec<u8> {
     key
 }
 
+/// `shop_id | 0x00`: the prefix of a shop's feedback days.
+pub fn feedback_prefix(shop_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(shop_id.len() + 9);
+    key.extend_from_slice(shop_id.as_bytes());
+    key.push(0);
+    key
+}
+
+/// `shop_id | 0x00 | day`: one day of a shop's buyer feedback.
+pub fn feedback_key(shop_id: &str, day: u64) -> Vec<u8> {
+    let mut key = feedback_prefix(shop_id);
+    key.extend_from_slice(&day.to_be_bytes());
+    key
+}
+
+/// `group_id | seq | reporter_id`: one report of one message.
+pub fn report_key(group_id: u64, seq: u64, reporter_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16 + reporter_id.len());
+    key.extend_from_slice(&object_key(group_id, seq));
+    key.extend_from_slice(reporter_id.as_bytes());
+    key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +172,17 @@ mod tests {
         assert!(card_key("shop", "sku-1", 7).starts_with(&p));
         assert!(!card_key("shop", "sku-10", 7).starts_with(&p));
         assert_ne!(product_key("ab", "c"), product_key("a", "bc"));
+    }
+
+    #[test]
+    fn feedback_prefix_does_not_cover_longer_shop_ids() {
+        let p = feedback_prefix("s1");
+        assert!(feedback_key("s1", 3).starts_with(&p));
+        assert!(!feedback_key("s10", 3).starts_with(&p));
+        assert!(
+            feedback_key("s1", 2) < feedback_key("s1", 256),
+            "days sort numerically"
+        );
     }
 
     #[test]

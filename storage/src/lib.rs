@@ -55,7 +55,8 @@ pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
 use records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
+    ReportRecord, SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -118,6 +119,60 @@ pub enum WriteOp {
         /// The group.
         group_id: u64,
     },
+    /// Set how many promotions a group has posted on one day
+    /// ([`Store::load_reach_use`]).
+    PutReachUse {
+        /// The group.
+        group_id: u64,
+        /// The day (UTC), as days since the Unix epoch.
+        day: u64,
+        /// Promotions posted that day.
+        used: u32,
+    },
+    /// Set a shop's buyer feedback of one day ([`Store::load_feedback`]).
+    PutFeedback {
+        /// The shop.
+        shop_id: String,
+        /// The day (UTC), as days since the Unix epoch.
+        day: u64,
+        /// Positive signals that day.
+        positive: u64,
+        /// Negative signals that day.
+        negative: u64,
+    },
+    /// A member mutes (or unmutes) a group's promotions
+    /// ([`Store::load_promotion_mutes`]); removed with the member.
+    PutPromotionMute {
+        /// The group.
+        group_id: u64,
+        /// The member.
+        user_id: String,
+        /// Muted (true) or not.
+        muted: bool,
+    },
+    /// Keep a buyer's report of a message ([`Store::load_reports`]).
+    PutReport(ReportRecord),
+}
+
+/// A group's promotions on its latest day, as [`Store::load_reach_use`]
+/// returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReachUse {
+    /// The day (UTC), as days since the Unix epoch.
+    pub day: u64,
+    /// Promotions posted that day.
+    pub used: u32,
+}
+
+/// One day of a shop's buyer feedback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedbackDay {
+    /// The day (UTC), as days since the Unix epoch.
+    pub day: u64,
+    /// Positive signals that day.
+    pub positive: u64,
+    /// Negative signals that day.
+    pub negative: u64,
 }
 
 /// An object's deadline, as listed by [`Store::due_objects`].
@@ -277,6 +332,40 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         shop_id: &'a str,
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>>;
+
+    /// A group's promotion count of the last day one was written.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_reach_use(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Option<ReachUse>, StorageError>>;
+
+    /// A shop's buyer feedback, one entry per day written, ascending.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_feedback<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<FeedbackDay>, StorageError>>;
+
+    /// The members of a group who muted its promotions, ascending.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_promotion_mutes(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
+
+    /// Every report of a group's messages, by seq then reporter.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_reports(&self, group_id: u64)
+    -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

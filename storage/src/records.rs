@@ -170,3 +170,23 @@ pub struct SentRecord {
     #[prost(uint64, tag = "2")]
     pub ts_ms: u64,
 }
+
+/// A buyer's report of a message. Key: `group_id | seq | reporter_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ReportRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// The message reported.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// Who reported it (never contains a NUL byte).
+    #[prost(string, tag = "3")]
+    pub reporter_id: String,
+    /// Why, in the reporter's words.
+    #[prost(string, tag = "4")]
+    pub reason: String,
+    /// When, ms since the Unix epoch.
+    #[prost(uint64, tag = "5")]
+    pub ts_ms: u64,
+}

@@ -109,6 +109,34 @@ impl Store for GatedStoreDouble {
     ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>> {
         self.real.groups_with_card(s, p)
     }
+
+    fn load_reach_use(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Option<ReachUse>, StorageError>> {
+        self.real.load_reach_use(group_id)
+    }
+
+    fn load_feedback<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<FeedbackDay>, StorageError>> {
+        self.real.load_feedback(shop_id)
+    }
+
+    fn load_promotion_mutes(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        self.real.load_promotion_mutes(group_id)
+    }
+
+    fn load_reports(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
+        self.real.load_reports(group_id)
+    }
 }
 
 struct Fixture {

@@ -79,9 +79,10 @@ pub use scylla::statement::Consistency;
 use self::statements::{Write, id64};
 use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
+    ReportRecord, SentRecord,
 };
-use crate::{BoxFuture, Due, DurableCallback, StorageError, Store, WriteOp};
+use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
 /// How the clustered store connects and writes.
 #[derive(Debug, Clone)]
@@ -254,6 +255,10 @@ struct Reads {
     due: PreparedStatement,
     product: PreparedStatement,
     cards: PreparedStatement,
+    reach_use: PreparedStatement,
+    feedback: PreparedStatement,
+    promotion_mutes: PreparedStatement,
+    reports: PreparedStatement,
 }
 
 impl Reads {
@@ -327,6 +332,22 @@ impl Reads {
             .await?,
             cards: p(format!(
                 "SELECT group_id FROM {ks}.cards WHERE shop_id = ? AND product_id = ?"
+            ))
+            .await?,
+            reach_use: p(format!(
+                "SELECT day, used FROM {ks}.reach_use WHERE group_id = ?"
+            ))
+            .await?,
+            feedback: p(format!(
+                "SELECT day, positive, negative FROM {ks}.shop_feedback WHERE shop_id = ?"
+            ))
+            .await?,
+            promotion_mutes: p(format!(
+                "SELECT user_id FROM {ks}.promotion_mutes WHERE group_id = ?"
+            ))
+            .await?,
+            reports: p(format!(
+                "SELECT record FROM {ks}.reports WHERE group_id = ?"
             ))
             .await?,
         })
@@ -831,6 +852,71 @@ impl Store for ScyllaStore {
                 .rows("cards", &self.inner.reads.cards, (shop_id, product_id))
                 .await?;
             rows.into_iter().map(|(g,)| unsigned("cards", g)).collect()
+        })
+    }
+
+    fn load_reach_use(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Option<ReachUse>, StorageError>> {
+        Box::pin(async move {
+            let id = id64("group id", group_id)?;
+            let rows: Vec<(i64, i32)> = self
+                .rows("reach_use", &self.inner.reads.reach_use, (id,))
+                .await?;
+            rows.first()
+                .map(|(day, used)| {
+                    Ok(ReachUse {
+                        day: unsigned("reach_use", *day)?,
+                        used: u32::try_from(*used)
+                            .map_err(|_| StorageError::corrupt("reach_use", "negative count"))?,
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn load_feedback<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<FeedbackDay>, StorageError>> {
+        Box::pin(async move {
+            let rows: Vec<(i64, i64, i64)> = self
+                .rows("shop_feedback", &self.inner.reads.feedback, (shop_id,))
+                .await?;
+            rows.into_iter()
+                .map(|(d, p, n)| {
+                    Ok(FeedbackDay {
+                        day: unsigned("shop_feedback", d)?,
+                        positive: unsigned("shop_feedback", p)?,
+                        negative: unsigned("shop_feedback", n)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn load_promotion_mutes(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        Box::pin(async move {
+            let id = id64("group id", group_id)?;
+            let rows: Vec<(String,)> = self
+                .rows("promotion_mutes", &self.inner.reads.promotion_mutes, (id,))
+                .await?;
+            Ok(rows.into_iter().map(|(u,)| u).collect())
+        })
+    }
+
+    fn load_reports(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
+        Box::pin(async move {
+            let id = id64("group id", group_id)?;
+            self.records("reports", &self.inner.reads.reports, (id,))
+                .await
         })
     }
 }

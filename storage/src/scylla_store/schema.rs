@@ -27,14 +27,21 @@ pub struct Migration {
 }
 
 /// Every schema version, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    cql: include_str!("../../cql/0001_initial.cql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        cql: include_str!("../../cql/0001_initial.cql"),
+    },
+    Migration {
+        version: 2,
+        name: "reach",
+        cql: include_str!("../../cql/0002_reach.cql"),
+    },
+];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///
@@ -356,7 +363,10 @@ mod tests {
 
     #[test]
     fn the_schema_renders_into_idempotent_statements_for_every_table_written() {
-        let statements = render(MIGRATIONS[0].cql, "qun_x");
+        let statements: Vec<String> = MIGRATIONS
+            .iter()
+            .flat_map(|m| render(m.cql, "qun_x"))
+            .collect();
         assert!(statements.len() >= 10, "{statements:#?}");
         for s in &statements {
             assert!(s.starts_with("CREATE TABLE IF NOT EXISTS qun_x."), "{s}");

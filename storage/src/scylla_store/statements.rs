@@ -37,11 +37,16 @@ pub(crate) enum Write {
     DeleteEntry,
     PutProduct,
     PutCard,
+    PutReachUse,
+    PutFeedback,
+    PutPromotionMute,
+    DeletePromotionMute,
+    PutReport,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 18] = [
+    pub(crate) const ALL: [Write; 23] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -60,6 +65,11 @@ impl Write {
         Write::DeleteEntry,
         Write::PutProduct,
         Write::PutCard,
+        Write::PutReachUse,
+        Write::PutFeedback,
+        Write::PutPromotionMute,
+        Write::DeletePromotionMute,
+        Write::PutReport,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -83,6 +93,10 @@ impl Write {
             Write::PutEntry | Write::DeleteEntry => "entries",
             Write::PutProduct => "products",
             Write::PutCard => "cards",
+            Write::PutReachUse => "reach_use",
+            Write::PutFeedback => "shop_feedback",
+            Write::PutPromotionMute | Write::DeletePromotionMute => "promotion_mutes",
+            Write::PutReport => "reports",
         }
     }
 
@@ -98,7 +112,19 @@ impl Write {
             Write::PutUserGroup => {
                 format!("INSERT INTO {ks}.{t} (user_id, group_id) VALUES (?, ?)")
             }
-            Write::DeleteMember | Write::DeleteReadMark => {
+            Write::PutReachUse => {
+                format!("INSERT INTO {ks}.{t} (group_id, day, used) VALUES (?, ?, ?)")
+            }
+            Write::PutFeedback => format!(
+                "INSERT INTO {ks}.{t} (shop_id, day, positive, negative) VALUES (?, ?, ?, ?)"
+            ),
+            Write::PutPromotionMute => {
+                format!("INSERT INTO {ks}.{t} (group_id, user_id) VALUES (?, ?)")
+            }
+            Write::PutReport => format!(
+                "INSERT INTO {ks}.{t} (group_id, seq, reporter_id, record) VALUES (?, ?, ?, ?)"
+            ),
+            Write::DeleteMember | Write::DeleteReadMark | Write::DeletePromotionMute => {
                 format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND user_id = ?")
             }
             Write::DeleteUserGroup => {
@@ -145,6 +171,7 @@ impl Write {
     fn partition_values(self) -> usize {
         match self {
             Write::AppendMessage | Write::PutProduct | Write::PutCard => 2,
+            Write::PutFeedback => 1,
             Write::PutSent => 3,
             _ => 1,
         }
@@ -280,7 +307,11 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
             WriteOp::AppendMessage(m) => m.group_id,
             WriteOp::PutObject(o) => o.group_id,
             WriteOp::PutEntry(e) => e.group_id,
-            WriteOp::PutProduct(_) => {
+            WriteOp::PutReachUse { group_id, .. } | WriteOp::PutPromotionMute { group_id, .. } => {
+                *group_id
+            }
+            WriteOp::PutReport(r) => r.group_id,
+            WriteOp::PutProduct(_) | WriteOp::PutFeedback { .. } => {
                 shop = true;
                 continue;
             }
@@ -349,7 +380,8 @@ pub(crate) fn statements(
             let id = bigint("group id", *group_id)?;
             push(Write::DeleteMember, vec![id.clone(), text(user_id)]);
             push(Write::DeleteUserGroup, vec![text(user_id), id.clone()]);
-            push(Write::DeleteReadMark, vec![id, text(user_id)]);
+            push(Write::DeleteReadMark, vec![id.clone(), text(user_id)]);
+            push(Write::DeletePromotionMute, vec![id, text(user_id)]);
         }
         WriteOp::AppendMessage(m) => {
             let id = bigint("group id", m.group_id)?;
@@ -439,6 +471,53 @@ pub(crate) fn statements(
                 bigint("group id", *group_id)?,
             ],
         ),
+        WriteOp::PutReachUse {
+            group_id,
+            day,
+            used,
+        } => push(
+            Write::PutReachUse,
+            vec![
+                bigint("group id", *group_id)?,
+                bigint("day", *day)?,
+                CqlValue::Int(i32::try_from(*used).unwrap_or(i32::MAX)),
+            ],
+        ),
+        WriteOp::PutFeedback {
+            shop_id,
+            day,
+            positive,
+            negative,
+        } => push(
+            Write::PutFeedback,
+            vec![
+                text(shop_id),
+                bigint("day", *day)?,
+                bigint("feedback count", *positive)?,
+                bigint("feedback count", *negative)?,
+            ],
+        ),
+        WriteOp::PutPromotionMute {
+            group_id,
+            user_id,
+            muted,
+        } => push(
+            if *muted {
+                Write::PutPromotionMute
+            } else {
+                Write::DeletePromotionMute
+            },
+            vec![bigint("group id", *group_id)?, text(user_id)],
+        ),
+        WriteOp::PutReport(r) => push(
+            Write::PutReport,
+            vec![
+                bigint("group id", r.group_id)?,
+                bigint("seq", r.seq)?,
+                text(&r.reporter_id),
+                blob(r),
+            ],
+        ),
     }
     Ok(())
 }
@@ -526,6 +605,28 @@ mod tests {
                 product_id: "p".into(),
                 group_id: 1,
             },
+            WriteOp::PutReachUse {
+                group_id: 1,
+                day: 20_000,
+                used: 2,
+            },
+            WriteOp::PutFeedback {
+                shop_id: "s".into(),
+                day: 20_000,
+                positive: 5,
+                negative: 1,
+            },
+            WriteOp::PutPromotionMute {
+                group_id: 1,
+                user_id: "u".into(),
+                muted: true,
+            },
+            WriteOp::PutPromotionMute {
+                group_id: 1,
+                user_id: "u".into(),
+                muted: false,
+            },
+            WriteOp::PutReport(Default::default()),
         ];
         let mut seen = std::collections::HashSet::new();
         for op in &ops {
