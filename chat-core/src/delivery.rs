@@ -54,6 +54,8 @@ impl Groups {
         let max_gap = self.inner().config.resume_max_gap;
         let stats = &self.inner().stats;
         let mut cursor = last_seq;
+        // Muting takes effect from the next resume or push; read it once.
+        let muted = cell.lock().promotions_muted(who.user_id());
         {
             let mut g = cell.lock();
             g.member(who)?;
@@ -87,7 +89,7 @@ impl Groups {
                             for e in &rest {
                                 // A drop here ends `sub` (its epoch is
                                 // stale); the client resumes again.
-                                let _ = sub.outbox.push_in(sub.epoch, e.frame.clone());
+                                let _ = sub.outbox.push_in(sub.epoch, e.frame_for(muted).clone());
                             }
                             g.subscribe(sub);
                             stats
@@ -120,7 +122,11 @@ impl Groups {
                 }));
             }
             for e in frames {
-                match sub.outbox.push_when_room(sub.epoch, e.frame.clone()).await {
+                match sub
+                    .outbox
+                    .push_when_room(sub.epoch, e.frame_for(muted).clone())
+                    .await
+                {
                     Pushed::Queued => {}
                     Pushed::Dropped | Pushed::Stale | Pushed::Closed => {
                         // Out of sync or gone: the client will resume from
@@ -149,14 +155,18 @@ impl Groups {
     ) -> Result<v1::HistoryPage, ChatError> {
         let limit = self.page_limit(limit)?;
         let cell = self.cell(group_id).await?;
-        let (from_ring, visible) = {
+        let (from_ring, visible, muted) = {
             let g = cell.lock();
             g.member(who)?;
             let visible = g.visible_seq();
             let through = visible.min(after_seq.saturating_add(limit as u64));
-            (g.ring_range(after_seq, through), visible)
+            (
+                g.ring_range(after_seq, through),
+                visible,
+                g.promotions_muted(who.user_id()),
+            )
         };
-        let messages: Vec<v1::ChatMessage> = match from_ring {
+        let mut messages: Vec<v1::ChatMessage> = match from_ring {
             Some(found) => found.iter().map(|e| (*e.message).clone()).collect(),
             None => self
                 .inner()
@@ -168,6 +178,7 @@ impl Groups {
                 .map(crate::group::to_wire)
                 .collect(),
         };
+        crate::group::mask(&mut messages, muted);
         let newest = messages.last().map_or(after_seq, |m| m.seq);
         Ok(v1::HistoryPage {
             group_id,

@@ -81,6 +81,16 @@ pub enum ChatError {
         /// The id asked for.
         object_id: u64,
     },
+    /// The group's promotions for today are used up.
+    #[error(
+        "today's promotions in this group are used up ({limit} a day); the quota resets in {retry_after_ms} ms"
+    )]
+    QuotaExhausted {
+        /// Today's limit.
+        limit: u32,
+        /// Until the next UTC midnight.
+        retry_after_ms: u64,
+    },
     /// The store refused or failed the write; nothing became visible.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -104,6 +114,7 @@ impl ChatError {
             ChatError::SlowMode { .. } => ErrorCode::SlowMode,
             ChatError::UnknownProduct(_) => ErrorCode::UnknownProduct,
             ChatError::UnknownObject { .. } => ErrorCode::UnknownObject,
+            ChatError::QuotaExhausted { .. } => ErrorCode::QuotaExhausted,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,
@@ -113,9 +124,9 @@ impl ChatError {
     /// For rate limits: how long the client should wait before retrying.
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
-            ChatError::RateLimited { retry_after_ms } | ChatError::SlowMode { retry_after_ms } => {
-                Some(*retry_after_ms)
-            }
+            ChatError::RateLimited { retry_after_ms }
+            | ChatError::SlowMode { retry_after_ms }
+            | ChatError::QuotaExhausted { retry_after_ms, .. } => Some(*retry_after_ms),
             _ => None,
         }
     }

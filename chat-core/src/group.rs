@@ -6,13 +6,14 @@
 //! write in the same order, and publishing durable messages to subscribers.
 //! No lock is ever held across an `.await`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use qun_proto::v1::{self, server_frame::Body};
-use qun_storage::records::{GroupRecord, MemberRecord, MessageRecord, QuoteRecord};
+use qun_storage::ReachUse;
+use qun_storage::records::{GroupRecord, MemberRecord, MessageRecord, QuoteRecord, ReportRecord};
 
 use crate::commerce::Live;
 use crate::outbox::{Outbox, Pushed};
@@ -68,6 +69,9 @@ pub(crate) struct Member {
 pub(crate) struct Encoded {
     pub(crate) message: Arc<v1::ChatMessage>,
     pub(crate) frame: Bytes,
+    /// For a promotion: the placeholder frame members who muted the
+    /// group's promotions get instead, also encoded once.
+    pub(crate) hidden: Option<Bytes>,
 }
 
 impl Encoded {
@@ -82,14 +86,55 @@ impl Encoded {
         let Some(Body::Message(message)) = envelope.body.take() else {
             unreachable!("the envelope was built with a message body")
         };
+        let hidden = is_promotion(&message).then(|| {
+            qun_proto::encode_server_frame(&v1::ServerFrame {
+                request_id: 0,
+                body: Some(Body::Message(hidden(&message))),
+            })
+        });
         Self {
             message: Arc::new(message),
             frame,
+            hidden,
         }
     }
 
     fn seq(&self) -> u64 {
         self.message.seq
+    }
+
+    /// The frame for a member: the placeholder when they muted promotions
+    /// and this is one.
+    pub(crate) fn frame_for(&self, promotions_muted: bool) -> &Bytes {
+        match &self.hidden {
+            Some(h) if promotions_muted => h,
+            _ => &self.frame,
+        }
+    }
+}
+
+/// Whether a message is a promotion (what muting promotions hides).
+pub(crate) fn is_promotion(m: &v1::ChatMessage) -> bool {
+    m.kind == v1::MessageKind::Commerce as i32
+}
+
+/// The placeholder of a message a member does not get.
+pub(crate) fn hidden(m: &v1::ChatMessage) -> v1::ChatMessage {
+    v1::ChatMessage {
+        group_id: m.group_id,
+        seq: m.seq,
+        kind: v1::MessageKind::Hidden as i32,
+        ts_ms: m.ts_ms,
+        ..Default::default()
+    }
+}
+
+/// Replaces promotions with placeholders when `promotions_muted`.
+pub(crate) fn mask(messages: &mut [v1::ChatMessage], promotions_muted: bool) {
+    if promotions_muted {
+        for m in messages.iter_mut().filter(|m| is_promotion(m)) {
+            *m = hidden(m);
+        }
     }
 }
 
@@ -264,6 +309,16 @@ pub(crate) struct GroupState {
     failed: bool,
     /// Group-buys, coupons and polls, by object id.
     pub(crate) objects: HashMap<u64, Live>,
+    /// Members who muted the group's promotions.
+    promotion_mutes: HashSet<String>,
+    /// Promotions posted on `reach.day` (UTC).
+    pub(crate) reach: ReachUse,
+    /// When the last promotion was posted (0: not since loading).
+    pub(crate) last_promotion_ms: u64,
+    /// `(seq, reporter)` of every report, so a report counts once.
+    pub(crate) reported: HashSet<(u64, String)>,
+    /// `(seq, member)` of cards opened since loading, so an open counts once.
+    pub(crate) opened: HashSet<(u64, String)>,
 }
 
 /// What a group is loaded from.
@@ -275,6 +330,9 @@ pub(crate) struct Loaded {
     pub(crate) recent: Vec<MessageRecord>,
     pub(crate) last_seq: u64,
     pub(crate) objects: HashMap<u64, Live>,
+    pub(crate) promotion_mutes: Vec<String>,
+    pub(crate) reach: Option<ReachUse>,
+    pub(crate) reports: Vec<ReportRecord>,
 }
 
 /// Per-group bounds from the core configuration.
@@ -294,6 +352,9 @@ impl GroupCell {
             recent,
             last_seq,
             objects,
+            promotion_mutes,
+            reach,
+            reports,
         } = loaded;
         let members = members
             .into_iter()
@@ -322,6 +383,14 @@ impl GroupCell {
                 buyer_chatter: TokenBucket::full(limits.buyer_chatter, now_ms),
                 failed: false,
                 objects,
+                promotion_mutes: promotion_mutes.into_iter().collect(),
+                reach: reach.unwrap_or(ReachUse { day: 0, used: 0 }),
+                last_promotion_ms: 0,
+                reported: reports
+                    .into_iter()
+                    .map(|r| (r.seq, r.reporter_id))
+                    .collect(),
+                opened: HashSet::new(),
             }),
         }
     }
@@ -415,7 +484,22 @@ impl GroupState {
     pub(crate) fn remove_member(&mut self, user_id: &str) -> bool {
         self.subscribers.retain(|s| s.user_id != user_id);
         self.read_marks.remove(user_id);
+        self.promotion_mutes.remove(user_id);
         self.members.remove(user_id).is_some()
+    }
+
+    /// Whether a member muted the group's promotions.
+    pub(crate) fn promotions_muted(&self, user_id: &str) -> bool {
+        self.promotion_mutes.contains(user_id)
+    }
+
+    /// Mutes or unmutes a member's promotions; whether that changed anything.
+    pub(crate) fn set_promotions_muted(&mut self, user_id: &str, muted: bool) -> bool {
+        if muted {
+            self.promotion_mutes.insert(user_id.to_string())
+        } else {
+            self.promotion_mutes.remove(user_id)
+        }
     }
 
     /// Adds a subscription, replacing an earlier one of the same connection.
@@ -602,7 +686,8 @@ impl GroupState {
             };
             let mut ended = false;
             for sub in self.subscribers.iter() {
-                match sub.outbox.push_in(sub.epoch, p.frame.clone()) {
+                let muted = p.hidden.is_some() && self.promotion_mutes.contains(&sub.user_id);
+                match sub.outbox.push_in(sub.epoch, p.frame_for(muted).clone()) {
                     Pushed::Queued => queued += 1,
                     Pushed::Dropped => {
                         dropped += 1;

@@ -44,6 +44,9 @@ pub struct CoreConfig {
     /// The least time between two progress events of one group-buy or poll
     /// (coalescing: 250 ms is at most four a second, however many join).
     pub progress_interval_ms: u64,
+    /// The reach quota: promotions per group per day, and how buyer
+    /// feedback scales it (see [`crate::reach`]).
+    pub reach: crate::reach::ReachPolicy,
 }
 
 impl Default for CoreConfig {
@@ -65,6 +68,7 @@ impl Default for CoreConfig {
                 burst: 100,
             },
             progress_interval_ms: 250,
+            reach: crate::reach::ReachPolicy::default(),
         }
     }
 }
@@ -217,6 +221,8 @@ pub(crate) struct Inner {
     user_rates: UserRates,
     pub(crate) devices: Devices,
     pub(crate) commerce: CommerceState,
+    /// Buyer feedback per shop, loaded with the shop's first group.
+    pub(crate) feedback: DashMap<String, crate::reach::ShopFeedback>,
 }
 
 pub(crate) fn durable_channel() -> (
@@ -263,6 +269,7 @@ impl Groups {
                 stats: Arc::new(CoreStats::default()),
                 devices: Devices::default(),
                 commerce,
+                feedback: DashMap::new(),
             }),
         })
     }
@@ -338,6 +345,10 @@ impl Groups {
             store.load_entries(group_id).await?,
             0,
         )?;
+        self.ensure_feedback(&record.shop_id).await?;
+        let promotion_mutes = store.load_promotion_mutes(group_id).await?;
+        let reach = store.load_reach_use(group_id).await?;
+        let reports = store.load_reports(group_id).await?;
         self.inner.commerce.note_restored(group_id, &objects);
         tracing::debug!(
             group_id,
@@ -353,6 +364,9 @@ impl Groups {
             recent,
             last_seq,
             objects,
+            promotion_mutes,
+            reach,
+            reports,
         };
         Ok(Arc::new(GroupCell::new(
             loaded,
@@ -405,6 +419,7 @@ impl Groups {
                 )));
             }
         };
+        self.ensure_feedback(shop).await?;
         let group_id = self.inner.next_group_id.fetch_add(1, Ordering::AcqRel);
         let record = GroupRecord {
             group_id,
@@ -435,6 +450,9 @@ impl Groups {
             recent: Vec::new(),
             last_seq: 0,
             objects: Default::default(),
+            promotion_mutes: Vec::new(),
+            reach: None,
+            reports: Vec::new(),
         };
         let cell = Arc::new(GroupCell::new(loaded, cfg.group_limits(), now_ms));
         let info = cell.lock().info();
@@ -497,7 +515,7 @@ impl Groups {
             return Err(e);
         }
         let join_recent = self.inner.config.join_recent;
-        let (info, role, recent, visible, last_read_seq, unread) = {
+        let (info, role, recent, visible, last_read_seq, unread, muted) = {
             let mut g = cell.lock();
             let role = g.member(who)?.role;
             g.subscribe(sub);
@@ -508,17 +526,19 @@ impl Groups {
                 g.visible_seq(),
                 g.read_mark(who.user_id()),
                 g.unread(who.user_id()),
+                g.promotions_muted(who.user_id()),
             )
         };
         // Messages up to `visible` come from memory or the store; everything
         // above it reaches `sub` by push. Nothing is missed or doubled.
-        let recent = match recent {
+        let mut recent = match recent {
             Some(r) => r,
             None => {
                 self.stored_before(group_id, visible + 1, join_recent)
                     .await?
             }
         };
+        crate::group::mask(&mut recent, muted);
         Ok(v1::Joined {
             group: Some(info),
             recent,
@@ -533,11 +553,23 @@ impl Groups {
     ///
     /// # Errors
     /// `UnknownGroup`, `NotMember`, `Storage`.
-    pub async fn leave(&self, who: &Identity, group_id: u64) -> Result<(), ChatError> {
+    pub async fn leave(&self, who: &Identity, group_id: u64, now_ms: u64) -> Result<(), ChatError> {
         let cell = self.cell(group_id).await?;
         let rx = {
             let mut g = cell.lock();
             g.member(who)?;
+            // Leaving soon after a promotion says the promotions drove the
+            // buyer away.
+            if who.role() == crate::Role::Buyer
+                && g.last_promotion_ms > 0
+                && now_ms.saturating_sub(g.last_promotion_ms) < crate::reach::DAY_MS
+            {
+                self.record_signal(
+                    &g.record.shop_id,
+                    crate::reach::Signal::LeftAfterPromotion,
+                    now_ms,
+                );
+            }
             let (done, rx) = durable_channel();
             self.inner.store.submit(
                 vec![WriteOp::RemoveMember {
@@ -735,6 +767,10 @@ impl Groups {
             }
         };
         g.advance_read_mark(who.user_id(), seq);
+        if buyer && msg.reply_to > 0 {
+            // A buyer answering in the group is engaged with it.
+            self.record_signal(&g.record.shop_id, crate::reach::Signal::Replied, now_ms);
+        }
         drop(g);
         Ok(PostTicket {
             ack: ack(seq, now_ms, false),
@@ -853,18 +889,23 @@ impl Groups {
             before_seq
         };
         let cell = self.cell(group_id).await?;
-        let (from_ring, visible) = {
+        let (from_ring, visible, muted) = {
             let g = cell.lock();
             g.member(who)?;
-            (g.recent_before(before, limit), g.visible_seq())
+            (
+                g.recent_before(before, limit),
+                g.visible_seq(),
+                g.promotions_muted(who.user_id()),
+            )
         };
-        let messages = match from_ring {
+        let mut messages = match from_ring {
             Some(m) => m,
             None => {
                 self.stored_before(group_id, before.min(visible + 1), limit)
                     .await?
             }
         };
+        crate::group::mask(&mut messages, muted);
         let has_more = messages.first().is_some_and(|m| m.seq > 1);
         Ok(v1::HistoryPage {
             group_id,

@@ -20,6 +20,9 @@
 //!   live objects changed under their group's lock, persisted, and
 //!   broadcast as events on the group's stream; [`Groups::tick`] resolves
 //!   their deadlines and posts coalesced progress.
+//! - [`reach`]: the reach quota (promotions per group per day, scaled by
+//!   the shop's buyer feedback); `feedback` applies it: muting promotions,
+//!   reports, card opens, [`Groups::reach_quota`].
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
 //! - [`Identity`] and [`Role`]: who is acting.
 //! - [`ChatError`]: why something was refused, with its wire code.
@@ -38,11 +41,13 @@ mod commerce;
 mod delivery;
 mod devices;
 mod error;
+mod feedback;
 mod group;
 mod groups;
 mod identity;
 mod outbox;
 mod rate;
+pub mod reach;
 mod read_state;
 
 pub use commerce::{MAX_MONEY_MINOR, TickReport, state_name};
@@ -56,5 +61,7 @@ pub use rate::Rate;
 
 #[cfg(test)]
 mod commerce_tests;
+#[cfg(test)]
+mod reach_tests;
 #[cfg(test)]
 mod tests;

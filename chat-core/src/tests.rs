@@ -354,7 +354,7 @@ async fn bad_input_is_refused_with_its_code_and_nothing_changes() {
         ErrorCode::NotMember
     );
     assert_eq!(
-        code(f.groups.leave(&outsider, g).await),
+        code(f.groups.leave(&outsider, g, NOW).await),
         ErrorCode::NotMember
     );
     assert_eq!(
@@ -412,7 +412,7 @@ async fn leaving_stops_pushes_to_every_device_and_frees_a_place() {
         1,
         "each device gets every message"
     );
-    f.groups.leave(&b, g).await.unwrap();
+    f.groups.leave(&b, g, NOW).await.unwrap();
     assert_eq!(f.groups.subscriber_count(g), 0);
     f.groups.post(&a, text(g, "two"), NOW).await.unwrap();
     assert!(drain(&o_phone).await.0.is_empty());

@@ -85,6 +85,12 @@ pub struct Config {
     /// How often the server resolves commerce deadlines and posts pending
     /// progress, in milliseconds. A deadline resolves at most this late.
     pub commerce_tick_ms: u64,
+    /// Promotions (cards, group-buys, coupons, polls) per group per day for
+    /// a shop with a neutral score; buyer feedback scales it from a quarter
+    /// (at least 1) to four times. 0 turns the reach quota off.
+    pub reach_base_per_day: u32,
+    /// Days of buyer feedback the shop's score looks at.
+    pub reach_window_days: u64,
     /// Where history lives: `embedded` (fjall in `data_dir`, the default) or
     /// `scylla` (a ScyllaDB or Cassandra 4.x cluster; see
     /// docs/operations/scylla.md).
@@ -145,6 +151,8 @@ impl Default for Config {
             idle_timeout_ms: 90_000,
             progress_interval_ms: 250,
             commerce_tick_ms: 100,
+            reach_base_per_day: 3,
+            reach_window_days: 7,
             storage: "embedded".into(),
             scylla_nodes: String::new(),
             scylla_keyspace: "qun".into(),
@@ -214,6 +222,11 @@ impl Config {
             buyer_send_rate: rate(self.buyer_send_rate, self.buyer_send_burst),
             group_buyer_rate: rate(self.group_buyer_rate, self.group_buyer_burst),
             progress_interval_ms: self.progress_interval_ms,
+            reach: qun_chat_core::reach::ReachPolicy {
+                base_per_day: self.reach_base_per_day,
+                window_days: self.reach_window_days,
+                ..Default::default()
+            },
             ..qun_chat_core::CoreConfig::default()
         }
     }
@@ -328,6 +341,11 @@ impl Config {
         }
         if self.idle_timeout_ms < 1_000 {
             return bad("idle_timeout_ms must be at least 1000".into());
+        }
+        if !(1..=90).contains(&self.reach_window_days) || self.reach_base_per_day > 1_000 {
+            return bad(
+                "reach_window_days must be 1..=90 and reach_base_per_day at most 1000".into(),
+            );
         }
         self.check_storage()?;
         if !self.token_key.is_empty() {

@@ -409,6 +409,26 @@ impl Session {
                     .end_commerce(who, e.group_id, e.object_id, now_ms())
                     .await,
             ),
+            client_frame::Body::MutePromotions(m) => groups
+                .mute_promotions(who, m.group_id, m.muted, now_ms())
+                .await
+                .map(Body::FeedbackAck)
+                .map_err(RequestError::from),
+            client_frame::Body::ReportMessage(r) => groups
+                .report_message(who, r, now_ms())
+                .await
+                .map(Body::FeedbackAck)
+                .map_err(RequestError::from),
+            client_frame::Body::OpenCard(o) => groups
+                .open_card(who, o.group_id, o.seq, now_ms())
+                .await
+                .map(Body::FeedbackAck)
+                .map_err(RequestError::from),
+            client_frame::Body::GetReachQuota(q) => groups
+                .reach_quota(who, q.group_id, now_ms())
+                .await
+                .map(Body::ReachQuota)
+                .map_err(RequestError::from),
             client_frame::Body::SendMessage(m) => {
                 let msg = NewMessage {
                     group_id: m.group_id,
@@ -517,7 +537,7 @@ impl Session {
     }
 
     async fn leave(&mut self, who: &Identity, group_id: u64) -> Result<Body, RequestError> {
-        self.shared.groups.leave(who, group_id).await?;
+        self.shared.groups.leave(who, group_id, now_ms()).await?;
         lock(&self.subscribed).remove(&group_id);
         Ok(Body::Left(v1::Left { group_id }))
     }
@@ -605,6 +625,10 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::Vote(_) => "vote",
         client_frame::Body::GetCommerce(_) => "get_commerce",
         client_frame::Body::EndCommerce(_) => "end_commerce",
+        client_frame::Body::MutePromotions(_) => "mute_promotions",
+        client_frame::Body::ReportMessage(_) => "report_message",
+        client_frame::Body::OpenCard(_) => "open_card",
+        client_frame::Body::GetReachQuota(_) => "get_reach_quota",
     }
 }
 

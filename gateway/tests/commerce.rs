@@ -330,7 +330,9 @@ async fn bad_commerce_input_gets_a_clear_error_and_changes_nothing() {
 #[tokio::test]
 async fn the_merchant_api_runs_a_group_buy_for_its_own_shop_only() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    // Four promotions in one group: above the default reach quota, which
+    // gateway/tests/reach.rs covers.
+    let server = TestServer::start_with(dir.path(), |c| c.reach_base_per_day = 10).await;
     let (mut agent, group_id) = server.agent_with_group("HTTP", 0).await;
     agent.join(group_id).await.unwrap();
     let owner = server.token("boss", "owner", Some(SHOP));

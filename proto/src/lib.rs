@@ -162,5 +162,8 @@ mod tests {
         assert_eq!(ErrorCode::ShuttingDown as i32, 63);
         assert_eq!(ErrorCode::RateLimited as i32, 50);
         assert_eq!(ErrorCode::SlowMode as i32, 51);
+        assert_eq!(ErrorCode::QuotaExhausted as i32, 52);
+        assert_eq!(ErrorCode::UnknownObject as i32, 34);
+        assert_eq!(crate::v1::MessageKind::Hidden as i32, 3);
     }
 }

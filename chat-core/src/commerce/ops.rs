@@ -26,6 +26,7 @@ use super::product::{self, ProductSlot, check_currency, check_id, check_money, c
 use super::{Live, Object, summary};
 use crate::group::{GroupCell, GroupState};
 use crate::groups::{durable, durable_channel};
+use crate::reach::Signal;
 use crate::{ChatError, Groups, Identity, Role};
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -454,17 +455,28 @@ impl Groups {
         };
         let posted = {
             let mut g = cell.lock();
-            self.post_event(
-                &cell,
-                &mut g,
-                Event {
-                    author: Author::of(who),
-                    change: CommerceChange::Created,
-                    object: commerce_event::Object::Product(snapshot.clone()),
-                },
-                extra,
-                now_ms,
-            )
+            let mut extra = extra;
+            match self.take_reach(&mut g, now_ms) {
+                Ok(reach) => {
+                    extra.push(reach);
+                    let posted = self.post_event(
+                        &cell,
+                        &mut g,
+                        Event {
+                            author: Author::of(who),
+                            change: CommerceChange::Created,
+                            object: commerce_event::Object::Product(snapshot.clone()),
+                        },
+                        extra,
+                        now_ms,
+                    );
+                    if posted.is_err() {
+                        self.return_reach(&mut g);
+                    }
+                    posted
+                }
+                Err(e) => Err(e),
+            }
         };
         let (seq, rx) = match posted {
             Ok(p) => p,
@@ -500,8 +512,9 @@ impl Groups {
             staff_in(&g, who, action)?;
             let id = g.next_seq();
             let live = Live::new(make(id), now_ms);
-            let extra = vec![WriteOp::PutObject(live.record(group_id, id))];
-            let (seq, rx) = self.post_event(
+            let reach = self.take_reach(&mut g, now_ms)?;
+            let extra = vec![WriteOp::PutObject(live.record(group_id, id)), reach];
+            let posted = self.post_event(
                 &cell,
                 &mut g,
                 Event {
@@ -511,7 +524,14 @@ impl Groups {
                 },
                 extra,
                 now_ms,
-            )?;
+            );
+            let (seq, rx) = match posted {
+                Ok(p) => p,
+                Err(e) => {
+                    self.return_reach(&mut g);
+                    return Err(e);
+                }
+            };
             debug_assert_eq!(seq, id);
             self.commerce().add_deadline(live.due_ms(), group_id, id);
             let answer = live.answer(who.user_id(), CommerceResult::Unspecified, seq, now_ms);
@@ -777,7 +797,19 @@ impl Groups {
                 .get_mut(&object_id)
                 .ok_or_else(|| unknown(group_id, object_id))?;
             match submitted {
-                Ok((seq, rx)) => (live.answer(who.user_id(), acted.result, seq, now_ms), rx),
+                Ok((seq, rx)) => {
+                    let answer = live.answer(who.user_id(), acted.result, seq, now_ms);
+                    let signal = match acted.result {
+                        CommerceResult::Joined => Some(Signal::GroupBuyJoined),
+                        CommerceResult::Claimed => Some(Signal::CouponClaimed),
+                        CommerceResult::Voted => Some(Signal::PollVoted),
+                        _ => None,
+                    };
+                    if let Some(signal) = signal {
+                        self.record_signal(&g.record.shop_id, signal, now_ms);
+                    }
+                    (answer, rx)
+                }
                 Err(e) => {
                     (acted.undo)(live);
                     return Err(e);
@@ -1093,6 +1125,7 @@ impl Groups {
                 report.progress_posted += 1;
             }
         }
+        self.flush_feedback(now_ms);
         let stats = &self.inner().stats;
         stats
             .deadlines_resolved
