@@ -48,6 +48,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/groups/{group_id}/polls", post(open_poll))
         .route("/v1/groups/{group_id}/polls/{id}", get(get_poll))
         .route("/v1/groups/{group_id}/polls/{id}/close", post(close_poll))
+        .route("/v1/groups/{group_id}/reach", get(get_reach))
 }
 
 // ─────────────────────────────── errors ───────────────────────────────
@@ -57,6 +58,8 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
 pub(crate) struct ApiError {
     code: ErrorCode,
     message: String,
+    /// For limits (`QUOTA_EXHAUSTED`, `RATE_LIMITED`): when to retry.
+    retry_after_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -64,6 +67,8 @@ struct ErrorBody<'a> {
     code: i32,
     name: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -71,6 +76,7 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
     }
 
@@ -91,7 +97,9 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             ErrorCode::GroupFull => StatusCode::CONFLICT,
-            ErrorCode::RateLimited | ErrorCode::SlowMode => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited | ErrorCode::SlowMode | ErrorCode::QuotaExhausted => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ErrorCode::StorageUnavailable | ErrorCode::Overloaded | ErrorCode::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -110,7 +118,10 @@ impl From<ChatError> for ApiError {
         ) {
             tracing::warn!(error = %e, ?code, "merchant request failed on the server side");
         }
-        Self::new(code, e.client_message())
+        Self {
+            retry_after_ms: e.retry_after_ms(),
+            ..Self::new(code, e.client_message())
+        }
     }
 }
 
@@ -133,8 +144,15 @@ impl IntoResponse for ApiError {
             code: self.code as i32,
             name: name.strip_prefix("ERROR_CODE_").unwrap_or(name),
             message: &self.message,
+            retry_after_ms: self.retry_after_ms,
         };
-        (self.status(), axum::Json(body)).into_response()
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if let Some(ms) = self.retry_after_ms
+            && let Ok(v) = header::HeaderValue::from_str(&ms.div_ceil(1000).to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        response
     }
 }
 
@@ -655,6 +673,41 @@ async fn close_poll(
     ok(end_object(&shared, &headers, path, poll_json).await?)
 }
 
+/// A group's reach quota today, as the merchant API shows it.
+#[derive(Serialize)]
+struct ReachJson {
+    group_id: u64,
+    used: u32,
+    /// 0 when the quota is off.
+    limit: u32,
+    base: u32,
+    resets_at_ms: u64,
+    /// The shop's score, -1 to 1.
+    score: f64,
+    positive: u64,
+    negative: u64,
+}
+
+async fn get_reach(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+) -> ApiResult<ReachJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let q = shared.groups.reach_quota(&who, group_id, now_ms()).await?;
+    ok(ReachJson {
+        group_id: q.group_id,
+        used: q.used,
+        limit: q.limit,
+        base: q.base,
+        resets_at_ms: q.resets_at_ms,
+        score: f64::from(q.score_milli) / 1000.0,
+        positive: q.positive,
+        negative: q.negative,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -674,10 +727,11 @@ mod tests {
             "/v1/groups/{group_id}/polls",
             "/v1/groups/{group_id}/polls/{id}",
             "/v1/groups/{group_id}/polls/{id}/close",
+            "/v1/groups/{group_id}/reach",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 10, "a documented path is not served");
+        assert_eq!(paths.len(), 11, "a documented path is not served");
     }
 
     #[test]
@@ -690,6 +744,10 @@ mod tests {
         assert_eq!(
             status(ErrorCode::Overloaded),
             StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(ErrorCode::QuotaExhausted),
+            StatusCode::TOO_MANY_REQUESTS
         );
     }
 

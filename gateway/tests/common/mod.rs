@@ -152,6 +152,18 @@ impl TestServer {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
+        let (status, _, json) = self.http_full(method, path, token, body).await;
+        (status, json)
+    }
+
+    /// As [`TestServer::http_json`], with the response's header block too.
+    pub async fn http_full(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, String, serde_json::Value) {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let auth = token
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -169,9 +181,9 @@ impl TestServer {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .unwrap_or_else(|| panic!("no status in {out:?}"));
-        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
         let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-        (status, json)
+        (status, head.to_string(), json)
     }
 
     pub async fn http_get(&self, path: &str) -> String {
