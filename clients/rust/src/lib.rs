@@ -50,6 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use qun_proto::v1 as proto;
 
 mod commerce;
+mod reach;
 mod sequencer;
 mod transport;
 

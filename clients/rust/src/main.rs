@@ -92,6 +92,25 @@ enum Command {
         #[command(subcommand)]
         command: PollCommand,
     },
+    /// The group's reach quota (staff).
+    Quota {
+        #[command(subcommand)]
+        command: QuotaCommand,
+    },
+    /// Report a message to the shop and the platform.
+    Report {
+        group: u64,
+        seq: u64,
+        /// Why (1 to 500 characters).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Mute or unmute a group's promotions (they arrive as hidden
+    /// placeholders); answers and chatter still arrive.
+    Promotions {
+        #[command(subcommand)]
+        command: PromotionsCommand,
+    },
     /// Stream live messages (joining the group if needed).
     Tail {
         group: u64,
@@ -105,6 +124,25 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum QuotaCommand {
+    /// Today's promotions, the limit and the shop's buyer feedback.
+    Show {
+        group: u64,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PromotionsCommand {
+    /// Stop getting the group's promotions.
+    Mute { group: u64 },
+    /// Get them again.
+    Unmute { group: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -317,6 +355,46 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         Command::GroupBuy { command } => group_buy(&client, command).await?,
         Command::Coupon { command } => coupon(&client, command).await?,
         Command::Poll { command } => poll(&client, command).await?,
+        Command::Quota {
+            command: QuotaCommand::Show { group, json },
+        } => {
+            let q = client.reach_quota(group).await?;
+            let score = f64::from(q.score_milli) / 1000.0;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "group": q.group_id,
+                        "used": q.used,
+                        "limit": q.limit,
+                        "base": q.base,
+                        "resets_at_ms": q.resets_at_ms,
+                        "score": score,
+                        "positive": q.positive,
+                        "negative": q.negative,
+                    })
+                );
+            } else if q.limit == 0 {
+                println!("{} promotions today; the reach quota is off", q.used);
+            } else {
+                println!(
+                    "{}/{} promotions today (base {}, score {score:+.3} from {} positive and {} negative signals); resets at {} ms",
+                    q.used, q.limit, q.base, q.positive, q.negative, q.resets_at_ms
+                );
+            }
+        }
+        Command::Report { group, seq, reason } => {
+            client.report_message(group, seq, &reason).await?;
+            println!("reported");
+        }
+        Command::Promotions { command } => {
+            let (group, muted) = match command {
+                PromotionsCommand::Mute { group } => (group, true),
+                PromotionsCommand::Unmute { group } => (group, false),
+            };
+            client.mute_promotions(group, muted).await?;
+            println!("{}", if muted { "muted" } else { "unmuted" });
+        }
         Command::History {
             group,
             before,
@@ -647,6 +725,7 @@ fn kind_name(kind: i32) -> &'static str {
     match proto::MessageKind::try_from(kind) {
         Ok(proto::MessageKind::Text) => "text",
         Ok(proto::MessageKind::Commerce) => "commerce",
+        Ok(proto::MessageKind::Hidden) => "hidden",
         _ => "unknown",
     }
 }
@@ -668,6 +747,9 @@ fn as_json(m: &proto::ChatMessage) -> String {
 }
 
 fn human(m: &proto::ChatMessage) -> String {
+    if m.kind == proto::MessageKind::Hidden as i32 {
+        return format!("#{} (a promotion you muted)", m.seq);
+    }
     let quote = m
         .quote
         .as_ref()

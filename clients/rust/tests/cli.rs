@@ -172,6 +172,8 @@ async fn start(dir: &std::path::Path, ws_listen: &str) -> Started {
         ws_listen: ws_listen.parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         quic_listen: "127.0.0.1:0".parse().unwrap(),
+        // The commerce test posts four promotions in one group.
+        reach_base_per_day: 10,
         ..Config::default()
     };
     let listeners = Listeners::bind(&config).await.unwrap();
@@ -488,6 +490,74 @@ async fn the_cli_speaks_quic_with_a_pinned_certificate() {
         String::from_utf8_lossy(&unpinned.stderr).contains("--cert-fingerprint"),
         "{}",
         String::from_utf8_lossy(&unpinned.stderr)
+    );
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_report_and_muted_promotions_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let fan = token(&key, "fan", "buyer", None);
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Quiet"]).await)
+        .trim()
+        .to_string();
+    stdout(&cli(&url, &fan, &["join", &group]).await);
+    assert_eq!(
+        stdout(&cli(&url, &fan, &["promotions", "mute", &group]).await).trim(),
+        "muted"
+    );
+    let card = stdout(
+        &cli(
+            &url,
+            &agent,
+            &[
+                "card",
+                "post",
+                &group,
+                "--product",
+                "sku-1",
+                "--title",
+                "Phone",
+                "--price",
+                "100",
+            ],
+        )
+        .await,
+    )
+    .trim()
+    .to_string();
+    stdout(&cli(&url, &agent, &["send", &group, "Ask me anything"]).await);
+    let history = stdout(&cli(&url, &fan, &["history", &group, "--json"]).await);
+    let kinds: Vec<String> = history
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+        .collect();
+    assert_eq!(kinds, ["\"hidden\"", "\"text\""], "{history}");
+    assert_eq!(
+        stdout(&cli(&url, &fan, &["report", &group, &card, "--reason", "spam"]).await).trim(),
+        "reported"
+    );
+    let quota = stdout(&cli(&url, &agent, &["quota", "show", &group, "--json"]).await);
+    let q: serde_json::Value = serde_json::from_str(quota.trim()).unwrap();
+    assert_eq!(
+        (
+            q["used"].as_u64(),
+            q["negative"].as_u64(),
+            q["base"].as_u64()
+        ),
+        (Some(1), Some(2), Some(10)),
+        "one card; a mute and a report: {q}"
+    );
+    let refused = cli(&url, &fan, &["quota", "show", &group]).await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("FORBIDDEN_ROLE"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
     shutdown.cancel();
     server.await.unwrap().unwrap();
