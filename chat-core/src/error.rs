@@ -83,7 +83,7 @@ pub enum ChatError {
     },
     /// The group's promotions for today are used up.
     #[error(
-        "today's promotions in this group are used up ({limit} a day); the quota resets in {retry_after_ms} ms"
+        "today's promotions in this group are used up ({limit} a day); the quota resets at midnight UTC"
     )]
     QuotaExhausted {
         /// Today's limit.
