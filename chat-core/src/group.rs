@@ -625,7 +625,7 @@ impl GroupState {
             ts_ms: now_ms,
             client_msg_id,
             quote,
-            body: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -428,6 +428,7 @@ impl Groups {
             max_members,
             created_at_ms: now_ms,
             created_by: who.user_id().to_string(),
+            buyers_muted: false,
         };
         let creator = MemberRecord {
             group_id,

@@ -22,8 +22,8 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::OnceCell;
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
-    ReportRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -327,6 +327,13 @@ impl<S: Store> Store for Coalescing<S> {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
         self.inner.load_reports(group_id)
+    }
+
+    fn load_member_flags(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
+        self.inner.load_member_flags(group_id)
     }
 }
 

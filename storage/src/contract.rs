@@ -12,8 +12,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
-    ReportRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -37,6 +37,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     objects_entries_and_deadlines(&mut fresh()).await;
     products_and_cards(&mut fresh()).await;
     reach_feedback_mutes_and_reports(&mut fresh()).await;
+    rewritten_messages_and_member_flags(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -84,6 +85,7 @@ pub async fn groups_and_members<H: Harness>(h: &mut H) {
         max_members: 5000,
         created_at_ms: 1,
         created_by: "agent-1".into(),
+        buyers_muted: id == 300,
     };
     let member = |g: u64, u: &str| MemberRecord {
         group_id: g,
@@ -522,6 +524,78 @@ pub async fn reach_feedback_mutes_and_reports<H: Harness>(h: &mut H) {
     assert_eq!(
         s.load_reports(1).await.unwrap(),
         [report(3, "u1"), report(7, "u1"), report(7, "u2")]
+    );
+    s.close().await.unwrap();
+}
+
+/// A rewritten message replaces the stored one in place (and leaves the
+/// sent index alone); member flags are per user, removed when all zero, and
+/// outlive the member's removal. All of it survives a restart.
+pub async fn rewritten_messages_and_member_flags<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let mut first = msg(12, 1);
+    first.client_msg_id = "c-1".into();
+    s.write(vec![
+        WriteOp::AppendMessage(first.clone()),
+        WriteOp::AppendMessage(msg(12, 2)),
+    ])
+    .await
+    .unwrap();
+    let recalled = MessageRecord {
+        text: String::new(),
+        recalled: true,
+        ..first.clone()
+    };
+    let flags = |m: u64, b: u64| MemberFlagsRecord {
+        muted_until_ms: m,
+        banned_until_ms: b,
+    };
+    let put = |u: &str, f: MemberFlagsRecord| WriteOp::PutMemberFlags {
+        group_id: 12,
+        user_id: u.into(),
+        flags: f,
+    };
+    s.write(vec![
+        WriteOp::RewriteMessage(recalled.clone()),
+        put("u1", flags(500, 0)),
+        put("u2", flags(0, 900)),
+        put("u3", flags(7, 7)),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![
+        put("u3", MemberFlagsRecord::default()),
+        WriteOp::RemoveMember {
+            group_id: 12,
+            user_id: "u2".into(),
+        },
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.messages_after(12, 0, 10).await.unwrap(),
+        [recalled, msg(12, 2)],
+        "rewritten in place"
+    );
+    assert_eq!(s.last_seq(12).await.unwrap(), 2);
+    assert_eq!(
+        s.find_sent(12, &first.sender_id, "c-1")
+            .await
+            .unwrap()
+            .map(|r| r.seq),
+        Some(1),
+        "the sent index still finds it"
+    );
+    assert_eq!(
+        s.load_member_flags(12).await.unwrap(),
+        [
+            ("u1".to_string(), flags(500, 0)),
+            ("u2".to_string(), flags(0, 900))
+        ],
+        "u3's flags cleared; u2's ban outlives the removal"
     );
     s.close().await.unwrap();
 }

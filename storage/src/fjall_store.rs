@@ -11,8 +11,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
-    ReportRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
@@ -85,6 +85,8 @@ struct Tables {
     /// `group_id | user_id → []`.
     promotion_mutes: Keyspace,
     reports: Keyspace,
+    /// `group_id | user_id → MemberFlagsRecord`.
+    member_flags: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -130,6 +132,7 @@ impl FjallStore {
             feedback: open("feedback")?,
             promotion_mutes: open("promotion_mutes")?,
             reports: open("reports")?,
+            member_flags: open("member_flags")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -394,6 +397,25 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         batch.insert(&tables.promotion_mutes, key, []);
                     } else {
                         batch.remove(&tables.promotion_mutes, key);
+                    }
+                }
+                WriteOp::RewriteMessage(msg) => {
+                    batch.insert(
+                        &tables.messages,
+                        keys::message_key(msg.group_id, msg.seq),
+                        msg.encode_to_vec(),
+                    );
+                }
+                WriteOp::PutMemberFlags {
+                    group_id,
+                    user_id,
+                    flags,
+                } => {
+                    let key = keys::member_key(*group_id, user_id);
+                    if *flags == MemberFlagsRecord::default() {
+                        batch.remove(&tables.member_flags, key);
+                    } else {
+                        batch.insert(&tables.member_flags, key, flags.encode_to_vec());
                     }
                 }
                 WriteOp::PutReport(r) => {
@@ -760,6 +782,25 @@ impl Store for FjallStore {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
         self.read(move |t| decode_prefix(&t.reports, "reports", &keys::group_key(group_id)))
+    }
+
+    fn load_member_flags(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
+        self.read(move |t| {
+            t.member_flags
+                .prefix(keys::group_key(group_id))
+                .map(|guard| {
+                    let (k, v) = guard.into_inner().map_err(read_err)?;
+                    let user = k
+                        .get(8..)
+                        .and_then(|u| std::str::from_utf8(u).ok())
+                        .ok_or_else(|| StorageError::corrupt("member_flags", "key"))?;
+                    Ok((user.to_string(), decode("member_flags", &v)?))
+                })
+                .collect()
+        })
     }
 }
 

@@ -55,8 +55,8 @@ pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
 use records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
-    ReportRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -152,6 +152,19 @@ pub enum WriteOp {
     },
     /// Keep a buyer's report of a message ([`Store::load_reports`]).
     PutReport(ReportRecord),
+    /// Replace a message already stored at its seq (a recall clears it).
+    /// Unlike [`WriteOp::AppendMessage`] it writes nothing else.
+    RewriteMessage(MessageRecord),
+    /// Set a member's moderation flags ([`Store::load_member_flags`]); all
+    /// zero removes them. Not removed with the member: a ban outlives it.
+    PutMemberFlags {
+        /// The group.
+        group_id: u64,
+        /// The member.
+        user_id: String,
+        /// The flags.
+        flags: MemberFlagsRecord,
+    },
 }
 
 /// A group's promotions on its latest day, as [`Store::load_reach_use`]
@@ -366,6 +379,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// As for [`Store::load_group`].
     fn load_reports(&self, group_id: u64)
     -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>>;
+
+    /// Every member flag of a group (mutes, bans), by user.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_member_flags(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

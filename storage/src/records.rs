@@ -25,6 +25,9 @@ pub struct GroupRecord {
     /// User id of the agent or owner who created it.
     #[prost(string, tag = "6")]
     pub created_by: String,
+    /// Staff muted every buyer (only staff may post).
+    #[prost(bool, tag = "7")]
+    pub buyers_muted: bool,
 }
 
 /// One member of one group. Key: `group_id | user_id`.
@@ -104,6 +107,12 @@ pub struct MessageRecord {
     /// empty for text.
     #[prost(bytes = "vec", tag = "12")]
     pub body: Vec<u8>,
+    /// The message was recalled (撤回): its text, quote and body are gone.
+    #[prost(bool, tag = "13")]
+    pub recalled: bool,
+    /// For a recall event: the seq it recalled.
+    #[prost(uint64, tag = "14")]
+    pub recalls: u64,
 }
 
 /// A live object of a group (a group-buy, coupon or poll). Key:
@@ -189,4 +198,16 @@ pub struct ReportRecord {
     /// When, ms since the Unix epoch.
     #[prost(uint64, tag = "5")]
     pub ts_ms: u64,
+}
+
+/// A member's moderation state in a group. Key: `group_id | user_id`. Kept
+/// apart from the membership so that a ban outlives the removal.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct MemberFlagsRecord {
+    /// Muted (may not post) until, ms since the Unix epoch; 0: not muted.
+    #[prost(uint64, tag = "1")]
+    pub muted_until_ms: u64,
+    /// May not join again until, ms since the Unix epoch; 0: not banned.
+    #[prost(uint64, tag = "2")]
+    pub banned_until_ms: u64,
 }

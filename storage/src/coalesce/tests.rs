@@ -137,6 +137,13 @@ impl Store for GatedStoreDouble {
     ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
         self.real.load_reports(group_id)
     }
+
+    fn load_member_flags(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
+        self.real.load_member_flags(group_id)
+    }
 }
 
 struct Fixture {

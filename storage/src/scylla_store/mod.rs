@@ -79,8 +79,8 @@ pub use scylla::statement::Consistency;
 use self::statements::{Write, id64};
 use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
-    EntryRecord, GroupRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord,
-    ReportRecord, SentRecord,
+    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -259,6 +259,7 @@ struct Reads {
     feedback: PreparedStatement,
     promotion_mutes: PreparedStatement,
     reports: PreparedStatement,
+    member_flags: PreparedStatement,
 }
 
 impl Reads {
@@ -348,6 +349,10 @@ impl Reads {
             .await?,
             reports: p(format!(
                 "SELECT record FROM {ks}.reports WHERE group_id = ?"
+            ))
+            .await?,
+            member_flags: p(format!(
+                "SELECT user_id, record FROM {ks}.member_flags WHERE group_id = ?"
             ))
             .await?,
         })
@@ -917,6 +922,25 @@ impl Store for ScyllaStore {
             let id = id64("group id", group_id)?;
             self.records("reports", &self.inner.reads.reports, (id,))
                 .await
+        })
+    }
+
+    fn load_member_flags(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
+        Box::pin(async move {
+            let id = id64("group id", group_id)?;
+            let rows: Vec<(String, Vec<u8>)> = self
+                .rows("member_flags", &self.inner.reads.member_flags, (id,))
+                .await?;
+            rows.into_iter()
+                .map(|(u, b)| {
+                    <MemberFlagsRecord as prost::Message>::decode(&b[..])
+                        .map(|f| (u, f))
+                        .map_err(|e| StorageError::corrupt("member_flags", e))
+                })
+                .collect()
         })
     }
 }

@@ -38,10 +38,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "reach",
         cql: include_str!("../../cql/0002_reach.cql"),
     },
+    Migration {
+        version: 3,
+        name: "moderation",
+        cql: include_str!("../../cql/0003_moderation.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

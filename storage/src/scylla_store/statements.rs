@@ -42,11 +42,13 @@ pub(crate) enum Write {
     PutPromotionMute,
     DeletePromotionMute,
     PutReport,
+    PutMemberFlags,
+    DeleteMemberFlags,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 23] = [
+    pub(crate) const ALL: [Write; 25] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -70,6 +72,8 @@ impl Write {
         Write::PutPromotionMute,
         Write::DeletePromotionMute,
         Write::PutReport,
+        Write::PutMemberFlags,
+        Write::DeleteMemberFlags,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -97,6 +101,7 @@ impl Write {
             Write::PutFeedback => "shop_feedback",
             Write::PutPromotionMute | Write::DeletePromotionMute => "promotion_mutes",
             Write::PutReport => "reports",
+            Write::PutMemberFlags | Write::DeleteMemberFlags => "member_flags",
         }
     }
 
@@ -124,7 +129,13 @@ impl Write {
             Write::PutReport => format!(
                 "INSERT INTO {ks}.{t} (group_id, seq, reporter_id, record) VALUES (?, ?, ?, ?)"
             ),
-            Write::DeleteMember | Write::DeleteReadMark | Write::DeletePromotionMute => {
+            Write::PutMemberFlags => {
+                format!("INSERT INTO {ks}.{t} (group_id, user_id, record) VALUES (?, ?, ?)")
+            }
+            Write::DeleteMember
+            | Write::DeleteReadMark
+            | Write::DeletePromotionMute
+            | Write::DeleteMemberFlags => {
                 format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND user_id = ?")
             }
             Write::DeleteUserGroup => {
@@ -311,6 +322,8 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
                 *group_id
             }
             WriteOp::PutReport(r) => r.group_id,
+            WriteOp::RewriteMessage(m) => m.group_id,
+            WriteOp::PutMemberFlags { group_id, .. } => *group_id,
             WriteOp::PutProduct(_) | WriteOp::PutFeedback { .. } => {
                 shop = true;
                 continue;
@@ -509,6 +522,27 @@ pub(crate) fn statements(
             },
             vec![bigint("group id", *group_id)?, text(user_id)],
         ),
+        WriteOp::RewriteMessage(m) => push(
+            Write::AppendMessage,
+            vec![
+                bigint("group id", m.group_id)?,
+                bigint("bucket", bucket_of(m.seq))?,
+                bigint("seq", m.seq)?,
+                blob(m),
+            ],
+        ),
+        WriteOp::PutMemberFlags {
+            group_id,
+            user_id,
+            flags,
+        } => {
+            let id = bigint("group id", *group_id)?;
+            if *flags == crate::records::MemberFlagsRecord::default() {
+                push(Write::DeleteMemberFlags, vec![id, text(user_id)]);
+            } else {
+                push(Write::PutMemberFlags, vec![id, text(user_id), blob(flags)]);
+            }
+        }
         WriteOp::PutReport(r) => push(
             Write::PutReport,
             vec![
@@ -627,6 +661,19 @@ mod tests {
                 muted: false,
             },
             WriteOp::PutReport(Default::default()),
+            WriteOp::PutMemberFlags {
+                group_id: 1,
+                user_id: "u".into(),
+                flags: crate::records::MemberFlagsRecord {
+                    muted_until_ms: 5,
+                    banned_until_ms: 0,
+                },
+            },
+            WriteOp::PutMemberFlags {
+                group_id: 1,
+                user_id: "u".into(),
+                flags: Default::default(),
+            },
         ];
         let mut seen = std::collections::HashSet::new();
         for op in &ops {
