@@ -91,6 +91,18 @@ pub enum ChatError {
         /// Until the next UTC midnight.
         retry_after_ms: u64,
     },
+    /// Staff muted the caller (or every buyer) in this group.
+    #[error("you are muted in this group")]
+    Muted {
+        /// Until the mute ends; 0 while all buyers are muted.
+        retry_after_ms: u64,
+    },
+    /// Staff removed the caller and barred them from joining again.
+    #[error("you were removed from this group and cannot join again yet")]
+    Banned {
+        /// Until the ban ends.
+        retry_after_ms: u64,
+    },
     /// The store refused or failed the write; nothing became visible.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -115,6 +127,8 @@ impl ChatError {
             ChatError::UnknownProduct(_) => ErrorCode::UnknownProduct,
             ChatError::UnknownObject { .. } => ErrorCode::UnknownObject,
             ChatError::QuotaExhausted { .. } => ErrorCode::QuotaExhausted,
+            ChatError::Muted { .. } => ErrorCode::Muted,
+            ChatError::Banned { .. } => ErrorCode::Banned,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,
@@ -126,7 +140,9 @@ impl ChatError {
         match self {
             ChatError::RateLimited { retry_after_ms }
             | ChatError::SlowMode { retry_after_ms }
-            | ChatError::QuotaExhausted { retry_after_ms, .. } => Some(*retry_after_ms),
+            | ChatError::QuotaExhausted { retry_after_ms, .. }
+            | ChatError::Muted { retry_after_ms }
+            | ChatError::Banned { retry_after_ms } => Some(*retry_after_ms),
             _ => None,
         }
     }

@@ -254,6 +254,27 @@ impl Groups {
         Ok(v1::FeedbackAck { group_id })
     }
 
+    /// Every report of the group's messages, by seq then reporter. Staff of
+    /// the group's shop only.
+    ///
+    /// # Errors
+    /// `UnknownGroup`, `ForbiddenRole`, `WrongShop`, `Storage`.
+    pub async fn reports(
+        &self,
+        who: &Identity,
+        group_id: u64,
+    ) -> Result<Vec<ReportRecord>, ChatError> {
+        if !who.role().is_staff() {
+            return Err(ChatError::ForbiddenRole {
+                role: who.role().as_str(),
+                action: "read reports",
+            });
+        }
+        let cell = self.cell(group_id).await?;
+        cell.lock().check_shop(who)?;
+        Ok(self.inner().store.load_reports(group_id).await?)
+    }
+
     /// The group's reach quota today. Staff of the group's shop only.
     ///
     /// # Errors

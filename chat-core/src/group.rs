@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use qun_proto::v1::{self, server_frame::Body};
 use qun_storage::ReachUse;
-use qun_storage::records::{GroupRecord, MemberRecord, MessageRecord, QuoteRecord, ReportRecord};
+use qun_storage::records::{
+    GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, QuoteRecord, ReportRecord,
+};
 
 use crate::commerce::Live;
 use crate::outbox::{Outbox, Pushed};
@@ -55,6 +57,7 @@ impl Subscriber {
 /// The kinds of message, as stored.
 pub(crate) const KIND_TEXT: u32 = v1::MessageKind::Text as u32;
 pub(crate) const KIND_COMMERCE: u32 = v1::MessageKind::Commerce as u32;
+pub(crate) const KIND_RECALL: u32 = v1::MessageKind::Recall as u32;
 
 /// Longest quoted snippet kept with a reply, in characters.
 const QUOTE_CHARS: usize = 200;
@@ -78,9 +81,14 @@ impl Encoded {
     /// Encodes the push frame of `record` once, then takes the message back
     /// out of the envelope: no copy of the message.
     pub(crate) fn new(record: MessageRecord) -> Self {
+        Self::from_wire(to_wire(record))
+    }
+
+    /// As [`Encoded::new`], from the wire message.
+    pub(crate) fn from_wire(message: v1::ChatMessage) -> Self {
         let mut envelope = v1::ServerFrame {
             request_id: 0,
-            body: Some(Body::Message(to_wire(record))),
+            body: Some(Body::Message(message)),
         };
         let frame = qun_proto::encode_server_frame(&envelope);
         let Some(Body::Message(message)) = envelope.body.take() else {
@@ -126,6 +134,17 @@ pub(crate) fn hidden(m: &v1::ChatMessage) -> v1::ChatMessage {
         kind: v1::MessageKind::Hidden as i32,
         ts_ms: m.ts_ms,
         ..Default::default()
+    }
+}
+
+/// A message as it shows once recalled: who and when, nothing said.
+pub(crate) fn recalled(m: &v1::ChatMessage) -> v1::ChatMessage {
+    v1::ChatMessage {
+        text: String::new(),
+        quote: None,
+        commerce: None,
+        recalled: true,
+        ..m.clone()
     }
 }
 
@@ -319,6 +338,10 @@ pub(crate) struct GroupState {
     pub(crate) reported: HashSet<(u64, String)>,
     /// `(seq, member)` of cards opened since loading, so an open counts once.
     pub(crate) opened: HashSet<(u64, String)>,
+    /// Members' mutes and bans.
+    pub(crate) flags: HashMap<String, MemberFlagsRecord>,
+    /// Seqs whose recall was submitted, so a message is recalled once.
+    pub(crate) recalled: HashSet<u64>,
 }
 
 /// What a group is loaded from.
@@ -333,6 +356,7 @@ pub(crate) struct Loaded {
     pub(crate) promotion_mutes: Vec<String>,
     pub(crate) reach: Option<ReachUse>,
     pub(crate) reports: Vec<ReportRecord>,
+    pub(crate) member_flags: Vec<(String, MemberFlagsRecord)>,
 }
 
 /// Per-group bounds from the core configuration.
@@ -355,6 +379,7 @@ impl GroupCell {
             promotion_mutes,
             reach,
             reports,
+            member_flags,
         } = loaded;
         let members = members
             .into_iter()
@@ -391,6 +416,8 @@ impl GroupCell {
                     .map(|r| (r.seq, r.reporter_id))
                     .collect(),
                 opened: HashSet::new(),
+                flags: member_flags.into_iter().collect(),
+                recalled: HashSet::new(),
             }),
         }
     }
@@ -457,6 +484,13 @@ impl GroupState {
                     action: "join a group",
                 });
             }
+        }
+        if let Some(f) = self.flags.get(who.user_id())
+            && f.banned_until_ms > now_ms
+        {
+            return Err(ChatError::Banned {
+                retry_after_ms: f.banned_until_ms - now_ms,
+            });
         }
         if self.members.len() >= self.record.max_members as usize {
             return Err(ChatError::GroupFull {
@@ -703,6 +737,9 @@ impl GroupState {
                     .retain(|s| !s.outbox.is_closed() && s.outbox.epoch() == s.epoch);
             }
             self.visible_seq = p.seq();
+            if p.message.kind == v1::MessageKind::Recall as i32 {
+                self.show_recalled(p.message.recalls);
+            }
             self.recent.push_back(p);
             if self.recent.len() > self.ring_capacity {
                 self.recent.pop_front();
@@ -713,6 +750,38 @@ impl GroupState {
         stats
             .deliveries_dropped
             .fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    /// A recall became visible: the ring shows the message as recalled too.
+    fn show_recalled(&mut self, seq: u64) {
+        if let Some(e) = self.recent.iter_mut().find(|e| e.seq() == seq) {
+            *e = Encoded::from_wire(recalled(&e.message));
+        }
+    }
+
+    /// Whether a buyer may post now, or why not.
+    pub(crate) fn check_not_muted(&self, who: &Identity, now_ms: u64) -> Result<(), ChatError> {
+        if who.role() != Role::Buyer {
+            return Ok(());
+        }
+        if let Some(f) = self.flags.get(who.user_id())
+            && f.muted_until_ms > now_ms
+        {
+            return Err(ChatError::Muted {
+                retry_after_ms: f.muted_until_ms - now_ms,
+            });
+        }
+        if self.record.buyers_muted {
+            return Err(ChatError::Muted { retry_after_ms: 0 });
+        }
+        Ok(())
+    }
+
+    /// Queues `frame` to every connection of `user_id` subscribed here.
+    pub(crate) fn push_to_user(&self, user_id: &str, frame: &Bytes) {
+        for sub in self.subscribers.iter().filter(|s| s.user_id == user_id) {
+            let _ = sub.outbox.push_in(sub.epoch, frame.clone());
+        }
     }
 
     /// A write failed: nothing pending becomes visible, and the group
@@ -769,6 +838,8 @@ pub(crate) fn to_wire(r: MessageRecord) -> v1::ChatMessage {
         } else {
             prost::Message::decode(&r.body[..]).ok()
         },
+        recalled: r.recalled,
+        recalls: r.recalls,
     }
 }
 

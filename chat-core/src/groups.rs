@@ -349,6 +349,7 @@ impl Groups {
         let promotion_mutes = store.load_promotion_mutes(group_id).await?;
         let reach = store.load_reach_use(group_id).await?;
         let reports = store.load_reports(group_id).await?;
+        let member_flags = store.load_member_flags(group_id).await?;
         self.inner.commerce.note_restored(group_id, &objects);
         tracing::debug!(
             group_id,
@@ -367,6 +368,7 @@ impl Groups {
             promotion_mutes,
             reach,
             reports,
+            member_flags,
         };
         Ok(Arc::new(GroupCell::new(
             loaded,
@@ -454,6 +456,7 @@ impl Groups {
             promotion_mutes: Vec::new(),
             reach: None,
             reports: Vec::new(),
+            member_flags: Vec::new(),
         };
         let cell = Arc::new(GroupCell::new(loaded, cfg.group_limits(), now_ms));
         let info = cell.lock().info();
@@ -715,6 +718,9 @@ impl Groups {
                 // retry twice. The client retries with the same id.
                 return Err(ChatError::Storage(StorageError::Overloaded));
             }
+            // After the retry check: a retry of a message posted before
+            // the mute still gets its original ack.
+            g.check_not_muted(who, now_ms)?;
             if buyer {
                 let rate = self.inner.config.group_buyer_rate;
                 g.take_buyer_chatter(rate, now_ms)

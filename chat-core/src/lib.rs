@@ -23,6 +23,8 @@
 //! - [`reach`]: the reach quota (promotions per group per day, scaled by
 //!   the shop's buyer feedback); `feedback` applies it: muting promotions,
 //!   reports, card opens, [`Groups::reach_quota`].
+//! - `moderation`: muting and removing buyers, muting all buyers, recall
+//!   (撤回) as a message on the stream.
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
 //! - [`Identity`] and [`Role`]: who is acting.
 //! - [`ChatError`]: why something was refused, with its wire code.
@@ -45,6 +47,7 @@ mod feedback;
 mod group;
 mod groups;
 mod identity;
+mod moderation;
 mod outbox;
 mod rate;
 pub mod reach;
@@ -56,11 +59,14 @@ pub use error::ChatError;
 pub use group::{ConnId, Subscriber};
 pub use groups::{CoreConfig, CoreStats, Groups, NewGroup, NewMessage, PostTicket};
 pub use identity::{Identity, IdentityError, Role};
+pub use moderation::RECALL_WINDOW_MS;
 pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
 pub use rate::Rate;
 
 #[cfg(test)]
 mod commerce_tests;
+#[cfg(test)]
+mod moderation_tests;
 #[cfg(test)]
 mod reach_tests;
 #[cfg(test)]

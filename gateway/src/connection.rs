@@ -424,6 +424,26 @@ impl Session {
                 .await
                 .map(Body::FeedbackAck)
                 .map_err(RequestError::from),
+            client_frame::Body::MuteMember(m) => groups
+                .mute_member(who, m, now_ms())
+                .await
+                .map(Body::Moderated)
+                .map_err(RequestError::from),
+            client_frame::Body::MuteAllBuyers(m) => groups
+                .mute_all_buyers(who, m.group_id, m.muted)
+                .await
+                .map(Body::Moderated)
+                .map_err(RequestError::from),
+            client_frame::Body::RemoveMember(r) => groups
+                .remove_member(who, r, now_ms())
+                .await
+                .map(Body::Moderated)
+                .map_err(RequestError::from),
+            client_frame::Body::RecallMessage(r) => groups
+                .recall(who, r.group_id, r.seq, now_ms())
+                .await
+                .map(Body::Moderated)
+                .map_err(RequestError::from),
             client_frame::Body::GetReachQuota(q) => groups
                 .reach_quota(who, q.group_id, now_ms())
                 .await
@@ -629,6 +649,10 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::ReportMessage(_) => "report_message",
         client_frame::Body::OpenCard(_) => "open_card",
         client_frame::Body::GetReachQuota(_) => "get_reach_quota",
+        client_frame::Body::MuteMember(_) => "mute_member",
+        client_frame::Body::MuteAllBuyers(_) => "mute_all_buyers",
+        client_frame::Body::RemoveMember(_) => "remove_member",
+        client_frame::Body::RecallMessage(_) => "recall_message",
     }
 }
 

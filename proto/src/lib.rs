@@ -165,5 +165,8 @@ mod tests {
         assert_eq!(ErrorCode::QuotaExhausted as i32, 52);
         assert_eq!(ErrorCode::UnknownObject as i32, 34);
         assert_eq!(crate::v1::MessageKind::Hidden as i32, 3);
+        assert_eq!(crate::v1::MessageKind::Recall as i32, 4);
+        assert_eq!(ErrorCode::Muted as i32, 53);
+        assert_eq!(ErrorCode::Banned as i32, 54);
     }
 }

@@ -1,0 +1,297 @@
+//! Moderation: muting and removing buyers, muting every buyer, and recall
+//! (撤回).
+//!
+//! Staff of the group's shop moderate its buyers (never other staff). A
+//! member recalls their own text message within [`RECALL_WINDOW_MS`];
+//! staff recall any text message of their shop's groups. A recall is a
+//! message of its own on the group's stream (kind RECALL, naming the seq),
+//! written in the same batch as the original's rewrite, so live clients,
+//! history, resume and paging all show the original as recalled.
+
+use qun_proto::v1::{self, server_frame::Body};
+use qun_storage::WriteOp;
+use qun_storage::records::{MemberFlagsRecord, MessageRecord};
+
+use crate::group::{GroupState, KIND_RECALL, KIND_TEXT};
+use crate::groups::{Groups, durable, durable_channel};
+use crate::reach::DAY_MS;
+use crate::{ChatError, Identity, Role};
+
+/// How long after sending a member may recall their own message.
+pub const RECALL_WINDOW_MS: u64 = 2 * 60 * 1000;
+
+/// Longest mute.
+const MAX_MUTE_MS: u64 = 30 * DAY_MS;
+
+/// Longest ban after a removal.
+const MAX_BAN_MS: u64 = 365 * DAY_MS;
+
+/// Staff of the group's shop, or `ForbiddenRole` / `WrongShop`.
+fn staff_of(g: &GroupState, who: &Identity, action: &'static str) -> Result<(), ChatError> {
+    if !who.role().is_staff() {
+        return Err(ChatError::ForbiddenRole {
+            role: who.role().as_str(),
+            action,
+        });
+    }
+    g.check_shop(who)
+}
+
+/// A buyer who is a member: the target of a mute or a removal.
+fn buyer_member(g: &GroupState, user_id: &str) -> Result<(), ChatError> {
+    match g.members.get(user_id) {
+        None => Err(ChatError::InvalidArgument(format!(
+            "{user_id:?} is not a member of group {}",
+            g.id()
+        ))),
+        Some(m) if m.role != Role::Buyer => Err(ChatError::InvalidArgument(
+            "only buyers can be muted or removed".into(),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn moderated(group_id: u64, seq: u64) -> v1::Moderated {
+    v1::Moderated { group_id, seq }
+}
+
+impl Groups {
+    /// Mutes a buyer for `duration_ms` (1 s to 30 days), or unmutes them
+    /// with 0. Staff of the group's shop only.
+    ///
+    /// # Errors
+    /// `ForbiddenRole`, `WrongShop`, `InvalidArgument` (not a buyer member,
+    /// a duration out of range), `UnknownGroup`, `Storage`.
+    pub async fn mute_member(
+        &self,
+        who: &Identity,
+        req: v1::MuteMember,
+        now_ms: u64,
+    ) -> Result<v1::Moderated, ChatError> {
+        if req.duration_ms != 0 && !(1_000..=MAX_MUTE_MS).contains(&req.duration_ms) {
+            return Err(ChatError::InvalidArgument(
+                "duration_ms must be 0 (unmute) or 1000 to 30 days".into(),
+            ));
+        }
+        let group_id = req.group_id;
+        let cell = self.cell(group_id).await?;
+        let rx = {
+            let mut g = cell.lock();
+            staff_of(&g, who, "mute a member")?;
+            buyer_member(&g, &req.user_id)?;
+            let mut flags = g.flags.get(&req.user_id).copied().unwrap_or_default();
+            flags.muted_until_ms = if req.duration_ms == 0 {
+                0
+            } else {
+                now_ms + req.duration_ms
+            };
+            let rx = self.submit_flags(group_id, &req.user_id, flags)?;
+            g.flags.insert(req.user_id.clone(), flags);
+            rx
+        };
+        durable(rx).await?;
+        Ok(moderated(group_id, 0))
+    }
+
+    /// Mutes (or unmutes) every buyer of the group: only staff post
+    /// meanwhile. Staff of the group's shop only.
+    ///
+    /// # Errors
+    /// `ForbiddenRole`, `WrongShop`, `UnknownGroup`, `Storage`.
+    pub async fn mute_all_buyers(
+        &self,
+        who: &Identity,
+        group_id: u64,
+        muted: bool,
+    ) -> Result<v1::Moderated, ChatError> {
+        let cell = self.cell(group_id).await?;
+        let rx = {
+            let mut g = cell.lock();
+            staff_of(&g, who, "mute all buyers")?;
+            let mut record = g.record.clone();
+            record.buyers_muted = muted;
+            let (done, rx) = durable_channel();
+            self.inner()
+                .store
+                .submit(vec![WriteOp::PutGroup(record.clone())], done)?;
+            g.record = record;
+            rx
+        };
+        durable(rx).await?;
+        Ok(moderated(group_id, 0))
+    }
+
+    /// Removes a buyer: their membership, read mark and subscriptions end,
+    /// and each of their connections subscribed here gets `Left`. With
+    /// `ban_ms` (up to 365 days) they cannot join again until it passes.
+    /// Staff of the group's shop only.
+    ///
+    /// # Errors
+    /// `ForbiddenRole`, `WrongShop`, `InvalidArgument` (not a buyer member,
+    /// a ban too long), `UnknownGroup`, `Storage`.
+    pub async fn remove_member(
+        &self,
+        who: &Identity,
+        req: v1::RemoveMember,
+        now_ms: u64,
+    ) -> Result<v1::Moderated, ChatError> {
+        if req.ban_ms > MAX_BAN_MS {
+            return Err(ChatError::InvalidArgument(
+                "ban_ms must be at most 365 days".into(),
+            ));
+        }
+        let group_id = req.group_id;
+        let cell = self.cell(group_id).await?;
+        let rx = {
+            let mut g = cell.lock();
+            staff_of(&g, who, "remove a member")?;
+            buyer_member(&g, &req.user_id)?;
+            let mut ops = vec![WriteOp::RemoveMember {
+                group_id,
+                user_id: req.user_id.clone(),
+            }];
+            let mut flags = g.flags.get(&req.user_id).copied().unwrap_or_default();
+            if req.ban_ms > 0 {
+                flags.banned_until_ms = now_ms + req.ban_ms;
+                ops.push(WriteOp::PutMemberFlags {
+                    group_id,
+                    user_id: req.user_id.clone(),
+                    flags,
+                });
+            }
+            let (done, rx) = durable_channel();
+            self.inner().store.submit(ops, done)?;
+            let left = qun_proto::encode_server_frame(&v1::ServerFrame {
+                request_id: 0,
+                body: Some(Body::Left(v1::Left { group_id })),
+            });
+            g.push_to_user(&req.user_id, &left);
+            g.remove_member(&req.user_id);
+            if req.ban_ms > 0 {
+                g.flags.insert(req.user_id.clone(), flags);
+            }
+            rx
+        };
+        durable(rx).await?;
+        tracing::info!(group_id, user = %req.user_id, by = who.user_id(), ban_ms = req.ban_ms, "member removed");
+        Ok(moderated(group_id, 0))
+    }
+
+    /// Recalls (撤回) a text message: its author within
+    /// [`RECALL_WINDOW_MS`] of sending, or staff of the shop at any time.
+    /// Posts a RECALL message naming it, in one batch with the original's
+    /// rewrite; returns the RECALL message's seq.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (no such visible message, not a text message,
+    /// already recalled, the window passed), `ForbiddenRole` (a buyer
+    /// recalling another's message), `WrongShop`, `NotMember` (a buyer who
+    /// is not a member), `UnknownGroup`, `Storage`.
+    pub async fn recall(
+        &self,
+        who: &Identity,
+        group_id: u64,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<v1::Moderated, ChatError> {
+        let invalid = |m: String| Err(ChatError::InvalidArgument(m));
+        let cell = self.cell(group_id).await?;
+        {
+            let g = cell.lock();
+            // Staff of the shop moderate without being members (the
+            // merchant API acts as the owner).
+            if who.role().is_staff() {
+                g.check_shop(who)?;
+            } else {
+                g.member(who)?;
+            }
+            if seq == 0 || seq > g.visible_seq() {
+                return invalid(format!("group {group_id} has no message {seq} yet"));
+            }
+        }
+        // Visible means durable: the stored record is the whole message
+        // (recalls are rare; one point read, outside the lock).
+        let original = match self
+            .inner()
+            .store
+            .messages_after(group_id, seq - 1, 1)
+            .await?
+            .pop()
+        {
+            Some(r) if r.seq == seq => r,
+            _ => return invalid(format!("group {group_id} has no message {seq}")),
+        };
+        if original.kind != KIND_TEXT {
+            return invalid("only text messages can be recalled".into());
+        }
+        if !who.role().is_staff() {
+            if original.sender_id != who.user_id() {
+                return Err(ChatError::ForbiddenRole {
+                    role: who.role().as_str(),
+                    action: "recall another member's message",
+                });
+            }
+            if now_ms.saturating_sub(original.ts_ms) > RECALL_WINDOW_MS {
+                return invalid("messages can be recalled within 2 minutes of sending".into());
+            }
+        }
+        let (seq_posted, rx) = {
+            let mut g = cell.lock();
+            g.refuse_if_failed()?;
+            if original.recalled || !g.recalled.insert(seq) {
+                return invalid(format!("message {seq} was already recalled"));
+            }
+            let rewrite = MessageRecord {
+                text: String::new(),
+                quote: None,
+                body: Vec::new(),
+                recalled: true,
+                ..original
+            };
+            let mut record = g.next_event(
+                who.user_id(),
+                who.display_name(),
+                who.role(),
+                String::new(),
+                Vec::new(),
+                now_ms,
+            );
+            record.kind = KIND_RECALL;
+            record.recalls = seq;
+            let posted = record.seq;
+            match self.submit_sequenced(
+                &cell,
+                &mut g,
+                record,
+                vec![WriteOp::RewriteMessage(rewrite)],
+            ) {
+                Ok(rx) => (posted, rx),
+                Err(e) => {
+                    g.recalled.remove(&seq);
+                    return Err(e.into());
+                }
+            }
+        };
+        durable(rx).await?;
+        Ok(moderated(group_id, seq_posted))
+    }
+
+    fn submit_flags(
+        &self,
+        group_id: u64,
+        user_id: &str,
+        flags: MemberFlagsRecord,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), qun_storage::StorageError>>, ChatError>
+    {
+        let (done, rx) = durable_channel();
+        self.inner().store.submit(
+            vec![WriteOp::PutMemberFlags {
+                group_id,
+                user_id: user_id.to_string(),
+                flags,
+            }],
+            done,
+        )?;
+        Ok(rx)
+    }
+}
