@@ -49,6 +49,20 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/groups/{group_id}/polls/{id}", get(get_poll))
         .route("/v1/groups/{group_id}/polls/{id}/close", post(close_poll))
         .route("/v1/groups/{group_id}/reach", get(get_reach))
+        .route("/v1/groups/{group_id}/reports", get(get_reports))
+        .route("/v1/groups/{group_id}/mute-all", post(mute_all))
+        .route(
+            "/v1/groups/{group_id}/members/{user_id}/mute",
+            post(mute_member),
+        )
+        .route(
+            "/v1/groups/{group_id}/members/{user_id}/remove",
+            post(remove_member),
+        )
+        .route(
+            "/v1/groups/{group_id}/messages/{seq}/recall",
+            post(recall_message),
+        )
 }
 
 // ─────────────────────────────── errors ───────────────────────────────
@@ -100,6 +114,7 @@ impl ApiError {
             ErrorCode::RateLimited | ErrorCode::SlowMode | ErrorCode::QuotaExhausted => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            ErrorCode::Muted | ErrorCode::Banned => StatusCode::FORBIDDEN,
             ErrorCode::StorageUnavailable | ErrorCode::Overloaded | ErrorCode::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -708,6 +723,141 @@ async fn get_reach(
     })
 }
 
+// ───────────────────────────── moderation ─────────────────────────────
+
+/// What a moderation request did.
+#[derive(Serialize)]
+struct ModeratedJson {
+    group_id: u64,
+    /// The RECALL message's seq; 0 for the other requests.
+    seq: u64,
+}
+
+impl From<v1::Moderated> for ModeratedJson {
+    fn from(m: v1::Moderated) -> Self {
+        Self {
+            group_id: m.group_id,
+            seq: m.seq,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MuteInput {
+    /// 0 unmutes.
+    duration_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MuteAllInput {
+    muted: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveInput {
+    #[serde(default)]
+    ban_ms: u64,
+}
+
+async fn mute_member(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, String)>, PathRejection>,
+    body: Result<Json<MuteInput>, JsonRejection>,
+) -> ApiResult<ModeratedJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, user_id)) = path?;
+    let Json(m) = body?;
+    let req = v1::MuteMember {
+        group_id,
+        user_id,
+        duration_ms: m.duration_ms,
+    };
+    ok(shared.groups.mute_member(&who, req, now_ms()).await?.into())
+}
+
+async fn mute_all(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<MuteAllInput>, JsonRejection>,
+) -> ApiResult<ModeratedJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(m) = body?;
+    ok(shared
+        .groups
+        .mute_all_buyers(&who, group_id, m.muted)
+        .await?
+        .into())
+}
+
+async fn remove_member(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, String)>, PathRejection>,
+    body: Result<Json<RemoveInput>, JsonRejection>,
+) -> ApiResult<ModeratedJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, user_id)) = path?;
+    let Json(r) = body?;
+    let req = v1::RemoveMember {
+        group_id,
+        user_id,
+        ban_ms: r.ban_ms,
+    };
+    ok(shared
+        .groups
+        .remove_member(&who, req, now_ms())
+        .await?
+        .into())
+}
+
+async fn recall_message(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<ModeratedJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, seq)) = path?;
+    ok(shared
+        .groups
+        .recall(&who, group_id, seq, now_ms())
+        .await?
+        .into())
+}
+
+/// One buyer's report of a message.
+#[derive(Serialize)]
+struct ReportJson {
+    seq: u64,
+    reporter_id: String,
+    reason: String,
+    ts_ms: u64,
+}
+
+async fn get_reports(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+) -> ApiResult<Vec<ReportJson>> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let reports = shared.groups.reports(&who, group_id).await?;
+    ok(reports
+        .into_iter()
+        .map(|r| ReportJson {
+            seq: r.seq,
+            reporter_id: r.reporter_id,
+            reason: r.reason,
+            ts_ms: r.ts_ms,
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -728,10 +878,15 @@ mod tests {
             "/v1/groups/{group_id}/polls/{id}",
             "/v1/groups/{group_id}/polls/{id}/close",
             "/v1/groups/{group_id}/reach",
+            "/v1/groups/{group_id}/reports",
+            "/v1/groups/{group_id}/mute-all",
+            "/v1/groups/{group_id}/members/{user_id}/mute",
+            "/v1/groups/{group_id}/members/{user_id}/remove",
+            "/v1/groups/{group_id}/messages/{seq}/recall",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 11, "a documented path is not served");
+        assert_eq!(paths.len(), 16, "a documented path is not served");
     }
 
     #[test]

@@ -1,0 +1,142 @@
+//! Moderation through the real server: frames over WebSocket and the
+//! merchant HTTP API.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{TestServer, code, messages, next_event};
+use qun_client::Event;
+use qun_proto::{ErrorCode, v1};
+use serde_json::json;
+
+const SHOP: &str = "shop-1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_mute_remove_and_recall_and_every_member_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (agent, g) = server.agent_with_group("Moderated", 0).await;
+    let mut troll = server.client("troll", "buyer", None).await;
+    let mut fan = server.client("fan", "buyer", None).await;
+    troll.join(g).await.unwrap();
+    fan.join(g).await.unwrap();
+
+    let spam = troll.send(g, "cheap watches at …", None).await.unwrap().seq;
+    agent.mute_member(g, "troll", 60_000).await.unwrap();
+    assert_eq!(
+        code(troll.send(g, "still here", None).await),
+        ErrorCode::Muted
+    );
+    let recall = agent.recall(g, spam).await.unwrap().seq;
+    let seen = messages(&mut fan, 2).await;
+    assert_eq!(seen[0].seq, spam);
+    assert_eq!(
+        (seen[1].kind(), seen[1].recalls),
+        (v1::MessageKind::Recall, spam)
+    );
+    assert_eq!(seen[1].seq, recall);
+    let page = fan.history(g, 0, 10).await.unwrap();
+    assert!(page.messages[0].recalled && page.messages[0].text.is_empty());
+
+    // Removed with a ban: told, gone, and kept out.
+    agent.remove_member(g, "troll", 3_600_000).await.unwrap();
+    messages(&mut troll, 2).await; // its own message and the recall
+    match next_event(&mut troll).await {
+        Event::Removed { group_id } => assert_eq!(group_id, g),
+        other => panic!("expected Removed, got {other:?}"),
+    }
+    assert_eq!(code(troll.join(g).await), ErrorCode::Banned);
+    assert_eq!(code(troll.history(g, 0, 10).await), ErrorCode::NotMember);
+
+    // Mute all: only staff post.
+    agent.mute_all_buyers(g, true).await.unwrap();
+    assert_eq!(code(fan.send(g, "hello?", None).await), ErrorCode::Muted);
+    agent.send(g, "Flash sale at 10:00", None).await.unwrap();
+    agent.mute_all_buyers(g, false).await.unwrap();
+    let mine = fan.send(g, "hello!", None).await.unwrap().seq;
+    // A buyer recalls their own message within two minutes.
+    fan.recall(g, mine).await.unwrap();
+    assert_eq!(code(fan.recall(g, 1).await), ErrorCode::ForbiddenRole);
+    assert_eq!(
+        code(fan.mute_member(g, "troll", 1_000).await),
+        ErrorCode::ForbiddenRole
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merchant_api_moderates_and_lists_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (agent, g) = server.agent_with_group("HTTP moderation", 0).await;
+    let buyer = server.client("ann", "buyer", None).await;
+    buyer.join(g).await.unwrap();
+    let seq = buyer.send(g, "rude words", None).await.unwrap().seq;
+    let reporter = server.client("bo", "buyer", None).await;
+    reporter.join(g).await.unwrap();
+    reporter.report_message(g, seq, "rude").await.unwrap();
+    let owner = server.token("boss", "owner", Some(SHOP));
+    let call = |method: &'static str, path: String, body| {
+        let server = &server;
+        let owner = owner.clone();
+        async move { server.http_json(method, &path, Some(&owner), body).await }
+    };
+
+    let (s, reports) = call("GET", format!("/v1/groups/{g}/reports"), None).await;
+    assert_eq!(s, 200, "{reports}");
+    assert_eq!(
+        reports,
+        json!([{"seq": seq, "reporter_id": "bo", "reason": "rude", "ts_ms": reports[0]["ts_ms"]}])
+    );
+    let (s, r) = call(
+        "POST",
+        format!("/v1/groups/{g}/messages/{seq}/recall"),
+        None,
+    )
+    .await;
+    assert_eq!((s, r["seq"].as_u64()), (200, Some(seq + 1)), "{r}");
+    let (s, _) = call(
+        "POST",
+        format!("/v1/groups/{g}/members/ann/mute"),
+        Some(json!({"duration_ms": 60000})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(code(buyer.send(g, "hi", None).await), ErrorCode::Muted);
+    let (s, e) = call(
+        "POST",
+        format!("/v1/groups/{g}/members/ann/mute"),
+        Some(json!({"duration_ms": 5})),
+    )
+    .await;
+    assert_eq!((s, e["name"].as_str()), (400, Some("INVALID_ARGUMENT")));
+    let (s, _) = call(
+        "POST",
+        format!("/v1/groups/{g}/mute-all"),
+        Some(json!({"muted": true})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(code(reporter.send(g, "hi", None).await), ErrorCode::Muted);
+    let (s, _) = call(
+        "POST",
+        format!("/v1/groups/{g}/members/ann/remove"),
+        Some(json!({"ban_ms": 60000})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(code(buyer.join(g).await), ErrorCode::Banned);
+    // A buyer's token cannot use the merchant API to moderate.
+    let buyer_token = server.token("bo", "buyer", None);
+    let (s, e) = server
+        .http_json(
+            "POST",
+            &format!("/v1/groups/{g}/mute-all"),
+            Some(&buyer_token),
+            Some(json!({"muted": false})),
+        )
+        .await;
+    assert_eq!((s, e["name"].as_str()), (403, Some("FORBIDDEN_ROLE")));
+    agent.ping().await.unwrap();
+    server.stop().await;
+}
