@@ -50,6 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use qun_proto::v1 as proto;
 
 mod commerce;
+mod moderation;
 mod reach;
 mod sequencer;
 mod transport;
@@ -237,6 +238,11 @@ pub enum Event {
     },
     /// Another device of this user moved its read mark.
     ReadState(v1::ReadState),
+    /// Staff removed this user from a group: its messages stop here.
+    Removed {
+        /// The group.
+        group_id: u64,
+    },
     /// The server could not catch this group up by push (the gap was over
     /// its cap): messages `after_seq + 1 ..= through_seq` were skipped and
     /// live messages go on after `through_seq`. Page the gap with
@@ -485,6 +491,9 @@ impl Client {
                     Some(Body::Message(m)) => Event::Message(m),
                     Some(Body::OutOfSync(o)) => Event::OutOfSync { dropped: o.dropped },
                     Some(Body::ReadState(r)) => Event::ReadState(r),
+                    Some(Body::Left(l)) => Event::Removed {
+                        group_id: l.group_id,
+                    },
                     Some(Body::GoingAway(g)) => Event::GoingAway {
                         reason: g.reason,
                         reconnect_after_ms: g.reconnect_after_ms,

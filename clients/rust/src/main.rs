@@ -111,6 +111,35 @@ enum Command {
         #[command(subcommand)]
         command: PromotionsCommand,
     },
+    /// Mute a buyer (staff): `mute GROUP USER --for 10m`; `--off` unmutes.
+    Mute {
+        group: u64,
+        user: String,
+        /// How long, e.g. 10m, 2h, 1d.
+        #[arg(long = "for", required_unless_present = "off")]
+        duration: Option<humantime::Duration>,
+        /// Unmute instead.
+        #[arg(long, conflicts_with = "duration")]
+        off: bool,
+    },
+    /// Mute or unmute every buyer of a group (staff).
+    MuteAll {
+        group: u64,
+        /// Unmute instead.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Remove a buyer from a group (staff), optionally barring them.
+    Remove {
+        group: u64,
+        user: String,
+        /// How long they cannot join again, e.g. 7d.
+        #[arg(long)]
+        ban: Option<humantime::Duration>,
+    },
+    /// Recall (撤回) a message: your own within 2 minutes, any as staff.
+    /// Prints the seq of the RECALL message.
+    Recall { group: u64, seq: u64 },
     /// Stream live messages (joining the group if needed).
     Tail {
         group: u64,
@@ -386,6 +415,42 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         Command::Report { group, seq, reason } => {
             client.report_message(group, seq, &reason).await?;
             println!("reported");
+        }
+        Command::Mute {
+            group,
+            user,
+            duration,
+            off,
+        } => {
+            let ms = match (off, duration) {
+                (false, Some(d)) => {
+                    u64::try_from(std::time::Duration::from(d).as_millis()).unwrap_or(u64::MAX)
+                }
+                _ => 0,
+            };
+            client.mute_member(group, &user, ms).await?;
+            println!("{}", if ms == 0 { "unmuted" } else { "muted" });
+        }
+        Command::MuteAll { group, off } => {
+            client.mute_all_buyers(group, !off).await?;
+            println!(
+                "{}",
+                if off {
+                    "buyers unmuted"
+                } else {
+                    "buyers muted"
+                }
+            );
+        }
+        Command::Remove { group, user, ban } => {
+            let ban_ms = ban.map_or(0, |d| {
+                u64::try_from(std::time::Duration::from(d).as_millis()).unwrap_or(u64::MAX)
+            });
+            client.remove_member(group, &user, ban_ms).await?;
+            println!("removed");
+        }
+        Command::Recall { group, seq } => {
+            println!("{}", client.recall(group, seq).await?.seq);
         }
         Command::Promotions { command } => {
             let (group, muted) = match command {
@@ -726,6 +791,7 @@ fn kind_name(kind: i32) -> &'static str {
         Ok(proto::MessageKind::Text) => "text",
         Ok(proto::MessageKind::Commerce) => "commerce",
         Ok(proto::MessageKind::Hidden) => "hidden",
+        Ok(proto::MessageKind::Recall) => "recall",
         _ => "unknown",
     }
 }
@@ -743,12 +809,24 @@ fn as_json(m: &proto::ChatMessage) -> String {
     if m.reply_to != 0 {
         v["reply_to"] = json!(m.reply_to);
     }
+    if m.recalled {
+        v["recalled"] = json!(true);
+    }
+    if m.recalls != 0 {
+        v["recalls"] = json!(m.recalls);
+    }
     v.to_string()
 }
 
 fn human(m: &proto::ChatMessage) -> String {
     if m.kind == proto::MessageKind::Hidden as i32 {
         return format!("#{} (a promotion you muted)", m.seq);
+    }
+    if m.kind == proto::MessageKind::Recall as i32 {
+        return format!("#{} {} recalled #{}", m.seq, m.sender_name, m.recalls);
+    }
+    if m.recalled {
+        return format!("#{} {} ({}): (recalled)", m.seq, m.sender_name, m.sender_id);
     }
     let quote = m
         .quote

@@ -562,3 +562,52 @@ async fn quota_report_and_muted_promotions_from_the_command_line() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_recall_and_remove_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let troll = token(&key, "troll", "buyer", None);
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Calm"]).await)
+        .trim()
+        .to_string();
+    stdout(&cli(&url, &troll, &["join", &group]).await);
+    let spam = stdout(&cli(&url, &troll, &["send", &group, "spam spam"]).await)
+        .trim()
+        .to_string();
+    let recall = stdout(&cli(&url, &agent, &["recall", &group, &spam]).await);
+    assert!(recall.trim().parse::<u64>().is_ok(), "{recall:?}");
+    assert_eq!(
+        stdout(&cli(&url, &agent, &["mute", &group, "troll", "--for", "10m"]).await).trim(),
+        "muted"
+    );
+    let refused = cli(
+        &url,
+        &troll,
+        &["send", &group, "more spam", "--retries", "0"],
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("MUTED"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let history = stdout(&cli(&url, &agent, &["history", &group]).await);
+    assert!(history.contains("(recalled)"), "{history}");
+    assert!(history.contains(&format!("recalled #{spam}")), "{history}");
+    assert_eq!(
+        stdout(&cli(&url, &agent, &["remove", &group, "troll", "--ban", "1d"]).await).trim(),
+        "removed"
+    );
+    let rejoin = cli(&url, &troll, &["join", &group]).await;
+    assert!(String::from_utf8_lossy(&rejoin.stderr).contains("BANNED"));
+    assert_eq!(
+        stdout(&cli(&url, &agent, &["mute-all", &group]).await).trim(),
+        "buyers muted"
+    );
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}

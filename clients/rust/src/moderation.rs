@@ -1,0 +1,84 @@
+//! Moderation: staff mute and remove buyers and mute every buyer; any
+//! member recalls (撤回) their own message within two minutes, staff any
+//! message. A recall reaches every member as a message of kind RECALL
+//! naming the seq it took back; history shows the original as recalled.
+
+use qun_proto::v1::{self, client_frame, server_frame::Body};
+
+use crate::{Client, ClientError, unexpected};
+
+impl Client {
+    async fn moderate(&self, body: client_frame::Body) -> Result<v1::Moderated, ClientError> {
+        match self.request(body).await? {
+            Body::Moderated(m) => Ok(m),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Mutes a buyer for `duration_ms` (1 s to 30 days); 0 unmutes. Staff.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `FORBIDDEN_ROLE`, `WRONG_SHOP`, `INVALID_ARGUMENT`
+    /// (not a buyer member, a duration out of range).
+    pub async fn mute_member(
+        &self,
+        group_id: u64,
+        user_id: &str,
+        duration_ms: u64,
+    ) -> Result<v1::Moderated, ClientError> {
+        self.moderate(client_frame::Body::MuteMember(v1::MuteMember {
+            group_id,
+            user_id: user_id.to_string(),
+            duration_ms,
+        }))
+        .await
+    }
+
+    /// Mutes (or unmutes) every buyer of the group. Staff.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `FORBIDDEN_ROLE`, `WRONG_SHOP`.
+    pub async fn mute_all_buyers(
+        &self,
+        group_id: u64,
+        muted: bool,
+    ) -> Result<v1::Moderated, ClientError> {
+        self.moderate(client_frame::Body::MuteAllBuyers(v1::MuteAllBuyers {
+            group_id,
+            muted,
+        }))
+        .await
+    }
+
+    /// Removes a buyer, barring them for `ban_ms` (0: may join again). Staff.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `FORBIDDEN_ROLE`, `WRONG_SHOP`, `INVALID_ARGUMENT`.
+    pub async fn remove_member(
+        &self,
+        group_id: u64,
+        user_id: &str,
+        ban_ms: u64,
+    ) -> Result<v1::Moderated, ClientError> {
+        self.moderate(client_frame::Body::RemoveMember(v1::RemoveMember {
+            group_id,
+            user_id: user_id.to_string(),
+            ban_ms,
+        }))
+        .await
+    }
+
+    /// Recalls the message at `seq`; the answer's `seq` is the RECALL
+    /// message's.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `INVALID_ARGUMENT` (no such text message, already
+    /// recalled, two minutes passed), `FORBIDDEN_ROLE` (another's message).
+    pub async fn recall(&self, group_id: u64, seq: u64) -> Result<v1::Moderated, ClientError> {
+        self.moderate(client_frame::Body::RecallMessage(v1::RecallMessage {
+            group_id,
+            seq,
+        }))
+        .await
+    }
+}
