@@ -50,6 +50,7 @@ impl Groups {
         last_seq: u64,
         sub: Subscriber,
     ) -> Result<v1::GroupResumed, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::ReadHistory)?;
         let cell = self.cell(group_id).await?;
         let max_gap = self.inner().config.resume_max_gap;
         let stats = &self.inner().stats;
@@ -153,6 +154,7 @@ impl Groups {
         after_seq: u64,
         limit: u32,
     ) -> Result<v1::HistoryPage, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::ReadHistory)?;
         let limit = self.page_limit(limit)?;
         let cell = self.cell(group_id).await?;
         let (from_ring, visible, muted) = {

@@ -136,6 +136,7 @@ impl Groups {
         muted: bool,
         now_ms: u64,
     ) -> Result<v1::FeedbackAck, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::MutePromotions)?;
         let cell = self.cell(group_id).await?;
         let rx = {
             let mut g = cell.lock();
@@ -178,6 +179,7 @@ impl Groups {
         req: v1::ReportMessage,
         now_ms: u64,
     ) -> Result<v1::FeedbackAck, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::ReportMessage)?;
         let reason = req.reason.trim();
         let chars = reason.chars().count();
         if chars == 0 || chars > REASON_CHARS {
@@ -236,6 +238,7 @@ impl Groups {
         seq: u64,
         now_ms: u64,
     ) -> Result<v1::FeedbackAck, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::OpenCard)?;
         let cell = self.cell(group_id).await?;
         let mut g = cell.lock();
         g.member(who)?;
@@ -264,12 +267,7 @@ impl Groups {
         who: &Identity,
         group_id: u64,
     ) -> Result<Vec<ReportRecord>, ChatError> {
-        if !who.role().is_staff() {
-            return Err(ChatError::ForbiddenRole {
-                role: who.role().as_str(),
-                action: "read reports",
-            });
-        }
+        crate::permissions::require(who, crate::permissions::Operation::ViewReports)?;
         let cell = self.cell(group_id).await?;
         cell.lock().check_shop(who)?;
         Ok(self.inner().store.load_reports(group_id).await?)
@@ -285,12 +283,7 @@ impl Groups {
         group_id: u64,
         now_ms: u64,
     ) -> Result<v1::ReachQuota, ChatError> {
-        if !who.role().is_staff() {
-            return Err(ChatError::ForbiddenRole {
-                role: who.role().as_str(),
-                action: "see the reach quota",
-            });
-        }
+        crate::permissions::require(who, crate::permissions::Operation::ViewReachQuota)?;
         let cell = self.cell(group_id).await?;
         let (shop, used) = {
             let g = cell.lock();

@@ -390,6 +390,7 @@ impl Groups {
         req: NewGroup,
         now_ms: u64,
     ) -> Result<v1::GroupInfo, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::CreateGroup)?;
         let Some(shop) = who.shop_id().filter(|_| who.role().is_staff()) else {
             return Err(ChatError::ForbiddenRole {
                 role: who.role().as_str(),
@@ -485,6 +486,7 @@ impl Groups {
         sub: Subscriber,
         now_ms: u64,
     ) -> Result<v1::Joined, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::JoinGroup)?;
         let cell = self.cell(group_id).await?;
         let admitted = {
             let mut g = cell.lock();
@@ -558,6 +560,7 @@ impl Groups {
     /// # Errors
     /// `UnknownGroup`, `NotMember`, `Storage`.
     pub async fn leave(&self, who: &Identity, group_id: u64, now_ms: u64) -> Result<(), ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::LeaveGroup)?;
         let cell = self.cell(group_id).await?;
         let rx = {
             let mut g = cell.lock();
@@ -640,6 +643,7 @@ impl Groups {
         msg: NewMessage,
         now_ms: u64,
     ) -> Result<PostTicket, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::SendMessage)?;
         let text = validate_text(&msg.text)?;
         let client_msg_id = msg.client_msg_id;
         if client_msg_id.is_empty()
@@ -889,6 +893,7 @@ impl Groups {
         before_seq: u64,
         limit: u32,
     ) -> Result<v1::HistoryPage, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::ReadHistory)?;
         let limit = self.page_limit(limit)?;
         let before = if before_seq == 0 {
             u64::MAX

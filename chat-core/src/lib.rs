@@ -26,7 +26,8 @@
 //! - `moderation`: muting and removing buyers, muting all buyers, recall
 //!   (撤回) as a message on the stream.
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
-//! - [`Identity`] and [`Role`]: who is acting.
+//! - [`Identity`] and [`Role`]: who is acting; [`permissions`]: the role ×
+//!   operation matrix every request is checked against first.
 //! - [`ChatError`]: why something was refused, with its wire code.
 //!
 //! # The path of a message
@@ -49,6 +50,7 @@ mod groups;
 mod identity;
 mod moderation;
 mod outbox;
+pub mod permissions;
 mod rate;
 pub mod reach;
 mod read_state;
@@ -69,5 +71,7 @@ mod commerce_tests;
 mod moderation_tests;
 #[cfg(test)]
 mod reach_tests;
+#[cfg(test)]
+mod roles_tests;
 #[cfg(test)]
 mod tests;

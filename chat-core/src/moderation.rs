@@ -14,6 +14,7 @@ use qun_storage::records::{MemberFlagsRecord, MessageRecord};
 
 use crate::group::{GroupState, KIND_RECALL, KIND_TEXT};
 use crate::groups::{Groups, durable, durable_channel};
+use crate::permissions::{Operation, require};
 use crate::reach::DAY_MS;
 use crate::{ChatError, Identity, Role};
 
@@ -26,14 +27,9 @@ const MAX_MUTE_MS: u64 = 30 * DAY_MS;
 /// Longest ban after a removal.
 const MAX_BAN_MS: u64 = 365 * DAY_MS;
 
-/// Staff of the group's shop, or `ForbiddenRole` / `WrongShop`.
-fn staff_of(g: &GroupState, who: &Identity, action: &'static str) -> Result<(), ChatError> {
-    if !who.role().is_staff() {
-        return Err(ChatError::ForbiddenRole {
-            role: who.role().as_str(),
-            action,
-        });
-    }
+/// Staff of the group's shop (the role was checked by `require`), or
+/// `WrongShop`.
+fn staff_of(g: &GroupState, who: &Identity) -> Result<(), ChatError> {
     g.check_shop(who)
 }
 
@@ -68,6 +64,7 @@ impl Groups {
         req: v1::MuteMember,
         now_ms: u64,
     ) -> Result<v1::Moderated, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::MuteMember)?;
         if req.duration_ms != 0 && !(1_000..=MAX_MUTE_MS).contains(&req.duration_ms) {
             return Err(ChatError::InvalidArgument(
                 "duration_ms must be 0 (unmute) or 1000 to 30 days".into(),
@@ -77,7 +74,7 @@ impl Groups {
         let cell = self.cell(group_id).await?;
         let rx = {
             let mut g = cell.lock();
-            staff_of(&g, who, "mute a member")?;
+            staff_of(&g, who)?;
             buyer_member(&g, &req.user_id)?;
             let mut flags = g.flags.get(&req.user_id).copied().unwrap_or_default();
             flags.muted_until_ms = if req.duration_ms == 0 {
@@ -104,10 +101,11 @@ impl Groups {
         group_id: u64,
         muted: bool,
     ) -> Result<v1::Moderated, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::MuteAllBuyers)?;
         let cell = self.cell(group_id).await?;
         let rx = {
             let mut g = cell.lock();
-            staff_of(&g, who, "mute all buyers")?;
+            staff_of(&g, who)?;
             let mut record = g.record.clone();
             record.buyers_muted = muted;
             let (done, rx) = durable_channel();
@@ -135,6 +133,7 @@ impl Groups {
         req: v1::RemoveMember,
         now_ms: u64,
     ) -> Result<v1::Moderated, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::RemoveMember)?;
         if req.ban_ms > MAX_BAN_MS {
             return Err(ChatError::InvalidArgument(
                 "ban_ms must be at most 365 days".into(),
@@ -144,7 +143,7 @@ impl Groups {
         let cell = self.cell(group_id).await?;
         let rx = {
             let mut g = cell.lock();
-            staff_of(&g, who, "remove a member")?;
+            staff_of(&g, who)?;
             buyer_member(&g, &req.user_id)?;
             let mut ops = vec![WriteOp::RemoveMember {
                 group_id,
@@ -194,6 +193,8 @@ impl Groups {
         seq: u64,
         now_ms: u64,
     ) -> Result<v1::Moderated, ChatError> {
+        // The least a recall needs; recalling another's is checked below.
+        require(who, Operation::RecallOwn)?;
         let invalid = |m: String| Err(ChatError::InvalidArgument(m));
         let cell = self.cell(group_id).await?;
         {
@@ -224,16 +225,19 @@ impl Groups {
         if original.kind != KIND_TEXT {
             return invalid("only text messages can be recalled".into());
         }
-        if !who.role().is_staff() {
-            if original.sender_id != who.user_id() {
-                return Err(ChatError::ForbiddenRole {
-                    role: who.role().as_str(),
-                    action: "recall another member's message",
-                });
-            }
-            if now_ms.saturating_sub(original.ts_ms) > RECALL_WINDOW_MS {
-                return invalid("messages can be recalled within 2 minutes of sending".into());
-            }
+        let own = original.sender_id == who.user_id();
+        require(
+            who,
+            if own {
+                Operation::RecallOwn
+            } else {
+                Operation::RecallAny
+            },
+        )?;
+        // Staff may recall any message at any time; a buyer only their own,
+        // within the window.
+        if !who.role().is_staff() && now_ms.saturating_sub(original.ts_ms) > RECALL_WINDOW_MS {
+            return invalid("messages can be recalled within 2 minutes of sending".into());
         }
         let (seq_posted, rx) = {
             let mut g = cell.lock();

@@ -42,6 +42,7 @@ impl Groups {
         group_id: u64,
         seq: u64,
     ) -> Result<v1::ReadMarked, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::MarkRead)?;
         let cell = self.cell(group_id).await?;
         let rx = {
             let mut g = cell.lock();

@@ -21,12 +21,14 @@ pub(crate) struct Fixture {
 }
 
 pub(crate) async fn fixture() -> Fixture {
+    fixture_with(CoreConfig::default()).await
+}
+
+pub(crate) async fn fixture_with(config: CoreConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let store = Arc::new(FjallStore::open(FjallConfig::new(&path)).unwrap());
-    let groups = Groups::open(store.clone(), CoreConfig::default())
-        .await
-        .unwrap();
+    let groups = Groups::open(store.clone(), config).await.unwrap();
     Fixture {
         _dir: dir,
         path,

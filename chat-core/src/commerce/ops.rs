@@ -320,6 +320,7 @@ impl Groups {
         mut product: v1::Product,
         now_ms: u64,
     ) -> Result<v1::Product, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::PutProduct)?;
         let shop = staff_shop(who, "manage products")?;
         if !product.shop_id.is_empty() && product.shop_id != shop {
             return Err(ChatError::WrongShop);
@@ -424,6 +425,7 @@ impl Groups {
         req: v1::PostCard,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::PostCard)?;
         let group_id = req.group_id;
         let cell = self.cell(group_id).await?;
         staff_in(&cell.lock(), who, "post a product card")?;
@@ -555,6 +557,7 @@ impl Groups {
         req: v1::StartGroupBuy,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::StartGroupBuy)?;
         check_id("product_id", &req.product_id, 64)?;
         check_money("price_minor", req.price_minor, 1)?;
         if !(2..=100_000).contains(&req.target) {
@@ -632,6 +635,7 @@ impl Groups {
         mut req: v1::IssueCoupon,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::IssueCoupon)?;
         check_text("title", &mut req.title, 64)?;
         check_money("amount_minor", req.amount_minor, 1)?;
         check_money("min_spend_minor", req.min_spend_minor, 0)?;
@@ -697,6 +701,7 @@ impl Groups {
         mut req: v1::OpenPoll,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::OpenPoll)?;
         check_text("question", &mut req.question, 200)?;
         if !(2..=10).contains(&req.options.len()) {
             return Err(invalid(format!(
@@ -842,6 +847,7 @@ impl Groups {
         group_buy_id: u64,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::JoinGroupBuy)?;
         let user = who.user_id().to_string();
         self.buyer_action(
             who,
@@ -888,6 +894,7 @@ impl Groups {
         group_buy_id: u64,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::JoinGroupBuy)?;
         let user = who.user_id().to_string();
         self.buyer_action(
             who,
@@ -937,6 +944,7 @@ impl Groups {
         coupon_id: u64,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::ClaimCoupon)?;
         let user = who.user_id().to_string();
         self.buyer_action(who, group_id, coupon_id, "claim a coupon", now_ms, |live| {
             let Object::Coupon(c) = &mut live.object else {
@@ -980,6 +988,7 @@ impl Groups {
         option: u32,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::Vote)?;
         let user = who.user_id().to_string();
         self.buyer_action(who, group_id, poll_id, "vote", now_ms, |live| {
             let Object::Poll(p) = &mut live.object else {
@@ -1026,6 +1035,7 @@ impl Groups {
         object_id: u64,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::ViewCommerce)?;
         let cell = self.cell(group_id).await?;
         let g = cell.lock();
         if who.role().is_staff() {
@@ -1056,6 +1066,7 @@ impl Groups {
         object_id: u64,
         now_ms: u64,
     ) -> Result<v1::CommerceAnswer, ChatError> {
+        crate::permissions::require(who, crate::permissions::Operation::EndCommerce)?;
         let cell = self.cell(group_id).await?;
         let (answer, rx) = {
             let mut g = cell.lock();
