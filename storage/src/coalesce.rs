@@ -22,8 +22,8 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::OnceCell;
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
-    ProductRecord, ReportRecord, SentRecord,
+    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
+    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -334,6 +334,10 @@ impl<S: Store> Store for Coalescing<S> {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
         self.inner.load_member_flags(group_id)
+    }
+
+    fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
+        self.inner.load_faq(group_id)
     }
 }
 

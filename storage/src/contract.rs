@@ -12,8 +12,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
-    ProductRecord, ReportRecord, SentRecord,
+    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
+    ObjectRecord, PinRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -38,6 +38,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     products_and_cards(&mut fresh()).await;
     reach_feedback_mutes_and_reports(&mut fresh()).await;
     rewritten_messages_and_member_flags(&mut fresh()).await;
+    faq_entries_and_pins(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -86,6 +87,7 @@ pub async fn groups_and_members<H: Harness>(h: &mut H) {
         created_at_ms: 1,
         created_by: "agent-1".into(),
         buyers_muted: id == 300,
+        pins: vec![],
     };
     let member = |g: u64, u: &str| MemberRecord {
         group_id: g,
@@ -597,5 +599,61 @@ pub async fn rewritten_messages_and_member_flags<H: Harness>(h: &mut H) {
         ],
         "u3's flags cleared; u2's ban outlives the removal"
     );
+    s.close().await.unwrap();
+}
+
+/// FAQ entries are kept per group by id and removed one by one; pins ride
+/// in the group's record. All of it survives a restart.
+pub async fn faq_entries_and_pins<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let faq = |g: u64, id: u64| FaqRecord {
+        group_id: g,
+        faq_id: id,
+        question: format!("q{id}"),
+        answer: format!("a{id}"),
+        question_seq: id * 2,
+        answer_seq: id * 2 + 1,
+        asked_by: "u1".into(),
+        answered_by: "a1".into(),
+        created_at_ms: 5,
+    };
+    let group = GroupRecord {
+        group_id: 20,
+        shop_id: "s".into(),
+        name: "g".into(),
+        max_members: 10,
+        pins: vec![
+            PinRecord {
+                message_seq: 4,
+                faq_id: 0,
+            },
+            PinRecord {
+                message_seq: 0,
+                faq_id: 2,
+            },
+        ],
+        ..Default::default()
+    };
+    s.write(vec![
+        WriteOp::PutGroup(group.clone()),
+        WriteOp::PutFaq(faq(20, 1)),
+        WriteOp::PutFaq(faq(20, 2)),
+        WriteOp::PutFaq(faq(20, 300)),
+        WriteOp::PutFaq(faq(21, 1)),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![WriteOp::RemoveFaq {
+        group_id: 20,
+        faq_id: 1,
+    }])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(s.load_faq(20).await.unwrap(), [faq(20, 2), faq(20, 300)]);
+    assert_eq!(s.load_faq(21).await.unwrap(), [faq(21, 1)]);
+    assert_eq!(s.load_group(20).await.unwrap(), Some(group));
     s.close().await.unwrap();
 }

@@ -11,8 +11,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
 use crate::records::{
-    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
-    ProductRecord, ReportRecord, SentRecord,
+    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
+    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
@@ -87,6 +87,8 @@ struct Tables {
     reports: Keyspace,
     /// `group_id | user_id → MemberFlagsRecord`.
     member_flags: Keyspace,
+    /// `group_id | faq_id → FaqRecord`.
+    faq: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -133,6 +135,7 @@ impl FjallStore {
             promotion_mutes: open("promotion_mutes")?,
             reports: open("reports")?,
             member_flags: open("member_flags")?,
+            faq: open("faq")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -398,6 +401,16 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                     } else {
                         batch.remove(&tables.promotion_mutes, key);
                     }
+                }
+                WriteOp::PutFaq(f) => {
+                    batch.insert(
+                        &tables.faq,
+                        keys::object_key(f.group_id, f.faq_id),
+                        f.encode_to_vec(),
+                    );
+                }
+                WriteOp::RemoveFaq { group_id, faq_id } => {
+                    batch.remove(&tables.faq, keys::object_key(*group_id, *faq_id));
                 }
                 WriteOp::RewriteMessage(msg) => {
                     batch.insert(
@@ -782,6 +795,10 @@ impl Store for FjallStore {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
         self.read(move |t| decode_prefix(&t.reports, "reports", &keys::group_key(group_id)))
+    }
+
+    fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
+        self.read(move |t| decode_prefix(&t.faq, "faq", &keys::group_key(group_id)))
     }
 
     fn load_member_flags(

@@ -55,8 +55,8 @@ pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
 use records::{
-    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
-    ProductRecord, ReportRecord, SentRecord,
+    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
+    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -155,6 +155,15 @@ pub enum WriteOp {
     /// Replace a message already stored at its seq (a recall clears it).
     /// Unlike [`WriteOp::AppendMessage`] it writes nothing else.
     RewriteMessage(MessageRecord),
+    /// Create or replace an FAQ entry ([`Store::load_faq`]).
+    PutFaq(FaqRecord),
+    /// Remove an FAQ entry.
+    RemoveFaq {
+        /// The group.
+        group_id: u64,
+        /// The entry.
+        faq_id: u64,
+    },
     /// Set a member's moderation flags ([`Store::load_member_flags`]); all
     /// zero removes them. Not removed with the member: a ban outlives it.
     PutMemberFlags {
@@ -388,6 +397,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>>;
+
+    /// A group's FAQ entries, ascending id.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

@@ -28,6 +28,20 @@ pub struct GroupRecord {
     /// Staff muted every buyer (only staff may post).
     #[prost(bool, tag = "7")]
     pub buyers_muted: bool,
+    /// What staff pinned, oldest first.
+    #[prost(message, repeated, tag = "8")]
+    pub pins: Vec<PinRecord>,
+}
+
+/// One pin of a group: a message or an FAQ entry (the other is 0).
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct PinRecord {
+    /// A pinned message's seq.
+    #[prost(uint64, tag = "1")]
+    pub message_seq: u64,
+    /// A pinned FAQ entry's id.
+    #[prost(uint64, tag = "2")]
+    pub faq_id: u64,
 }
 
 /// One member of one group. Key: `group_id | user_id`.
@@ -210,4 +224,37 @@ pub struct MemberFlagsRecord {
     /// May not join again until, ms since the Unix epoch; 0: not banned.
     #[prost(uint64, tag = "2")]
     pub banned_until_ms: u64,
+}
+
+/// A question and its answer made an FAQ entry of a group. Key:
+/// `group_id | faq_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct FaqRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// Unique within the group, from 1.
+    #[prost(uint64, tag = "2")]
+    pub faq_id: u64,
+    /// The question's text.
+    #[prost(string, tag = "3")]
+    pub question: String,
+    /// The answer's text.
+    #[prost(string, tag = "4")]
+    pub answer: String,
+    /// The question message's seq.
+    #[prost(uint64, tag = "5")]
+    pub question_seq: u64,
+    /// The answer message's seq.
+    #[prost(uint64, tag = "6")]
+    pub answer_seq: u64,
+    /// Who asked.
+    #[prost(string, tag = "7")]
+    pub asked_by: String,
+    /// Who answered.
+    #[prost(string, tag = "8")]
+    pub answered_by: String,
+    /// When it was made an entry, ms since the Unix epoch.
+    #[prost(uint64, tag = "9")]
+    pub created_at_ms: u64,
 }

@@ -144,6 +144,10 @@ impl Store for GatedStoreDouble {
     ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
         self.real.load_member_flags(group_id)
     }
+
+    fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
+        self.real.load_faq(group_id)
+    }
 }
 
 struct Fixture {

@@ -79,8 +79,8 @@ pub use scylla::statement::Consistency;
 use self::statements::{Write, id64};
 use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
-    EntryRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
-    ProductRecord, ReportRecord, SentRecord,
+    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
+    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -260,6 +260,7 @@ struct Reads {
     promotion_mutes: PreparedStatement,
     reports: PreparedStatement,
     member_flags: PreparedStatement,
+    faq: PreparedStatement,
 }
 
 impl Reads {
@@ -355,6 +356,7 @@ impl Reads {
                 "SELECT user_id, record FROM {ks}.member_flags WHERE group_id = ?"
             ))
             .await?,
+            faq: p(format!("SELECT record FROM {ks}.faq WHERE group_id = ?")).await?,
         })
     }
 }
@@ -922,6 +924,13 @@ impl Store for ScyllaStore {
             let id = id64("group id", group_id)?;
             self.records("reports", &self.inner.reads.reports, (id,))
                 .await
+        })
+    }
+
+    fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
+        Box::pin(async move {
+            let id = id64("group id", group_id)?;
+            self.records("faq", &self.inner.reads.faq, (id,)).await
         })
     }
 

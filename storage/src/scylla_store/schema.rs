@@ -43,10 +43,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "moderation",
         cql: include_str!("../../cql/0003_moderation.cql"),
     },
+    Migration {
+        version: 4,
+        name: "faq",
+        cql: include_str!("../../cql/0004_faq.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

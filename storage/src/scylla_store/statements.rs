@@ -44,11 +44,13 @@ pub(crate) enum Write {
     PutReport,
     PutMemberFlags,
     DeleteMemberFlags,
+    PutFaq,
+    DeleteFaq,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 25] = [
+    pub(crate) const ALL: [Write; 27] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -74,6 +76,8 @@ impl Write {
         Write::PutReport,
         Write::PutMemberFlags,
         Write::DeleteMemberFlags,
+        Write::PutFaq,
+        Write::DeleteFaq,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -102,6 +106,7 @@ impl Write {
             Write::PutPromotionMute | Write::DeletePromotionMute => "promotion_mutes",
             Write::PutReport => "reports",
             Write::PutMemberFlags | Write::DeleteMemberFlags => "member_flags",
+            Write::PutFaq | Write::DeleteFaq => "faq",
         }
     }
 
@@ -129,6 +134,10 @@ impl Write {
             Write::PutReport => format!(
                 "INSERT INTO {ks}.{t} (group_id, seq, reporter_id, record) VALUES (?, ?, ?, ?)"
             ),
+            Write::PutFaq => {
+                format!("INSERT INTO {ks}.{t} (group_id, faq_id, record) VALUES (?, ?, ?)")
+            }
+            Write::DeleteFaq => format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND faq_id = ?"),
             Write::PutMemberFlags => {
                 format!("INSERT INTO {ks}.{t} (group_id, user_id, record) VALUES (?, ?, ?)")
             }
@@ -323,7 +332,10 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
             }
             WriteOp::PutReport(r) => r.group_id,
             WriteOp::RewriteMessage(m) => m.group_id,
-            WriteOp::PutMemberFlags { group_id, .. } => *group_id,
+            WriteOp::PutMemberFlags { group_id, .. } | WriteOp::RemoveFaq { group_id, .. } => {
+                *group_id
+            }
+            WriteOp::PutFaq(f) => f.group_id,
             WriteOp::PutProduct(_) | WriteOp::PutFeedback { .. } => {
                 shop = true;
                 continue;
@@ -522,6 +534,18 @@ pub(crate) fn statements(
             },
             vec![bigint("group id", *group_id)?, text(user_id)],
         ),
+        WriteOp::PutFaq(f) => push(
+            Write::PutFaq,
+            vec![
+                bigint("group id", f.group_id)?,
+                bigint("faq id", f.faq_id)?,
+                blob(f),
+            ],
+        ),
+        WriteOp::RemoveFaq { group_id, faq_id } => push(
+            Write::DeleteFaq,
+            vec![bigint("group id", *group_id)?, bigint("faq id", *faq_id)?],
+        ),
         WriteOp::RewriteMessage(m) => push(
             Write::AppendMessage,
             vec![
@@ -673,6 +697,11 @@ mod tests {
                 group_id: 1,
                 user_id: "u".into(),
                 flags: Default::default(),
+            },
+            WriteOp::PutFaq(Default::default()),
+            WriteOp::RemoveFaq {
+                group_id: 1,
+                faq_id: 2,
             },
         ];
         let mut seen = std::collections::HashSet::new();
