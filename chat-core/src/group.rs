@@ -14,7 +14,8 @@ use bytes::Bytes;
 use qun_proto::v1::{self, server_frame::Body};
 use qun_storage::ReachUse;
 use qun_storage::records::{
-    GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, QuoteRecord, ReportRecord,
+    FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, QuoteRecord,
+    ReportRecord,
 };
 
 use crate::commerce::Live;
@@ -58,6 +59,7 @@ impl Subscriber {
 pub(crate) const KIND_TEXT: u32 = v1::MessageKind::Text as u32;
 pub(crate) const KIND_COMMERCE: u32 = v1::MessageKind::Commerce as u32;
 pub(crate) const KIND_RECALL: u32 = v1::MessageKind::Recall as u32;
+pub(crate) const KIND_BOARD: u32 = v1::MessageKind::Board as u32;
 
 /// Longest quoted snippet kept with a reply, in characters.
 const QUOTE_CHARS: usize = 200;
@@ -342,6 +344,8 @@ pub(crate) struct GroupState {
     pub(crate) flags: HashMap<String, MemberFlagsRecord>,
     /// Seqs whose recall was submitted, so a message is recalled once.
     pub(crate) recalled: HashSet<u64>,
+    /// FAQ entries by id.
+    pub(crate) faq: std::collections::BTreeMap<u64, FaqRecord>,
 }
 
 /// What a group is loaded from.
@@ -357,6 +361,7 @@ pub(crate) struct Loaded {
     pub(crate) reach: Option<ReachUse>,
     pub(crate) reports: Vec<ReportRecord>,
     pub(crate) member_flags: Vec<(String, MemberFlagsRecord)>,
+    pub(crate) faq: Vec<FaqRecord>,
 }
 
 /// Per-group bounds from the core configuration.
@@ -380,6 +385,7 @@ impl GroupCell {
             reach,
             reports,
             member_flags,
+            faq,
         } = loaded;
         let members = members
             .into_iter()
@@ -418,6 +424,7 @@ impl GroupCell {
                 opened: HashSet::new(),
                 flags: member_flags.into_iter().collect(),
                 recalled: HashSet::new(),
+                faq: faq.into_iter().map(|f| (f.faq_id, f)).collect(),
             }),
         }
     }

@@ -47,6 +47,8 @@ pub struct CoreConfig {
     /// The reach quota: promotions per group per day, and how buyer
     /// feedback scales it (see [`crate::reach`]).
     pub reach: crate::reach::ReachPolicy,
+    /// Most pins a group holds at once.
+    pub max_pins: usize,
 }
 
 impl Default for CoreConfig {
@@ -69,6 +71,7 @@ impl Default for CoreConfig {
             },
             progress_interval_ms: 250,
             reach: crate::reach::ReachPolicy::default(),
+            max_pins: 10,
         }
     }
 }
@@ -350,6 +353,7 @@ impl Groups {
         let reach = store.load_reach_use(group_id).await?;
         let reports = store.load_reports(group_id).await?;
         let member_flags = store.load_member_flags(group_id).await?;
+        let faq = store.load_faq(group_id).await?;
         self.inner.commerce.note_restored(group_id, &objects);
         tracing::debug!(
             group_id,
@@ -369,6 +373,7 @@ impl Groups {
             reach,
             reports,
             member_flags,
+            faq,
         };
         Ok(Arc::new(GroupCell::new(
             loaded,
@@ -432,6 +437,7 @@ impl Groups {
             created_at_ms: now_ms,
             created_by: who.user_id().to_string(),
             buyers_muted: false,
+            pins: Vec::new(),
         };
         let creator = MemberRecord {
             group_id,
@@ -458,6 +464,7 @@ impl Groups {
             reach: None,
             reports: Vec::new(),
             member_flags: Vec::new(),
+            faq: Vec::new(),
         };
         let cell = Arc::new(GroupCell::new(loaded, cfg.group_limits(), now_ms));
         let info = cell.lock().info();

@@ -23,6 +23,8 @@
 //! - [`reach`]: the reach quota (promotions per group per day, scaled by
 //!   the shop's buyer feedback); `feedback` applies it: muting promotions,
 //!   reports, card opens, [`Groups::reach_quota`].
+//! - `board`: FAQ entries and pins — staff answer once for everyone; every
+//!   change is a BOARD message on the stream.
 //! - `moderation`: muting and removing buyers, muting all buyers, recall
 //!   (撤回) as a message on the stream.
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
@@ -40,6 +42,7 @@
 //! # Example
 //! See [`Groups`].
 
+mod board;
 mod commerce;
 mod delivery;
 mod devices;
@@ -65,6 +68,8 @@ pub use moderation::RECALL_WINDOW_MS;
 pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
 pub use rate::Rate;
 
+#[cfg(test)]
+mod board_tests;
 #[cfg(test)]
 mod commerce_tests;
 #[cfg(test)]

@@ -65,11 +65,17 @@ pub enum Operation {
     RecallOwn,
     /// Recall another member's message.
     RecallAny,
+    /// Make a question and its answer an FAQ entry, or remove one.
+    EditFaq,
+    /// Pin or unpin a message or an FAQ entry.
+    Pin,
+    /// Read the group's FAQ and pins.
+    ReadBoard,
 }
 
 impl Operation {
     /// Every operation, in the order docs/roles.md lists them.
-    pub const ALL: [Operation; 26] = [
+    pub const ALL: [Operation; 29] = [
         Operation::CreateGroup,
         Operation::JoinGroup,
         Operation::LeaveGroup,
@@ -96,6 +102,9 @@ impl Operation {
         Operation::RemoveMember,
         Operation::RecallOwn,
         Operation::RecallAny,
+        Operation::EditFaq,
+        Operation::Pin,
+        Operation::ReadBoard,
     ];
 
     /// The name docs/roles.md uses.
@@ -127,6 +136,9 @@ impl Operation {
             Operation::RemoveMember => "remove a buyer",
             Operation::RecallOwn => "recall one's own message",
             Operation::RecallAny => "recall another's message",
+            Operation::EditFaq => "add or remove an FAQ entry",
+            Operation::Pin => "pin or unpin",
+            Operation::ReadBoard => "read the FAQ and pins",
         }
     }
 }
@@ -153,6 +165,7 @@ pub fn permits(role: Role, op: Operation) -> bool {
                 | O::ReportMessage
                 | O::OpenCard
                 | O::RecallOwn
+                | O::ReadBoard
         ),
         // Agents and owners have the same rights in their shop's groups;
         // the buyers' own actions (joining a group-buy, claiming, voting)

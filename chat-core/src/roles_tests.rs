@@ -21,6 +21,7 @@ struct Stage {
     f: Fixture,
     g: u64,
     target_msg: u64,
+    answer_msg: u64,
     card: u64,
     group_buy: u64,
     coupon: u64,
@@ -57,6 +58,12 @@ async fn stage(actor: &Identity) -> Stage {
     let target_msg = f
         .groups
         .post(&target, text(g, "hello"), NOW)
+        .await
+        .unwrap()
+        .seq;
+    let answer_msg = f
+        .groups
+        .post(&a, text(g, "welcome"), NOW)
         .await
         .unwrap()
         .seq;
@@ -130,6 +137,7 @@ async fn stage(actor: &Identity) -> Stage {
         f,
         g,
         target_msg,
+        answer_msg,
         card,
         group_buy,
         coupon,
@@ -280,6 +288,33 @@ async fn attempt(s: &Stage, who: &Identity, op: Operation) -> Result<(), ChatErr
             groups.recall(who, g, seq, now + 1).await.map(drop)
         }
         Operation::RecallAny => groups.recall(who, g, s.target_msg, now).await.map(drop),
+        Operation::EditFaq => groups
+            .promote_faq(
+                who,
+                v1::PromoteFaq {
+                    group_id: g,
+                    question_seq: s.target_msg,
+                    answer_seq: s.answer_msg,
+                },
+                now,
+            )
+            .await
+            .map(drop),
+        Operation::Pin => groups
+            .set_pin(
+                who,
+                v1::SetPin {
+                    group_id: g,
+                    pin: Some(v1::Pin {
+                        target: Some(v1::pin::Target::MessageSeq(s.answer_msg)),
+                    }),
+                    pinned: true,
+                },
+                now,
+            )
+            .await
+            .map(drop),
+        Operation::ReadBoard => groups.list_faq(who, g).await.map(drop),
     }
 }
 

@@ -91,6 +91,8 @@ pub struct Config {
     pub reach_base_per_day: u32,
     /// Days of buyer feedback the shop's score looks at.
     pub reach_window_days: u64,
+    /// Most pins (FAQ entries and messages) a group holds at once.
+    pub max_pins: usize,
     /// Where history lives: `embedded` (fjall in `data_dir`, the default) or
     /// `scylla` (a ScyllaDB or Cassandra 4.x cluster; see
     /// docs/operations/scylla.md).
@@ -153,6 +155,7 @@ impl Default for Config {
             commerce_tick_ms: 100,
             reach_base_per_day: 3,
             reach_window_days: 7,
+            max_pins: 10,
             storage: "embedded".into(),
             scylla_nodes: String::new(),
             scylla_keyspace: "qun".into(),
@@ -227,6 +230,7 @@ impl Config {
                 window_days: self.reach_window_days,
                 ..Default::default()
             },
+            max_pins: self.max_pins,
             ..qun_chat_core::CoreConfig::default()
         }
     }
@@ -341,6 +345,9 @@ impl Config {
         }
         if self.idle_timeout_ms < 1_000 {
             return bad("idle_timeout_ms must be at least 1000".into());
+        }
+        if !(1..=100).contains(&self.max_pins) {
+            return bad("max_pins must be 1..=100".into());
         }
         if !(1..=90).contains(&self.reach_window_days) || self.reach_base_per_day > 1_000 {
             return bad(

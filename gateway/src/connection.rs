@@ -444,6 +444,26 @@ impl Session {
                 .await
                 .map(Body::Moderated)
                 .map_err(RequestError::from),
+            client_frame::Body::PromoteFaq(p) => groups
+                .promote_faq(who, p, now_ms())
+                .await
+                .map(Body::FaqBoard)
+                .map_err(RequestError::from),
+            client_frame::Body::RemoveFaq(r) => groups
+                .remove_faq(who, r.group_id, r.faq_id, now_ms())
+                .await
+                .map(Body::FaqBoard)
+                .map_err(RequestError::from),
+            client_frame::Body::SetPin(p) => groups
+                .set_pin(who, p, now_ms())
+                .await
+                .map(Body::FaqBoard)
+                .map_err(RequestError::from),
+            client_frame::Body::ListFaq(l) => groups
+                .list_faq(who, l.group_id)
+                .await
+                .map(Body::FaqBoard)
+                .map_err(RequestError::from),
             client_frame::Body::GetReachQuota(q) => groups
                 .reach_quota(who, q.group_id, now_ms())
                 .await
@@ -653,6 +673,10 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::MuteAllBuyers(_) => "mute_all_buyers",
         client_frame::Body::RemoveMember(_) => "remove_member",
         client_frame::Body::RecallMessage(_) => "recall_message",
+        client_frame::Body::PromoteFaq(_) => "promote_faq",
+        client_frame::Body::RemoveFaq(_) => "remove_faq",
+        client_frame::Body::SetPin(_) => "set_pin",
+        client_frame::Body::ListFaq(_) => "list_faq",
     }
 }
 
