@@ -63,6 +63,9 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
             "/v1/groups/{group_id}/messages/{seq}/recall",
             post(recall_message),
         )
+        .route("/v1/groups/{group_id}/faq", get(get_faq).post(promote_faq))
+        .route("/v1/groups/{group_id}/faq/{id}/remove", post(remove_faq))
+        .route("/v1/groups/{group_id}/pins", post(set_pin))
 }
 
 // ─────────────────────────────── errors ───────────────────────────────
@@ -858,6 +861,166 @@ async fn get_reports(
         .collect())
 }
 
+// ───────────────────────────── FAQ and pins ─────────────────────────────
+
+#[derive(Serialize)]
+struct FaqEntryJson {
+    faq_id: u64,
+    question: String,
+    answer: String,
+    question_seq: u64,
+    answer_seq: u64,
+    asked_by: String,
+    answered_by: String,
+    created_at_ms: u64,
+}
+
+#[derive(Serialize)]
+struct PinJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    faq_id: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct BoardJson {
+    group_id: u64,
+    entries: Vec<FaqEntryJson>,
+    pins: Vec<PinJson>,
+}
+
+impl From<v1::FaqBoard> for BoardJson {
+    fn from(b: v1::FaqBoard) -> Self {
+        Self {
+            group_id: b.group_id,
+            entries: b
+                .entries
+                .into_iter()
+                .map(|e| FaqEntryJson {
+                    faq_id: e.faq_id,
+                    question: e.question,
+                    answer: e.answer,
+                    question_seq: e.question_seq,
+                    answer_seq: e.answer_seq,
+                    asked_by: e.asked_by,
+                    answered_by: e.answered_by,
+                    created_at_ms: e.created_at_ms,
+                })
+                .collect(),
+            pins: b
+                .pins
+                .into_iter()
+                .map(|p| match p.target {
+                    Some(v1::pin::Target::FaqId(id)) => PinJson {
+                        message_seq: None,
+                        faq_id: Some(id),
+                    },
+                    Some(v1::pin::Target::MessageSeq(seq)) => PinJson {
+                        message_seq: Some(seq),
+                        faq_id: None,
+                    },
+                    None => PinJson {
+                        message_seq: None,
+                        faq_id: None,
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteInput {
+    question_seq: u64,
+    answer_seq: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinInput {
+    #[serde(default)]
+    message_seq: u64,
+    #[serde(default)]
+    faq_id: u64,
+    #[serde(default = "yes")]
+    pinned: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn get_faq(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+) -> ApiResult<BoardJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    ok(shared.groups.list_faq(&who, group_id).await?.into())
+}
+
+async fn promote_faq(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<PromoteInput>, JsonRejection>,
+) -> ApiResult<BoardJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(p) = body?;
+    let req = v1::PromoteFaq {
+        group_id,
+        question_seq: p.question_seq,
+        answer_seq: p.answer_seq,
+    };
+    created(shared.groups.promote_faq(&who, req, now_ms()).await?.into())
+}
+
+async fn remove_faq(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<BoardJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, faq_id)) = path?;
+    ok(shared
+        .groups
+        .remove_faq(&who, group_id, faq_id, now_ms())
+        .await?
+        .into())
+}
+
+async fn set_pin(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<PinInput>, JsonRejection>,
+) -> ApiResult<BoardJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(p) = body?;
+    let target = match (p.message_seq, p.faq_id) {
+        (seq, 0) if seq > 0 => v1::pin::Target::MessageSeq(seq),
+        (0, id) if id > 0 => v1::pin::Target::FaqId(id),
+        _ => {
+            return Err(ApiError::invalid(
+                "give exactly one of message_seq and faq_id",
+            ));
+        }
+    };
+    let req = v1::SetPin {
+        group_id,
+        pin: Some(v1::Pin {
+            target: Some(target),
+        }),
+        pinned: p.pinned,
+    };
+    ok(shared.groups.set_pin(&who, req, now_ms()).await?.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,10 +1046,13 @@ mod tests {
             "/v1/groups/{group_id}/members/{user_id}/mute",
             "/v1/groups/{group_id}/members/{user_id}/remove",
             "/v1/groups/{group_id}/messages/{seq}/recall",
+            "/v1/groups/{group_id}/faq",
+            "/v1/groups/{group_id}/faq/{id}/remove",
+            "/v1/groups/{group_id}/pins",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 16, "a documented path is not served");
+        assert_eq!(paths.len(), 19, "a documented path is not served");
     }
 
     #[test]

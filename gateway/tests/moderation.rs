@@ -140,3 +140,94 @@ async fn the_merchant_api_moderates_and_lists_reports() {
     agent.ping().await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_once_becomes_an_faq_entry_everyone_sees_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (agent, g) = server.agent_with_group("Sizes", 0).await;
+    let asker = server.client("ann", "buyer", None).await;
+    let mut later = server.client("bo", "buyer", None).await;
+    asker.join(g).await.unwrap();
+    later.join(g).await.unwrap();
+    let q = asker
+        .send(g, "Is S size EU 34 or 36?", None)
+        .await
+        .unwrap()
+        .seq;
+    let a = agent.send(g, "S is EU 34.", Some(q)).await.unwrap().seq;
+    let board = agent.promote_faq(g, q, a).await.unwrap();
+    let id = board.entries[0].faq_id;
+    agent
+        .set_pin(g, v1::pin::Target::FaqId(id), true)
+        .await
+        .unwrap();
+    // Every member is told on the stream, and reads the same board.
+    let pushed = messages(&mut later, 4).await;
+    assert_eq!(
+        pushed.iter().map(|m| m.kind()).collect::<Vec<_>>(),
+        [
+            v1::MessageKind::Text,
+            v1::MessageKind::Text,
+            v1::MessageKind::Board,
+            v1::MessageKind::Board
+        ]
+    );
+    let seen = later.list_faq(g).await.unwrap();
+    assert_eq!(seen.entries[0].answer, "S is EU 34.");
+    assert_eq!(seen.pins[0].target, Some(v1::pin::Target::FaqId(id)));
+    assert_eq!(
+        code(later.promote_faq(g, q, a).await),
+        ErrorCode::ForbiddenRole
+    );
+    // The merchant API reads and edits the same board.
+    let owner = server.token("boss", "owner", Some(SHOP));
+    let (s, b) = server
+        .http_json("GET", &format!("/v1/groups/{g}/faq"), Some(&owner), None)
+        .await;
+    assert_eq!(
+        (s, b["entries"][0]["faq_id"].as_u64()),
+        (200, Some(id)),
+        "{b}"
+    );
+    let (s, b) = server
+        .http_json(
+            "POST",
+            &format!("/v1/groups/{g}/pins"),
+            Some(&owner),
+            Some(json!({"message_seq": a})),
+        )
+        .await;
+    assert_eq!(
+        (s, b["pins"].as_array().map(Vec::len)),
+        (200, Some(2)),
+        "{b}"
+    );
+    let (s, e) = server
+        .http_json(
+            "POST",
+            &format!("/v1/groups/{g}/pins"),
+            Some(&owner),
+            Some(json!({"message_seq": a, "faq_id": id})),
+        )
+        .await;
+    assert_eq!((s, e["name"].as_str()), (400, Some("INVALID_ARGUMENT")));
+    let (s, b) = server
+        .http_json(
+            "POST",
+            &format!("/v1/groups/{g}/faq/{id}/remove"),
+            Some(&owner),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (
+            s,
+            b["entries"].as_array().map(Vec::len),
+            b["pins"].as_array().map(Vec::len)
+        ),
+        (200, Some(0), Some(1)),
+        "{b}"
+    );
+    server.stop().await;
+}
