@@ -49,6 +49,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use qun_proto::v1 as proto;
 
+mod board;
 mod commerce;
 mod moderation;
 mod reach;

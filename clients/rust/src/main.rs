@@ -140,6 +140,25 @@ enum Command {
     /// Recall (撤回) a message: your own within 2 minutes, any as staff.
     /// Prints the seq of the RECALL message.
     Recall { group: u64, seq: u64 },
+    /// The group's FAQ: list it; staff promote a question and its answer,
+    /// or remove an entry.
+    Faq {
+        #[command(subcommand)]
+        command: FaqCommand,
+    },
+    /// Pin (or unpin, with --off) a message or an FAQ entry (staff).
+    Pin {
+        group: u64,
+        /// A message's seq.
+        #[arg(long, conflicts_with = "faq", required_unless_present = "faq")]
+        message: Option<u64>,
+        /// An FAQ entry's id.
+        #[arg(long)]
+        faq: Option<u64>,
+        /// Unpin instead.
+        #[arg(long)]
+        off: bool,
+    },
     /// Stream live messages (joining the group if needed).
     Tail {
         group: u64,
@@ -153,6 +172,25 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum FaqCommand {
+    /// Print the FAQ and the pins.
+    List {
+        group: u64,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the message QUESTION and the message ANSWER an FAQ entry.
+    Promote {
+        group: u64,
+        question: u64,
+        answer: u64,
+    },
+    /// Remove an FAQ entry.
+    Remove { group: u64, id: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -451,6 +489,32 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         }
         Command::Recall { group, seq } => {
             println!("{}", client.recall(group, seq).await?.seq);
+        }
+        Command::Faq { command } => {
+            let (board, json_out) = match command {
+                FaqCommand::List { group, json } => (client.list_faq(group).await?, json),
+                FaqCommand::Promote {
+                    group,
+                    question,
+                    answer,
+                } => (client.promote_faq(group, question, answer).await?, false),
+                FaqCommand::Remove { group, id } => (client.remove_faq(group, id).await?, false),
+            };
+            print_board(&board, json_out);
+        }
+        Command::Pin {
+            group,
+            message,
+            faq,
+            off,
+        } => {
+            let target = match (message, faq) {
+                (Some(seq), _) => proto::pin::Target::MessageSeq(seq),
+                (None, Some(id)) => proto::pin::Target::FaqId(id),
+                (None, None) => unreachable!("clap requires --message or --faq"),
+            };
+            let board = client.set_pin(group, target, !off).await?;
+            print_board(&board, false);
         }
         Command::Promotions { command } => {
             let (group, muted) = match command {
@@ -786,12 +850,46 @@ async fn send_with_retries(
     }
 }
 
+fn print_board(board: &proto::FaqBoard, json_out: bool) {
+    let pins: Vec<serde_json::Value> = board
+        .pins
+        .iter()
+        .map(|p| match p.target {
+            Some(proto::pin::Target::FaqId(id)) => json!({"faq_id": id}),
+            Some(proto::pin::Target::MessageSeq(seq)) => json!({"message_seq": seq}),
+            None => json!({}),
+        })
+        .collect();
+    if json_out {
+        let entries: Vec<serde_json::Value> = board
+            .entries
+            .iter()
+            .map(|e| {
+                json!({"faq_id": e.faq_id, "question": e.question, "answer": e.answer,
+                       "question_seq": e.question_seq, "answer_seq": e.answer_seq})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"group": board.group_id, "entries": entries, "pins": pins})
+        );
+        return;
+    }
+    for e in &board.entries {
+        println!("FAQ {}: Q: {} / A: {}", e.faq_id, e.question, e.answer);
+    }
+    for p in &pins {
+        println!("pinned {p}");
+    }
+}
+
 fn kind_name(kind: i32) -> &'static str {
     match proto::MessageKind::try_from(kind) {
         Ok(proto::MessageKind::Text) => "text",
         Ok(proto::MessageKind::Commerce) => "commerce",
         Ok(proto::MessageKind::Hidden) => "hidden",
         Ok(proto::MessageKind::Recall) => "recall",
+        Ok(proto::MessageKind::Board) => "board",
         _ => "unknown",
     }
 }

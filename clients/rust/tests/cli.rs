@@ -611,3 +611,43 @@ async fn mute_recall_and_remove_from_the_command_line() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faq_and_pins_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let fan = token(&key, "fan", "buyer", None);
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Sizes"]).await)
+        .trim()
+        .to_string();
+    stdout(&cli(&url, &fan, &["join", &group]).await);
+    let q = stdout(&cli(&url, &fan, &["send", &group, "S = EU 34?"]).await)
+        .trim()
+        .to_string();
+    let a = stdout(
+        &cli(
+            &url,
+            &agent,
+            &["send", &group, "Yes, EU 34.", "--reply-to", &q],
+        )
+        .await,
+    )
+    .trim()
+    .to_string();
+    let promoted = stdout(&cli(&url, &agent, &["faq", "promote", &group, &q, &a]).await);
+    assert!(
+        promoted.contains("FAQ 1: Q: S = EU 34? / A: Yes, EU 34."),
+        "{promoted}"
+    );
+    stdout(&cli(&url, &agent, &["pin", &group, "--faq", "1"]).await);
+    let listed = stdout(&cli(&url, &fan, &["faq", "list", &group, "--json"]).await);
+    let board: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    assert_eq!(board["pins"], serde_json::json!([{"faq_id": 1}]), "{board}");
+    assert_eq!(board["entries"][0]["answer"], "Yes, EU 34.");
+    let refused = cli(&url, &fan, &["pin", &group, "--message", &a]).await;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("FORBIDDEN_ROLE"));
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
