@@ -59,11 +59,7 @@ impl Groups {
         require(who, Operation::ReadBoard)?;
         let cell = self.cell(group_id).await?;
         let g = cell.lock();
-        if who.role().is_staff() {
-            g.check_shop(who)?;
-        } else {
-            g.member(who)?;
-        }
+        g.check_member_or_staff(who)?;
         Ok(board(&g))
     }
 

@@ -473,6 +473,16 @@ impl GroupState {
         Ok(())
     }
 
+    /// Staff of the group's shop (member or not), or a member: who may
+    /// read the group's objects and board and recall in it.
+    pub(crate) fn check_member_or_staff(&self, who: &Identity) -> Result<(), ChatError> {
+        if who.role().is_staff() {
+            self.check_shop(who)
+        } else {
+            self.member(who).map(drop)
+        }
+    }
+
     /// Admits `who` if the rules allow. Returns the record to persist, or
     /// `None` when already a member.
     pub(crate) fn admit(

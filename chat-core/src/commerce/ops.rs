@@ -1038,11 +1038,7 @@ impl Groups {
         crate::permissions::require(who, crate::permissions::Operation::ViewCommerce)?;
         let cell = self.cell(group_id).await?;
         let g = cell.lock();
-        if who.role().is_staff() {
-            g.check_shop(who)?;
-        } else {
-            g.member(who)?;
-        }
+        g.check_member_or_staff(who)?;
         let live = g
             .objects
             .get(&object_id)
