@@ -498,6 +498,14 @@ fn be_u64(
         .ok_or_else(|| StorageError::corrupt(what, "key or value length"))
 }
 
+/// The user id of a `group_id | user_id` key.
+fn member_user(key: &[u8], keyspace: &'static str) -> Result<String, StorageError> {
+    key.get(8..)
+        .and_then(|u| std::str::from_utf8(u).ok())
+        .map(str::to_string)
+        .ok_or_else(|| StorageError::corrupt(keyspace, "key"))
+}
+
 fn read_err(e: fjall::Error) -> StorageError {
     StorageError::backend("read", e)
 }
@@ -661,14 +669,10 @@ impl Store for FjallStore {
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
                     let (k, v) = guard.into_inner().map_err(read_err)?;
-                    let user = k
-                        .get(8..)
-                        .and_then(|u| std::str::from_utf8(u).ok())
-                        .ok_or_else(|| StorageError::corrupt("read_marks", "key"))?;
                     let seq: [u8; 8] = v[..]
                         .try_into()
                         .map_err(|_| StorageError::corrupt("read_marks", "value length"))?;
-                    Ok((user.to_string(), u64::from_be_bytes(seq)))
+                    Ok((member_user(&k, "read_marks")?, u64::from_be_bytes(seq)))
                 })
                 .collect()
         })
@@ -781,10 +785,7 @@ impl Store for FjallStore {
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
                     let k = guard.key().map_err(read_err)?;
-                    k.get(8..)
-                        .and_then(|u| std::str::from_utf8(u).ok())
-                        .map(str::to_string)
-                        .ok_or_else(|| StorageError::corrupt("promotion_mutes", "key"))
+                    member_user(&k, "promotion_mutes")
                 })
                 .collect()
         })
@@ -810,11 +811,10 @@ impl Store for FjallStore {
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
                     let (k, v) = guard.into_inner().map_err(read_err)?;
-                    let user = k
-                        .get(8..)
-                        .and_then(|u| std::str::from_utf8(u).ok())
-                        .ok_or_else(|| StorageError::corrupt("member_flags", "key"))?;
-                    Ok((user.to_string(), decode("member_flags", &v)?))
+                    Ok((
+                        member_user(&k, "member_flags")?,
+                        decode("member_flags", &v)?,
+                    ))
                 })
                 .collect()
         })
