@@ -50,6 +50,10 @@ impl Groups {
     pub(crate) fn record_signal(&self, shop_id: &str, signal: Signal, now_ms: u64) {
         if let Some(mut f) = self.inner().feedback.get_mut(shop_id) {
             f.record(utc_day(now_ms), signal);
+            drop(f);
+            if !self.inner().feedback_dirty.contains_key(shop_id) {
+                self.inner().feedback_dirty.insert(shop_id.to_string(), ());
+            }
         }
     }
 
@@ -97,13 +101,25 @@ impl Groups {
     }
 
     /// Writes the feedback counted since the last call (one batch), and
-    /// forgets days older than the window. Called by [`Groups::tick`].
+    /// forgets days older than the window. Called by [`Groups::tick`]; it
+    /// visits only the shops that heard from buyers since.
     pub(crate) fn flush_feedback(&self, now_ms: u64) {
         let today = utc_day(now_ms);
         let window = self.inner().config.reach.window_days;
+        let dirty: Vec<String> = self
+            .inner()
+            .feedback_dirty
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
         let mut ops = Vec::new();
-        for mut shop in self.inner().feedback.iter_mut() {
-            let shop_id = shop.key().clone();
+        for shop_id in dirty {
+            // Removed before taking the days: a signal counted in between
+            // marks the shop again and is written now or on the next tick.
+            self.inner().feedback_dirty.remove(&shop_id);
+            let Some(mut shop) = self.inner().feedback.get_mut(&shop_id) else {
+                continue;
+            };
             for (day, positive, negative) in shop.take_dirty(today, window) {
                 ops.push(WriteOp::PutFeedback {
                     shop_id: shop_id.clone(),
@@ -117,8 +133,21 @@ impl Groups {
             return;
         }
         let (done, _rx) = durable_channel();
+        let days: Vec<(String, u64)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::PutFeedback { shop_id, day, .. } => Some((shop_id.clone(), *day)),
+                _ => None,
+            })
+            .collect();
         if let Err(e) = self.inner().store.submit(ops, done) {
-            tracing::warn!(error = %e, "buyer feedback not written this tick");
+            tracing::warn!(error = %e, "buyer feedback not written this tick; trying again next tick");
+            for (shop_id, day) in days {
+                if let Some(mut shop) = self.inner().feedback.get_mut(&shop_id) {
+                    shop.mark_dirty(day);
+                }
+                self.inner().feedback_dirty.insert(shop_id, ());
+            }
         }
     }
 

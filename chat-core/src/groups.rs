@@ -226,6 +226,8 @@ pub(crate) struct Inner {
     pub(crate) commerce: CommerceState,
     /// Buyer feedback per shop, loaded with the shop's first group.
     pub(crate) feedback: DashMap<String, crate::reach::ShopFeedback>,
+    /// Shops with feedback not yet written, so that a tick visits only them.
+    pub(crate) feedback_dirty: DashMap<String, ()>,
 }
 
 pub(crate) fn durable_channel() -> (
@@ -273,6 +275,7 @@ impl Groups {
                 devices: Devices::default(),
                 commerce,
                 feedback: DashMap::new(),
+                feedback_dirty: DashMap::new(),
             }),
         })
     }

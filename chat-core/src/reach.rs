@@ -147,6 +147,11 @@ impl ShopFeedback {
         } else {
             entry.1 += 1;
         }
+        self.mark_dirty(day);
+    }
+
+    /// Marks `day` to be written again (its write could not be queued).
+    pub fn mark_dirty(&mut self, day: u64) {
         if !self.dirty.contains(&day) {
             self.dirty.push(day);
         }
