@@ -22,8 +22,8 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::OnceCell;
 
 use crate::records::{
-    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
-    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
+    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -338,6 +338,13 @@ impl<S: Store> Store for Coalescing<S> {
 
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
         self.inner.load_faq(group_id)
+    }
+
+    fn load_auto_replies<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
+        self.inner.load_auto_replies(shop_id)
     }
 }
 

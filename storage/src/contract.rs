@@ -12,8 +12,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::records::{
-    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
-    ObjectRecord, PinRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
+    MessageRecord, ObjectRecord, PinRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -39,6 +39,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     reach_feedback_mutes_and_reports(&mut fresh()).await;
     rewritten_messages_and_member_flags(&mut fresh()).await;
     faq_entries_and_pins(&mut fresh()).await;
+    auto_reply_rules(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -655,5 +656,45 @@ pub async fn faq_entries_and_pins<H: Harness>(h: &mut H) {
     assert_eq!(s.load_faq(20).await.unwrap(), [faq(20, 2), faq(20, 300)]);
     assert_eq!(s.load_faq(21).await.unwrap(), [faq(21, 1)]);
     assert_eq!(s.load_group(20).await.unwrap(), Some(group));
+    s.close().await.unwrap();
+}
+
+/// Auto-reply rules are kept per shop by rule id, replaced and removed one
+/// by one, and a shop whose id prefixes another's never sees its rules.
+pub async fn auto_reply_rules<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let rule = |shop: &str, id: &str, answer: &str| AutoReplyRecord {
+        shop_id: shop.into(),
+        rule_id: id.into(),
+        keywords: vec!["size".into(), "EU".into()],
+        pattern: r"\bS\b".into(),
+        answer: answer.into(),
+        cooldown_ms: 60_000,
+    };
+    s.write(vec![
+        WriteOp::PutAutoReply(rule("s1", "size", "old")),
+        WriteOp::PutAutoReply(rule("s1", "a-first", "a")),
+        WriteOp::PutAutoReply(rule("s10", "size", "other shop")),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![
+        WriteOp::PutAutoReply(rule("s1", "size", "S is EU 34")),
+        WriteOp::RemoveAutoReply {
+            shop_id: "s1".into(),
+            rule_id: "a-first".into(),
+        },
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.load_auto_replies("s1").await.unwrap(),
+        [rule("s1", "size", "S is EU 34")]
+    );
+    assert_eq!(s.load_auto_replies("s10").await.unwrap().len(), 1);
+    assert!(s.load_auto_replies("s").await.unwrap().is_empty());
     s.close().await.unwrap();
 }

@@ -11,8 +11,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
 use crate::records::{
-    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
-    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
+    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
@@ -89,6 +89,8 @@ struct Tables {
     member_flags: Keyspace,
     /// `group_id | faq_id → FaqRecord`.
     faq: Keyspace,
+    /// `shop_id | 0x00 | rule_id → AutoReplyRecord`.
+    auto_replies: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -136,6 +138,7 @@ impl FjallStore {
             reports: open("reports")?,
             member_flags: open("member_flags")?,
             faq: open("faq")?,
+            auto_replies: open("auto_replies")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -401,6 +404,16 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                     } else {
                         batch.remove(&tables.promotion_mutes, key);
                     }
+                }
+                WriteOp::PutAutoReply(r) => {
+                    batch.insert(
+                        &tables.auto_replies,
+                        keys::product_key(&r.shop_id, &r.rule_id),
+                        r.encode_to_vec(),
+                    );
+                }
+                WriteOp::RemoveAutoReply { shop_id, rule_id } => {
+                    batch.remove(&tables.auto_replies, keys::product_key(shop_id, rule_id));
                 }
                 WriteOp::PutFaq(f) => {
                     batch.insert(
@@ -800,6 +813,14 @@ impl Store for FjallStore {
 
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
         self.read(move |t| decode_prefix(&t.faq, "faq", &keys::group_key(group_id)))
+    }
+
+    fn load_auto_replies<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
+        let prefix = keys::feedback_prefix(shop_id);
+        self.read(move |t| decode_prefix(&t.auto_replies, "auto_replies", &prefix))
     }
 
     fn load_member_flags(

@@ -55,8 +55,8 @@ pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
 use records::{
-    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
-    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
+    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -155,6 +155,15 @@ pub enum WriteOp {
     /// Replace a message already stored at its seq (a recall clears it).
     /// Unlike [`WriteOp::AppendMessage`] it writes nothing else.
     RewriteMessage(MessageRecord),
+    /// Create or replace a shop's auto-reply rule ([`Store::load_auto_replies`]).
+    PutAutoReply(AutoReplyRecord),
+    /// Remove a shop's auto-reply rule.
+    RemoveAutoReply {
+        /// The shop.
+        shop_id: String,
+        /// The rule.
+        rule_id: String,
+    },
     /// Create or replace an FAQ entry ([`Store::load_faq`]).
     PutFaq(FaqRecord),
     /// Remove an FAQ entry.
@@ -403,6 +412,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// # Errors
     /// As for [`Store::load_group`].
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>>;
+
+    /// A shop's auto-reply rules, ascending rule id.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_auto_replies<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

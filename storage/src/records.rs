@@ -258,3 +258,26 @@ pub struct FaqRecord {
     #[prost(uint64, tag = "9")]
     pub created_at_ms: u64,
 }
+
+/// One auto-reply rule of a shop. Key: `shop_id | 0x00 | rule_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct AutoReplyRecord {
+    /// The shop.
+    #[prost(string, tag = "1")]
+    pub shop_id: String,
+    /// The rule's id, chosen by the shop.
+    #[prost(string, tag = "2")]
+    pub rule_id: String,
+    /// Words that must all appear in a question (case-insensitive).
+    #[prost(string, repeated, tag = "3")]
+    pub keywords: Vec<String>,
+    /// A regular expression a question must match; empty: none.
+    #[prost(string, tag = "4")]
+    pub pattern: String,
+    /// The answer the bot posts.
+    #[prost(string, tag = "5")]
+    pub answer: String,
+    /// Least time between two answers of this rule in one group, ms.
+    #[prost(uint64, tag = "6")]
+    pub cooldown_ms: u64,
+}

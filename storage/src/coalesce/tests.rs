@@ -148,6 +148,13 @@ impl Store for GatedStoreDouble {
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
         self.real.load_faq(group_id)
     }
+
+    fn load_auto_replies<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
+        self.real.load_auto_replies(shop_id)
+    }
 }
 
 struct Fixture {

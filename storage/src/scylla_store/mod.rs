@@ -79,8 +79,8 @@ pub use scylla::statement::Consistency;
 use self::statements::{Write, id64};
 use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
-    EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
-    ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
+    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -261,6 +261,7 @@ struct Reads {
     reports: PreparedStatement,
     member_flags: PreparedStatement,
     faq: PreparedStatement,
+    auto_replies: PreparedStatement,
 }
 
 impl Reads {
@@ -357,6 +358,10 @@ impl Reads {
             ))
             .await?,
             faq: p(format!("SELECT record FROM {ks}.faq WHERE group_id = ?")).await?,
+            auto_replies: p(format!(
+                "SELECT record FROM {ks}.auto_replies WHERE shop_id = ?"
+            ))
+            .await?,
         })
     }
 }
@@ -931,6 +936,16 @@ impl Store for ScyllaStore {
         Box::pin(async move {
             let id = id64("group id", group_id)?;
             self.records("faq", &self.inner.reads.faq, (id,)).await
+        })
+    }
+
+    fn load_auto_replies<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
+        Box::pin(async move {
+            self.records("auto_replies", &self.inner.reads.auto_replies, (shop_id,))
+                .await
         })
     }
 

@@ -48,10 +48,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "faq",
         cql: include_str!("../../cql/0004_faq.cql"),
     },
+    Migration {
+        version: 5,
+        name: "auto_replies",
+        cql: include_str!("../../cql/0005_auto_replies.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

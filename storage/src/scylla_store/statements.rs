@@ -46,11 +46,13 @@ pub(crate) enum Write {
     DeleteMemberFlags,
     PutFaq,
     DeleteFaq,
+    PutAutoReply,
+    DeleteAutoReply,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 27] = [
+    pub(crate) const ALL: [Write; 29] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -78,6 +80,8 @@ impl Write {
         Write::DeleteMemberFlags,
         Write::PutFaq,
         Write::DeleteFaq,
+        Write::PutAutoReply,
+        Write::DeleteAutoReply,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -107,6 +111,7 @@ impl Write {
             Write::PutReport => "reports",
             Write::PutMemberFlags | Write::DeleteMemberFlags => "member_flags",
             Write::PutFaq | Write::DeleteFaq => "faq",
+            Write::PutAutoReply | Write::DeleteAutoReply => "auto_replies",
         }
     }
 
@@ -134,6 +139,12 @@ impl Write {
             Write::PutReport => format!(
                 "INSERT INTO {ks}.{t} (group_id, seq, reporter_id, record) VALUES (?, ?, ?, ?)"
             ),
+            Write::PutAutoReply => {
+                format!("INSERT INTO {ks}.{t} (shop_id, rule_id, record) VALUES (?, ?, ?)")
+            }
+            Write::DeleteAutoReply => {
+                format!("DELETE FROM {ks}.{t} WHERE shop_id = ? AND rule_id = ?")
+            }
             Write::PutFaq => {
                 format!("INSERT INTO {ks}.{t} (group_id, faq_id, record) VALUES (?, ?, ?)")
             }
@@ -336,7 +347,10 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
                 *group_id
             }
             WriteOp::PutFaq(f) => f.group_id,
-            WriteOp::PutProduct(_) | WriteOp::PutFeedback { .. } => {
+            WriteOp::PutProduct(_)
+            | WriteOp::PutFeedback { .. }
+            | WriteOp::PutAutoReply(_)
+            | WriteOp::RemoveAutoReply { .. } => {
                 shop = true;
                 continue;
             }
@@ -534,6 +548,13 @@ pub(crate) fn statements(
             },
             vec![bigint("group id", *group_id)?, text(user_id)],
         ),
+        WriteOp::PutAutoReply(r) => push(
+            Write::PutAutoReply,
+            vec![text(&r.shop_id), text(&r.rule_id), blob(r)],
+        ),
+        WriteOp::RemoveAutoReply { shop_id, rule_id } => {
+            push(Write::DeleteAutoReply, vec![text(shop_id), text(rule_id)])
+        }
         WriteOp::PutFaq(f) => push(
             Write::PutFaq,
             vec![
@@ -699,6 +720,11 @@ mod tests {
                 flags: Default::default(),
             },
             WriteOp::PutFaq(Default::default()),
+            WriteOp::PutAutoReply(Default::default()),
+            WriteOp::RemoveAutoReply {
+                shop_id: "s".into(),
+                rule_id: "r".into(),
+            },
             WriteOp::RemoveFaq {
                 group_id: 1,
                 faq_id: 2,
