@@ -346,6 +346,9 @@ pub(crate) struct GroupState {
     pub(crate) recalled: HashSet<u64>,
     /// FAQ entries by id.
     pub(crate) faq: std::collections::BTreeMap<u64, FaqRecord>,
+    /// When each auto-reply rule (`rule:ID`) or FAQ entry (`faq:ID`) last
+    /// answered here, for its cooldown.
+    pub(crate) auto_replied: HashMap<String, u64>,
 }
 
 /// What a group is loaded from.
@@ -425,6 +428,7 @@ impl GroupCell {
                 flags: member_flags.into_iter().collect(),
                 recalled: HashSet::new(),
                 faq: faq.into_iter().map(|f| (f.faq_id, f)).collect(),
+                auto_replied: HashMap::new(),
             }),
         }
     }

@@ -228,6 +228,8 @@ pub(crate) struct Inner {
     pub(crate) feedback: DashMap<String, crate::reach::ShopFeedback>,
     /// Shops with feedback not yet written, so that a tick visits only them.
     pub(crate) feedback_dirty: DashMap<String, ()>,
+    /// Each shop's auto-reply rules, compiled, loaded with its first group.
+    pub(crate) auto_replies: DashMap<String, Arc<crate::auto_reply::ShopRules>>,
 }
 
 pub(crate) fn durable_channel() -> (
@@ -276,6 +278,7 @@ impl Groups {
                 commerce,
                 feedback: DashMap::new(),
                 feedback_dirty: DashMap::new(),
+                auto_replies: DashMap::new(),
             }),
         })
     }
@@ -352,6 +355,7 @@ impl Groups {
             0,
         )?;
         self.ensure_feedback(&record.shop_id).await?;
+        self.ensure_auto_replies(&record.shop_id).await?;
         let promotion_mutes = store.load_promotion_mutes(group_id).await?;
         let reach = store.load_reach_use(group_id).await?;
         let reports = store.load_reports(group_id).await?;
@@ -431,6 +435,7 @@ impl Groups {
             }
         };
         self.ensure_feedback(shop).await?;
+        self.ensure_auto_replies(shop).await?;
         let group_id = self.inner.next_group_id.fetch_add(1, Ordering::AcqRel);
         let record = GroupRecord {
             group_id,
@@ -763,6 +768,13 @@ impl Groups {
                 return Err(e);
             }
         }
+        // The shop's bot answers a buyer's question that matches a rule or
+        // an FAQ entry, right after it (decided before the text moves).
+        let auto = if buyer {
+            self.auto_answer(&mut g, &text, now_ms)
+        } else {
+            None
+        };
         let record = g.next_message(
             who,
             text,
@@ -772,6 +784,7 @@ impl Groups {
             now_ms,
         );
         let seq = record.seq;
+        let auto = auto.map(|answer| (answer, quote_of_record(&record)));
         // Sending a message means having read up to it.
         let read_mark = WriteOp::PutReadMark {
             group_id,
@@ -791,6 +804,9 @@ impl Groups {
         if buyer && msg.reply_to > 0 {
             // A buyer answering in the group is engaged with it.
             self.record_signal(&g.record.shop_id, crate::reach::Signal::Replied, now_ms);
+        }
+        if let Some((answer, quote)) = auto {
+            self.post_auto_answer(&cell, &mut g, seq, quote, answer, now_ms);
         }
         drop(g);
         Ok(PostTicket {

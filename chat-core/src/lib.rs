@@ -25,6 +25,8 @@
 //!   reports, card opens, [`Groups::reach_quota`].
 //! - `board`: FAQ entries and pins — staff answer once for everyone; every
 //!   change is a BOARD message on the stream.
+//! - `auto_reply`: the shop's bot answers questions that match a rule or an
+//!   FAQ entry, once per cooldown per group.
 //! - `moderation`: muting and removing buyers, muting all buyers, recall
 //!   (撤回) as a message on the stream.
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
@@ -42,6 +44,7 @@
 //! # Example
 //! See [`Groups`].
 
+mod auto_reply;
 mod board;
 mod commerce;
 mod delivery;
@@ -58,6 +61,7 @@ mod rate;
 pub mod reach;
 mod read_state;
 
+pub use auto_reply::MAX_RULES as MAX_AUTO_REPLY_RULES;
 pub use commerce::{MAX_MONEY_MINOR, TickReport, state_name};
 pub use delivery::MAX_RESUME_CURSORS;
 pub use error::ChatError;
@@ -68,6 +72,8 @@ pub use moderation::RECALL_WINDOW_MS;
 pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
 pub use rate::Rate;
 
+#[cfg(test)]
+mod auto_reply_tests;
 #[cfg(test)]
 mod board_tests;
 #[cfg(test)]

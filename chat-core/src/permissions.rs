@@ -71,11 +71,13 @@ pub enum Operation {
     Pin,
     /// Read the group's FAQ and pins.
     ReadBoard,
+    /// Create, change, remove or list the shop's auto-reply rules.
+    ManageAutoReply,
 }
 
 impl Operation {
     /// Every operation, in the order docs/roles.md lists them.
-    pub const ALL: [Operation; 29] = [
+    pub const ALL: [Operation; 30] = [
         Operation::CreateGroup,
         Operation::JoinGroup,
         Operation::LeaveGroup,
@@ -105,6 +107,7 @@ impl Operation {
         Operation::EditFaq,
         Operation::Pin,
         Operation::ReadBoard,
+        Operation::ManageAutoReply,
     ];
 
     /// The name docs/roles.md uses.
@@ -139,6 +142,7 @@ impl Operation {
             Operation::EditFaq => "add or remove an FAQ entry",
             Operation::Pin => "pin or unpin",
             Operation::ReadBoard => "read the FAQ and pins",
+            Operation::ManageAutoReply => "manage auto-reply rules",
         }
     }
 }

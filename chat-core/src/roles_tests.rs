@@ -315,6 +315,18 @@ async fn attempt(s: &Stage, who: &Identity, op: Operation) -> Result<(), ChatErr
             .await
             .map(drop),
         Operation::ReadBoard => groups.list_faq(who, g).await.map(drop),
+        Operation::ManageAutoReply => groups
+            .put_auto_reply(
+                who,
+                v1::AutoReplyRule {
+                    rule_id: "size".into(),
+                    keywords: vec!["size".into()],
+                    answer: "See the size chart.".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map(drop),
     }
 }
 

@@ -464,6 +464,21 @@ impl Session {
                 .await
                 .map(Body::FaqBoard)
                 .map_err(RequestError::from),
+            client_frame::Body::PutAutoReply(p) => groups
+                .put_auto_reply(who, p.rule.unwrap_or_default())
+                .await
+                .map(Body::AutoReplies)
+                .map_err(RequestError::from),
+            client_frame::Body::RemoveAutoReply(r) => groups
+                .remove_auto_reply(who, &r.rule_id)
+                .await
+                .map(Body::AutoReplies)
+                .map_err(RequestError::from),
+            client_frame::Body::ListAutoReplies(_) => groups
+                .list_auto_replies(who)
+                .await
+                .map(Body::AutoReplies)
+                .map_err(RequestError::from),
             client_frame::Body::GetReachQuota(q) => groups
                 .reach_quota(who, q.group_id, now_ms())
                 .await
@@ -677,6 +692,9 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::RemoveFaq(_) => "remove_faq",
         client_frame::Body::SetPin(_) => "set_pin",
         client_frame::Body::ListFaq(_) => "list_faq",
+        client_frame::Body::PutAutoReply(_) => "put_auto_reply",
+        client_frame::Body::RemoveAutoReply(_) => "remove_auto_reply",
+        client_frame::Body::ListAutoReplies(_) => "list_auto_replies",
     }
 }
 
