@@ -66,6 +66,12 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/groups/{group_id}/faq", get(get_faq).post(promote_faq))
         .route("/v1/groups/{group_id}/faq/{id}/remove", post(remove_faq))
         .route("/v1/groups/{group_id}/pins", post(set_pin))
+        .route("/v1/auto-replies", get(list_auto_replies))
+        .route(
+            "/v1/auto-replies/{rule_id}",
+            axum::routing::put(put_auto_reply),
+        )
+        .route("/v1/auto-replies/{rule_id}/remove", post(remove_auto_reply))
 }
 
 // ─────────────────────────────── errors ───────────────────────────────
@@ -1021,6 +1027,74 @@ async fn set_pin(
     ok(shared.groups.set_pin(&who, req, now_ms()).await?.into())
 }
 
+// ───────────────────────────── auto-reply ─────────────────────────────
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct AutoReplyJson {
+    #[serde(default, skip_deserializing)]
+    rule_id: String,
+    #[serde(default)]
+    keywords: Vec<String>,
+    #[serde(default)]
+    pattern: String,
+    answer: String,
+    #[serde(default)]
+    cooldown_ms: u64,
+}
+
+fn rules_json(r: v1::AutoReplies) -> Vec<AutoReplyJson> {
+    r.rules
+        .into_iter()
+        .map(|r| AutoReplyJson {
+            rule_id: r.rule_id,
+            keywords: r.keywords,
+            pattern: r.pattern,
+            answer: r.answer,
+            cooldown_ms: r.cooldown_ms,
+        })
+        .collect()
+}
+
+async fn list_auto_replies(
+    State(shared): Shared_,
+    headers: HeaderMap,
+) -> ApiResult<Vec<AutoReplyJson>> {
+    let who = caller(&shared, &headers)?;
+    ok(rules_json(shared.groups.list_auto_replies(&who).await?))
+}
+
+async fn put_auto_reply(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<AutoReplyJson>, JsonRejection>,
+) -> ApiResult<Vec<AutoReplyJson>> {
+    let who = caller(&shared, &headers)?;
+    let Path(rule_id) = path?;
+    let Json(r) = body?;
+    let rule = v1::AutoReplyRule {
+        rule_id,
+        keywords: r.keywords,
+        pattern: r.pattern,
+        answer: r.answer,
+        cooldown_ms: r.cooldown_ms,
+    };
+    ok(rules_json(shared.groups.put_auto_reply(&who, rule).await?))
+}
+
+async fn remove_auto_reply(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Vec<AutoReplyJson>> {
+    let who = caller(&shared, &headers)?;
+    let Path(rule_id) = path?;
+    ok(rules_json(
+        shared.groups.remove_auto_reply(&who, &rule_id).await?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1049,10 +1123,13 @@ mod tests {
             "/v1/groups/{group_id}/faq",
             "/v1/groups/{group_id}/faq/{id}/remove",
             "/v1/groups/{group_id}/pins",
+            "/v1/auto-replies",
+            "/v1/auto-replies/{rule_id}",
+            "/v1/auto-replies/{rule_id}/remove",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 19, "a documented path is not served");
+        assert_eq!(paths.len(), 22, "a documented path is not served");
     }
 
     #[test]

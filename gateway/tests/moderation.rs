@@ -231,3 +231,74 @@ async fn an_answer_given_once_becomes_an_faq_entry_everyone_sees_pinned() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_bot_answers_a_size_question_once_and_rules_are_managed_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let owner = server.token("boss", "owner", Some(SHOP));
+    let (s, e) = server
+        .http_json(
+            "PUT",
+            "/v1/auto-replies/size",
+            Some(&owner),
+            Some(json!({"pattern": "(S\\s*码", "answer": "x"})),
+        )
+        .await;
+    assert_eq!(
+        (s, e["name"].as_str()),
+        (400, Some("INVALID_ARGUMENT")),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("pattern"), "{e}");
+    let (s, rules) = server
+        .http_json(
+            "PUT",
+            "/v1/auto-replies/size",
+            Some(&owner),
+            Some(json!({"keywords": ["欧码"], "pattern": "S\\s*码", "answer": "S 码相当于欧码 34。", "cooldown_ms": 60000})),
+        )
+        .await;
+    assert_eq!(
+        (s, rules[0]["rule_id"].as_str()),
+        (200, Some("size")),
+        "{rules}"
+    );
+
+    let (_agent, g) = server.agent_with_group("Bot", 0).await;
+    let mut buyer = server.client("ann", "buyer", None).await;
+    buyer.join(g).await.unwrap();
+    let q = buyer
+        .send(g, "S码相当于欧码34还是36?", None)
+        .await
+        .unwrap()
+        .seq;
+    let pushed = messages(&mut buyer, 2).await;
+    let bot = &pushed[1];
+    assert_eq!(
+        (bot.sender_id.as_str(), bot.reply_to, bot.text.as_str()),
+        ("bot", q, "S 码相当于欧码 34。")
+    );
+    // A second asker within the cooldown is left for the agents.
+    let other = server.client("bo", "buyer", None).await;
+    other.join(g).await.unwrap();
+    let second = other.send(g, "S 码是欧码多少?", None).await.unwrap().seq;
+    let page = buyer.history(g, 0, 10).await.unwrap();
+    assert_eq!(
+        page.messages.last().unwrap().seq,
+        second,
+        "no second answer"
+    );
+
+    let agent = server.client("mei", "agent", Some(SHOP)).await;
+    assert_eq!(agent.list_auto_replies().await.unwrap().rules.len(), 1);
+    assert_eq!(
+        code(buyer.list_auto_replies().await),
+        ErrorCode::ForbiddenRole
+    );
+    let (s, left) = server
+        .http_json("POST", "/v1/auto-replies/size/remove", Some(&owner), None)
+        .await;
+    assert_eq!((s, left.as_array().map(Vec::len)), (200, Some(0)));
+    server.stop().await;
+}
