@@ -1,7 +1,9 @@
 //! The group's board: FAQ entries and pins. Staff make a question and its
 //! answer an FAQ entry and pin entries or messages; members read the board.
 //! Every change reaches members as a message of kind BOARD; refresh with
-//! [`Client::list_faq`] when one arrives.
+//! [`Client::list_faq`] when one arrives. Staff also manage the shop's
+//! auto-reply rules here: the bot answers questions that match a rule or an
+//! FAQ entry.
 
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 
@@ -77,5 +79,49 @@ impl Client {
             pinned,
         }))
         .await
+    }
+}
+
+impl Client {
+    async fn auto_replies(&self, body: client_frame::Body) -> Result<v1::AutoReplies, ClientError> {
+        match self.request(body).await? {
+            Body::AutoReplies(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Creates or replaces an auto-reply rule of the caller's shop (staff).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `INVALID_ARGUMENT` for a rule out of range or a
+    /// pattern that does not compile (the message quotes the compiler).
+    pub async fn put_auto_reply(
+        &self,
+        rule: v1::AutoReplyRule,
+    ) -> Result<v1::AutoReplies, ClientError> {
+        self.auto_replies(client_frame::Body::PutAutoReply(v1::PutAutoReply {
+            rule: Some(rule),
+        }))
+        .await
+    }
+
+    /// Removes an auto-reply rule of the caller's shop (staff).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `INVALID_ARGUMENT` for no such rule.
+    pub async fn remove_auto_reply(&self, rule_id: &str) -> Result<v1::AutoReplies, ClientError> {
+        self.auto_replies(client_frame::Body::RemoveAutoReply(v1::RemoveAutoReply {
+            rule_id: rule_id.to_string(),
+        }))
+        .await
+    }
+
+    /// The caller's shop's auto-reply rules (staff).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `FORBIDDEN_ROLE`.
+    pub async fn list_auto_replies(&self) -> Result<v1::AutoReplies, ClientError> {
+        self.auto_replies(client_frame::Body::ListAutoReplies(v1::ListAutoReplies {}))
+            .await
     }
 }

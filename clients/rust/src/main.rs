@@ -146,6 +146,13 @@ enum Command {
         #[command(subcommand)]
         command: FaqCommand,
     },
+    /// The shop's auto-reply rules (staff): the bot answers questions that
+    /// match one.
+    #[command(name = "autoreply")]
+    AutoReply {
+        #[command(subcommand)]
+        command: AutoReplyCommand,
+    },
     /// Pin (or unpin, with --off) a message or an FAQ entry (staff).
     Pin {
         group: u64,
@@ -172,6 +179,31 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AutoReplyCommand {
+    /// Create or replace a rule.
+    Set {
+        /// The rule's id.
+        id: String,
+        /// A word the question must contain (repeat for more).
+        #[arg(long = "keyword")]
+        keywords: Vec<String>,
+        /// A regular expression the question must match.
+        #[arg(long, default_value = "")]
+        pattern: String,
+        /// The bot's answer.
+        #[arg(long)]
+        answer: String,
+        /// Least time between two answers in one group, e.g. 1m.
+        #[arg(long)]
+        cooldown: Option<humantime::Duration>,
+    },
+    /// Print the rules.
+    List,
+    /// Remove a rule.
+    Remove { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -501,6 +533,38 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
                 FaqCommand::Remove { group, id } => (client.remove_faq(group, id).await?, false),
             };
             print_board(&board, json_out);
+        }
+        Command::AutoReply { command } => {
+            let rules = match command {
+                AutoReplyCommand::Set {
+                    id,
+                    keywords,
+                    pattern,
+                    answer,
+                    cooldown,
+                } => {
+                    let cooldown_ms = cooldown.map_or(0, |d| {
+                        u64::try_from(std::time::Duration::from(d).as_millis()).unwrap_or(u64::MAX)
+                    });
+                    client
+                        .put_auto_reply(proto::AutoReplyRule {
+                            rule_id: id,
+                            keywords,
+                            pattern,
+                            answer,
+                            cooldown_ms,
+                        })
+                        .await?
+                }
+                AutoReplyCommand::List => client.list_auto_replies().await?,
+                AutoReplyCommand::Remove { id } => client.remove_auto_reply(&id).await?,
+            };
+            for r in &rules.rules {
+                println!(
+                    "{}: keywords {:?} pattern {:?} -> {}",
+                    r.rule_id, r.keywords, r.pattern, r.answer
+                );
+            }
         }
         Command::Pin {
             group,

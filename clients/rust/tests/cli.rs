@@ -651,3 +651,55 @@ async fn faq_and_pins_from_the_command_line() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoreply_rules_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let fan = token(&key, "fan", "buyer", None);
+    let set = stdout(
+        &cli(
+            &url,
+            &agent,
+            &[
+                "autoreply",
+                "set",
+                "ship",
+                "--keyword",
+                "ship",
+                "--keyword",
+                "macau",
+                "--answer",
+                "Yes, in 3 days.",
+                "--cooldown",
+                "1m",
+            ],
+        )
+        .await,
+    );
+    assert!(
+        set.contains("ship: keywords [\"ship\", \"macau\"]"),
+        "{set}"
+    );
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Ship"]).await)
+        .trim()
+        .to_string();
+    stdout(&cli(&url, &fan, &["join", &group]).await);
+    stdout(&cli(&url, &fan, &["send", &group, "Do you ship to Macau?"]).await);
+    let history = stdout(&cli(&url, &fan, &["history", &group]).await);
+    assert!(history.contains("Shop assistant (bot)"), "{history}");
+    assert!(history.contains("Yes, in 3 days."), "{history}");
+    let bad = cli(
+        &url,
+        &agent,
+        &["autoreply", "set", "x", "--pattern", "(", "--answer", "y"],
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT"));
+    let left = stdout(&cli(&url, &agent, &["autoreply", "remove", "ship"]).await);
+    assert!(left.trim().is_empty(), "{left}");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
