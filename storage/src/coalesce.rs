@@ -22,8 +22,8 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::OnceCell;
 
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
-    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
+    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -345,6 +345,13 @@ impl<S: Store> Store for Coalescing<S> {
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
         self.inner.load_auto_replies(shop_id)
+    }
+
+    fn load_join_requests(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
+        self.inner.load_join_requests(group_id)
     }
 }
 

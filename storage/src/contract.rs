@@ -12,8 +12,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
-    MessageRecord, ObjectRecord, PinRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
+    MemberRecord, MessageRecord, ObjectRecord, PinRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -40,6 +40,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     rewritten_messages_and_member_flags(&mut fresh()).await;
     faq_entries_and_pins(&mut fresh()).await;
     auto_reply_rules(&mut fresh()).await;
+    join_requests(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -89,6 +90,7 @@ pub async fn groups_and_members<H: Harness>(h: &mut H) {
         created_by: "agent-1".into(),
         buyers_muted: id == 300,
         pins: vec![],
+        join_policy: 1,
     };
     let member = |g: u64, u: &str| MemberRecord {
         group_id: g,
@@ -696,5 +698,35 @@ pub async fn auto_reply_rules<H: Harness>(h: &mut H) {
     );
     assert_eq!(s.load_auto_replies("s10").await.unwrap().len(), 1);
     assert!(s.load_auto_replies("s").await.unwrap().is_empty());
+    s.close().await.unwrap();
+}
+
+/// Join requests are kept per group and user, and removed one by one.
+pub async fn join_requests<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let req = |g: u64, u: &str| JoinRequestRecord {
+        group_id: g,
+        user_id: u.into(),
+        display_name: u.to_uppercase(),
+        requested_at_ms: 3,
+    };
+    s.write(vec![
+        WriteOp::PutJoinRequest(req(30, "u2")),
+        WriteOp::PutJoinRequest(req(30, "u1")),
+        WriteOp::PutJoinRequest(req(31, "u1")),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![WriteOp::RemoveJoinRequest {
+        group_id: 30,
+        user_id: "u2".into(),
+    }])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(s.load_join_requests(30).await.unwrap(), [req(30, "u1")]);
+    assert_eq!(s.load_join_requests(31).await.unwrap(), [req(31, "u1")]);
     s.close().await.unwrap();
 }

@@ -11,8 +11,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
-    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
+    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
@@ -91,6 +91,8 @@ struct Tables {
     faq: Keyspace,
     /// `shop_id | 0x00 | rule_id → AutoReplyRecord`.
     auto_replies: Keyspace,
+    /// `group_id | user_id → JoinRequestRecord`.
+    join_requests: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -139,6 +141,7 @@ impl FjallStore {
             member_flags: open("member_flags")?,
             faq: open("faq")?,
             auto_replies: open("auto_replies")?,
+            join_requests: open("join_requests")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -404,6 +407,16 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                     } else {
                         batch.remove(&tables.promotion_mutes, key);
                     }
+                }
+                WriteOp::PutJoinRequest(r) => {
+                    batch.insert(
+                        &tables.join_requests,
+                        keys::member_key(r.group_id, &r.user_id),
+                        r.encode_to_vec(),
+                    );
+                }
+                WriteOp::RemoveJoinRequest { group_id, user_id } => {
+                    batch.remove(&tables.join_requests, keys::member_key(*group_id, user_id));
                 }
                 WriteOp::PutAutoReply(r) => {
                     batch.insert(
@@ -813,6 +826,19 @@ impl Store for FjallStore {
 
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
         self.read(move |t| decode_prefix(&t.faq, "faq", &keys::group_key(group_id)))
+    }
+
+    fn load_join_requests(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
+        self.read(move |t| {
+            decode_prefix(
+                &t.join_requests,
+                "join_requests",
+                &keys::group_key(group_id),
+            )
+        })
     }
 
     fn load_auto_replies<'a>(

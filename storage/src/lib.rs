@@ -55,8 +55,8 @@ pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
 use records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
-    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
+    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -155,6 +155,15 @@ pub enum WriteOp {
     /// Replace a message already stored at its seq (a recall clears it).
     /// Unlike [`WriteOp::AppendMessage`] it writes nothing else.
     RewriteMessage(MessageRecord),
+    /// Record a buyer's pending request to join ([`Store::load_join_requests`]).
+    PutJoinRequest(JoinRequestRecord),
+    /// Forget a request (decided, or the buyer joined).
+    RemoveJoinRequest {
+        /// The group.
+        group_id: u64,
+        /// The buyer.
+        user_id: String,
+    },
     /// Create or replace a shop's auto-reply rule ([`Store::load_auto_replies`]).
     PutAutoReply(AutoReplyRecord),
     /// Remove a shop's auto-reply rule.
@@ -421,6 +430,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         &'a self,
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>>;
+
+    /// A group's pending join requests, by user.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_join_requests(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

@@ -31,6 +31,9 @@ pub struct GroupRecord {
     /// What staff pinned, oldest first.
     #[prost(message, repeated, tag = "8")]
     pub pins: Vec<PinRecord>,
+    /// How buyers join, as the wire protocol numbers it (0: open).
+    #[prost(uint32, tag = "9")]
+    pub join_policy: u32,
 }
 
 /// One pin of a group: a message or an FAQ entry (the other is 0).
@@ -280,4 +283,21 @@ pub struct AutoReplyRecord {
     /// Least time between two answers of this rule in one group, ms.
     #[prost(uint64, tag = "6")]
     pub cooldown_ms: u64,
+}
+
+/// A buyer's pending request to join a group. Key: `group_id | user_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct JoinRequestRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// The buyer.
+    #[prost(string, tag = "2")]
+    pub user_id: String,
+    /// Their display name when they asked.
+    #[prost(string, tag = "3")]
+    pub display_name: String,
+    /// When they asked, ms since the Unix epoch.
+    #[prost(uint64, tag = "4")]
+    pub requested_at_ms: u64,
 }

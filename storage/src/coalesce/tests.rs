@@ -155,6 +155,13 @@ impl Store for GatedStoreDouble {
     ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
         self.real.load_auto_replies(shop_id)
     }
+
+    fn load_join_requests(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
+        self.real.load_join_requests(group_id)
+    }
 }
 
 struct Fixture {

@@ -79,8 +79,8 @@ pub use scylla::statement::Consistency;
 use self::statements::{Write, id64};
 use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord,
-    MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
+    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -262,6 +262,7 @@ struct Reads {
     member_flags: PreparedStatement,
     faq: PreparedStatement,
     auto_replies: PreparedStatement,
+    join_requests: PreparedStatement,
 }
 
 impl Reads {
@@ -360,6 +361,10 @@ impl Reads {
             faq: p(format!("SELECT record FROM {ks}.faq WHERE group_id = ?")).await?,
             auto_replies: p(format!(
                 "SELECT record FROM {ks}.auto_replies WHERE shop_id = ?"
+            ))
+            .await?,
+            join_requests: p(format!(
+                "SELECT record FROM {ks}.join_requests WHERE group_id = ?"
             ))
             .await?,
         })
@@ -936,6 +941,17 @@ impl Store for ScyllaStore {
         Box::pin(async move {
             let id = id64("group id", group_id)?;
             self.records("faq", &self.inner.reads.faq, (id,)).await
+        })
+    }
+
+    fn load_join_requests(
+        &self,
+        group_id: u64,
+    ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
+        Box::pin(async move {
+            let id = id64("group id", group_id)?;
+            self.records("join_requests", &self.inner.reads.join_requests, (id,))
+                .await
         })
     }
 

@@ -53,10 +53,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "auto_replies",
         cql: include_str!("../../cql/0005_auto_replies.cql"),
     },
+    Migration {
+        version: 6,
+        name: "join_requests",
+        cql: include_str!("../../cql/0006_join_requests.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

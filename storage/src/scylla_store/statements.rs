@@ -48,11 +48,13 @@ pub(crate) enum Write {
     DeleteFaq,
     PutAutoReply,
     DeleteAutoReply,
+    PutJoinRequest,
+    DeleteJoinRequest,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 29] = [
+    pub(crate) const ALL: [Write; 31] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -82,6 +84,8 @@ impl Write {
         Write::DeleteFaq,
         Write::PutAutoReply,
         Write::DeleteAutoReply,
+        Write::PutJoinRequest,
+        Write::DeleteJoinRequest,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -112,6 +116,7 @@ impl Write {
             Write::PutMemberFlags | Write::DeleteMemberFlags => "member_flags",
             Write::PutFaq | Write::DeleteFaq => "faq",
             Write::PutAutoReply | Write::DeleteAutoReply => "auto_replies",
+            Write::PutJoinRequest | Write::DeleteJoinRequest => "join_requests",
         }
     }
 
@@ -139,6 +144,9 @@ impl Write {
             Write::PutReport => format!(
                 "INSERT INTO {ks}.{t} (group_id, seq, reporter_id, record) VALUES (?, ?, ?, ?)"
             ),
+            Write::PutJoinRequest => {
+                format!("INSERT INTO {ks}.{t} (group_id, user_id, record) VALUES (?, ?, ?)")
+            }
             Write::PutAutoReply => {
                 format!("INSERT INTO {ks}.{t} (shop_id, rule_id, record) VALUES (?, ?, ?)")
             }
@@ -155,7 +163,8 @@ impl Write {
             Write::DeleteMember
             | Write::DeleteReadMark
             | Write::DeletePromotionMute
-            | Write::DeleteMemberFlags => {
+            | Write::DeleteMemberFlags
+            | Write::DeleteJoinRequest => {
                 format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND user_id = ?")
             }
             Write::DeleteUserGroup => {
@@ -347,6 +356,8 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
                 *group_id
             }
             WriteOp::PutFaq(f) => f.group_id,
+            WriteOp::PutJoinRequest(r) => r.group_id,
+            WriteOp::RemoveJoinRequest { group_id, .. } => *group_id,
             WriteOp::PutProduct(_)
             | WriteOp::PutFeedback { .. }
             | WriteOp::PutAutoReply(_)
@@ -548,6 +559,14 @@ pub(crate) fn statements(
             },
             vec![bigint("group id", *group_id)?, text(user_id)],
         ),
+        WriteOp::PutJoinRequest(r) => push(
+            Write::PutJoinRequest,
+            vec![bigint("group id", r.group_id)?, text(&r.user_id), blob(r)],
+        ),
+        WriteOp::RemoveJoinRequest { group_id, user_id } => push(
+            Write::DeleteJoinRequest,
+            vec![bigint("group id", *group_id)?, text(user_id)],
+        ),
         WriteOp::PutAutoReply(r) => push(
             Write::PutAutoReply,
             vec![text(&r.shop_id), text(&r.rule_id), blob(r)],
@@ -721,6 +740,11 @@ mod tests {
             },
             WriteOp::PutFaq(Default::default()),
             WriteOp::PutAutoReply(Default::default()),
+            WriteOp::PutJoinRequest(Default::default()),
+            WriteOp::RemoveJoinRequest {
+                group_id: 1,
+                user_id: "u".into(),
+            },
             WriteOp::RemoveAutoReply {
                 shop_id: "s".into(),
                 rule_id: "r".into(),
