@@ -41,6 +41,15 @@ impl Devices {
         }
     }
 
+    /// Pushes `frame` to every connection of `user_id`.
+    pub(crate) fn push_to_all(&self, user_id: &str, frame: &Bytes) {
+        if let Some(devices) = self.by_user.get(user_id) {
+            for (_, outbox) in devices.iter() {
+                let _ = outbox.push(frame.clone());
+            }
+        }
+    }
+
     pub(crate) fn count(&self, user_id: &str) -> usize {
         self.by_user.get(user_id).map_or(0, |d| d.len())
     }

@@ -103,6 +103,9 @@ pub enum ChatError {
         /// Until the ban ends.
         retry_after_ms: u64,
     },
+    /// The group admits buyers on approval; the request is recorded.
+    #[error("your request to join is waiting for the shop's approval")]
+    JoinPending,
     /// The store refused or failed the write; nothing became visible.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -129,6 +132,7 @@ impl ChatError {
             ChatError::QuotaExhausted { .. } => ErrorCode::QuotaExhausted,
             ChatError::Muted { .. } => ErrorCode::Muted,
             ChatError::Banned { .. } => ErrorCode::Banned,
+            ChatError::JoinPending => ErrorCode::JoinPending,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,

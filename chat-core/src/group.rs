@@ -14,8 +14,8 @@ use bytes::Bytes;
 use qun_proto::v1::{self, server_frame::Body};
 use qun_storage::ReachUse;
 use qun_storage::records::{
-    FaqRecord, GroupRecord, MemberFlagsRecord, MemberRecord, MessageRecord, QuoteRecord,
-    ReportRecord,
+    FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord,
+    QuoteRecord, ReportRecord,
 };
 
 use crate::commerce::Live;
@@ -349,6 +349,8 @@ pub(crate) struct GroupState {
     /// When each auto-reply rule (`rule:ID`) or FAQ entry (`faq:ID`) last
     /// answered here, for its cooldown.
     pub(crate) auto_replied: HashMap<String, u64>,
+    /// Buyers waiting for approval to join, by user.
+    pub(crate) join_requests: std::collections::BTreeMap<String, JoinRequestRecord>,
 }
 
 /// What a group is loaded from.
@@ -365,6 +367,7 @@ pub(crate) struct Loaded {
     pub(crate) reports: Vec<ReportRecord>,
     pub(crate) member_flags: Vec<(String, MemberFlagsRecord)>,
     pub(crate) faq: Vec<FaqRecord>,
+    pub(crate) join_requests: Vec<JoinRequestRecord>,
 }
 
 /// Per-group bounds from the core configuration.
@@ -389,6 +392,7 @@ impl GroupCell {
             reports,
             member_flags,
             faq,
+            join_requests,
         } = loaded;
         let members = members
             .into_iter()
@@ -429,6 +433,10 @@ impl GroupCell {
                 recalled: HashSet::new(),
                 faq: faq.into_iter().map(|f| (f.faq_id, f)).collect(),
                 auto_replied: HashMap::new(),
+                join_requests: join_requests
+                    .into_iter()
+                    .map(|r| (r.user_id.clone(), r))
+                    .collect(),
             }),
         }
     }
@@ -506,13 +514,7 @@ impl GroupState {
                 });
             }
         }
-        if let Some(f) = self.flags.get(who.user_id())
-            && f.banned_until_ms > now_ms
-        {
-            return Err(ChatError::Banned {
-                retry_after_ms: f.banned_until_ms - now_ms,
-            });
-        }
+        self.check_not_banned(who.user_id(), now_ms)?;
         if self.members.len() >= self.record.max_members as usize {
             return Err(ChatError::GroupFull {
                 group_id: self.id(),
@@ -777,6 +779,16 @@ impl GroupState {
     fn show_recalled(&mut self, seq: u64) {
         if let Some(e) = self.recent.iter_mut().find(|e| e.seq() == seq) {
             *e = Encoded::from_wire(recalled(&e.message));
+        }
+    }
+
+    /// `Banned` while a ban of `user_id` lasts.
+    pub(crate) fn check_not_banned(&self, user_id: &str, now_ms: u64) -> Result<(), ChatError> {
+        match self.flags.get(user_id) {
+            Some(f) if f.banned_until_ms > now_ms => Err(ChatError::Banned {
+                retry_after_ms: f.banned_until_ms - now_ms,
+            }),
+            _ => Ok(()),
         }
     }
 

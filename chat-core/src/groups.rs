@@ -361,6 +361,7 @@ impl Groups {
         let reports = store.load_reports(group_id).await?;
         let member_flags = store.load_member_flags(group_id).await?;
         let faq = store.load_faq(group_id).await?;
+        let join_requests = store.load_join_requests(group_id).await?;
         self.inner.commerce.note_restored(group_id, &objects);
         tracing::debug!(
             group_id,
@@ -381,6 +382,7 @@ impl Groups {
             reports,
             member_flags,
             faq,
+            join_requests,
         };
         Ok(Arc::new(GroupCell::new(
             loaded,
@@ -446,6 +448,7 @@ impl Groups {
             created_by: who.user_id().to_string(),
             buyers_muted: false,
             pins: Vec::new(),
+            join_policy: 0,
         };
         let creator = MemberRecord {
             group_id,
@@ -473,6 +476,7 @@ impl Groups {
             reports: Vec::new(),
             member_flags: Vec::new(),
             faq: Vec::new(),
+            join_requests: Vec::new(),
         };
         let cell = Arc::new(GroupCell::new(loaded, cfg.group_limits(), now_ms));
         let info = cell.lock().info();
@@ -503,6 +507,12 @@ impl Groups {
     ) -> Result<v1::Joined, ChatError> {
         crate::permissions::require(who, crate::permissions::Operation::JoinGroup)?;
         let cell = self.cell(group_id).await?;
+        // A group that admits buyers on approval records the request
+        // instead, and says so.
+        if let Some(rx) = self.request_to_join(&cell, who, now_ms)? {
+            durable(rx).await?;
+            return Err(ChatError::JoinPending);
+        }
         let admitted = {
             let mut g = cell.lock();
             match g.admit(who, now_ms)? {

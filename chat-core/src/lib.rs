@@ -27,6 +27,8 @@
 //!   change is a BOARD message on the stream.
 //! - `auto_reply`: the shop's bot answers questions that match a rule or an
 //!   FAQ entry, once per cooldown per group.
+//! - `screening`: join policies — open, or on approval, with staff deciding
+//!   pending requests.
 //! - `moderation`: muting and removing buyers, muting all buyers, recall
 //!   (撤回) as a message on the stream.
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
@@ -60,6 +62,7 @@ pub mod permissions;
 mod rate;
 pub mod reach;
 mod read_state;
+mod screening;
 
 pub use auto_reply::MAX_RULES as MAX_AUTO_REPLY_RULES;
 pub use commerce::{MAX_MONEY_MINOR, TickReport, state_name};
@@ -84,5 +87,7 @@ mod moderation_tests;
 mod reach_tests;
 #[cfg(test)]
 mod roles_tests;
+#[cfg(test)]
+mod screening_tests;
 #[cfg(test)]
 mod tests;

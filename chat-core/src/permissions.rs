@@ -73,11 +73,15 @@ pub enum Operation {
     ReadBoard,
     /// Create, change, remove or list the shop's auto-reply rules.
     ManageAutoReply,
+    /// Set a group's join policy.
+    SetJoinPolicy,
+    /// List and decide buyers' requests to join.
+    DecideJoin,
 }
 
 impl Operation {
     /// Every operation, in the order docs/roles.md lists them.
-    pub const ALL: [Operation; 30] = [
+    pub const ALL: [Operation; 32] = [
         Operation::CreateGroup,
         Operation::JoinGroup,
         Operation::LeaveGroup,
@@ -108,6 +112,8 @@ impl Operation {
         Operation::Pin,
         Operation::ReadBoard,
         Operation::ManageAutoReply,
+        Operation::SetJoinPolicy,
+        Operation::DecideJoin,
     ];
 
     /// The name docs/roles.md uses.
@@ -143,6 +149,8 @@ impl Operation {
             Operation::Pin => "pin or unpin",
             Operation::ReadBoard => "read the FAQ and pins",
             Operation::ManageAutoReply => "manage auto-reply rules",
+            Operation::SetJoinPolicy => "set the join policy",
+            Operation::DecideJoin => "list and decide join requests",
         }
     }
 }

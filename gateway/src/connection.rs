@@ -479,6 +479,21 @@ impl Session {
                 .await
                 .map(Body::AutoReplies)
                 .map_err(RequestError::from),
+            client_frame::Body::SetJoinPolicy(p) => groups
+                .set_join_policy(who, p.group_id, p.policy())
+                .await
+                .map(Body::JoinRequests)
+                .map_err(RequestError::from),
+            client_frame::Body::ListJoinRequests(l) => groups
+                .list_join_requests(who, l.group_id)
+                .await
+                .map(Body::JoinRequests)
+                .map_err(RequestError::from),
+            client_frame::Body::DecideJoin(d) => groups
+                .decide_join(who, d, now_ms())
+                .await
+                .map(Body::JoinRequests)
+                .map_err(RequestError::from),
             client_frame::Body::GetReachQuota(q) => groups
                 .reach_quota(who, q.group_id, now_ms())
                 .await
@@ -695,6 +710,9 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::PutAutoReply(_) => "put_auto_reply",
         client_frame::Body::RemoveAutoReply(_) => "remove_auto_reply",
         client_frame::Body::ListAutoReplies(_) => "list_auto_replies",
+        client_frame::Body::SetJoinPolicy(_) => "set_join_policy",
+        client_frame::Body::ListJoinRequests(_) => "list_join_requests",
+        client_frame::Body::DecideJoin(_) => "decide_join",
     }
 }
 

@@ -168,5 +168,6 @@ mod tests {
         assert_eq!(crate::v1::MessageKind::Recall as i32, 4);
         assert_eq!(ErrorCode::Muted as i32, 53);
         assert_eq!(ErrorCode::Banned as i32, 54);
+        assert_eq!(ErrorCode::JoinPending as i32, 55);
     }
 }
