@@ -66,6 +66,15 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/groups/{group_id}/faq", get(get_faq).post(promote_faq))
         .route("/v1/groups/{group_id}/faq/{id}/remove", post(remove_faq))
         .route("/v1/groups/{group_id}/pins", post(set_pin))
+        .route("/v1/groups/{group_id}/join-policy", post(set_join_policy))
+        .route(
+            "/v1/groups/{group_id}/join-requests",
+            get(list_join_requests),
+        )
+        .route(
+            "/v1/groups/{group_id}/join-requests/{user_id}/decide",
+            post(decide_join),
+        )
         .route("/v1/auto-replies", get(list_auto_replies))
         .route(
             "/v1/auto-replies/{rule_id}",
@@ -124,6 +133,7 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ErrorCode::Muted | ErrorCode::Banned => StatusCode::FORBIDDEN,
+            ErrorCode::JoinPending => StatusCode::ACCEPTED,
             ErrorCode::StorageUnavailable | ErrorCode::Overloaded | ErrorCode::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -1027,6 +1037,113 @@ async fn set_pin(
     ok(shared.groups.set_pin(&who, req, now_ms()).await?.into())
 }
 
+// ───────────────────────────── screening ─────────────────────────────
+
+#[derive(Serialize)]
+struct JoinRequestsJson {
+    group_id: u64,
+    /// "open" or "approval".
+    policy: &'static str,
+    requests: Vec<JoinRequestJson>,
+}
+
+#[derive(Serialize)]
+struct JoinRequestJson {
+    user_id: String,
+    display_name: String,
+    requested_at_ms: u64,
+}
+
+impl From<v1::JoinRequests> for JoinRequestsJson {
+    fn from(r: v1::JoinRequests) -> Self {
+        Self {
+            group_id: r.group_id,
+            policy: match r.policy() {
+                v1::JoinPolicy::Open => "open",
+                v1::JoinPolicy::Approval => "approval",
+            },
+            requests: r
+                .requests
+                .into_iter()
+                .map(|q| JoinRequestJson {
+                    user_id: q.user_id,
+                    display_name: q.display_name,
+                    requested_at_ms: q.requested_at_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyInput {
+    /// "open" or "approval".
+    policy: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideInput {
+    approve: bool,
+}
+
+async fn set_join_policy(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<PolicyInput>, JsonRejection>,
+) -> ApiResult<JoinRequestsJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(p) = body?;
+    let policy = match p.policy.as_str() {
+        "open" => v1::JoinPolicy::Open,
+        "approval" => v1::JoinPolicy::Approval,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "policy {other:?}: use open or approval"
+            )));
+        }
+    };
+    ok(shared
+        .groups
+        .set_join_policy(&who, group_id, policy)
+        .await?
+        .into())
+}
+
+async fn list_join_requests(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+) -> ApiResult<JoinRequestsJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    ok(shared
+        .groups
+        .list_join_requests(&who, group_id)
+        .await?
+        .into())
+}
+
+async fn decide_join(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, String)>, PathRejection>,
+    body: Result<Json<DecideInput>, JsonRejection>,
+) -> ApiResult<JoinRequestsJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, user_id)) = path?;
+    let Json(d) = body?;
+    let req = v1::DecideJoin {
+        group_id,
+        user_id,
+        approve: d.approve,
+    };
+    ok(shared.groups.decide_join(&who, req, now_ms()).await?.into())
+}
+
 // ───────────────────────────── auto-reply ─────────────────────────────
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -1123,13 +1240,16 @@ mod tests {
             "/v1/groups/{group_id}/faq",
             "/v1/groups/{group_id}/faq/{id}/remove",
             "/v1/groups/{group_id}/pins",
+            "/v1/groups/{group_id}/join-policy",
+            "/v1/groups/{group_id}/join-requests",
+            "/v1/groups/{group_id}/join-requests/{user_id}/decide",
             "/v1/auto-replies",
             "/v1/auto-replies/{rule_id}",
             "/v1/auto-replies/{rule_id}/remove",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 22, "a documented path is not served");
+        assert_eq!(paths.len(), 25, "a documented path is not served");
     }
 
     #[test]

@@ -302,3 +302,71 @@ async fn the_shop_bot_answers_a_size_question_once_and_rules_are_managed_over_ht
     assert_eq!((s, left.as_array().map(Vec::len)), (200, Some(0)));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_group_admits_a_buyer_when_staff_approve() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (agent, g) = server.agent_with_group("VIP lounge", 0).await;
+    agent
+        .set_join_policy(g, v1::JoinPolicy::Approval)
+        .await
+        .unwrap();
+    let mut ann = server.client("ann", "buyer", None).await;
+    assert_eq!(code(ann.join(g).await), ErrorCode::JoinPending);
+    let pending = agent.list_join_requests(g).await.unwrap();
+    assert_eq!(pending.requests[0].user_id, "ann");
+    agent.decide_join(g, "ann", true).await.unwrap();
+    match next_event(&mut ann).await {
+        Event::JoinDecided { group_id, approved } => assert_eq!((group_id, approved), (g, true)),
+        other => panic!("expected JoinDecided, got {other:?}"),
+    }
+    assert!(ann.join(g).await.unwrap().already_member);
+    ann.send(g, "hello!", None).await.unwrap();
+
+    // Over HTTP: a second buyer is rejected.
+    let bo = server.client("bo", "buyer", None).await;
+    assert_eq!(code(bo.join(g).await), ErrorCode::JoinPending);
+    let owner = server.token("boss", "owner", Some(SHOP));
+    let (s, r) = server
+        .http_json(
+            "GET",
+            &format!("/v1/groups/{g}/join-requests"),
+            Some(&owner),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (
+            s,
+            r["policy"].as_str(),
+            r["requests"][0]["user_id"].as_str()
+        ),
+        (200, Some("approval"), Some("bo")),
+        "{r}"
+    );
+    let (s, r) = server
+        .http_json(
+            "POST",
+            &format!("/v1/groups/{g}/join-requests/bo/decide"),
+            Some(&owner),
+            Some(json!({"approve": false})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["requests"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{r}"
+    );
+    assert_eq!(code(bo.history(g, 0, 10).await), ErrorCode::NotMember);
+    let (s, e) = server
+        .http_json(
+            "POST",
+            &format!("/v1/groups/{g}/join-policy"),
+            Some(&owner),
+            Some(json!({"policy": "invite-only"})),
+        )
+        .await;
+    assert_eq!((s, e["name"].as_str()), (400, Some("INVALID_ARGUMENT")));
+    server.stop().await;
+}
