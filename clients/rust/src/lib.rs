@@ -244,6 +244,14 @@ pub enum Event {
         /// The group.
         group_id: u64,
     },
+    /// Staff decided this user's request to join a group that admits on
+    /// approval; when approved, [`Client::join`] now subscribes.
+    JoinDecided {
+        /// The group.
+        group_id: u64,
+        /// Approved (a member now) or rejected.
+        approved: bool,
+    },
     /// The server could not catch this group up by push (the gap was over
     /// its cap): messages `after_seq + 1 ..= through_seq` were skipped and
     /// live messages go on after `through_seq`. Page the gap with
@@ -494,6 +502,10 @@ impl Client {
                     Some(Body::ReadState(r)) => Event::ReadState(r),
                     Some(Body::Left(l)) => Event::Removed {
                         group_id: l.group_id,
+                    },
+                    Some(Body::JoinDecided(d)) => Event::JoinDecided {
+                        group_id: d.group_id,
+                        approved: d.approved,
                     },
                     Some(Body::GoingAway(g)) => Event::GoingAway {
                         reason: g.reason,

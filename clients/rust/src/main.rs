@@ -137,6 +137,18 @@ enum Command {
         #[arg(long)]
         ban: Option<humantime::Duration>,
     },
+    /// Let buyers join freely or on approval (staff).
+    Policy {
+        group: u64,
+        /// open or approval.
+        policy: String,
+    },
+    /// Buyers waiting for approval (staff).
+    Requests { group: u64 },
+    /// Approve a buyer's request to join (staff).
+    Approve { group: u64, user: String },
+    /// Reject a buyer's request to join (staff).
+    Reject { group: u64, user: String },
     /// Recall (撤回) a message: your own within 2 minutes, any as staff.
     /// Prints the seq of the RECALL message.
     Recall { group: u64, seq: u64 },
@@ -518,6 +530,34 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
             });
             client.remove_member(group, &user, ban_ms).await?;
             println!("removed");
+        }
+        Command::Policy { group, policy } => {
+            let p = match policy.as_str() {
+                "open" => proto::JoinPolicy::Open,
+                "approval" => proto::JoinPolicy::Approval,
+                other => {
+                    eprintln!("qun-cli: policy {other:?}: use open or approval");
+                    std::process::exit(2);
+                }
+            };
+            client.set_join_policy(group, p).await?;
+            println!("{policy}");
+        }
+        Command::Requests { group } => {
+            for r in client.list_join_requests(group).await?.requests {
+                println!(
+                    "{} ({}) at {}",
+                    r.user_id, r.display_name, r.requested_at_ms
+                );
+            }
+        }
+        Command::Approve { group, user } => {
+            client.decide_join(group, &user, true).await?;
+            println!("approved");
+        }
+        Command::Reject { group, user } => {
+            client.decide_join(group, &user, false).await?;
+            println!("rejected");
         }
         Command::Recall { group, seq } => {
             println!("{}", client.recall(group, seq).await?.seq);

@@ -82,3 +82,62 @@ impl Client {
         .await
     }
 }
+
+impl Client {
+    async fn join_requests(
+        &self,
+        body: client_frame::Body,
+    ) -> Result<v1::JoinRequests, ClientError> {
+        match self.request(body).await? {
+            Body::JoinRequests(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Lets buyers join freely or on approval (staff). On approval, a
+    /// buyer's [`Client::join`] answers `JOIN_PENDING` and the decision
+    /// arrives as [`crate::Event::JoinDecided`].
+    ///
+    /// # Errors
+    /// [`ClientError`]; `FORBIDDEN_ROLE`, `WRONG_SHOP`.
+    pub async fn set_join_policy(
+        &self,
+        group_id: u64,
+        policy: v1::JoinPolicy,
+    ) -> Result<v1::JoinRequests, ClientError> {
+        self.join_requests(client_frame::Body::SetJoinPolicy(v1::SetJoinPolicy {
+            group_id,
+            policy: policy as i32,
+        }))
+        .await
+    }
+
+    /// Buyers waiting for approval (staff).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `FORBIDDEN_ROLE`, `WRONG_SHOP`.
+    pub async fn list_join_requests(&self, group_id: u64) -> Result<v1::JoinRequests, ClientError> {
+        self.join_requests(client_frame::Body::ListJoinRequests(v1::ListJoinRequests {
+            group_id,
+        }))
+        .await
+    }
+
+    /// Approves or rejects a buyer's request (staff).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `INVALID_ARGUMENT` for no such request, `GROUP_FULL`.
+    pub async fn decide_join(
+        &self,
+        group_id: u64,
+        user_id: &str,
+        approve: bool,
+    ) -> Result<v1::JoinRequests, ClientError> {
+        self.join_requests(client_frame::Body::DecideJoin(v1::DecideJoin {
+            group_id,
+            user_id: user_id.to_string(),
+            approve,
+        }))
+        .await
+    }
+}

@@ -703,3 +703,30 @@ async fn autoreply_rules_from_the_command_line() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let fan = token(&key, "fan", "buyer", None);
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "VIP"]).await)
+        .trim()
+        .to_string();
+    assert_eq!(
+        stdout(&cli(&url, &agent, &["policy", &group, "approval"]).await).trim(),
+        "approval"
+    );
+    let pending = cli(&url, &fan, &["join", &group]).await;
+    assert!(String::from_utf8_lossy(&pending.stderr).contains("JOIN_PENDING"));
+    let listed = stdout(&cli(&url, &agent, &["requests", &group]).await);
+    assert!(listed.starts_with("fan ("), "{listed}");
+    assert_eq!(
+        stdout(&cli(&url, &agent, &["approve", &group, "fan"]).await).trim(),
+        "approved"
+    );
+    stdout(&cli(&url, &fan, &["send", &group, "in!"]).await);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
