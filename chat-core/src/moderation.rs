@@ -259,15 +259,18 @@ impl Groups {
             record.kind = KIND_RECALL;
             record.recalls = seq;
             let posted = record.seq;
-            match self.submit_sequenced(
-                &cell,
-                &mut g,
-                record,
-                vec![WriteOp::RewriteMessage(rewrite)],
-            ) {
+            let mut extra = vec![WriteOp::RewriteMessage(rewrite)];
+            // A recalled message does not stay pinned.
+            let pinned_before = g.record.pins.clone();
+            if g.record.pins.iter().any(|p| p.message_seq == seq) {
+                g.record.pins.retain(|p| p.message_seq != seq);
+                extra.push(WriteOp::PutGroup(g.record.clone()));
+            }
+            match self.submit_sequenced(&cell, &mut g, record, extra) {
                 Ok(rx) => (posted, rx),
                 Err(e) => {
                     g.recalled.remove(&seq);
+                    g.record.pins = pinned_before;
                     return Err(e.into());
                 }
             }
