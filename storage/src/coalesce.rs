@@ -22,8 +22,9 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::OnceCell;
 
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
-    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
+    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
+    SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -352,6 +353,14 @@ impl<S: Store> Store for Coalescing<S> {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
         self.inner.load_join_requests(group_id)
+    }
+
+    fn load_buyer_tags<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
+        self.inner.load_buyer_tags(shop_id, user_id)
     }
 }
 

@@ -12,8 +12,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
-    MemberRecord, MessageRecord, ObjectRecord, PinRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
+    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, PinRecord, ProductRecord,
+    ReportRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -41,6 +42,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     faq_entries_and_pins(&mut fresh()).await;
     auto_reply_rules(&mut fresh()).await;
     join_requests(&mut fresh()).await;
+    buyer_tags(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -91,6 +93,7 @@ pub async fn groups_and_members<H: Harness>(h: &mut H) {
         buyers_muted: id == 300,
         pins: vec![],
         join_policy: 1,
+        join_expression: "tier:vip".into(),
     };
     let member = |g: u64, u: &str| MemberRecord {
         group_id: g,
@@ -728,5 +731,41 @@ pub async fn join_requests<H: Harness>(h: &mut H) {
     let s = h.open().await;
     assert_eq!(s.load_join_requests(30).await.unwrap(), [req(30, "u1")]);
     assert_eq!(s.load_join_requests(31).await.unwrap(), [req(31, "u1")]);
+    s.close().await.unwrap();
+}
+
+/// A buyer's tags are kept per shop, replaced whole, and removed when empty.
+pub async fn buyer_tags<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let tags = |shop: &str, user: &str, t: &[&str]| BuyerTagsRecord {
+        shop_id: shop.into(),
+        user_id: user.into(),
+        tags: t.iter().map(|x| x.to_string()).collect(),
+    };
+    s.write(vec![
+        WriteOp::PutBuyerTags(tags("s1", "u1", &["orders:3", "size:s"])),
+        WriteOp::PutBuyerTags(tags("s1", "u2", &["vip"])),
+        WriteOp::PutBuyerTags(tags("s10", "u1", &["vip"])),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![
+        WriteOp::PutBuyerTags(tags("s1", "u1", &["vip"])),
+        WriteOp::PutBuyerTags(tags("s1", "u2", &[])),
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.load_buyer_tags("s1", "u1").await.unwrap(),
+        Some(tags("s1", "u1", &["vip"]))
+    );
+    assert_eq!(s.load_buyer_tags("s1", "u2").await.unwrap(), None);
+    assert_eq!(
+        s.load_buyer_tags("s10", "u1").await.unwrap(),
+        Some(tags("s10", "u1", &["vip"]))
+    );
     s.close().await.unwrap();
 }

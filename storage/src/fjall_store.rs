@@ -11,8 +11,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
-    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
+    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
+    SentRecord,
 };
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
@@ -93,6 +94,8 @@ struct Tables {
     auto_replies: Keyspace,
     /// `group_id | user_id → JoinRequestRecord`.
     join_requests: Keyspace,
+    /// `shop_id | 0x00 | user_id → BuyerTagsRecord`.
+    buyer_tags: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -142,6 +145,7 @@ impl FjallStore {
             faq: open("faq")?,
             auto_replies: open("auto_replies")?,
             join_requests: open("join_requests")?,
+            buyer_tags: open("buyer_tags")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -406,6 +410,14 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         batch.insert(&tables.promotion_mutes, key, []);
                     } else {
                         batch.remove(&tables.promotion_mutes, key);
+                    }
+                }
+                WriteOp::PutBuyerTags(t) => {
+                    let key = keys::product_key(&t.shop_id, &t.user_id);
+                    if t.tags.is_empty() {
+                        batch.remove(&tables.buyer_tags, key);
+                    } else {
+                        batch.insert(&tables.buyer_tags, key, t.encode_to_vec());
                     }
                 }
                 WriteOp::PutJoinRequest(r) => {
@@ -826,6 +838,21 @@ impl Store for FjallStore {
 
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
         self.read(move |t| decode_prefix(&t.faq, "faq", &keys::group_key(group_id)))
+    }
+
+    fn load_buyer_tags<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
+        let key = keys::product_key(shop_id, user_id);
+        self.read(move |t| {
+            t.buyer_tags
+                .get(key)
+                .map_err(read_err)?
+                .map(|v| decode("buyer_tags", &v))
+                .transpose()
+        })
     }
 
     fn load_join_requests(

@@ -55,8 +55,9 @@ pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
 use records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
-    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
+    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
+    SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -155,6 +156,9 @@ pub enum WriteOp {
     /// Replace a message already stored at its seq (a recall clears it).
     /// Unlike [`WriteOp::AppendMessage`] it writes nothing else.
     RewriteMessage(MessageRecord),
+    /// Set a buyer's tags in a shop ([`Store::load_buyer_tags`]); no tags
+    /// removes the record.
+    PutBuyerTags(BuyerTagsRecord),
     /// Record a buyer's pending request to join ([`Store::load_join_requests`]).
     PutJoinRequest(JoinRequestRecord),
     /// Forget a request (decided, or the buyer joined).
@@ -439,6 +443,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>>;
+
+    /// A buyer's tags in a shop.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_buyer_tags<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

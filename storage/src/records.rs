@@ -34,6 +34,9 @@ pub struct GroupRecord {
     /// How buyers join, as the wire protocol numbers it (0: open).
     #[prost(uint32, tag = "9")]
     pub join_policy: u32,
+    /// For a threshold policy: the tag expression a buyer must match.
+    #[prost(string, tag = "10")]
+    pub join_expression: String,
 }
 
 /// One pin of a group: a message or an FAQ entry (the other is 0).
@@ -300,4 +303,18 @@ pub struct JoinRequestRecord {
     /// When they asked, ms since the Unix epoch.
     #[prost(uint64, tag = "4")]
     pub requested_at_ms: u64,
+}
+
+/// A buyer's tags in one shop. Key: `shop_id | 0x00 | user_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct BuyerTagsRecord {
+    /// The shop.
+    #[prost(string, tag = "1")]
+    pub shop_id: String,
+    /// The buyer.
+    #[prost(string, tag = "2")]
+    pub user_id: String,
+    /// The tags, sorted.
+    #[prost(string, repeated, tag = "3")]
+    pub tags: Vec<String>,
 }

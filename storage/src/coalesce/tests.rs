@@ -162,6 +162,14 @@ impl Store for GatedStoreDouble {
     ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
         self.real.load_join_requests(group_id)
     }
+
+    fn load_buyer_tags<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
+        self.real.load_buyer_tags(shop_id, user_id)
+    }
 }
 
 struct Fixture {

@@ -79,8 +79,9 @@ pub use scylla::statement::Consistency;
 use self::statements::{Write, id64};
 use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
-    AutoReplyRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord, MemberFlagsRecord,
-    MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
+    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
+    SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -263,6 +264,7 @@ struct Reads {
     faq: PreparedStatement,
     auto_replies: PreparedStatement,
     join_requests: PreparedStatement,
+    buyer_tags: PreparedStatement,
 }
 
 impl Reads {
@@ -365,6 +367,10 @@ impl Reads {
             .await?,
             join_requests: p(format!(
                 "SELECT record FROM {ks}.join_requests WHERE group_id = ?"
+            ))
+            .await?,
+            buyer_tags: p(format!(
+                "SELECT record FROM {ks}.buyer_tags WHERE shop_id = ? AND user_id = ?"
             ))
             .await?,
         })
@@ -941,6 +947,23 @@ impl Store for ScyllaStore {
         Box::pin(async move {
             let id = id64("group id", group_id)?;
             self.records("faq", &self.inner.reads.faq, (id,)).await
+        })
+    }
+
+    fn load_buyer_tags<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
+        Box::pin(async move {
+            let mut found: Vec<BuyerTagsRecord> = self
+                .records(
+                    "buyer_tags",
+                    &self.inner.reads.buyer_tags,
+                    (shop_id, user_id),
+                )
+                .await?;
+            Ok(found.pop())
         })
     }
 

@@ -58,10 +58,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "join_requests",
         cql: include_str!("../../cql/0006_join_requests.cql"),
     },
+    Migration {
+        version: 7,
+        name: "buyer_tags",
+        cql: include_str!("../../cql/0007_buyer_tags.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

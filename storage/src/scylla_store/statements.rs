@@ -50,11 +50,13 @@ pub(crate) enum Write {
     DeleteAutoReply,
     PutJoinRequest,
     DeleteJoinRequest,
+    PutBuyerTags,
+    DeleteBuyerTags,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 31] = [
+    pub(crate) const ALL: [Write; 33] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -86,6 +88,8 @@ impl Write {
         Write::DeleteAutoReply,
         Write::PutJoinRequest,
         Write::DeleteJoinRequest,
+        Write::PutBuyerTags,
+        Write::DeleteBuyerTags,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -117,6 +121,7 @@ impl Write {
             Write::PutFaq | Write::DeleteFaq => "faq",
             Write::PutAutoReply | Write::DeleteAutoReply => "auto_replies",
             Write::PutJoinRequest | Write::DeleteJoinRequest => "join_requests",
+            Write::PutBuyerTags | Write::DeleteBuyerTags => "buyer_tags",
         }
     }
 
@@ -144,6 +149,12 @@ impl Write {
             Write::PutReport => format!(
                 "INSERT INTO {ks}.{t} (group_id, seq, reporter_id, record) VALUES (?, ?, ?, ?)"
             ),
+            Write::PutBuyerTags => {
+                format!("INSERT INTO {ks}.{t} (shop_id, user_id, record) VALUES (?, ?, ?)")
+            }
+            Write::DeleteBuyerTags => {
+                format!("DELETE FROM {ks}.{t} WHERE shop_id = ? AND user_id = ?")
+            }
             Write::PutJoinRequest => {
                 format!("INSERT INTO {ks}.{t} (group_id, user_id, record) VALUES (?, ?, ?)")
             }
@@ -210,7 +221,11 @@ impl Write {
     /// How many leading bound values form the partition key.
     fn partition_values(self) -> usize {
         match self {
-            Write::AppendMessage | Write::PutProduct | Write::PutCard => 2,
+            Write::AppendMessage
+            | Write::PutProduct
+            | Write::PutCard
+            | Write::PutBuyerTags
+            | Write::DeleteBuyerTags => 2,
             Write::PutFeedback => 1,
             Write::PutSent => 3,
             _ => 1,
@@ -361,7 +376,8 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
             WriteOp::PutProduct(_)
             | WriteOp::PutFeedback { .. }
             | WriteOp::PutAutoReply(_)
-            | WriteOp::RemoveAutoReply { .. } => {
+            | WriteOp::RemoveAutoReply { .. }
+            | WriteOp::PutBuyerTags(_) => {
                 shop = true;
                 continue;
             }
@@ -559,6 +575,19 @@ pub(crate) fn statements(
             },
             vec![bigint("group id", *group_id)?, text(user_id)],
         ),
+        WriteOp::PutBuyerTags(t) => {
+            if t.tags.is_empty() {
+                push(
+                    Write::DeleteBuyerTags,
+                    vec![text(&t.shop_id), text(&t.user_id)],
+                );
+            } else {
+                push(
+                    Write::PutBuyerTags,
+                    vec![text(&t.shop_id), text(&t.user_id), blob(t)],
+                );
+            }
+        }
         WriteOp::PutJoinRequest(r) => push(
             Write::PutJoinRequest,
             vec![bigint("group id", r.group_id)?, text(&r.user_id), blob(r)],
@@ -741,6 +770,11 @@ mod tests {
             WriteOp::PutFaq(Default::default()),
             WriteOp::PutAutoReply(Default::default()),
             WriteOp::PutJoinRequest(Default::default()),
+            WriteOp::PutBuyerTags(Default::default()),
+            WriteOp::PutBuyerTags(crate::records::BuyerTagsRecord {
+                tags: vec!["vip".into()],
+                ..Default::default()
+            }),
             WriteOp::RemoveJoinRequest {
                 group_id: 1,
                 user_id: "u".into(),
