@@ -103,6 +103,9 @@ pub enum ChatError {
         /// Until the ban ends.
         retry_after_ms: u64,
     },
+    /// The group admits by tags and the caller's do not match.
+    #[error("this group admits only buyers its shop selected (by tags or tier)")]
+    NotEligible,
     /// The group admits buyers on approval; the request is recorded.
     #[error("your request to join is waiting for the shop's approval")]
     JoinPending,
@@ -133,6 +136,7 @@ impl ChatError {
             ChatError::Muted { .. } => ErrorCode::Muted,
             ChatError::Banned { .. } => ErrorCode::Banned,
             ChatError::JoinPending => ErrorCode::JoinPending,
+            ChatError::NotEligible => ErrorCode::NotEligible,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,

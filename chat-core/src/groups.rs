@@ -230,6 +230,8 @@ pub(crate) struct Inner {
     pub(crate) feedback_dirty: DashMap<String, ()>,
     /// Each shop's auto-reply rules, compiled, loaded with its first group.
     pub(crate) auto_replies: DashMap<String, Arc<crate::auto_reply::ShopRules>>,
+    /// Serializes tag edits of one buyer.
+    pub(crate) tag_locks: crate::segments::TagLocks,
 }
 
 pub(crate) fn durable_channel() -> (
@@ -279,6 +281,7 @@ impl Groups {
                 feedback: DashMap::new(),
                 feedback_dirty: DashMap::new(),
                 auto_replies: DashMap::new(),
+                tag_locks: Default::default(),
             }),
         })
     }
@@ -449,6 +452,7 @@ impl Groups {
             buyers_muted: false,
             pins: Vec::new(),
             join_policy: 0,
+            join_expression: String::new(),
         };
         let creator = MemberRecord {
             group_id,
@@ -507,8 +511,9 @@ impl Groups {
     ) -> Result<v1::Joined, ChatError> {
         crate::permissions::require(who, crate::permissions::Operation::JoinGroup)?;
         let cell = self.cell(group_id).await?;
-        // A group that admits buyers on approval records the request
-        // instead, and says so.
+        // A group that admits by tags checks the buyer's; one that admits
+        // on approval records the request instead, and says so.
+        self.check_threshold(&cell, who).await?;
         if let Some(rx) = self.request_to_join(&cell, who, now_ms)? {
             durable(rx).await?;
             return Err(ChatError::JoinPending);

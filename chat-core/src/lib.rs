@@ -27,8 +27,9 @@
 //!   change is a BOARD message on the stream.
 //! - `auto_reply`: the shop's bot answers questions that match a rule or an
 //!   FAQ entry, once per cooldown per group.
-//! - `screening`: join policies — open, or on approval, with staff deciding
-//!   pending requests.
+//! - `screening`: join policies — open, on approval (staff decide pending
+//!   requests), or by tags; [`segments`]: buyers' tags, tiers and tag
+//!   expressions.
 //! - `moderation`: muting and removing buyers, muting all buyers, recall
 //!   (撤回) as a message on the stream.
 //! - [`Rate`]: the token buckets of per-user and per-group (slow mode) limits.
@@ -63,6 +64,7 @@ mod rate;
 pub mod reach;
 mod read_state;
 mod screening;
+pub mod segments;
 
 pub use auto_reply::MAX_RULES as MAX_AUTO_REPLY_RULES;
 pub use commerce::{MAX_MONEY_MINOR, TickReport, state_name};

@@ -77,11 +77,13 @@ pub enum Operation {
     SetJoinPolicy,
     /// List and decide buyers' requests to join.
     DecideJoin,
+    /// Read and edit buyers' tags.
+    ManageTags,
 }
 
 impl Operation {
     /// Every operation, in the order docs/roles.md lists them.
-    pub const ALL: [Operation; 32] = [
+    pub const ALL: [Operation; 33] = [
         Operation::CreateGroup,
         Operation::JoinGroup,
         Operation::LeaveGroup,
@@ -114,6 +116,7 @@ impl Operation {
         Operation::ManageAutoReply,
         Operation::SetJoinPolicy,
         Operation::DecideJoin,
+        Operation::ManageTags,
     ];
 
     /// The name docs/roles.md uses.
@@ -151,6 +154,7 @@ impl Operation {
             Operation::ManageAutoReply => "manage auto-reply rules",
             Operation::SetJoinPolicy => "set the join policy",
             Operation::DecideJoin => "list and decide join requests",
+            Operation::ManageTags => "read and edit buyers' tags",
         }
     }
 }

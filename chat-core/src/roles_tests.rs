@@ -316,10 +316,14 @@ async fn attempt(s: &Stage, who: &Identity, op: Operation) -> Result<(), ChatErr
             .map(drop),
         Operation::ReadBoard => groups.list_faq(who, g).await.map(drop),
         Operation::SetJoinPolicy => groups
-            .set_join_policy(who, g, v1::JoinPolicy::Approval)
+            .set_join_policy(who, g, v1::JoinPolicy::Approval, "")
             .await
             .map(drop),
         Operation::DecideJoin => groups.list_join_requests(who, g).await.map(drop),
+        Operation::ManageTags => groups
+            .tag_buyer(who, "target", vec!["vip".into()], vec![], false)
+            .await
+            .map(drop),
         Operation::ManageAutoReply => groups
             .put_auto_reply(
                 who,

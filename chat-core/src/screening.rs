@@ -25,6 +25,7 @@ fn requests(g: &GroupState) -> v1::JoinRequests {
     v1::JoinRequests {
         group_id: g.id(),
         policy: i32::try_from(g.record.join_policy).unwrap_or(0),
+        expression: g.record.join_expression.clone(),
         requests: list
             .into_iter()
             .map(|r| v1::JoinRequest {
@@ -74,24 +75,34 @@ impl Groups {
         Ok(Some(rx))
     }
 
-    /// Sets how buyers join: open, or on approval. Opening a group leaves
+    /// Sets how buyers join: open, on approval, or by tags (`expression`,
+    /// a tag expression, for a threshold policy). Opening a group leaves
     /// pending requests to be decided. Staff of the shop.
     ///
     /// # Errors
-    /// `ForbiddenRole`, `WrongShop`, `UnknownGroup`, `Storage`.
+    /// `ForbiddenRole`, `WrongShop`, `InvalidArgument` (a threshold without
+    /// a valid expression), `UnknownGroup`, `Storage`.
     pub async fn set_join_policy(
         &self,
         who: &Identity,
         group_id: u64,
         policy: v1::JoinPolicy,
+        expression: &str,
     ) -> Result<v1::JoinRequests, ChatError> {
         require(who, Operation::SetJoinPolicy)?;
+        let expression = if policy == v1::JoinPolicy::Threshold {
+            crate::segments::TagExpr::parse(expression)?;
+            expression.trim().to_string()
+        } else {
+            String::new()
+        };
         let cell = self.cell(group_id).await?;
         let (answer, rx) = {
             let mut g = cell.lock();
             g.check_shop(who)?;
             let mut record = g.record.clone();
             record.join_policy = policy as u32;
+            record.join_expression = expression;
             let (done, rx) = durable_channel();
             self.inner()
                 .store

@@ -23,7 +23,7 @@ async fn an_approval_group_records_requests_and_staff_decide_them() {
     let a = agent("a1", SHOP);
     let g = create(&f.groups, &a, 0).await;
     f.groups
-        .set_join_policy(&a, g, v1::JoinPolicy::Approval)
+        .set_join_policy(&a, g, v1::JoinPolicy::Approval, "")
         .await
         .unwrap();
     let ann = buyer("ann");
@@ -111,7 +111,7 @@ async fn an_approval_group_records_requests_and_staff_decide_them() {
     );
     // Opened: buyers join directly.
     f.groups
-        .set_join_policy(&a, g, v1::JoinPolicy::Open)
+        .set_join_policy(&a, g, v1::JoinPolicy::Open, "")
         .await
         .unwrap();
     let (s, _o) = sub(8, &buyer("cy"), OutboxLimits::default());
@@ -127,7 +127,7 @@ async fn screening_requests_are_checked() {
     assert_eq!(
         code(
             f.groups
-                .set_join_policy(&b, g, v1::JoinPolicy::Approval)
+                .set_join_policy(&b, g, v1::JoinPolicy::Approval, "")
                 .await
         ),
         ErrorCode::ForbiddenRole
@@ -135,7 +135,7 @@ async fn screening_requests_are_checked() {
     assert_eq!(
         code(
             f.groups
-                .set_join_policy(&agent("x", "other"), g, v1::JoinPolicy::Approval)
+                .set_join_policy(&agent("x", "other"), g, v1::JoinPolicy::Approval, "")
                 .await
         ),
         ErrorCode::WrongShop
@@ -168,7 +168,7 @@ async fn screening_requests_are_checked() {
         .await
         .unwrap();
     f.groups
-        .set_join_policy(&a, g, v1::JoinPolicy::Approval)
+        .set_join_policy(&a, g, v1::JoinPolicy::Approval, "")
         .await
         .unwrap();
     let (s, _o) = sub(3, &b, OutboxLimits::default());
@@ -183,5 +183,85 @@ async fn screening_requests_are_checked() {
             .unwrap()
             .requests
             .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_threshold_group_admits_only_buyers_whose_tags_match() {
+    let f = fixture().await;
+    let a = agent("a1", SHOP);
+    let g = create(&f.groups, &a, 0).await;
+    assert_eq!(
+        code(
+            f.groups
+                .set_join_policy(&a, g, v1::JoinPolicy::Threshold, "vip AND")
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    let set = f
+        .groups
+        .set_join_policy(&a, g, v1::JoinPolicy::Threshold, "tier:vip OR size:s")
+        .await
+        .unwrap();
+    assert_eq!(set.expression, "tier:vip OR size:s");
+    let ann = buyer("ann");
+    let (s, _o) = sub(2, &ann, OutboxLimits::default());
+    assert_eq!(
+        code(f.groups.join(&ann, g, s, NOW).await),
+        ErrorCode::NotEligible
+    );
+    // The shop's systems say ann spends a lot: now she is a VIP.
+    let tags = f
+        .groups
+        .tag_buyer(
+            &a,
+            "ann",
+            vec!["spend:high".into(), "orders:7".into()],
+            vec![],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!((tags.tier.as_str(), tags.tags.len()), ("vip", 2));
+    let (s, _o) = sub(3, &ann, OutboxLimits::default());
+    f.groups.join(&ann, g, s, NOW).await.unwrap();
+    // An agent tags bo by hand.
+    let bo = buyer("bo");
+    f.groups
+        .tag_buyer(&a, "bo", vec!["size:s".into()], vec![], false)
+        .await
+        .unwrap();
+    let (s, _o) = sub(4, &bo, OutboxLimits::default());
+    f.groups.join(&bo, g, s, NOW).await.unwrap();
+    // Tags are per shop: another shop's tags do not count.
+    let other = agent("x1", "other-shop");
+    f.groups
+        .tag_buyer(&other, "cy", vec!["vip".into()], vec![], false)
+        .await
+        .unwrap();
+    let (s, _o) = sub(5, &buyer("cy"), OutboxLimits::default());
+    assert_eq!(
+        code(f.groups.join(&buyer("cy"), g, s, NOW).await),
+        ErrorCode::NotEligible
+    );
+    let read = f.groups.buyer_tags(&a, "bo").await.unwrap();
+    assert_eq!(
+        (read.tags, read.tier.as_str()),
+        (vec!["size:s".to_string()], "new")
+    );
+    let removed = f
+        .groups
+        .tag_buyer(&a, "bo", vec![], vec!["size:s".into()], false)
+        .await
+        .unwrap();
+    assert!(removed.tags.is_empty());
+    assert_eq!(
+        code(
+            f.groups
+                .tag_buyer(&a, "bo", vec!["VIP!".into()], vec![], false)
+                .await
+        ),
+        ErrorCode::InvalidArgument
     );
 }

@@ -480,7 +480,7 @@ impl Session {
                 .map(Body::AutoReplies)
                 .map_err(RequestError::from),
             client_frame::Body::SetJoinPolicy(p) => groups
-                .set_join_policy(who, p.group_id, p.policy())
+                .set_join_policy(who, p.group_id, p.policy(), &p.expression)
                 .await
                 .map(Body::JoinRequests)
                 .map_err(RequestError::from),
@@ -493,6 +493,16 @@ impl Session {
                 .decide_join(who, d, now_ms())
                 .await
                 .map(Body::JoinRequests)
+                .map_err(RequestError::from),
+            client_frame::Body::TagBuyer(t) => groups
+                .tag_buyer(who, &t.user_id, t.add, t.remove, false)
+                .await
+                .map(Body::BuyerTags)
+                .map_err(RequestError::from),
+            client_frame::Body::GetBuyerTags(t) => groups
+                .buyer_tags(who, &t.user_id)
+                .await
+                .map(Body::BuyerTags)
                 .map_err(RequestError::from),
             client_frame::Body::GetReachQuota(q) => groups
                 .reach_quota(who, q.group_id, now_ms())
@@ -713,6 +723,8 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::SetJoinPolicy(_) => "set_join_policy",
         client_frame::Body::ListJoinRequests(_) => "list_join_requests",
         client_frame::Body::DecideJoin(_) => "decide_join",
+        client_frame::Body::TagBuyer(_) => "tag_buyer",
+        client_frame::Body::GetBuyerTags(_) => "get_buyer_tags",
     }
 }
 

@@ -169,5 +169,6 @@ mod tests {
         assert_eq!(ErrorCode::Muted as i32, 53);
         assert_eq!(ErrorCode::Banned as i32, 54);
         assert_eq!(ErrorCode::JoinPending as i32, 55);
+        assert_eq!(ErrorCode::NotEligible as i32, 56);
     }
 }
