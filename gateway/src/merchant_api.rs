@@ -75,6 +75,10 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
             "/v1/groups/{group_id}/join-requests/{user_id}/decide",
             post(decide_join),
         )
+        .route(
+            "/v1/buyers/{user_id}/tags",
+            get(get_buyer_tags).put(put_buyer_tags),
+        )
         .route("/v1/auto-replies", get(list_auto_replies))
         .route(
             "/v1/auto-replies/{rule_id}",
@@ -134,6 +138,7 @@ impl ApiError {
             }
             ErrorCode::Muted | ErrorCode::Banned => StatusCode::FORBIDDEN,
             ErrorCode::JoinPending => StatusCode::ACCEPTED,
+            ErrorCode::NotEligible => StatusCode::FORBIDDEN,
             ErrorCode::StorageUnavailable | ErrorCode::Overloaded | ErrorCode::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -1042,8 +1047,10 @@ async fn set_pin(
 #[derive(Serialize)]
 struct JoinRequestsJson {
     group_id: u64,
-    /// "open" or "approval".
+    /// "open", "approval" or "threshold".
     policy: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    expression: String,
     requests: Vec<JoinRequestJson>,
 }
 
@@ -1061,7 +1068,9 @@ impl From<v1::JoinRequests> for JoinRequestsJson {
             policy: match r.policy() {
                 v1::JoinPolicy::Open => "open",
                 v1::JoinPolicy::Approval => "approval",
+                v1::JoinPolicy::Threshold => "threshold",
             },
+            expression: r.expression,
             requests: r
                 .requests
                 .into_iter()
@@ -1078,8 +1087,11 @@ impl From<v1::JoinRequests> for JoinRequestsJson {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyInput {
-    /// "open" or "approval".
+    /// "open", "approval" or "threshold".
     policy: String,
+    /// For "threshold": the tag expression.
+    #[serde(default)]
+    expression: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1100,15 +1112,16 @@ async fn set_join_policy(
     let policy = match p.policy.as_str() {
         "open" => v1::JoinPolicy::Open,
         "approval" => v1::JoinPolicy::Approval,
+        "threshold" => v1::JoinPolicy::Threshold,
         other => {
             return Err(ApiError::invalid(format!(
-                "policy {other:?}: use open or approval"
+                "policy {other:?}: use open, approval or threshold"
             )));
         }
     };
     ok(shared
         .groups
-        .set_join_policy(&who, group_id, policy)
+        .set_join_policy(&who, group_id, policy, &p.expression)
         .await?
         .into())
 }
@@ -1142,6 +1155,59 @@ async fn decide_join(
         approve: d.approve,
     };
     ok(shared.groups.decide_join(&who, req, now_ms()).await?.into())
+}
+
+// ───────────────────────────── tags ─────────────────────────────
+
+#[derive(Serialize)]
+struct BuyerTagsJson {
+    user_id: String,
+    tags: Vec<String>,
+    tier: String,
+}
+
+impl From<v1::BuyerTags> for BuyerTagsJson {
+    fn from(t: v1::BuyerTags) -> Self {
+        Self {
+            user_id: t.user_id,
+            tags: t.tags,
+            tier: t.tier,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsInput {
+    tags: Vec<String>,
+}
+
+async fn get_buyer_tags(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<BuyerTagsJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(user_id) = path?;
+    ok(shared.groups.buyer_tags(&who, &user_id).await?.into())
+}
+
+/// Replaces a buyer's tags: how the shop's own systems push consumption
+/// data (orders, spend band, last purchase).
+async fn put_buyer_tags(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<TagsInput>, JsonRejection>,
+) -> ApiResult<BuyerTagsJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(user_id) = path?;
+    let Json(t) = body?;
+    ok(shared
+        .groups
+        .tag_buyer(&who, &user_id, t.tags, Vec::new(), true)
+        .await?
+        .into())
 }
 
 // ───────────────────────────── auto-reply ─────────────────────────────
@@ -1243,13 +1309,14 @@ mod tests {
             "/v1/groups/{group_id}/join-policy",
             "/v1/groups/{group_id}/join-requests",
             "/v1/groups/{group_id}/join-requests/{user_id}/decide",
+            "/v1/buyers/{user_id}/tags",
             "/v1/auto-replies",
             "/v1/auto-replies/{rule_id}",
             "/v1/auto-replies/{rule_id}/remove",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 25, "a documented path is not served");
+        assert_eq!(paths.len(), 26, "a documented path is not served");
     }
 
     #[test]

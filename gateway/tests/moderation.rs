@@ -309,7 +309,7 @@ async fn an_approval_group_admits_a_buyer_when_staff_approve() {
     let server = TestServer::start(dir.path()).await;
     let (agent, g) = server.agent_with_group("VIP lounge", 0).await;
     agent
-        .set_join_policy(g, v1::JoinPolicy::Approval)
+        .set_join_policy(g, v1::JoinPolicy::Approval, "")
         .await
         .unwrap();
     let mut ann = server.client("ann", "buyer", None).await;
@@ -368,5 +368,53 @@ async fn an_approval_group_admits_a_buyer_when_staff_approve() {
         )
         .await;
     assert_eq!((s, e["name"].as_str()), (400, Some("INVALID_ARGUMENT")));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_group_admits_buyers_the_shop_tagged_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (_agent, g) = server.agent_with_group("VIP only", 0).await;
+    let owner = server.token("boss", "owner", Some(SHOP));
+    let (s, r) = server
+        .http_json(
+            "POST",
+            &format!("/v1/groups/{g}/join-policy"),
+            Some(&owner),
+            Some(json!({"policy": "threshold", "expression": "tier:vip"})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["expression"].as_str()),
+        (200, Some("tier:vip")),
+        "{r}"
+    );
+    let ann = server.client("ann", "buyer", None).await;
+    assert_eq!(code(ann.join(g).await), ErrorCode::NotEligible);
+    let (s, t) = server
+        .http_json(
+            "PUT",
+            "/v1/buyers/ann/tags",
+            Some(&owner),
+            Some(json!({"tags": ["orders:12", "spend:high", "last_purchase:2026-11"]})),
+        )
+        .await;
+    assert_eq!((s, t["tier"].as_str()), (200, Some("vip")), "{t}");
+    ann.join(g).await.unwrap();
+    let (s, e) = server
+        .http_json(
+            "PUT",
+            "/v1/buyers/ann/tags",
+            Some(&owner),
+            Some(json!({"tags": ["Not A Tag"]})),
+        )
+        .await;
+    assert_eq!((s, e["name"].as_str()), (400, Some("INVALID_ARGUMENT")));
+    let buyer_token = server.token("bo", "buyer", None);
+    let (s, _) = server
+        .http_json("GET", "/v1/buyers/ann/tags", Some(&buyer_token), None)
+        .await;
+    assert_eq!(s, 403, "buyers do not read others' tags");
     server.stop().await;
 }
