@@ -137,11 +137,23 @@ enum Command {
         #[arg(long)]
         ban: Option<humantime::Duration>,
     },
-    /// Let buyers join freely or on approval (staff).
+    /// Let buyers join freely, on approval, or by tags (staff).
     Policy {
         group: u64,
-        /// open or approval.
+        /// open, approval or threshold.
         policy: String,
+        /// For threshold: a tag expression, e.g. "tier:vip OR size:s".
+        #[arg(long)]
+        expr: Option<String>,
+    },
+    /// Add or remove a buyer's tags in your shop (staff); prints them and
+    /// the tier.
+    Tag {
+        user: String,
+        #[arg(long)]
+        add: Vec<String>,
+        #[arg(long)]
+        remove: Vec<String>,
     },
     /// Buyers waiting for approval (staff).
     Requests { group: u64 },
@@ -531,17 +543,30 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
             client.remove_member(group, &user, ban_ms).await?;
             println!("removed");
         }
-        Command::Policy { group, policy } => {
+        Command::Policy {
+            group,
+            policy,
+            expr,
+        } => {
             let p = match policy.as_str() {
                 "open" => proto::JoinPolicy::Open,
                 "approval" => proto::JoinPolicy::Approval,
+                "threshold" => proto::JoinPolicy::Threshold,
                 other => {
-                    eprintln!("qun-cli: policy {other:?}: use open or approval");
+                    eprintln!("qun-cli: policy {other:?}: use open, approval or threshold");
                     std::process::exit(2);
                 }
             };
-            client.set_join_policy(group, p).await?;
+            client
+                .set_join_policy(group, p, expr.as_deref().unwrap_or(""))
+                .await?;
             println!("{policy}");
+        }
+        Command::Tag { user, add, remove } => {
+            let add: Vec<&str> = add.iter().map(String::as_str).collect();
+            let remove: Vec<&str> = remove.iter().map(String::as_str).collect();
+            let t = client.tag_buyer(&user, &add, &remove).await?;
+            println!("{} [{}] tier {}", t.user_id, t.tags.join(" "), t.tier);
         }
         Command::Requests { group } => {
             for r in client.list_join_requests(group).await?.requests {

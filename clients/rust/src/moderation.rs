@@ -94,22 +94,47 @@ impl Client {
         }
     }
 
-    /// Lets buyers join freely or on approval (staff). On approval, a
-    /// buyer's [`Client::join`] answers `JOIN_PENDING` and the decision
-    /// arrives as [`crate::Event::JoinDecided`].
+    /// Lets buyers join freely, on approval, or by tags (staff). On
+    /// approval, a buyer's [`Client::join`] answers `JOIN_PENDING` and the
+    /// decision arrives as [`crate::Event::JoinDecided`]; by tags
+    /// (`expression`, e.g. `tier:vip`), others get `NOT_ELIGIBLE`.
     ///
     /// # Errors
-    /// [`ClientError`]; `FORBIDDEN_ROLE`, `WRONG_SHOP`.
+    /// [`ClientError`]; `FORBIDDEN_ROLE`, `WRONG_SHOP`, `INVALID_ARGUMENT`
+    /// for a bad expression.
     pub async fn set_join_policy(
         &self,
         group_id: u64,
         policy: v1::JoinPolicy,
+        expression: &str,
     ) -> Result<v1::JoinRequests, ClientError> {
         self.join_requests(client_frame::Body::SetJoinPolicy(v1::SetJoinPolicy {
             group_id,
             policy: policy as i32,
+            expression: expression.to_string(),
         }))
         .await
+    }
+
+    /// Adds and removes tags of a buyer in the caller's shop (staff).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `INVALID_ARGUMENT` for a malformed tag.
+    pub async fn tag_buyer(
+        &self,
+        user_id: &str,
+        add: &[&str],
+        remove: &[&str],
+    ) -> Result<v1::BuyerTags, ClientError> {
+        let req = v1::TagBuyer {
+            user_id: user_id.to_string(),
+            add: add.iter().map(|t| t.to_string()).collect(),
+            remove: remove.iter().map(|t| t.to_string()).collect(),
+        };
+        match self.request(client_frame::Body::TagBuyer(req)).await? {
+            Body::BuyerTags(t) => Ok(t),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Buyers waiting for approval (staff).

@@ -730,3 +730,40 @@ async fn approval_from_the_command_line() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_and_a_threshold_group_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::load_or_create(dir.path()).unwrap();
+    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+    let agent = token(&key, "mei", "agent", Some("shop-1"));
+    let fan = token(&key, "fan", "buyer", None);
+    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Small sizes"]).await)
+        .trim()
+        .to_string();
+    stdout(
+        &cli(
+            &url,
+            &agent,
+            &["policy", &group, "threshold", "--expr", "size:s"],
+        )
+        .await,
+    );
+    let refused = cli(&url, &fan, &["join", &group]).await;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("NOT_ELIGIBLE"));
+    assert_eq!(
+        stdout(
+            &cli(
+                &url,
+                &agent,
+                &["tag", "fan", "--add", "size:s", "--add", "orders:2"]
+            )
+            .await
+        )
+        .trim(),
+        "fan [orders:2 size:s] tier regular"
+    );
+    stdout(&cli(&url, &fan, &["join", &group]).await);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
