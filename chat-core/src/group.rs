@@ -782,6 +782,18 @@ impl GroupState {
         }
     }
 
+    /// How `who` is screened on joining: the group's policy for a buyer who
+    /// is not yet a member, `Open` for everyone else (staff, members).
+    pub(crate) fn screening_for(&self, who: &Identity) -> v1::JoinPolicy {
+        if who.role() != Role::Buyer || self.members.contains_key(who.user_id()) {
+            return v1::JoinPolicy::Open;
+        }
+        i32::try_from(self.record.join_policy)
+            .ok()
+            .and_then(|p| v1::JoinPolicy::try_from(p).ok())
+            .unwrap_or(v1::JoinPolicy::Open)
+    }
+
     /// `Banned` while a ban of `user_id` lasts.
     pub(crate) fn check_not_banned(&self, user_id: &str, now_ms: u64) -> Result<(), ChatError> {
         match self.flags.get(user_id) {

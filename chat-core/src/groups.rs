@@ -512,11 +512,18 @@ impl Groups {
         crate::permissions::require(who, crate::permissions::Operation::JoinGroup)?;
         let cell = self.cell(group_id).await?;
         // A group that admits by tags checks the buyer's; one that admits
-        // on approval records the request instead, and says so.
-        self.check_threshold(&cell, who).await?;
-        if let Some(rx) = self.request_to_join(&cell, who, now_ms)? {
-            durable(rx).await?;
-            return Err(ChatError::JoinPending);
+        // on approval records the request instead, and says so. Members
+        // and staff pass (one look at the policy, under one short lock).
+        let screening = cell.lock().screening_for(who);
+        match screening {
+            v1::JoinPolicy::Open => {}
+            v1::JoinPolicy::Threshold => self.check_threshold(&cell, who).await?,
+            v1::JoinPolicy::Approval => {
+                if let Some(rx) = self.request_to_join(&cell, who, now_ms)? {
+                    durable(rx).await?;
+                    return Err(ChatError::JoinPending);
+                }
+            }
         }
         let admitted = {
             let mut g = cell.lock();

@@ -17,8 +17,6 @@ use crate::{ChatError, Identity, Role};
 
 type Durable = oneshot::Receiver<Result<(), qun_storage::StorageError>>;
 
-const APPROVAL: u32 = v1::JoinPolicy::Approval as u32;
-
 fn requests(g: &GroupState) -> v1::JoinRequests {
     let mut list: Vec<&JoinRequestRecord> = g.join_requests.values().collect();
     list.sort_by_key(|r| (r.requested_at_ms, r.user_id.clone()));
@@ -38,9 +36,10 @@ fn requests(g: &GroupState) -> v1::JoinRequests {
 }
 
 impl Groups {
-    /// For a join: when the group admits buyers on approval and `who` is a
-    /// buyer who is not a member, records the request (once) and returns
-    /// its durability; the join then answers `JoinPending`.
+    /// For a buyer joining a group that admits on approval: records the
+    /// request (once) and returns its durability; the join then answers
+    /// `JoinPending`. `None` when, under the lock, there is nothing to ask
+    /// (approved meanwhile, or the policy changed).
     pub(crate) fn request_to_join(
         &self,
         cell: &Arc<GroupCell>,
@@ -48,10 +47,7 @@ impl Groups {
         now_ms: u64,
     ) -> Result<Option<Durable>, ChatError> {
         let mut g = cell.lock();
-        if g.record.join_policy != APPROVAL
-            || who.role() != Role::Buyer
-            || g.members.contains_key(who.user_id())
-        {
+        if g.screening_for(who) != v1::JoinPolicy::Approval {
             return Ok(None);
         }
         g.check_not_banned(who.user_id(), now_ms)?;

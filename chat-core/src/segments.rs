@@ -308,8 +308,6 @@ mod ops {
     use crate::permissions::{Operation, require};
     use crate::{ChatError, Identity, Role};
 
-    const THRESHOLD: u32 = v1::JoinPolicy::Threshold as u32;
-
     fn wire(user_id: &str, tags: &BTreeSet<String>) -> v1::BuyerTags {
         v1::BuyerTags {
             user_id: user_id.to_string(),
@@ -401,8 +399,8 @@ mod ops {
             Ok(wire(user_id, &self.tags_of(shop, user_id).await?))
         }
 
-        /// For a join: `NotEligible` when the group admits by tags and the
-        /// buyer's do not match.
+        /// For a buyer joining a group that admits by tags: `NotEligible`
+        /// unless their tags match its expression.
         pub(crate) async fn check_threshold(
             &self,
             cell: &Arc<GroupCell>,
@@ -410,12 +408,6 @@ mod ops {
         ) -> Result<(), ChatError> {
             let (shop, expression) = {
                 let g = cell.lock();
-                if g.record.join_policy != THRESHOLD
-                    || who.role() != Role::Buyer
-                    || g.members.contains_key(who.user_id())
-                {
-                    return Ok(());
-                }
                 (g.record.shop_id.clone(), g.record.join_expression.clone())
             };
             let expr = TagExpr::parse(&expression)?;
