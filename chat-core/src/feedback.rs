@@ -112,7 +112,8 @@ impl Groups {
             .iter()
             .map(|e| e.key().clone())
             .collect();
-        let mut ops = Vec::new();
+        // (shop, day, positive, negative) of every day to write.
+        let mut days = Vec::new();
         for shop_id in dirty {
             // Removed before taking the days: a signal counted in between
             // marks the shop again and is written now or on the next tick.
@@ -121,28 +122,25 @@ impl Groups {
                 continue;
             };
             for (day, positive, negative) in shop.take_dirty(today, window) {
-                ops.push(WriteOp::PutFeedback {
-                    shop_id: shop_id.clone(),
-                    day,
-                    positive,
-                    negative,
-                });
+                days.push((shop_id.clone(), day, positive, negative));
             }
         }
-        if ops.is_empty() {
+        if days.is_empty() {
             return;
         }
-        let (done, _rx) = durable_channel();
-        let days: Vec<(String, u64)> = ops
+        let ops = days
             .iter()
-            .filter_map(|op| match op {
-                WriteOp::PutFeedback { shop_id, day, .. } => Some((shop_id.clone(), *day)),
-                _ => None,
+            .map(|(shop_id, day, positive, negative)| WriteOp::PutFeedback {
+                shop_id: shop_id.clone(),
+                day: *day,
+                positive: *positive,
+                negative: *negative,
             })
             .collect();
+        let (done, _rx) = durable_channel();
         if let Err(e) = self.inner().store.submit(ops, done) {
             tracing::warn!(error = %e, "buyer feedback not written this tick; trying again next tick");
-            for (shop_id, day) in days {
+            for (shop_id, day, _, _) in days {
                 if let Some(mut shop) = self.inner().feedback.get_mut(&shop_id) {
                     shop.mark_dirty(day);
                 }
