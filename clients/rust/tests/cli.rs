@@ -495,24 +495,75 @@ async fn the_cli_speaks_quic_with_a_pinned_certificate() {
     server.await.unwrap().unwrap();
 }
 
+/// A running server in a temporary folder and an agent of shop-1: where
+/// most tests of a merchant feature start.
+struct Shop {
+    _dir: tempfile::TempDir,
+    key: TokenKey,
+    url: String,
+    agent: String,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), qun_gateway::ServerError>>,
+}
+
+impl Shop {
+    async fn open() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TokenKey::load_or_create(dir.path()).unwrap();
+        let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
+        let agent = token(&key, "mei", "agent", Some("shop-1"));
+        Self {
+            _dir: dir,
+            key,
+            url,
+            agent,
+            shutdown,
+            server,
+        }
+    }
+
+    fn buyer(&self, user: &str) -> String {
+        token(&self.key, user, "buyer", None)
+    }
+
+    /// `qun-cli` as `token`, which must succeed: its stdout, trimmed.
+    async fn ok(&self, token: &str, args: &[&str]) -> String {
+        stdout(&cli(&self.url, token, args).await)
+            .trim()
+            .to_string()
+    }
+
+    /// `qun-cli` as `token`, which must fail: its stderr.
+    async fn refused(&self, token: &str, args: &[&str]) -> String {
+        let out = cli(&self.url, token, args).await;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// A new group of shop-1, created by the agent.
+    async fn group(&self, name: &str) -> String {
+        self.ok(&self.agent, &["group", "create", "--name", name])
+            .await
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_report_and_muted_promotions_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
-    let agent = token(&key, "mei", "agent", Some("shop-1"));
-    let fan = token(&key, "fan", "buyer", None);
-    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Quiet"]).await)
-        .trim()
-        .to_string();
-    stdout(&cli(&url, &fan, &["join", &group]).await);
+    let shop = Shop::open().await;
+    let (agent, fan) = (shop.agent.clone(), shop.buyer("fan"));
+    let group = shop.group("Quiet").await;
+    shop.ok(&fan, &["join", &group]).await;
     assert_eq!(
-        stdout(&cli(&url, &fan, &["promotions", "mute", &group]).await).trim(),
+        shop.ok(&fan, &["promotions", "mute", &group]).await,
         "muted"
     );
-    let card = stdout(
-        &cli(
-            &url,
+    let card = shop
+        .ok(
             &agent,
             &[
                 "card",
@@ -526,23 +577,21 @@ async fn quota_report_and_muted_promotions_from_the_command_line() {
                 "100",
             ],
         )
-        .await,
-    )
-    .trim()
-    .to_string();
-    stdout(&cli(&url, &agent, &["send", &group, "Ask me anything"]).await);
-    let history = stdout(&cli(&url, &fan, &["history", &group, "--json"]).await);
+        .await;
+    shop.ok(&agent, &["send", &group, "Ask me anything"]).await;
+    let history = shop.ok(&fan, &["history", &group, "--json"]).await;
     let kinds: Vec<String> = history
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
         .collect();
     assert_eq!(kinds, ["\"hidden\"", "\"text\""], "{history}");
     assert_eq!(
-        stdout(&cli(&url, &fan, &["report", &group, &card, "--reason", "spam"]).await).trim(),
+        shop.ok(&fan, &["report", &group, &card, "--reason", "spam"])
+            .await,
         "reported"
     );
-    let quota = stdout(&cli(&url, &agent, &["quota", "show", &group, "--json"]).await);
-    let q: serde_json::Value = serde_json::from_str(quota.trim()).unwrap();
+    let quota = shop.ok(&agent, &["quota", "show", &group, "--json"]).await;
+    let q: serde_json::Value = serde_json::from_str(&quota).unwrap();
     assert_eq!(
         (
             q["used"].as_u64(),
@@ -552,116 +601,77 @@ async fn quota_report_and_muted_promotions_from_the_command_line() {
         (Some(1), Some(2), Some(10)),
         "one card; a mute and a report: {q}"
     );
-    let refused = cli(&url, &fan, &["quota", "show", &group]).await;
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("FORBIDDEN_ROLE"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    let refused = shop.refused(&fan, &["quota", "show", &group]).await;
+    assert!(refused.contains("FORBIDDEN_ROLE"), "{refused}");
+    shop.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mute_recall_and_remove_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
-    let agent = token(&key, "mei", "agent", Some("shop-1"));
-    let troll = token(&key, "troll", "buyer", None);
-    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Calm"]).await)
-        .trim()
-        .to_string();
-    stdout(&cli(&url, &troll, &["join", &group]).await);
-    let spam = stdout(&cli(&url, &troll, &["send", &group, "spam spam"]).await)
-        .trim()
-        .to_string();
-    let recall = stdout(&cli(&url, &agent, &["recall", &group, &spam]).await);
-    assert!(recall.trim().parse::<u64>().is_ok(), "{recall:?}");
+    let shop = Shop::open().await;
+    let (agent, troll) = (shop.agent.clone(), shop.buyer("troll"));
+    let group = shop.group("Calm").await;
+    shop.ok(&troll, &["join", &group]).await;
+    let spam = shop.ok(&troll, &["send", &group, "spam spam"]).await;
+    let recall = shop.ok(&agent, &["recall", &group, &spam]).await;
+    assert!(recall.parse::<u64>().is_ok(), "{recall:?}");
     assert_eq!(
-        stdout(&cli(&url, &agent, &["mute", &group, "troll", "--for", "10m"]).await).trim(),
+        shop.ok(&agent, &["mute", &group, "troll", "--for", "10m"])
+            .await,
         "muted"
     );
-    let refused = cli(
-        &url,
-        &troll,
-        &["send", &group, "more spam", "--retries", "0"],
-    )
-    .await;
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("MUTED"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
-    let history = stdout(&cli(&url, &agent, &["history", &group]).await);
+    let refused = shop
+        .refused(&troll, &["send", &group, "more spam", "--retries", "0"])
+        .await;
+    assert!(refused.contains("MUTED"), "{refused}");
+    let history = shop.ok(&agent, &["history", &group]).await;
     assert!(history.contains("(recalled)"), "{history}");
     assert!(history.contains(&format!("recalled #{spam}")), "{history}");
     assert_eq!(
-        stdout(&cli(&url, &agent, &["remove", &group, "troll", "--ban", "1d"]).await).trim(),
+        shop.ok(&agent, &["remove", &group, "troll", "--ban", "1d"])
+            .await,
         "removed"
     );
-    let rejoin = cli(&url, &troll, &["join", &group]).await;
-    assert!(String::from_utf8_lossy(&rejoin.stderr).contains("BANNED"));
-    assert_eq!(
-        stdout(&cli(&url, &agent, &["mute-all", &group]).await).trim(),
-        "buyers muted"
+    assert!(
+        shop.refused(&troll, &["join", &group])
+            .await
+            .contains("BANNED")
     );
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    assert_eq!(shop.ok(&agent, &["mute-all", &group]).await, "buyers muted");
+    shop.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faq_and_pins_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
-    let agent = token(&key, "mei", "agent", Some("shop-1"));
-    let fan = token(&key, "fan", "buyer", None);
-    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Sizes"]).await)
-        .trim()
-        .to_string();
-    stdout(&cli(&url, &fan, &["join", &group]).await);
-    let q = stdout(&cli(&url, &fan, &["send", &group, "S = EU 34?"]).await)
-        .trim()
-        .to_string();
-    let a = stdout(
-        &cli(
-            &url,
-            &agent,
-            &["send", &group, "Yes, EU 34.", "--reply-to", &q],
-        )
-        .await,
-    )
-    .trim()
-    .to_string();
-    let promoted = stdout(&cli(&url, &agent, &["faq", "promote", &group, &q, &a]).await);
+    let shop = Shop::open().await;
+    let (agent, fan) = (shop.agent.clone(), shop.buyer("fan"));
+    let group = shop.group("Sizes").await;
+    shop.ok(&fan, &["join", &group]).await;
+    let q = shop.ok(&fan, &["send", &group, "S = EU 34?"]).await;
+    let a = shop
+        .ok(&agent, &["send", &group, "Yes, EU 34.", "--reply-to", &q])
+        .await;
+    let promoted = shop.ok(&agent, &["faq", "promote", &group, &q, &a]).await;
     assert!(
         promoted.contains("FAQ 1: Q: S = EU 34? / A: Yes, EU 34."),
         "{promoted}"
     );
-    stdout(&cli(&url, &agent, &["pin", &group, "--faq", "1"]).await);
-    let listed = stdout(&cli(&url, &fan, &["faq", "list", &group, "--json"]).await);
-    let board: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    shop.ok(&agent, &["pin", &group, "--faq", "1"]).await;
+    let listed = shop.ok(&fan, &["faq", "list", &group, "--json"]).await;
+    let board: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(board["pins"], serde_json::json!([{"faq_id": 1}]), "{board}");
     assert_eq!(board["entries"][0]["answer"], "Yes, EU 34.");
-    let refused = cli(&url, &fan, &["pin", &group, "--message", &a]).await;
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("FORBIDDEN_ROLE"));
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    let refused = shop.refused(&fan, &["pin", &group, "--message", &a]).await;
+    assert!(refused.contains("FORBIDDEN_ROLE"), "{refused}");
+    shop.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autoreply_rules_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
-    let agent = token(&key, "mei", "agent", Some("shop-1"));
-    let fan = token(&key, "fan", "buyer", None);
-    let set = stdout(
-        &cli(
-            &url,
+    let shop = Shop::open().await;
+    let (agent, fan) = (shop.agent.clone(), shop.buyer("fan"));
+    let set = shop
+        .ok(
             &agent,
             &[
                 "autoreply",
@@ -677,93 +687,68 @@ async fn autoreply_rules_from_the_command_line() {
                 "1m",
             ],
         )
-        .await,
-    );
+        .await;
     assert!(
         set.contains("ship: keywords [\"ship\", \"macau\"]"),
         "{set}"
     );
-    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Ship"]).await)
-        .trim()
-        .to_string();
-    stdout(&cli(&url, &fan, &["join", &group]).await);
-    stdout(&cli(&url, &fan, &["send", &group, "Do you ship to Macau?"]).await);
-    let history = stdout(&cli(&url, &fan, &["history", &group]).await);
+    let group = shop.group("Ship").await;
+    shop.ok(&fan, &["join", &group]).await;
+    shop.ok(&fan, &["send", &group, "Do you ship to Macau?"])
+        .await;
+    let history = shop.ok(&fan, &["history", &group]).await;
     assert!(history.contains("Shop assistant (bot)"), "{history}");
     assert!(history.contains("Yes, in 3 days."), "{history}");
-    let bad = cli(
-        &url,
-        &agent,
-        &["autoreply", "set", "x", "--pattern", "(", "--answer", "y"],
-    )
-    .await;
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT"));
-    let left = stdout(&cli(&url, &agent, &["autoreply", "remove", "ship"]).await);
-    assert!(left.trim().is_empty(), "{left}");
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    let bad = shop
+        .refused(
+            &agent,
+            &["autoreply", "set", "x", "--pattern", "(", "--answer", "y"],
+        )
+        .await;
+    assert!(bad.contains("INVALID_ARGUMENT"), "{bad}");
+    let left = shop.ok(&agent, &["autoreply", "remove", "ship"]).await;
+    assert!(left.is_empty(), "{left}");
+    shop.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approval_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
-    let agent = token(&key, "mei", "agent", Some("shop-1"));
-    let fan = token(&key, "fan", "buyer", None);
-    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "VIP"]).await)
-        .trim()
-        .to_string();
+    let shop = Shop::open().await;
+    let (agent, fan) = (shop.agent.clone(), shop.buyer("fan"));
+    let group = shop.group("VIP").await;
     assert_eq!(
-        stdout(&cli(&url, &agent, &["policy", &group, "approval"]).await).trim(),
+        shop.ok(&agent, &["policy", &group, "approval"]).await,
         "approval"
     );
-    let pending = cli(&url, &fan, &["join", &group]).await;
-    assert!(String::from_utf8_lossy(&pending.stderr).contains("JOIN_PENDING"));
-    let listed = stdout(&cli(&url, &agent, &["requests", &group]).await);
+    let pending = shop.refused(&fan, &["join", &group]).await;
+    assert!(pending.contains("JOIN_PENDING"), "{pending}");
+    let listed = shop.ok(&agent, &["requests", &group]).await;
     assert!(listed.starts_with("fan ("), "{listed}");
     assert_eq!(
-        stdout(&cli(&url, &agent, &["approve", &group, "fan"]).await).trim(),
+        shop.ok(&agent, &["approve", &group, "fan"]).await,
         "approved"
     );
-    stdout(&cli(&url, &fan, &["send", &group, "in!"]).await);
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    shop.ok(&fan, &["send", &group, "in!"]).await;
+    shop.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_and_a_threshold_group_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = TokenKey::load_or_create(dir.path()).unwrap();
-    let (url, shutdown, server) = start_server(dir.path(), "127.0.0.1:0").await;
-    let agent = token(&key, "mei", "agent", Some("shop-1"));
-    let fan = token(&key, "fan", "buyer", None);
-    let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Small sizes"]).await)
-        .trim()
-        .to_string();
-    stdout(
-        &cli(
-            &url,
+    let shop = Shop::open().await;
+    let (agent, fan) = (shop.agent.clone(), shop.buyer("fan"));
+    let group = shop.group("Small sizes").await;
+    shop.ok(&agent, &["policy", &group, "threshold", "--expr", "size:s"])
+        .await;
+    let refused = shop.refused(&fan, &["join", &group]).await;
+    assert!(refused.contains("NOT_ELIGIBLE"), "{refused}");
+    assert_eq!(
+        shop.ok(
             &agent,
-            &["policy", &group, "threshold", "--expr", "size:s"],
+            &["tag", "fan", "--add", "size:s", "--add", "orders:2"]
         )
         .await,
-    );
-    let refused = cli(&url, &fan, &["join", &group]).await;
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("NOT_ELIGIBLE"));
-    assert_eq!(
-        stdout(
-            &cli(
-                &url,
-                &agent,
-                &["tag", "fan", "--add", "size:s", "--add", "orders:2"]
-            )
-            .await
-        )
-        .trim(),
         "fan [orders:2 size:s] tier regular"
     );
-    stdout(&cli(&url, &fan, &["join", &group]).await);
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    shop.ok(&fan, &["join", &group]).await;
+    shop.stop().await;
 }
