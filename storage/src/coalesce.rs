@@ -24,7 +24,7 @@ use tokio::sync::OnceCell;
 use crate::records::{
     AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
     MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    SentRecord,
+    ScheduleRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -361,6 +361,10 @@ impl<S: Store> Store for Coalescing<S> {
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
         self.inner.load_buyer_tags(shop_id, user_id)
+    }
+
+    fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
+        self.inner.load_schedules()
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::records::{
     AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
     MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, PinRecord, ProductRecord,
-    ReportRecord, SentRecord,
+    ReportRecord, ScheduleRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -43,6 +43,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     auto_reply_rules(&mut fresh()).await;
     join_requests(&mut fresh()).await;
     buyer_tags(&mut fresh()).await;
+    schedules_and_targeted_messages(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -766,6 +767,63 @@ pub async fn buyer_tags<H: Harness>(h: &mut H) {
     assert_eq!(
         s.load_buyer_tags("s10", "u1").await.unwrap(),
         Some(tags("s10", "u1", &["vip"]))
+    );
+    s.close().await.unwrap();
+}
+
+async fn schedules_and_targeted_messages(h: &mut impl Harness) {
+    let s = h.open().await;
+    assert!(s.load_schedules().await.unwrap().is_empty());
+    let schedule = |group_id: u64, schedule_id: u64, next_at_ms: u64| ScheduleRecord {
+        group_id,
+        schedule_id,
+        content: vec![1, 2, 3],
+        first_at_ms: 1_000,
+        every_ms: 604_800_000,
+        next_at_ms,
+        created_by: "agent".into(),
+        ..Default::default()
+    };
+    let targeted = MessageRecord {
+        audience: vec!["u1".into(), "u3".into()],
+        audience_expr: "vip".into(),
+        ..msg(2, 1)
+    };
+    s.write(vec![
+        WriteOp::PutSchedule(schedule(2, 7, 1_000)),
+        WriteOp::PutSchedule(schedule(1, 9, 1_000)),
+        WriteOp::PutSchedule(schedule(2, 3, 1_000)),
+        WriteOp::AppendMessage(targeted.clone()),
+    ])
+    .await
+    .unwrap();
+    // One occurrence fired: the schedule moves on in the same batch as
+    // its message; another is cancelled.
+    let mut fired = schedule(2, 7, 605_801_000);
+    fired.fired = 1;
+    fired.last_seq = 2;
+    s.write(vec![
+        WriteOp::AppendMessage(msg(2, 2)),
+        WriteOp::PutSchedule(fired.clone()),
+        WriteOp::RemoveSchedule {
+            group_id: 1,
+            schedule_id: 9,
+        },
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.load_schedules().await.unwrap(),
+        [schedule(2, 3, 1_000), fired],
+        "ascending group and schedule id, the cancelled one gone"
+    );
+    assert_eq!(
+        s.messages_after(2, 0, 10).await.unwrap()[0],
+        targeted,
+        "a targeted message keeps its audience"
     );
     s.close().await.unwrap();
 }

@@ -13,7 +13,7 @@ use prost::Message as _;
 use crate::records::{
     AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
     MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    SentRecord,
+    ScheduleRecord, SentRecord,
 };
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
@@ -96,6 +96,8 @@ struct Tables {
     join_requests: Keyspace,
     /// `shop_id | 0x00 | user_id → BuyerTagsRecord`.
     buyer_tags: Keyspace,
+    /// `group_id | schedule_id → ScheduleRecord`.
+    schedules: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -146,6 +148,7 @@ impl FjallStore {
             auto_replies: open("auto_replies")?,
             join_requests: open("join_requests")?,
             buyer_tags: open("buyer_tags")?,
+            schedules: open("schedules")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -446,6 +449,19 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         keys::object_key(f.group_id, f.faq_id),
                         f.encode_to_vec(),
                     );
+                }
+                WriteOp::PutSchedule(r) => {
+                    batch.insert(
+                        &tables.schedules,
+                        keys::object_key(r.group_id, r.schedule_id),
+                        r.encode_to_vec(),
+                    );
+                }
+                WriteOp::RemoveSchedule {
+                    group_id,
+                    schedule_id,
+                } => {
+                    batch.remove(&tables.schedules, keys::object_key(*group_id, *schedule_id));
                 }
                 WriteOp::RemoveFaq { group_id, faq_id } => {
                     batch.remove(&tables.faq, keys::object_key(*group_id, *faq_id));
@@ -853,6 +869,10 @@ impl Store for FjallStore {
                 .map(|v| decode("buyer_tags", &v))
                 .transpose()
         })
+    }
+
+    fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
+        self.read(move |t| decode_prefix(&t.schedules, "schedules", &[]))
     }
 
     fn load_join_requests(

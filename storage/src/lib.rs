@@ -57,7 +57,7 @@ pub use fjall_store::{FjallConfig, FjallStore};
 use records::{
     AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
     MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    SentRecord,
+    ScheduleRecord, SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -185,6 +185,15 @@ pub enum WriteOp {
         group_id: u64,
         /// The entry.
         faq_id: u64,
+    },
+    /// Create or replace a scheduled push ([`Store::load_schedules`]).
+    PutSchedule(ScheduleRecord),
+    /// Remove a scheduled push.
+    RemoveSchedule {
+        /// The group.
+        group_id: u64,
+        /// The schedule.
+        schedule_id: u64,
     },
     /// Set a member's moderation flags ([`Store::load_member_flags`]); all
     /// zero removes them. Not removed with the member: a ban outlives it.
@@ -453,6 +462,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         shop_id: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>>;
+
+    /// Every scheduled push of every group, ascending group and schedule
+    /// id: read once at start-up.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

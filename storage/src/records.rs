@@ -133,6 +133,13 @@ pub struct MessageRecord {
     /// For a recall event: the seq it recalled.
     #[prost(uint64, tag = "14")]
     pub recalls: u64,
+    /// For a targeted push: the members it was pushed to (everyone else
+    /// gets a placeholder). Empty: every member.
+    #[prost(string, repeated, tag = "15")]
+    pub audience: Vec<String>,
+    /// For a targeted push: the tag expression that chose `audience`.
+    #[prost(string, tag = "16")]
+    pub audience_expr: String,
 }
 
 /// A live object of a group (a group-buy, coupon or poll). Key:
@@ -317,4 +324,49 @@ pub struct BuyerTagsRecord {
     /// The tags, sorted.
     #[prost(string, repeated, tag = "3")]
     pub tags: Vec<String>,
+}
+
+/// A scheduled push of a group. Key: `group_id | schedule_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ScheduleRecord {
+    /// The group.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// Unique across the store.
+    #[prost(uint64, tag = "2")]
+    pub schedule_id: u64,
+    /// What to push, encoded by chat-core.
+    #[prost(bytes = "vec", tag = "3")]
+    pub content: Vec<u8>,
+    /// The first occurrence, ms since the Unix epoch.
+    #[prost(uint64, tag = "4")]
+    pub first_at_ms: u64,
+    /// Between occurrences; 0 for a one-off.
+    #[prost(uint64, tag = "5")]
+    pub every_ms: u64,
+    /// The next occurrence; 0 when none is left.
+    #[prost(uint64, tag = "6")]
+    pub next_at_ms: u64,
+    /// Occurrences fired.
+    #[prost(uint32, tag = "7")]
+    pub fired: u32,
+    /// Occurrences skipped.
+    #[prost(uint32, tag = "8")]
+    pub skipped: u32,
+    /// The seq of the last message fired.
+    #[prost(uint64, tag = "9")]
+    pub last_seq: u64,
+    /// What the last occurrence did.
+    #[prost(string, tag = "10")]
+    pub last_outcome: String,
+    /// Who created it: user id, display name and role, as chat-core
+    /// numbers it; occurrences are posted in their name.
+    #[prost(string, tag = "11")]
+    pub created_by: String,
+    /// See `created_by`.
+    #[prost(string, tag = "12")]
+    pub created_by_name: String,
+    /// See `created_by`.
+    #[prost(uint32, tag = "13")]
+    pub created_by_role: u32,
 }

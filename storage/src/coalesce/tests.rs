@@ -170,6 +170,10 @@ impl Store for GatedStoreDouble {
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
         self.real.load_buyer_tags(shop_id, user_id)
     }
+
+    fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
+        self.real.load_schedules()
+    }
 }
 
 struct Fixture {

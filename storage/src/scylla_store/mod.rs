@@ -81,7 +81,7 @@ use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
     AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
     MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    SentRecord,
+    ScheduleRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -265,6 +265,7 @@ struct Reads {
     auto_replies: PreparedStatement,
     join_requests: PreparedStatement,
     buyer_tags: PreparedStatement,
+    schedules: PreparedStatement,
 }
 
 impl Reads {
@@ -373,6 +374,8 @@ impl Reads {
                 "SELECT record FROM {ks}.buyer_tags WHERE shop_id = ? AND user_id = ?"
             ))
             .await?,
+            // The whole table, paged: read once at start-up.
+            schedules: p(format!("SELECT record FROM {ks}.schedules")).await?,
         })
     }
 }
@@ -964,6 +967,17 @@ impl Store for ScyllaStore {
                 )
                 .await?;
             Ok(found.pop())
+        })
+    }
+
+    fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
+        Box::pin(async move {
+            let mut all: Vec<ScheduleRecord> = self
+                .records("schedules", &self.inner.reads.schedules, ())
+                .await?;
+            // Token order from the cluster; the trait promises id order.
+            all.sort_unstable_by_key(|r| (r.group_id, r.schedule_id));
+            Ok(all)
         })
     }
 

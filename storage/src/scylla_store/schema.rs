@@ -63,10 +63,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "buyer_tags",
         cql: include_str!("../../cql/0007_buyer_tags.cql"),
     },
+    Migration {
+        version: 8,
+        name: "schedules",
+        cql: include_str!("../../cql/0008_schedules.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

@@ -52,11 +52,13 @@ pub(crate) enum Write {
     DeleteJoinRequest,
     PutBuyerTags,
     DeleteBuyerTags,
+    PutSchedule,
+    DeleteSchedule,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 33] = [
+    pub(crate) const ALL: [Write; 35] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -90,6 +92,8 @@ impl Write {
         Write::DeleteJoinRequest,
         Write::PutBuyerTags,
         Write::DeleteBuyerTags,
+        Write::PutSchedule,
+        Write::DeleteSchedule,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -122,6 +126,7 @@ impl Write {
             Write::PutAutoReply | Write::DeleteAutoReply => "auto_replies",
             Write::PutJoinRequest | Write::DeleteJoinRequest => "join_requests",
             Write::PutBuyerTags | Write::DeleteBuyerTags => "buyer_tags",
+            Write::PutSchedule | Write::DeleteSchedule => "schedules",
         }
     }
 
@@ -168,6 +173,12 @@ impl Write {
                 format!("INSERT INTO {ks}.{t} (group_id, faq_id, record) VALUES (?, ?, ?)")
             }
             Write::DeleteFaq => format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND faq_id = ?"),
+            Write::PutSchedule => {
+                format!("INSERT INTO {ks}.{t} (group_id, schedule_id, record) VALUES (?, ?, ?)")
+            }
+            Write::DeleteSchedule => {
+                format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND schedule_id = ?")
+            }
             Write::PutMemberFlags => {
                 format!("INSERT INTO {ks}.{t} (group_id, user_id, record) VALUES (?, ?, ?)")
             }
@@ -371,6 +382,8 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
                 *group_id
             }
             WriteOp::PutFaq(f) => f.group_id,
+            WriteOp::PutSchedule(r) => r.group_id,
+            WriteOp::RemoveSchedule { group_id, .. } => *group_id,
             WriteOp::PutJoinRequest(r) => r.group_id,
             WriteOp::RemoveJoinRequest { group_id, .. } => *group_id,
             WriteOp::PutProduct(_)
@@ -615,6 +628,24 @@ pub(crate) fn statements(
             Write::DeleteFaq,
             vec![bigint("group id", *group_id)?, bigint("faq id", *faq_id)?],
         ),
+        WriteOp::PutSchedule(r) => push(
+            Write::PutSchedule,
+            vec![
+                bigint("group id", r.group_id)?,
+                bigint("schedule id", r.schedule_id)?,
+                blob(r),
+            ],
+        ),
+        WriteOp::RemoveSchedule {
+            group_id,
+            schedule_id,
+        } => push(
+            Write::DeleteSchedule,
+            vec![
+                bigint("group id", *group_id)?,
+                bigint("schedule id", *schedule_id)?,
+            ],
+        ),
         WriteOp::RewriteMessage(m) => push(
             Write::AppendMessage,
             vec![
@@ -786,6 +817,11 @@ mod tests {
             WriteOp::RemoveFaq {
                 group_id: 1,
                 faq_id: 2,
+            },
+            WriteOp::PutSchedule(Default::default()),
+            WriteOp::RemoveSchedule {
+                group_id: 1,
+                schedule_id: 2,
             },
         ];
         let mut seen = std::collections::HashSet::new();
