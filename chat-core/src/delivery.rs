@@ -56,7 +56,7 @@ impl Groups {
         let stats = &self.inner().stats;
         let mut cursor = last_seq;
         // Muting takes effect from the next resume or push; read it once.
-        let muted = cell.lock().promotions_muted(who.user_id());
+        let viewer = cell.lock().viewer(who.user_id());
         {
             let mut g = cell.lock();
             g.member(who)?;
@@ -85,12 +85,12 @@ impl Groups {
                 }
                 match g.ring_range(cursor, through) {
                     Some(rest) => {
-                        let bytes = rest.iter().map(|e| e.frame.len()).sum();
+                        let bytes = rest.iter().map(|e| e.frame_for(&viewer).len()).sum();
                         if sub.outbox.has_room(rest.len(), bytes) {
                             for e in &rest {
                                 // A drop here ends `sub` (its epoch is
                                 // stale); the client resumes again.
-                                let _ = sub.outbox.push_in(sub.epoch, e.frame_for(muted).clone());
+                                let _ = sub.outbox.push_in(sub.epoch, e.frame_for(&viewer).clone());
                             }
                             g.subscribe(sub);
                             stats
@@ -125,7 +125,7 @@ impl Groups {
             for e in frames {
                 match sub
                     .outbox
-                    .push_when_room(sub.epoch, e.frame_for(muted).clone())
+                    .push_when_room(sub.epoch, e.frame_for(&viewer).clone())
                     .await
                 {
                     Pushed::Queued => {}
@@ -157,7 +157,7 @@ impl Groups {
         crate::permissions::require(who, crate::permissions::Operation::ReadHistory)?;
         let limit = self.page_limit(limit)?;
         let cell = self.cell(group_id).await?;
-        let (from_ring, visible, muted) = {
+        let (from_ring, visible, viewer) = {
             let g = cell.lock();
             g.member(who)?;
             let visible = g.visible_seq();
@@ -165,11 +165,11 @@ impl Groups {
             (
                 g.ring_range(after_seq, through),
                 visible,
-                g.promotions_muted(who.user_id()),
+                g.viewer(who.user_id()),
             )
         };
-        let mut messages: Vec<v1::ChatMessage> = match from_ring {
-            Some(found) => found.iter().map(|e| (*e.message).clone()).collect(),
+        let messages: Vec<v1::ChatMessage> = match from_ring {
+            Some(found) => found.iter().map(|e| e.view(&viewer)).collect(),
             None => self
                 .inner()
                 .store
@@ -177,10 +177,9 @@ impl Groups {
                 .await?
                 .into_iter()
                 .filter(|m| m.seq <= visible)
-                .map(crate::group::to_wire)
+                .map(|r| viewer.view_record(r))
                 .collect(),
         };
-        crate::group::mask(&mut messages, muted);
         let newest = messages.last().map_or(after_seq, |m| m.seq);
         Ok(v1::HistoryPage {
             group_id,

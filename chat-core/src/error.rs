@@ -106,6 +106,14 @@ pub enum ChatError {
     /// The group admits by tags and the caller's do not match.
     #[error("this group admits only buyers its shop selected (by tags or tier)")]
     NotEligible,
+    /// A targeted push whose expression matches no buyer of the group.
+    #[error(
+        "no buyer of this group matches {expression:?}: nothing was pushed and no quota was taken"
+    )]
+    NoAudience {
+        /// The expression.
+        expression: String,
+    },
     /// The group admits buyers on approval; the request is recorded.
     #[error("your request to join is waiting for the shop's approval")]
     JoinPending,
@@ -136,7 +144,7 @@ impl ChatError {
             ChatError::Muted { .. } => ErrorCode::Muted,
             ChatError::Banned { .. } => ErrorCode::Banned,
             ChatError::JoinPending => ErrorCode::JoinPending,
-            ChatError::NotEligible => ErrorCode::NotEligible,
+            ChatError::NotEligible | ChatError::NoAudience { .. } => ErrorCode::NotEligible,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,

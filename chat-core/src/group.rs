@@ -69,24 +69,63 @@ pub(crate) struct Member {
     pub(crate) role: Role,
 }
 
+/// Who reads a message: decides whether they get it or its placeholder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Viewer<'a> {
+    pub(crate) user_id: &'a str,
+    /// Staff of the shop get every message.
+    pub(crate) staff: bool,
+    /// The member muted the group's promotions.
+    pub(crate) promotions_muted: bool,
+}
+
+impl Viewer<'_> {
+    /// Whether they get a message that is a promotion (or not), pushed to
+    /// `audience` (or to everyone).
+    fn gets(&self, promotion: bool, in_audience: impl FnOnce(&str) -> bool) -> bool {
+        !promotion || self.staff || (!self.promotions_muted && in_audience(self.user_id))
+    }
+
+    /// What they see of a stored message.
+    pub(crate) fn view_record(&self, mut r: MessageRecord) -> v1::ChatMessage {
+        let audience = std::mem::take(&mut r.audience);
+        let shown = self.gets(r.kind == KIND_COMMERCE, |u| {
+            audience.is_empty() || audience.iter().any(|a| a == u)
+        });
+        let m = to_wire(r);
+        if shown { m } else { hidden(&m) }
+    }
+}
+
+/// The members a targeted push went to.
+pub(crate) type Audience = Arc<HashSet<String>>;
+
 /// A message with its push frame, encoded once.
 #[derive(Debug, Clone)]
 pub(crate) struct Encoded {
     pub(crate) message: Arc<v1::ChatMessage>,
     pub(crate) frame: Bytes,
     /// For a promotion: the placeholder frame members who muted the
-    /// group's promotions get instead, also encoded once.
+    /// group's promotions (or are outside its audience) get instead, also
+    /// encoded once.
     pub(crate) hidden: Option<Bytes>,
+    /// For a targeted push: who gets it.
+    pub(crate) audience: Option<Audience>,
 }
 
 impl Encoded {
     /// Encodes the push frame of `record` once, then takes the message back
     /// out of the envelope: no copy of the message.
-    pub(crate) fn new(record: MessageRecord) -> Self {
-        Self::from_wire(to_wire(record))
+    pub(crate) fn new(mut record: MessageRecord) -> Self {
+        let audience = std::mem::take(&mut record.audience);
+        let mut e = Self::from_wire(to_wire(record));
+        if !audience.is_empty() {
+            e.audience = Some(Arc::new(audience.into_iter().collect()));
+        }
+        e
     }
 
-    /// As [`Encoded::new`], from the wire message.
+    /// As [`Encoded::new`], from the wire message (pushed to everyone).
     pub(crate) fn from_wire(message: v1::ChatMessage) -> Self {
         let mut envelope = v1::ServerFrame {
             request_id: 0,
@@ -106,6 +145,7 @@ impl Encoded {
             message: Arc::new(message),
             frame,
             hidden,
+            audience: None,
         }
     }
 
@@ -113,12 +153,27 @@ impl Encoded {
         self.message.seq
     }
 
-    /// The frame for a member: the placeholder when they muted promotions
-    /// and this is one.
-    pub(crate) fn frame_for(&self, promotions_muted: bool) -> &Bytes {
+    /// Whether `viewer` gets this message (not its placeholder).
+    pub(crate) fn shown_to(&self, viewer: &Viewer<'_>) -> bool {
+        viewer.gets(self.hidden.is_some(), |u| {
+            self.audience.as_ref().is_none_or(|a| a.contains(u))
+        })
+    }
+
+    /// The frame for `viewer`: the message, or its placeholder.
+    pub(crate) fn frame_for(&self, viewer: &Viewer<'_>) -> &Bytes {
         match &self.hidden {
-            Some(h) if promotions_muted => h,
+            Some(h) if !self.shown_to(viewer) => h,
             _ => &self.frame,
+        }
+    }
+
+    /// The message as `viewer` sees it.
+    pub(crate) fn view(&self, viewer: &Viewer<'_>) -> v1::ChatMessage {
+        if self.shown_to(viewer) {
+            (*self.message).clone()
+        } else {
+            hidden(&self.message)
         }
     }
 }
@@ -147,15 +202,6 @@ pub(crate) fn recalled(m: &v1::ChatMessage) -> v1::ChatMessage {
         commerce: None,
         recalled: true,
         ..m.clone()
-    }
-}
-
-/// Replaces promotions with placeholders when `promotions_muted`.
-pub(crate) fn mask(messages: &mut [v1::ChatMessage], promotions_muted: bool) {
-    if promotions_muted {
-        for m in messages.iter_mut().filter(|m| is_promotion(m)) {
-            *m = hidden(m);
-        }
     }
 }
 
@@ -545,6 +591,27 @@ impl GroupState {
         self.members.remove(user_id).is_some()
     }
 
+    /// The members who are buyers.
+    pub(crate) fn buyer_ids(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.role == Role::Buyer)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// How `user_id` sees this group's messages.
+    pub(crate) fn viewer<'a>(&self, user_id: &'a str) -> Viewer<'a> {
+        Viewer {
+            user_id,
+            staff: self
+                .members
+                .get(user_id)
+                .is_some_and(|m| m.role != Role::Buyer),
+            promotions_muted: self.promotion_mutes.contains(user_id),
+        }
+    }
+
     /// Whether a member muted the group's promotions.
     pub(crate) fn promotions_muted(&self, user_id: &str) -> bool {
         self.promotion_mutes.contains(user_id)
@@ -621,25 +688,41 @@ impl GroupState {
     }
 
     /// The newest `n` visible messages if the ring holds them all.
-    pub(crate) fn recent_tail(&self, n: usize) -> Option<Vec<v1::ChatMessage>> {
-        self.recent_before(self.visible_seq + 1, n)
+    pub(crate) fn recent_tail(
+        &self,
+        n: usize,
+        viewer: &Viewer<'_>,
+    ) -> Option<Vec<v1::ChatMessage>> {
+        self.recent_before(self.visible_seq + 1, n, viewer)
     }
 
     /// Up to `n` visible messages below `before`, if the ring can answer
     /// without missing any.
-    pub(crate) fn recent_before(&self, before: u64, n: usize) -> Option<Vec<v1::ChatMessage>> {
+    pub(crate) fn recent_before(
+        &self,
+        before: u64,
+        n: usize,
+        viewer: &Viewer<'_>,
+    ) -> Option<Vec<v1::ChatMessage>> {
         let before = before.min(self.visible_seq + 1);
         let want_from = before.saturating_sub(n as u64).max(1);
         if before <= 1 {
             return Some(Vec::new());
         }
         self.ring_range(want_from - 1, before - 1)
-            .map(|found| found.iter().map(|e| (*e.message).clone()).collect())
+            .map(|found| found.iter().map(|e| e.view(viewer)).collect())
     }
 
-    /// A quote of message `seq` if it is in memory.
-    pub(crate) fn quote_in_memory(&self, seq: u64) -> Option<QuoteRecord> {
-        let find = |e: &Encoded| (e.seq() == seq).then(|| quote_of(&e.message));
+    /// A quote of message `seq` if it is in memory: `Some(None)` when
+    /// `viewer` does not get that message (it cannot be quoted).
+    pub(crate) fn quote_in_memory(
+        &self,
+        seq: u64,
+        viewer: &Viewer<'_>,
+    ) -> Option<Option<QuoteRecord>> {
+        let find = |e: &Encoded| {
+            (e.seq() == seq).then(|| e.shown_to(viewer).then(|| quote_of(&e.message)))
+        };
         self.recent
             .iter()
             .rev()
@@ -743,8 +826,14 @@ impl GroupState {
             };
             let mut ended = false;
             for sub in self.subscribers.iter() {
-                let muted = p.hidden.is_some() && self.promotion_mutes.contains(&sub.user_id);
-                match sub.outbox.push_in(sub.epoch, p.frame_for(muted).clone()) {
+                // Only a promotion has a placeholder: nothing to look up
+                // for anything else.
+                let frame = if p.hidden.is_some() {
+                    p.frame_for(&self.viewer(&sub.user_id))
+                } else {
+                    &p.frame
+                };
+                match sub.outbox.push_in(sub.epoch, frame.clone()) {
                     Pushed::Queued => queued += 1,
                     Pushed::Dropped => {
                         dropped += 1;
@@ -778,7 +867,9 @@ impl GroupState {
     /// A recall became visible: the ring shows the message as recalled too.
     fn show_recalled(&mut self, seq: u64) {
         if let Some(e) = self.recent.iter_mut().find(|e| e.seq() == seq) {
+            let audience = e.audience.take();
             *e = Encoded::from_wire(recalled(&e.message));
+            e.audience = audience;
         }
     }
 
@@ -885,6 +976,7 @@ pub(crate) fn to_wire(r: MessageRecord) -> v1::ChatMessage {
         },
         recalled: r.recalled,
         recalls: r.recalls,
+        audience: r.audience_expr,
     }
 }
 

@@ -13,9 +13,10 @@ use tokio::sync::{OnceCell, oneshot};
 use crate::commerce::{self, CommerceState};
 use crate::devices::Devices;
 use crate::group::{
-    ConnId, GroupCell, GroupLimits, GroupState, Loaded, Sent, Subscriber, quote_of_record, to_wire,
+    ConnId, GroupCell, GroupLimits, GroupState, Loaded, Sent, Subscriber, Viewer, quote_of_record,
 };
 use crate::rate::{Rate, UserRates};
+use crate::schedule::ScheduleBook;
 use crate::{ChatError, Identity, Role};
 
 /// Bounds and defaults of chat-core.
@@ -116,6 +117,11 @@ pub struct CoreStats {
     pub progress_events: AtomicU64,
     /// Deadlines resolved.
     pub deadlines_resolved: AtomicU64,
+    /// Occurrences of scheduled pushes that posted.
+    pub scheduled_fired: AtomicU64,
+    /// Occurrences of scheduled pushes skipped (quota, product, audience,
+    /// missed while the server was down).
+    pub scheduled_skipped: AtomicU64,
 }
 
 /// A request to create a group.
@@ -232,6 +238,8 @@ pub(crate) struct Inner {
     pub(crate) auto_replies: DashMap<String, Arc<crate::auto_reply::ShopRules>>,
     /// Serializes tag edits of one buyer.
     pub(crate) tag_locks: crate::segments::TagLocks,
+    /// Every scheduled push, and when each fires next.
+    pub(crate) schedules: ScheduleBook,
 }
 
 pub(crate) fn durable_channel() -> (
@@ -268,6 +276,7 @@ impl Groups {
         for due in store.due_objects().await? {
             commerce.add_deadline(due.due_ms, due.group_id, due.object_id);
         }
+        let schedules = ScheduleBook::restore(store.load_schedules().await?);
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -282,6 +291,7 @@ impl Groups {
                 feedback_dirty: DashMap::new(),
                 auto_replies: DashMap::new(),
                 tag_locks: Default::default(),
+                schedules,
             }),
         })
     }
@@ -558,30 +568,30 @@ impl Groups {
             return Err(e);
         }
         let join_recent = self.inner.config.join_recent;
-        let (info, role, recent, visible, last_read_seq, unread, muted) = {
+        let (info, role, recent, visible, last_read_seq, unread, viewer) = {
             let mut g = cell.lock();
             let role = g.member(who)?.role;
             g.subscribe(sub);
+            let viewer = g.viewer(who.user_id());
             (
                 g.info(),
                 role,
-                g.recent_tail(join_recent),
+                g.recent_tail(join_recent, &viewer),
                 g.visible_seq(),
                 g.read_mark(who.user_id()),
                 g.unread(who.user_id()),
-                g.promotions_muted(who.user_id()),
+                viewer,
             )
         };
         // Messages up to `visible` come from memory or the store; everything
         // above it reaches `sub` by push. Nothing is missed or doubled.
-        let mut recent = match recent {
+        let recent = match recent {
             Some(r) => r,
             None => {
-                self.stored_before(group_id, visible + 1, join_recent)
+                self.stored_before(group_id, visible + 1, join_recent, &viewer)
                     .await?
             }
         };
-        crate::group::mask(&mut recent, muted);
         Ok(v1::Joined {
             group: Some(info),
             recent,
@@ -908,23 +918,35 @@ impl Groups {
         group_id: u64,
         seq: u64,
     ) -> Result<QuoteRecord, ChatError> {
-        {
+        // A message the sender does not get (a promotion they muted, a
+        // targeted push outside their audience) cannot be quoted: the quote
+        // would show it to everyone.
+        let viewer = {
             let g = cell.lock();
             g.member(who)?;
             if !g.has_seq(seq) {
                 return Err(ChatError::ReplyToUnknown { group_id, seq });
             }
-            if let Some(q) = g.quote_in_memory(seq) {
-                return Ok(q);
+            let viewer = g.viewer(who.user_id());
+            match g.quote_in_memory(seq, &viewer) {
+                Some(Some(q)) => return Ok(q),
+                Some(None) => return Err(ChatError::ReplyToUnknown { group_id, seq }),
+                None => viewer,
             }
-        }
+        };
         let found = self
             .inner
             .store
             .messages_after(group_id, seq - 1, 1)
             .await?;
-        match found.first() {
-            Some(m) if m.seq == seq => Ok(quote_of_record(m)),
+        match found.into_iter().next() {
+            Some(m) if m.seq == seq => {
+                let quote = quote_of_record(&m);
+                match viewer.view_record(m).kind == v1::MessageKind::Hidden as i32 {
+                    true => Err(ChatError::ReplyToUnknown { group_id, seq }),
+                    false => Ok(quote),
+                }
+            }
             _ => Err(ChatError::ReplyToUnknown { group_id, seq }),
         }
     }
@@ -949,23 +971,23 @@ impl Groups {
             before_seq
         };
         let cell = self.cell(group_id).await?;
-        let (from_ring, visible, muted) = {
+        let (from_ring, visible, viewer) = {
             let g = cell.lock();
             g.member(who)?;
+            let viewer = g.viewer(who.user_id());
             (
-                g.recent_before(before, limit),
+                g.recent_before(before, limit, &viewer),
                 g.visible_seq(),
-                g.promotions_muted(who.user_id()),
+                viewer,
             )
         };
-        let mut messages = match from_ring {
+        let messages = match from_ring {
             Some(m) => m,
             None => {
-                self.stored_before(group_id, before.min(visible + 1), limit)
+                self.stored_before(group_id, before.min(visible + 1), limit, &viewer)
                     .await?
             }
         };
-        crate::group::mask(&mut messages, muted);
         let has_more = messages.first().is_some_and(|m| m.seq > 1);
         Ok(v1::HistoryPage {
             group_id,
@@ -986,18 +1008,20 @@ impl Groups {
         }
     }
 
+    /// A page of stored messages as `viewer` sees them.
     async fn stored_before(
         &self,
         group_id: u64,
         before: u64,
         limit: usize,
+        viewer: &Viewer<'_>,
     ) -> Result<Vec<v1::ChatMessage>, ChatError> {
         let stored = self
             .inner
             .store
             .messages_before(group_id, before, limit)
             .await?;
-        Ok(stored.into_iter().map(to_wire).collect())
+        Ok(stored.into_iter().map(|r| viewer.view_record(r)).collect())
     }
 }
 

@@ -60,9 +60,11 @@ mod identity;
 mod moderation;
 mod outbox;
 pub mod permissions;
+mod push;
 mod rate;
 pub mod reach;
 mod read_state;
+mod schedule;
 mod screening;
 pub mod segments;
 
@@ -75,7 +77,11 @@ pub use groups::{CoreConfig, CoreStats, Groups, NewGroup, NewMessage, PostTicket
 pub use identity::{Identity, IdentityError, Role};
 pub use moderation::RECALL_WINDOW_MS;
 pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
+pub use push::MAX_ANNOUNCEMENT_BYTES;
 pub use rate::Rate;
+pub use schedule::{
+    LATE_GRACE_MS, MAX_AHEAD_MS, MAX_SCHEDULES_PER_GROUP, MIN_PERIOD_MS, ScheduleReport,
+};
 
 #[cfg(test)]
 mod auto_reply_tests;
@@ -85,6 +91,8 @@ mod board_tests;
 mod commerce_tests;
 #[cfg(test)]
 mod moderation_tests;
+#[cfg(test)]
+mod push_tests;
 #[cfg(test)]
 mod reach_tests;
 #[cfg(test)]

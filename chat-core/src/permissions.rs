@@ -79,11 +79,17 @@ pub enum Operation {
     DecideJoin,
     /// Read and edit buyers' tags.
     ManageTags,
+    /// Push a card or an announcement, to everyone or a segment.
+    PushPromotion,
+    /// Schedule, cancel and list pushes.
+    ManageSchedules,
+    /// Read the industry tag pool.
+    ReadTagPool,
 }
 
 impl Operation {
     /// Every operation, in the order docs/roles.md lists them.
-    pub const ALL: [Operation; 33] = [
+    pub const ALL: [Operation; 36] = [
         Operation::CreateGroup,
         Operation::JoinGroup,
         Operation::LeaveGroup,
@@ -117,6 +123,9 @@ impl Operation {
         Operation::SetJoinPolicy,
         Operation::DecideJoin,
         Operation::ManageTags,
+        Operation::PushPromotion,
+        Operation::ManageSchedules,
+        Operation::ReadTagPool,
     ];
 
     /// The name docs/roles.md uses.
@@ -155,6 +164,9 @@ impl Operation {
             Operation::SetJoinPolicy => "set the join policy",
             Operation::DecideJoin => "list and decide join requests",
             Operation::ManageTags => "read and edit buyers' tags",
+            Operation::PushPromotion => "push a promotion",
+            Operation::ManageSchedules => "schedule pushes",
+            Operation::ReadTagPool => "read the industry tag pool",
         }
     }
 }
@@ -182,6 +194,7 @@ pub fn permits(role: Role, op: Operation) -> bool {
                 | O::OpenCard
                 | O::RecallOwn
                 | O::ReadBoard
+                | O::ReadTagPool
         ),
         // Agents and owners have the same rights in their shop's groups;
         // the buyers' own actions (joining a group-buy, claiming, voting)

@@ -324,6 +324,37 @@ async fn attempt(s: &Stage, who: &Identity, op: Operation) -> Result<(), ChatErr
             .tag_buyer(who, "target", vec!["vip".into()], vec![], false)
             .await
             .map(drop),
+        Operation::PushPromotion => groups
+            .push_promotion(
+                who,
+                v1::PushPromotion {
+                    group_id: g,
+                    content: Some(v1::PushContent {
+                        kind: Some(v1::push_content::Kind::Announcement("New in".into())),
+                        audience: String::new(),
+                    }),
+                },
+                now,
+            )
+            .await
+            .map(drop),
+        Operation::ManageSchedules => groups
+            .schedule_push(
+                who,
+                v1::SchedulePush {
+                    group_id: g,
+                    content: Some(v1::PushContent {
+                        kind: Some(v1::push_content::Kind::ProductId("sku-1".into())),
+                        audience: String::new(),
+                    }),
+                    first_at_ms: now + 60_000,
+                    every_ms: 0,
+                },
+                now,
+            )
+            .await
+            .map(drop),
+        Operation::ReadTagPool => groups.tag_pool(who).map(drop),
         Operation::ManageAutoReply => groups
             .put_auto_reply(
                 who,

@@ -25,8 +25,9 @@ use qun_proto::v1::{self, commerce_event};
 use qun_storage::StorageError;
 use qun_storage::records::{EntryRecord, ObjectRecord};
 
-pub(crate) use ops::CommerceState;
 pub use ops::TickReport;
+pub(crate) use ops::{Author, CommerceState, Durable, Event, staff_in};
+pub(crate) use product::check_id;
 
 use coupon::Coupon;
 use group_buy::GroupBuy;
@@ -120,7 +121,8 @@ impl Live {
             Some(commerce_event::Object::Poll(wire)) => {
                 Object::Poll(Poll::restore(wire, by_user(saturate)))
             }
-            Some(commerce_event::Object::Product(_)) | None => {
+            Some(commerce_event::Object::Product(_) | commerce_event::Object::Announcement(_))
+            | None => {
                 return Err(StorageError::corrupt("objects", "not a live object"));
             }
         };
@@ -213,6 +215,7 @@ pub(crate) fn summary(change: v1::CommerceChange, object: &commerce_event::Objec
                 format!("[Poll closed] {}: {winner} leads", p.question)
             }
         },
+        commerce_event::Object::Announcement(a) => format!("[Announcement] {}", a.text),
     }
 }
 

@@ -46,13 +46,15 @@ pub struct TickReport {
     pub deadlines_resolved: usize,
     /// Coalesced progress events posted.
     pub progress_posted: usize,
+    /// Scheduled pushes fired and skipped.
+    pub schedules: crate::ScheduleReport,
 }
 
 /// Commerce state that is not one group's: products, the objects with
 /// progress to broadcast, and every pending deadline.
 #[derive(Debug, Default)]
 pub(crate) struct CommerceState {
-    products: DashMap<String, ProductSlot>,
+    pub(crate) products: DashMap<String, ProductSlot>,
     /// `(group_id, object_id)` of objects with progress not yet broadcast.
     dirty: DashMap<(u64, u64), ()>,
     /// `(due_ms, group_id, object_id)`; entries of objects that closed
@@ -97,22 +99,22 @@ impl CommerceState {
 }
 
 /// An event to post: who, what happened, and to what.
-struct Event<'a> {
-    author: Author<'a>,
-    change: CommerceChange,
-    object: commerce_event::Object,
+pub(crate) struct Event<'a> {
+    pub(crate) author: Author<'a>,
+    pub(crate) change: CommerceChange,
+    pub(crate) object: commerce_event::Object,
 }
 
 /// The author of an event.
 #[derive(Clone, Copy)]
-struct Author<'a> {
-    id: &'a str,
-    name: &'a str,
-    role: Role,
+pub(crate) struct Author<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) role: Role,
 }
 
 impl<'a> Author<'a> {
-    fn of(who: &'a Identity) -> Self {
+    pub(crate) fn of(who: &'a Identity) -> Self {
         Self {
             id: who.user_id(),
             name: who.display_name(),
@@ -129,10 +131,14 @@ impl<'a> Author<'a> {
     }
 }
 
-type Durable = oneshot::Receiver<Result<(), StorageError>>;
+pub(crate) type Durable = oneshot::Receiver<Result<(), StorageError>>;
 
 /// Staff of the group's shop.
-fn staff_in(g: &GroupState, who: &Identity, action: &'static str) -> Result<(), ChatError> {
+pub(crate) fn staff_in(
+    g: &GroupState,
+    who: &Identity,
+    action: &'static str,
+) -> Result<(), ChatError> {
     if !who.role().is_staff() {
         return Err(ChatError::ForbiddenRole {
             role: who.role().as_str(),
@@ -242,6 +248,20 @@ impl Groups {
         extra: Vec<WriteOp>,
         now_ms: u64,
     ) -> Result<(u64, Durable), ChatError> {
+        self.post_event_to(cell, g, event, None, extra, now_ms)
+    }
+
+    /// As [`Groups::post_event`], for `audience` only when given: the
+    /// expression and the members it matched (see `push`).
+    pub(crate) fn post_event_to(
+        &self,
+        cell: &Arc<GroupCell>,
+        g: &mut GroupState,
+        event: Event<'_>,
+        audience: Option<(&str, Vec<String>)>,
+        extra: Vec<WriteOp>,
+        now_ms: u64,
+    ) -> Result<(u64, Durable), ChatError> {
         g.refuse_if_failed()?;
         let Event {
             author,
@@ -254,7 +274,11 @@ impl Groups {
             object: Some(object),
         }
         .encode_to_vec();
-        let record = g.next_event(author.id, author.name, author.role, text, body, now_ms);
+        let mut record = g.next_event(author.id, author.name, author.role, text, body, now_ms);
+        if let Some((expr, members)) = audience {
+            record.audience_expr = expr.to_string();
+            record.audience = members;
+        }
         let seq = record.seq;
         let rx = self.submit_sequenced(cell, g, record, extra)?;
         self.inner()
@@ -271,12 +295,12 @@ impl Groups {
         Ok(rx)
     }
 
-    fn commerce(&self) -> &CommerceState {
+    pub(crate) fn commerce(&self) -> &CommerceState {
         &self.inner().commerce
     }
 
     /// Loads a product (and the groups with its card) into memory once.
-    async fn load_product_slot(
+    pub(crate) async fn load_product_slot(
         &self,
         shop_id: &str,
         product_id: &str,
@@ -429,7 +453,7 @@ impl Groups {
         let group_id = req.group_id;
         let cell = self.cell(group_id).await?;
         staff_in(&cell.lock(), who, "post a product card")?;
-        let shop = staff_shop(who, "post a product card")?;
+        staff_shop(who, "post a product card")?;
         let product_id = match req.product {
             Some(p) => self.put_product(who, p, now_ms).await?.product_id,
             None => {
@@ -437,62 +461,24 @@ impl Groups {
                 req.product_id
             }
         };
-        let key = self.load_product_slot(shop, &product_id).await?;
-        let (snapshot, new_card) = {
-            let mut slot = self.commerce().products.entry(key.clone()).or_default();
-            let p = slot
-                .product
-                .clone()
-                .ok_or_else(|| ChatError::UnknownProduct(product_id.clone()))?;
-            (p, slot.groups.insert(group_id))
+        let push = crate::push::Push {
+            kind: crate::push::PushKind::Card(product_id),
+            audience: None,
         };
-        let extra = if new_card {
-            vec![WriteOp::PutCard {
-                shop_id: shop.to_string(),
-                product_id: product_id.clone(),
-                group_id,
-            }]
-        } else {
-            Vec::new()
-        };
-        let posted = {
-            let mut g = cell.lock();
-            let mut extra = extra;
-            match self.take_reach(&mut g, now_ms) {
-                Ok(reach) => {
-                    extra.push(reach);
-                    let posted = self.post_event(
-                        &cell,
-                        &mut g,
-                        Event {
-                            author: Author::of(who),
-                            change: CommerceChange::Created,
-                            object: commerce_event::Object::Product(snapshot.clone()),
-                        },
-                        extra,
-                        now_ms,
-                    );
-                    if posted.is_err() {
-                        self.return_reach(&mut g);
-                    }
-                    posted
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let (seq, rx) = match posted {
-            Ok(p) => p,
-            Err(e) => {
-                if new_card && let Some(mut slot) = self.commerce().products.get_mut(&key) {
-                    slot.groups.remove(&group_id);
-                }
-                return Err(e);
-            }
-        };
-        durable(rx).await?;
+        let posted = self
+            .post_push(
+                &cell,
+                Author::of(who),
+                &push,
+                |_| Ok(Vec::new()),
+                |_| {},
+                now_ms,
+            )
+            .await?;
+        durable(posted.rx).await?;
         Ok(v1::CommerceAnswer {
-            seq,
-            object: Some(v1::commerce_answer::Object::Product(snapshot)),
+            seq: posted.seq,
+            object: posted.product.map(v1::commerce_answer::Object::Product),
             server_time_ms: now_ms,
             ..Default::default()
         })
@@ -1133,6 +1119,7 @@ impl Groups {
             }
         }
         self.flush_feedback(now_ms);
+        report.schedules = self.fire_schedules(now_ms).await;
         let stats = &self.inner().stats;
         stats
             .deadlines_resolved
@@ -1140,6 +1127,12 @@ impl Groups {
         stats
             .progress_events
             .fetch_add(report.progress_posted as u64, Ordering::Relaxed);
+        stats
+            .scheduled_fired
+            .fetch_add(report.schedules.fired as u64, Ordering::Relaxed);
+        stats
+            .scheduled_skipped
+            .fetch_add(report.schedules.skipped as u64, Ordering::Relaxed);
         report
     }
 

@@ -2,8 +2,9 @@
 //!
 //! A shop tags its buyers — from its own systems over the HTTP API
 //! (`orders:5`, `spend:high`, `last_purchase:2026-11`), from the industry
-//! pool (`size:s`, `style:sport`), or by hand (an agent adds `vip`). Tags are
-//! lowercase `name` or `name:value`. The tier follows from the tags:
+//! pool (`size:s`, `style:sport`; see [`POOL`]: a pool name takes only the
+//! pool's values), or by hand (an agent adds `vip`). Tags are lowercase
+//! `name` or `name:value`. The tier follows from the tags:
 //!
 //! - **vip**: tag `vip`, or `spend:high`;
 //! - **regular**: tag `returning`, or `orders:N` with N ≥ 2;
@@ -18,6 +19,9 @@ use std::collections::BTreeSet;
 use crate::ChatError;
 
 mod ops;
+mod pool;
+
+pub use pool::{POOL, PoolGroup, check_pool, tag_pool};
 
 /// Longest expression, in bytes.
 const MAX_EXPR: usize = 200;
@@ -49,7 +53,8 @@ impl Tier {
 }
 
 /// Checks one tag: `name` or `name:value`, lowercase letters, digits, `_`,
-/// `-` (and `.` in the value), each part 1 to 32 characters.
+/// `-` (and `.` in the value), each part 1 to 32 characters; a name of the
+/// industry pool with one of its values.
 ///
 /// # Errors
 /// `InvalidArgument` naming the tag.
@@ -69,7 +74,7 @@ pub fn check_tag(tag: &str) -> Result<(), ChatError> {
         None => part(tag, false),
     };
     if ok && !matches!(tag, "and" | "or" | "not") {
-        Ok(())
+        check_pool(tag)
     } else {
         Err(ChatError::InvalidArgument(format!(
             "tag {tag:?}: use lowercase name or name:value (letters, digits, _ and -)"

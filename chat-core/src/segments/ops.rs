@@ -91,6 +91,15 @@ impl Groups {
         Ok(wire(user_id, &tags))
     }
 
+    /// The industry tag pool. Anyone signed in.
+    ///
+    /// # Errors
+    /// `ForbiddenRole` (the system).
+    pub fn tag_pool(&self, who: &Identity) -> Result<v1::TagPool, ChatError> {
+        require(who, Operation::ReadTagPool)?;
+        Ok(super::tag_pool())
+    }
+
     /// A buyer's tags and tier in the caller's shop. Staff only.
     ///
     /// # Errors
