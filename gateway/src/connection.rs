@@ -504,6 +504,30 @@ impl Session {
                 .await
                 .map(Body::BuyerTags)
                 .map_err(RequestError::from),
+            client_frame::Body::PushPromotion(p) => groups
+                .push_promotion(who, p, now_ms())
+                .await
+                .map(Body::PromotionPushed)
+                .map_err(RequestError::from),
+            client_frame::Body::SchedulePush(p) => groups
+                .schedule_push(who, p, now_ms())
+                .await
+                .map(Body::Schedules)
+                .map_err(RequestError::from),
+            client_frame::Body::CancelSchedule(c) => groups
+                .cancel_schedule(who, c.group_id, c.schedule_id)
+                .await
+                .map(Body::Schedules)
+                .map_err(RequestError::from),
+            client_frame::Body::ListSchedules(l) => groups
+                .list_schedules(who, l.group_id)
+                .await
+                .map(Body::Schedules)
+                .map_err(RequestError::from),
+            client_frame::Body::GetTagPool(_) => groups
+                .tag_pool(who)
+                .map(Body::TagPool)
+                .map_err(RequestError::from),
             client_frame::Body::GetReachQuota(q) => groups
                 .reach_quota(who, q.group_id, now_ms())
                 .await
@@ -677,6 +701,8 @@ fn commerce(answer: Result<v1::CommerceAnswer, ChatError>) -> Result<Body, Reque
         .map_err(RequestError::from)
 }
 
+// One per request, moved once: not worth a box for the answer.
+#[allow(clippy::large_enum_variant)]
 enum Dispatched {
     Done(Result<Body, RequestError>),
     Wait(futures_util::future::BoxFuture<'static, Answer>),
@@ -725,6 +751,11 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::DecideJoin(_) => "decide_join",
         client_frame::Body::TagBuyer(_) => "tag_buyer",
         client_frame::Body::GetBuyerTags(_) => "get_buyer_tags",
+        client_frame::Body::PushPromotion(_) => "push_promotion",
+        client_frame::Body::SchedulePush(_) => "schedule_push",
+        client_frame::Body::CancelSchedule(_) => "cancel_schedule",
+        client_frame::Body::ListSchedules(_) => "list_schedules",
+        client_frame::Body::GetTagPool(_) => "get_tag_pool",
     }
 }
 

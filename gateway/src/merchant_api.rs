@@ -79,6 +79,16 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
             "/v1/buyers/{user_id}/tags",
             get(get_buyer_tags).put(put_buyer_tags),
         )
+        .route("/v1/groups/{group_id}/pushes", post(push_promotion))
+        .route(
+            "/v1/groups/{group_id}/schedules",
+            get(list_schedules).post(schedule_push),
+        )
+        .route(
+            "/v1/groups/{group_id}/schedules/{id}/cancel",
+            post(cancel_schedule),
+        )
+        .route("/v1/tag-pool", get(get_tag_pool))
         .route("/v1/auto-replies", get(list_auto_replies))
         .route(
             "/v1/auto-replies/{rule_id}",
@@ -1210,6 +1220,225 @@ async fn put_buyer_tags(
         .into())
 }
 
+#[derive(Serialize)]
+struct TagPoolGroupJson {
+    name: String,
+    description: String,
+    tags: Vec<String>,
+}
+
+async fn get_tag_pool(
+    State(shared): Shared_,
+    headers: HeaderMap,
+) -> ApiResult<Vec<TagPoolGroupJson>> {
+    let who = caller(&shared, &headers)?;
+    let pool = shared.groups.tag_pool(&who)?;
+    ok(pool
+        .groups
+        .into_iter()
+        .map(|g| TagPoolGroupJson {
+            name: g.name,
+            description: g.description,
+            tags: g.tags,
+        })
+        .collect())
+}
+
+// ───────────────────────────── pushes and schedules ─────────────────────────────
+
+/// What a push carries: exactly one of `product_id` and `announcement`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct PushJson {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    product_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    announcement: Option<String>,
+    #[serde(default)]
+    audience: String,
+}
+
+impl PushJson {
+    fn into_wire(self) -> Result<v1::PushContent, ApiError> {
+        use v1::push_content::Kind;
+        let kind = match (self.product_id, self.announcement) {
+            (Some(p), None) => Kind::ProductId(p),
+            (None, Some(a)) => Kind::Announcement(a),
+            _ => {
+                return Err(ApiError::invalid(
+                    "give exactly one of product_id and announcement",
+                ));
+            }
+        };
+        Ok(v1::PushContent {
+            kind: Some(kind),
+            audience: self.audience,
+        })
+    }
+
+    fn from_wire(c: Option<v1::PushContent>) -> Self {
+        use v1::push_content::Kind;
+        let c = c.unwrap_or_default();
+        let (product_id, announcement) = match c.kind {
+            Some(Kind::ProductId(p)) => (Some(p), None),
+            Some(Kind::Announcement(a)) => (None, Some(a)),
+            None => (None, None),
+        };
+        Self {
+            product_id,
+            announcement,
+            audience: c.audience,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PushedJson {
+    group_id: u64,
+    seq: u64,
+    audience_size: u32,
+}
+
+async fn push_promotion(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<PushJson>, JsonRejection>,
+) -> ApiResult<PushedJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(p) = body?;
+    let req = v1::PushPromotion {
+        group_id,
+        content: Some(p.into_wire()?),
+    };
+    let a = shared.groups.push_promotion(&who, req, now_ms()).await?;
+    created(PushedJson {
+        group_id,
+        seq: a.seq,
+        audience_size: a.audience_size,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleInput {
+    #[serde(default)]
+    product_id: Option<String>,
+    #[serde(default)]
+    announcement: Option<String>,
+    #[serde(default)]
+    audience: String,
+    first_at_ms: u64,
+    #[serde(default)]
+    every_ms: u64,
+}
+
+#[derive(Serialize)]
+struct ScheduleJson {
+    schedule_id: u64,
+    #[serde(flatten)]
+    push: PushJson,
+    first_at_ms: u64,
+    every_ms: u64,
+    next_at_ms: u64,
+    fired: u32,
+    skipped: u32,
+    last_seq: u64,
+    last_outcome: String,
+    created_by: String,
+}
+
+#[derive(Serialize)]
+struct SchedulesJson {
+    group_id: u64,
+    schedules: Vec<ScheduleJson>,
+    #[serde(skip_serializing_if = "is_zero")]
+    created: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl From<v1::Schedules> for SchedulesJson {
+    fn from(s: v1::Schedules) -> Self {
+        Self {
+            group_id: s.group_id,
+            created: s.created,
+            schedules: s
+                .schedules
+                .into_iter()
+                .map(|s| ScheduleJson {
+                    schedule_id: s.schedule_id,
+                    push: PushJson::from_wire(s.content),
+                    first_at_ms: s.first_at_ms,
+                    every_ms: s.every_ms,
+                    next_at_ms: s.next_at_ms,
+                    fired: s.fired,
+                    skipped: s.skipped,
+                    last_seq: s.last_seq,
+                    last_outcome: s.last_outcome,
+                    created_by: s.created_by,
+                })
+                .collect(),
+        }
+    }
+}
+
+async fn schedule_push(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+    body: Result<Json<ScheduleInput>, JsonRejection>,
+) -> ApiResult<SchedulesJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    let Json(s) = body?;
+    let push = PushJson {
+        product_id: s.product_id,
+        announcement: s.announcement,
+        audience: s.audience,
+    };
+    let req = v1::SchedulePush {
+        group_id,
+        content: Some(push.into_wire()?),
+        first_at_ms: s.first_at_ms,
+        every_ms: s.every_ms,
+    };
+    created(
+        shared
+            .groups
+            .schedule_push(&who, req, now_ms())
+            .await?
+            .into(),
+    )
+}
+
+async fn list_schedules(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<u64>, PathRejection>,
+) -> ApiResult<SchedulesJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(group_id) = path?;
+    ok(shared.groups.list_schedules(&who, group_id).await?.into())
+}
+
+async fn cancel_schedule(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<(u64, u64)>, PathRejection>,
+) -> ApiResult<SchedulesJson> {
+    let who = caller(&shared, &headers)?;
+    let Path((group_id, id)) = path?;
+    ok(shared
+        .groups
+        .cancel_schedule(&who, group_id, id)
+        .await?
+        .into())
+}
+
 // ───────────────────────────── auto-reply ─────────────────────────────
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -1313,10 +1542,14 @@ mod tests {
             "/v1/auto-replies",
             "/v1/auto-replies/{rule_id}",
             "/v1/auto-replies/{rule_id}/remove",
+            "/v1/groups/{group_id}/pushes",
+            "/v1/groups/{group_id}/schedules",
+            "/v1/groups/{group_id}/schedules/{id}/cancel",
+            "/v1/tag-pool",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 26, "a documented path is not served");
+        assert_eq!(paths.len(), 30, "a documented path is not served");
     }
 
     #[test]

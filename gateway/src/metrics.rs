@@ -216,6 +216,18 @@ impl Metrics {
             "Group-buy and poll deadlines resolved.",
             core.deadlines_resolved.load(Relaxed),
         );
+        put(
+            "qun_scheduled_pushes_fired_total",
+            "counter",
+            "Occurrences of scheduled pushes that posted their push.",
+            core.scheduled_fired.load(Relaxed),
+        );
+        put(
+            "qun_scheduled_pushes_skipped_total",
+            "counter",
+            "Occurrences of scheduled pushes skipped (quota, product, audience, missed).",
+            core.scheduled_skipped.load(Relaxed),
+        );
         if let Some(pages) = &self.page_reads {
             put(
                 "qun_store_page_queries_total",

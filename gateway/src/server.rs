@@ -188,12 +188,15 @@ pub async fn run(
     };
     let groups = Groups::open(store.clone(), config.core()).await?;
     // Deadlines that passed while the server was down resolve before anyone
-    // can act on the objects.
+    // can act on the objects; scheduled pushes due fire (or are skipped as
+    // missed) likewise.
     let resolved = groups.tick(crate::connection::now_ms()).await;
-    if resolved.deadlines_resolved > 0 {
+    if resolved.deadlines_resolved > 0 || resolved.schedules != Default::default() {
         tracing::info!(
             resolved = resolved.deadlines_resolved,
-            "deadlines passed while stopped were resolved"
+            pushes_fired = resolved.schedules.fired,
+            pushes_skipped = resolved.schedules.skipped,
+            "deadlines and scheduled pushes due while stopped were handled"
         );
     }
     let shared = Arc::new(Shared {
@@ -323,8 +326,8 @@ async fn forget_idle_senders(shared: Arc<Shared>) {
     }
 }
 
-/// Resolves commerce deadlines and posts coalesced progress, every
-/// `commerce_tick_ms`. The server never ticks per object or per second:
+/// Resolves commerce deadlines, posts coalesced progress and fires
+/// scheduled pushes, every `commerce_tick_ms`. The server never ticks per object or per second:
 /// clients render countdowns from deadlines and the server clock.
 async fn commerce_ticks(shared: Arc<Shared>) {
     let mut every = tokio::time::interval(Duration::from_millis(shared.config.commerce_tick_ms));
