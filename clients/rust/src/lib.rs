@@ -52,10 +52,12 @@ pub use qun_proto::v1 as proto;
 mod board;
 mod commerce;
 mod moderation;
+mod push;
 mod reach;
 mod sequencer;
 mod transport;
 
+pub use push::Push;
 pub use sequencer::{Sequencer, Step};
 use transport::{Incoming, Outbound};
 
@@ -222,6 +224,9 @@ pub fn code_name(code: i32) -> String {
 /// Something the server pushed.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
+// Messages are nearly every event: boxing them would cost an allocation
+// each to save a few hundred bytes on the rare other kinds.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// A message of a group this connection joined.
     Message(v1::ChatMessage),

@@ -155,6 +155,22 @@ enum Command {
         #[arg(long)]
         remove: Vec<String>,
     },
+    /// Print the industry tag pool: tags every shop uses with one meaning.
+    #[command(name = "tag-pool")]
+    TagPool,
+    /// Push a product card or an announcement now (staff); takes one unit
+    /// of the reach quota. With --tags, only buyers whose tags match get
+    /// it. Prints the seq and whom it reached.
+    Push {
+        group: u64,
+        #[command(flatten)]
+        what: PushArgs,
+    },
+    /// Scheduled pushes (staff).
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
     /// Buyers waiting for approval (staff).
     Requests { group: u64 },
     /// Approve a buyer's request to join (staff).
@@ -203,6 +219,57 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+/// What a push carries, and to whom.
+#[derive(clap::Args, Debug)]
+struct PushArgs {
+    /// A product of your shop: push its card.
+    #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+    card: Option<String>,
+    /// An announcement's text.
+    #[arg(long)]
+    text: Option<String>,
+    /// Only buyers matching this tag expression, e.g. "vip AND size:s".
+    #[arg(long, default_value = "")]
+    tags: String,
+}
+
+impl PushArgs {
+    fn push(&self) -> qun_client::Push {
+        match (&self.card, &self.text) {
+            (Some(id), _) => qun_client::Push::Card(id.clone()),
+            (None, t) => qun_client::Push::Announcement(t.clone().unwrap_or_default()),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum ScheduleCommand {
+    /// Schedule a push; prints the schedule's id.
+    Add {
+        group: u64,
+        #[command(flatten)]
+        what: PushArgs,
+        /// The first occurrence, RFC 3339: 2026-12-07T09:00:00+08:00.
+        #[arg(long, conflicts_with = "after", required_unless_present = "after")]
+        at: Option<String>,
+        /// Or: the first occurrence this long from now, e.g. 1h.
+        #[arg(long = "in")]
+        after: Option<humantime::Duration>,
+        /// Repeat this often, e.g. 7d (at least 1h); once without it.
+        #[arg(long)]
+        every: Option<humantime::Duration>,
+    },
+    /// Print the group's schedules.
+    List {
+        group: u64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a schedule.
+    Cancel { group: u64, id: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -568,6 +635,22 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
             let t = client.tag_buyer(&user, &add, &remove).await?;
             println!("{} [{}] tier {}", t.user_id, t.tags.join(" "), t.tier);
         }
+        Command::TagPool => {
+            for g in client.tag_pool().await?.groups {
+                println!("{}: {} ({})", g.name, g.tags.join(" "), g.description);
+            }
+        }
+        Command::Push { group, what } => {
+            let p = client
+                .push_promotion(group, &what.push(), &what.tags)
+                .await?;
+            if what.tags.is_empty() {
+                println!("{} to everyone", p.seq);
+            } else {
+                println!("{} to {} buyers", p.seq, p.audience_size);
+            }
+        }
+        Command::Schedule { command } => schedule(&client, command).await?,
         Command::Requests { group } => {
             for r in client.list_join_requests(group).await?.requests {
                 println!(
@@ -742,6 +825,112 @@ fn result_name(a: &proto::CommerceAnswer) -> String {
         .trim_start_matches("COMMERCE_RESULT_")
         .to_ascii_lowercase()
         .replace('_', "-")
+}
+
+async fn schedule(client: &Client, command: ScheduleCommand) -> Result<(), ClientError> {
+    match command {
+        ScheduleCommand::Add {
+            group,
+            what,
+            at,
+            after,
+            every,
+        } => {
+            let first = match (at, after) {
+                (Some(at), _) => match parse_at(&at) {
+                    Ok(ms) => ms,
+                    Err(e) => {
+                        eprintln!("qun-cli: --at {at:?}: {e}");
+                        std::process::exit(2);
+                    }
+                },
+                (None, Some(d)) => server_time_in(client, d).await?,
+                (None, None) => unreachable!("clap requires one of --at and --in"),
+            };
+            let every_ms = every.map_or(0, |d| {
+                u64::try_from(std::time::Duration::from(d).as_millis()).unwrap_or(u64::MAX)
+            });
+            let s = client
+                .schedule_push(group, &what.push(), &what.tags, first, every_ms)
+                .await?;
+            println!("{}", s.created);
+        }
+        ScheduleCommand::List { group, json } => {
+            for s in client.list_schedules(group).await?.schedules {
+                let c = s.content.unwrap_or_default();
+                let what = match c.kind {
+                    Some(proto::push_content::Kind::ProductId(p)) => format!("card {p}"),
+                    Some(proto::push_content::Kind::Announcement(t)) => {
+                        format!("announcement {t:?}")
+                    }
+                    None => String::new(),
+                };
+                if json {
+                    println!(
+                        "{}",
+                        json!({
+                            "schedule_id": s.schedule_id,
+                            "what": what,
+                            "audience": c.audience,
+                            "first_at_ms": s.first_at_ms,
+                            "every_ms": s.every_ms,
+                            "next_at_ms": s.next_at_ms,
+                            "fired": s.fired,
+                            "skipped": s.skipped,
+                            "last_seq": s.last_seq,
+                            "last_outcome": s.last_outcome,
+                        })
+                    );
+                } else {
+                    let to = if c.audience.is_empty() {
+                        "everyone".to_string()
+                    } else {
+                        format!("[{}]", c.audience)
+                    };
+                    println!(
+                        "{} {what} to {to}: next {} every {} ms; fired {}, skipped {}{}",
+                        s.schedule_id,
+                        s.next_at_ms,
+                        s.every_ms,
+                        s.fired,
+                        s.skipped,
+                        if s.last_outcome.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (last: {})", s.last_outcome)
+                        }
+                    );
+                }
+            }
+        }
+        ScheduleCommand::Cancel { group, id } => {
+            client.cancel_schedule(group, id).await?;
+            println!("cancelled");
+        }
+    }
+    Ok(())
+}
+
+/// RFC 3339 with `Z` or an offset (`+08:00`) to ms since the Unix epoch.
+fn parse_at(at: &str) -> Result<u64, String> {
+    let (local, offset_s) = match at.len().checked_sub(6).map(|i| at.split_at(i)) {
+        Some((local, off))
+            if (off.starts_with('+') || off.starts_with('-')) && off.as_bytes()[3] == b':' =>
+        {
+            let hours: i64 = off[1..3].parse().map_err(|_| "bad offset hours")?;
+            let minutes: i64 = off[4..].parse().map_err(|_| "bad offset minutes")?;
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            (local, sign * (hours * 3600 + minutes * 60))
+        }
+        _ => (at.trim_end_matches('Z'), 0),
+    };
+    let t = humantime::parse_rfc3339_weak(local).map_err(|e| e.to_string())?;
+    let utc = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_millis() as i64
+        - offset_s * 1000;
+    u64::try_from(utc).map_err(|_| "before 1970".to_string())
 }
 
 /// Milliseconds since the Unix epoch, `d` from now by the server's clock
@@ -1047,7 +1236,7 @@ fn as_json(m: &proto::ChatMessage) -> String {
 
 fn human(m: &proto::ChatMessage) -> String {
     if m.kind == proto::MessageKind::Hidden as i32 {
-        return format!("#{} (a promotion you muted)", m.seq);
+        return format!("#{} (a promotion not shown to you)", m.seq);
     }
     if m.kind == proto::MessageKind::Recall as i32 {
         return format!("#{} {} recalled #{}", m.seq, m.sender_name, m.recalls);
@@ -1064,4 +1253,16 @@ fn human(m: &proto::ChatMessage) -> String {
         "#{} {} ({}){}: {}",
         m.seq, m.sender_name, m.sender_id, quote, m.text
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn at_takes_utc_and_offsets() {
+        let utc = super::parse_at("2026-12-07T01:00:00Z").unwrap();
+        assert_eq!(utc, 1_796_605_200_000);
+        assert_eq!(super::parse_at("2026-12-07T09:00:00+08:00").unwrap(), utc);
+        assert_eq!(super::parse_at("2026-12-06T20:00:00-05:00").unwrap(), utc);
+        assert!(super::parse_at("next monday").is_err());
+    }
 }

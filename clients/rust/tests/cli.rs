@@ -752,3 +752,80 @@ async fn tags_and_a_threshold_group_from_the_command_line() {
     shop.ok(&fan, &["join", &group]).await;
     shop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targeted_pushes_schedules_and_the_tag_pool_from_the_command_line() {
+    let shop = Shop::open().await;
+    let (agent, vip, fan) = (shop.agent.clone(), shop.buyer("vip"), shop.buyer("fan"));
+    let group = shop.group("Drops").await;
+    shop.ok(&vip, &["join", &group]).await;
+    shop.ok(&fan, &["join", &group]).await;
+    shop.ok(&agent, &["tag", "vip", "--add", "vip"]).await;
+    assert_eq!(
+        shop.ok(
+            &agent,
+            &["push", &group, "--text", "VIP preview", "--tags", "vip"]
+        )
+        .await,
+        "1 to 1 buyers"
+    );
+    let fan_sees = shop.ok(&fan, &["history", &group]).await;
+    assert!(
+        fan_sees.contains("#1 (a promotion not shown to you)"),
+        "{fan_sees}"
+    );
+    assert!(!fan_sees.contains("VIP preview"), "{fan_sees}");
+    let vip_sees = shop.ok(&vip, &["history", &group]).await;
+    assert!(
+        vip_sees.contains("[Announcement] VIP preview"),
+        "{vip_sees}"
+    );
+    let refused = shop
+        .refused(
+            &agent,
+            &["push", &group, "--text", "x", "--tags", "size:xl"],
+        )
+        .await;
+    assert!(refused.contains("NOT_ELIGIBLE"), "{refused}");
+
+    let id = shop
+        .ok(
+            &agent,
+            &[
+                "schedule",
+                "add",
+                &group,
+                "--text",
+                "Monday drop",
+                "--in",
+                "1h",
+                "--every",
+                "7d",
+            ],
+        )
+        .await;
+    let listed = shop.ok(&agent, &["schedule", "list", &group]).await;
+    assert!(
+        listed.starts_with(&format!("{id} announcement \"Monday drop\" to everyone")),
+        "{listed}"
+    );
+    assert!(listed.contains("every 604800000 ms; fired 0"), "{listed}");
+    let refused = shop
+        .refused(
+            &agent,
+            &[
+                "schedule", "add", &group, "--text", "x", "--in", "1h", "--every", "1m",
+            ],
+        )
+        .await;
+    assert!(refused.contains("INVALID_ARGUMENT"), "{refused}");
+    assert_eq!(
+        shop.ok(&agent, &["schedule", "cancel", &group, &id]).await,
+        "cancelled"
+    );
+    assert_eq!(shop.ok(&agent, &["schedule", "list", &group]).await, "");
+
+    let pool = shop.ok(&fan, &["tag-pool"]).await;
+    assert!(pool.starts_with("size: size:xxs size:xs size:s"), "{pool}");
+    shop.stop().await;
+}
