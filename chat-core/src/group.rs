@@ -39,6 +39,9 @@ pub struct Subscriber {
     /// The outbox epoch when the request that subscribes began: a drop
     /// after that moment ends this subscription (see [`Outbox`]).
     pub epoch: u64,
+    /// The newest seq pushed to it (set when it subscribes: older ones
+    /// reach it by catch-up).
+    delivered: u64,
 }
 
 impl Subscriber {
@@ -51,6 +54,7 @@ impl Subscriber {
             user_id: user_id.into(),
             outbox,
             epoch,
+            delivered: 0,
         }
     }
 }
@@ -307,6 +311,14 @@ impl SentWindow {
 struct Subscribers {
     list: Vec<Subscriber>,
     at: HashMap<ConnId, usize>,
+    /// Where the fan-out pass in progress goes on (see
+    /// [`GroupState::fan_out`]); 0 between passes.
+    cursor: usize,
+    /// The newest visible seq when the pass in progress began.
+    pass_through: u64,
+    /// A subscription not yet visited by this pass was moved behind the
+    /// cursor: the pass must run once more.
+    reshuffled: bool,
 }
 
 impl Subscribers {
@@ -322,6 +334,11 @@ impl Subscribers {
             self.list.swap_remove(i);
             if let Some(moved) = self.list.get(i) {
                 self.at.insert(moved.conn, i);
+                // The last one, perhaps not yet visited, now sits where
+                // the pass has already been.
+                if i < self.cursor {
+                    self.reshuffled = true;
+                }
             }
         }
     }
@@ -335,6 +352,10 @@ impl Subscribers {
             .enumerate()
             .map(|(i, s)| (s.conn, i))
             .collect();
+        if self.cursor > 0 {
+            self.reshuffled = true;
+        }
+        self.cursor = self.cursor.min(self.list.len());
     }
 
     fn iter(&self) -> std::slice::Iter<'_, Subscriber> {
@@ -382,6 +403,8 @@ pub(crate) struct GroupState {
     pub(crate) reach: ReachUse,
     /// When the last promotion was posted (0: not since loading).
     pub(crate) last_promotion_ms: u64,
+    /// The group is on the fan-out queue.
+    pub(crate) fanout_queued: bool,
     /// `(seq, reporter)` of every report, so a report counts once.
     pub(crate) reported: HashSet<(u64, String)>,
     /// `(seq, member)` of cards opened since loading, so an open counts once.
@@ -470,6 +493,7 @@ impl GroupCell {
                 promotion_mutes: promotion_mutes.into_iter().collect(),
                 reach: reach.unwrap_or(ReachUse { day: 0, used: 0 }),
                 last_promotion_ms: 0,
+                fanout_queued: false,
                 reported: reports
                     .into_iter()
                     .map(|r| (r.seq, r.reporter_id))
@@ -602,14 +626,7 @@ impl GroupState {
 
     /// How `user_id` sees this group's messages.
     pub(crate) fn viewer<'a>(&self, user_id: &'a str) -> Viewer<'a> {
-        Viewer {
-            user_id,
-            staff: self
-                .members
-                .get(user_id)
-                .is_some_and(|m| m.role != Role::Buyer),
-            promotions_muted: self.promotion_mutes.contains(user_id),
-        }
+        viewer_of(&self.members, &self.promotion_mutes, user_id)
     }
 
     /// Whether a member muted the group's promotions.
@@ -627,7 +644,10 @@ impl GroupState {
     }
 
     /// Adds a subscription, replacing an earlier one of the same connection.
-    pub(crate) fn subscribe(&mut self, sub: Subscriber) {
+    /// Subscribes: from now on every message above the newest visible one
+    /// reaches `sub` by push (the ones up to it are the caller's to send).
+    pub(crate) fn subscribe(&mut self, mut sub: Subscriber) {
+        sub.delivered = self.visible_seq;
         self.subscribers.insert(sub);
     }
 
@@ -816,38 +836,14 @@ impl GroupState {
     }
 
     /// The store reported `seq` durable, so it and everything before it is:
-    /// fan out every pending message up to it, in seq order.
-    pub(crate) fn publish_through(&mut self, seq: u64, stats: &CoreStats) {
-        let mut queued = 0u64;
-        let mut dropped = 0u64;
+    /// every pending message up to it becomes visible (history, resume,
+    /// the ring) in seq order. Pushing them to subscribers is
+    /// [`GroupState::fan_out`]'s work.
+    pub(crate) fn publish_through(&mut self, seq: u64) {
         while self.pending.front().is_some_and(|p| p.seq() <= seq) {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            let mut ended = false;
-            for sub in self.subscribers.iter() {
-                // Only a promotion has a placeholder: nothing to look up
-                // for anything else.
-                let frame = if p.hidden.is_some() {
-                    p.frame_for(&self.viewer(&sub.user_id))
-                } else {
-                    &p.frame
-                };
-                match sub.outbox.push_in(sub.epoch, frame.clone()) {
-                    Pushed::Queued => queued += 1,
-                    Pushed::Dropped => {
-                        dropped += 1;
-                        ended = true;
-                    }
-                    Pushed::Stale | Pushed::Closed => ended = true,
-                }
-            }
-            if ended {
-                // Out of sync or gone: the subscription ends here; the
-                // client resumes from the last seq it has.
-                self.subscribers
-                    .retain(|s| !s.outbox.is_closed() && s.outbox.epoch() == s.epoch);
-            }
             self.visible_seq = p.seq();
             if p.message.kind == v1::MessageKind::Recall as i32 {
                 self.show_recalled(p.message.recalls);
@@ -858,10 +854,95 @@ impl GroupState {
             }
         }
         self.sent.trim(self.visible_seq);
+    }
+
+    /// Pushes visible messages to subscribers that lack them, spending at
+    /// most about `budget` (one unit per subscriber visited and per frame
+    /// queued), and says whether every subscriber is now up to date.
+    ///
+    /// This is how one group's fan-out is cut into turns, so that a flash
+    /// sale's group of 19,000 phones does not hold the store's writer, or
+    /// a fan-out worker, while other groups' messages wait: the writer
+    /// runs one turn when a write becomes durable, and a group with work
+    /// left goes on [`crate::groups`]'s fan-out queue, where the workers
+    /// take groups in turn (round robin).
+    ///
+    /// Each subscriber remembers the newest seq it was given, so whatever
+    /// changes between turns — new messages, subscriptions coming and
+    /// going — every subscriber gets every message once, in order: a pass
+    /// over the list ends only when nothing moved behind its cursor and no
+    /// message became visible since it began. One that fell so far behind
+    /// that the ring no longer holds what it lacks is out of sync and
+    /// resumes from the store, like a phone that stopped reading.
+    pub(crate) fn fan_out(&mut self, budget: usize, stats: &CoreStats) -> bool {
+        let through = self.visible_seq;
+        let first = self.recent.front().map_or(through + 1, Encoded::seq);
+        let (mut queued, mut dropped, mut spent) = (0u64, 0u64, 0usize);
+        let mut ended = false;
+        let subs = &mut self.subscribers;
+        if subs.cursor == 0 {
+            subs.pass_through = through;
+        }
+        let done = loop {
+            if subs.cursor >= subs.list.len() {
+                subs.cursor = 0;
+                if !subs.reshuffled && subs.pass_through >= through {
+                    break true;
+                }
+                subs.reshuffled = false;
+                subs.pass_through = through;
+            }
+            if spent >= budget {
+                break false;
+            }
+            let sub = &mut subs.list[subs.cursor];
+            subs.cursor += 1;
+            spent += 1;
+            if sub.delivered >= through {
+                continue;
+            }
+            if sub.delivered + 1 < first {
+                // What it lacks left the ring: out of sync, it resumes.
+                sub.outbox.fall_behind(sub.epoch);
+                dropped += 1;
+                ended = true;
+                continue;
+            }
+            let viewer = viewer_of(&self.members, &self.promotion_mutes, &sub.user_id);
+            let from = (sub.delivered + 1 - first) as usize;
+            for e in self.recent.range(from..) {
+                // Only a promotion has a placeholder to choose.
+                let frame = if e.hidden.is_some() {
+                    e.frame_for(&viewer)
+                } else {
+                    &e.frame
+                };
+                spent += 1;
+                match sub.outbox.push_in(sub.epoch, frame.clone()) {
+                    Pushed::Queued => queued += 1,
+                    Pushed::Dropped => {
+                        dropped += 1;
+                        ended = true;
+                        break;
+                    }
+                    Pushed::Stale | Pushed::Closed => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            sub.delivered = through;
+        };
+        if ended {
+            // Out of sync or gone: those subscriptions end here; the
+            // client resumes from the last seq it has.
+            subs.retain(|s| !s.outbox.is_closed() && s.outbox.epoch() == s.epoch);
+        }
         stats.deliveries_queued.fetch_add(queued, Ordering::Relaxed);
         stats
             .deliveries_dropped
             .fetch_add(dropped, Ordering::Relaxed);
+        done && !ended
     }
 
     /// A recall became visible: the ring shows the message as recalled too.
@@ -926,6 +1007,19 @@ impl GroupState {
         self.failed = true;
         self.pending.clear();
         self.sent.forget_above(self.visible_seq);
+    }
+}
+
+/// How `user_id` sees a group with these members and promotion mutes.
+fn viewer_of<'a>(
+    members: &HashMap<String, Member>,
+    promotion_mutes: &HashSet<String>,
+    user_id: &'a str,
+) -> Viewer<'a> {
+    Viewer {
+        user_id,
+        staff: members.get(user_id).is_some_and(|m| m.role != Role::Buyer),
+        promotions_muted: promotion_mutes.contains(user_id),
     }
 }
 

@@ -50,6 +50,9 @@ pub struct CoreConfig {
     pub reach: crate::reach::ReachPolicy,
     /// Most pins a group holds at once.
     pub max_pins: usize,
+    /// Fan-out work one group gets per turn before others take theirs
+    /// (subscribers visited plus frames queued; see `GroupState::fan_out`).
+    pub fanout_budget: usize,
 }
 
 impl Default for CoreConfig {
@@ -73,6 +76,7 @@ impl Default for CoreConfig {
             progress_interval_ms: 250,
             reach: crate::reach::ReachPolicy::default(),
             max_pins: 10,
+            fanout_budget: 1_024,
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct CoreStats {
     pub progress_events: AtomicU64,
     /// Deadlines resolved.
     pub deadlines_resolved: AtomicU64,
+    /// Fan-out turns taken from the queue (big groups' fan-out, cut up).
+    pub fanout_turns: AtomicU64,
     /// Occurrences of scheduled pushes that posted.
     pub scheduled_fired: AtomicU64,
     /// Occurrences of scheduled pushes skipped (quota, product, audience,
@@ -240,6 +246,8 @@ pub(crate) struct Inner {
     pub(crate) tag_locks: crate::segments::TagLocks,
     /// Every scheduled push, and when each fires next.
     pub(crate) schedules: ScheduleBook,
+    /// Groups with fan-out work left, in turn order.
+    pub(crate) fanout: Arc<FanoutQueue>,
 }
 
 pub(crate) fn durable_channel() -> (
@@ -292,8 +300,47 @@ impl Groups {
                 auto_replies: DashMap::new(),
                 tag_locks: Default::default(),
                 schedules,
+                fanout: Arc::default(),
             }),
         })
+    }
+
+    /// Runs one fan-out turn for the group at the head of the fan-out
+    /// queue, which goes to the back if it still has work; `false` when
+    /// the queue is empty. See [`Groups::run_fan_out`].
+    pub fn fan_out_turn(&self) -> bool {
+        let Some(cell) = self.inner.fanout.pop() else {
+            return false;
+        };
+        let stats = &self.inner.stats;
+        stats.fanout_turns.fetch_add(1, Ordering::Relaxed);
+        let mut g = cell.lock();
+        if g.fan_out(self.inner.config.fanout_budget, stats) {
+            g.fanout_queued = false;
+        } else {
+            drop(g);
+            self.inner.fanout.push(cell);
+        }
+        true
+    }
+
+    /// Works the fan-out queue until `stop` completes: groups whose
+    /// fan-out did not fit in one turn (a flash sale's crowd) take turns,
+    /// round robin, so one shop's big group cannot starve the others.
+    /// Run one per core.
+    pub async fn run_fan_out(&self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let ready = self.inner.fanout.ready.notified();
+            if self.fan_out_turn() {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                () = &mut stop => return,
+                () = ready => {}
+            }
+        }
     }
 
     /// The counters.
@@ -866,11 +913,19 @@ impl Groups {
         let (tx, rx) = oneshot::channel();
         let publisher = cell.clone();
         let stats = self.inner.stats.clone();
+        let fanout = self.inner.fanout.clone();
+        let budget = self.inner.config.fanout_budget;
         let done: qun_storage::DurableCallback = Box::new(move |result| {
             let mut g = publisher.lock();
             let outcome = match result {
                 Ok(()) => {
-                    g.publish_through(seq, &stats);
+                    g.publish_through(seq);
+                    // One turn here, on the store's writer; the rest of a
+                    // big group's fan-out waits its turn on the queue.
+                    if !g.fan_out(budget, &stats) && !g.fanout_queued {
+                        g.fanout_queued = true;
+                        fanout.push(publisher.clone());
+                    }
                     stats.messages_posted.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
@@ -1037,4 +1092,30 @@ fn validate_text(text: &[u8]) -> Result<String, ChatError> {
         return Err(ChatError::TextEmpty);
     }
     Ok(text.to_string())
+}
+
+/// Groups with fan-out work left (see `GroupState::fan_out`), in the order
+/// they get their next turn.
+#[derive(Debug, Default)]
+pub(crate) struct FanoutQueue {
+    groups: std::sync::Mutex<std::collections::VecDeque<Arc<GroupCell>>>,
+    /// Told when a group is queued.
+    ready: tokio::sync::Notify,
+}
+
+impl FanoutQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Arc<GroupCell>>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, cell: Arc<GroupCell>) {
+        self.lock().push_back(cell);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<Arc<GroupCell>> {
+        self.lock().pop_front()
+    }
 }

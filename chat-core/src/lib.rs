@@ -41,8 +41,11 @@
 //! [`Groups::post`] validates the text, then under the group's lock checks
 //! membership, assigns the next seq and submits the write to the store — in
 //! that order, so seq order is write order. When the store reports the write
-//! durable, the message's frame, encoded once into [`bytes::Bytes`], is pushed
-//! to every subscriber's [`Outbox`], and only then is the sender acknowledged.
+//! durable, the message becomes visible (history, resume) and its frame,
+//! encoded once into [`bytes::Bytes`], is pushed to subscribers' [`Outbox`]es
+//! — all of them at once in a small group; in a big one, in turns shared
+//! round robin with other groups ([`Groups::run_fan_out`]) — and the sender
+//! is acknowledged.
 //!
 //! # Example
 //! See [`Groups`].
@@ -89,6 +92,8 @@ mod auto_reply_tests;
 mod board_tests;
 #[cfg(test)]
 mod commerce_tests;
+#[cfg(test)]
+mod fanout_tests;
 #[cfg(test)]
 mod moderation_tests;
 #[cfg(test)]

@@ -105,6 +105,16 @@ struct State {
 }
 
 impl State {
+    /// Drops everything queued, and the one frame that did not fit (or
+    /// could not be given), and moves to the next epoch.
+    fn drop_queue(&mut self) {
+        self.dropped += self.frames.len() as u64 + 1;
+        self.frames.clear();
+        self.frames.shrink_to(64);
+        self.bytes = 0;
+        self.epoch += 1;
+    }
+
     /// Why a push for a subscription of `epoch` cannot be queued at all.
     fn refuses(&self, epoch: u64) -> Option<Pushed> {
         if self.closed {
@@ -176,11 +186,7 @@ impl Outbox {
                 return refused;
             }
             if !s.fits(self.shared.limits, 1, frame.len()) {
-                s.dropped += s.frames.len() as u64 + 1;
-                s.frames.clear();
-                s.frames.shrink_to(64);
-                s.bytes = 0;
-                s.epoch += 1;
+                s.drop_queue();
                 Pushed::Dropped
             } else {
                 self.enqueue(&mut s, frame);
@@ -189,6 +195,20 @@ impl Outbox {
         };
         self.shared.notify.notify_one();
         outcome
+    }
+
+    /// A subscription made in `epoch` fell so far behind that what it
+    /// lacks is gone: the queue is dropped as if it had overflowed, so the
+    /// client is told it is out of sync and resumes.
+    pub(crate) fn fall_behind(&self, epoch: u64) {
+        {
+            let mut s = self.state();
+            if s.refuses(epoch).is_some() {
+                return;
+            }
+            s.drop_queue();
+        }
+        self.shared.notify.notify_one();
     }
 
     fn enqueue(&self, s: &mut State, frame: Bytes) {
