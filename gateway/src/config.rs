@@ -93,6 +93,11 @@ pub struct Config {
     pub reach_window_days: u64,
     /// Most pins (FAQ entries and messages) a group holds at once.
     pub max_pins: usize,
+    /// Fan-out work a group gets per turn before other groups take theirs:
+    /// subscribers visited plus frames queued. A group bigger than this is
+    /// fanned out in turns, round robin with other groups, so one shop's
+    /// flash sale cannot starve the rest.
+    pub fanout_budget: usize,
     /// Where history lives: `embedded` (fjall in `data_dir`, the default) or
     /// `scylla` (a ScyllaDB or Cassandra 4.x cluster; see
     /// docs/operations/scylla.md).
@@ -156,6 +161,7 @@ impl Default for Config {
             reach_base_per_day: 3,
             reach_window_days: 7,
             max_pins: 10,
+            fanout_budget: 1_024,
             storage: "embedded".into(),
             scylla_nodes: String::new(),
             scylla_keyspace: "qun".into(),
@@ -231,6 +237,7 @@ impl Config {
                 ..Default::default()
             },
             max_pins: self.max_pins,
+            fanout_budget: self.fanout_budget,
             ..qun_chat_core::CoreConfig::default()
         }
     }
@@ -348,6 +355,9 @@ impl Config {
         }
         if !(1..=100).contains(&self.max_pins) {
             return bad("max_pins must be 1..=100".into());
+        }
+        if !(16..=1_000_000).contains(&self.fanout_budget) {
+            return bad("fanout_budget must be 16..=1000000".into());
         }
         if !(1..=90).contains(&self.reach_window_days) || self.reach_base_per_day > 1_000 {
             return bad(

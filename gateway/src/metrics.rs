@@ -217,6 +217,12 @@ impl Metrics {
             core.deadlines_resolved.load(Relaxed),
         );
         put(
+            "qun_fanout_turns_total",
+            "counter",
+            "Fan-out turns of groups too big for one turn (see fanout_budget).",
+            core.fanout_turns.load(Relaxed),
+        );
+        put(
             "qun_scheduled_pushes_fired_total",
             "counter",
             "Occurrences of scheduled pushes that posted their push.",

@@ -239,6 +239,17 @@ pub async fn run(
     };
     let sweeper = tokio::spawn(forget_idle_senders(shared.clone()));
     let ticker = tokio::spawn(commerce_ticks(shared.clone()));
+    // Big groups' fan-out, in turns (see `Groups::run_fan_out`): one
+    // worker per core; they run until the store closes, so pushes reach
+    // connections during the shutdown grace.
+    let fanout_stop = CancellationToken::new();
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let fanout: Vec<_> = (0..workers)
+        .map(|_| {
+            let (shared, stop) = (shared.clone(), fanout_stop.clone());
+            tokio::spawn(async move { shared.groups.run_fan_out(stop.cancelled_owned()).await })
+        })
+        .collect();
     let quic_endpoint = listeners.quic.endpoint.clone();
     let quic = tokio::spawn(crate::quic::accept_loop(
         listeners.quic.endpoint,
@@ -267,6 +278,10 @@ pub async fn run(
         b"shutdown",
     );
     let _ = tokio::time::timeout(grace, quic_endpoint.wait_idle()).await;
+    fanout_stop.cancel();
+    for worker in fanout {
+        let _ = worker.await;
+    }
     store.close().await?;
     tracing::info!("shutdown complete");
     Ok(())
