@@ -116,6 +116,13 @@ pub(crate) struct Posted {
     pub(crate) rx: Durable,
 }
 
+/// A push that is durable (see [`Posted`]).
+pub(crate) struct Pushed {
+    pub(crate) seq: u64,
+    pub(crate) audience_size: u32,
+    pub(crate) product: Option<v1::Product>,
+}
+
 impl Groups {
     /// Pushes a product card or an announcement to the group, or with an
     /// audience expression to the buyers it matches. Staff of the group's
@@ -135,21 +142,34 @@ impl Groups {
         let push = Push::parse(req.content.as_ref())?;
         let cell = self.cell(req.group_id).await?;
         staff_in(&cell.lock(), who, "push a promotion")?;
-        let posted = self
-            .post_push(
-                &cell,
-                Author::of(who),
-                &push,
-                |_| Ok(Vec::new()),
-                |_| {},
-                now_ms,
-            )
-            .await?;
-        crate::groups::durable(posted.rx).await?;
+        let pushed = self.push_now(&cell, Author::of(who), &push, now_ms).await?;
         Ok(v1::PromotionPushed {
             group_id: req.group_id,
+            seq: pushed.seq,
+            audience_size: pushed.audience_size,
+        })
+    }
+
+    /// Posts `push` now, in `author`'s name, and waits until it is
+    /// durable.
+    ///
+    /// # Errors
+    /// As [`Groups::post_push`].
+    pub(crate) async fn push_now(
+        &self,
+        cell: &Arc<GroupCell>,
+        author: Author<'_>,
+        push: &Push,
+        now_ms: u64,
+    ) -> Result<Pushed, ChatError> {
+        let posted = self
+            .post_push(cell, author, push, |_| Ok(Vec::new()), |_| {}, now_ms)
+            .await?;
+        crate::groups::durable(posted.rx).await?;
+        Ok(Pushed {
             seq: posted.seq,
             audience_size: posted.audience_size,
+            product: posted.product,
         })
     }
 

@@ -465,20 +465,10 @@ impl Groups {
             kind: crate::push::PushKind::Card(product_id),
             audience: None,
         };
-        let posted = self
-            .post_push(
-                &cell,
-                Author::of(who),
-                &push,
-                |_| Ok(Vec::new()),
-                |_| {},
-                now_ms,
-            )
-            .await?;
-        durable(posted.rx).await?;
+        let pushed = self.push_now(&cell, Author::of(who), &push, now_ms).await?;
         Ok(v1::CommerceAnswer {
-            seq: posted.seq,
-            object: posted.product.map(v1::commerce_answer::Object::Product),
+            seq: pushed.seq,
+            object: pushed.product.map(v1::commerce_answer::Object::Product),
             server_time_ms: now_ms,
             ..Default::default()
         })
