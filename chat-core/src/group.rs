@@ -643,9 +643,9 @@ impl GroupState {
         }
     }
 
-    /// Adds a subscription, replacing an earlier one of the same connection.
-    /// Subscribes: from now on every message above the newest visible one
-    /// reaches `sub` by push (the ones up to it are the caller's to send).
+    /// Adds a subscription, replacing an earlier one of the same connection:
+    /// from now on every message above the newest visible one reaches `sub`
+    /// by push (the ones up to it are the caller's to send).
     pub(crate) fn subscribe(&mut self, mut sub: Subscriber) {
         sub.delivered = self.visible_seq;
         self.subscribers.insert(sub);
@@ -908,12 +908,16 @@ impl GroupState {
                 ended = true;
                 continue;
             }
-            let viewer = viewer_of(&self.members, &self.promotion_mutes, &sub.user_id);
+            // Looked up only if a promotion needs it: it alone has a
+            // placeholder to choose.
+            let mut viewer = None;
             let from = (sub.delivered + 1 - first) as usize;
             for e in self.recent.range(from..) {
-                // Only a promotion has a placeholder to choose.
                 let frame = if e.hidden.is_some() {
-                    e.frame_for(&viewer)
+                    let v = viewer.get_or_insert_with(|| {
+                        viewer_of(&self.members, &self.promotion_mutes, &sub.user_id)
+                    });
+                    e.frame_for(v)
                 } else {
                     &e.frame
                 };

@@ -409,4 +409,56 @@ async fn bad_schedules_are_refused() {
         ErrorCode::InvalidArgument,
         "at most {MAX_SCHEDULES_PER_GROUP} per group"
     );
+    // Once they have fired they still show, but make room for new ones.
+    let base = f.groups.reach_quota(&a, g, NOW).await.unwrap().limit as usize;
+    let r = f.groups.tick(NOW + 1).await.schedules;
+    assert_eq!(
+        (r.fired, r.skipped),
+        (base, MAX_SCHEDULES_PER_GROUP - base),
+        "the quota allows {base} a day"
+    );
+    let listed = f
+        .groups
+        .schedule_push(&a, schedule(NOW + 10, 0), NOW + 2)
+        .await
+        .unwrap()
+        .schedules;
+    assert_eq!(listed.len(), MAX_SCHEDULES_PER_GROUP);
+    assert_eq!(listed.iter().filter(|s| s.next_at_ms > 0).count(), 1);
+}
+
+#[tokio::test]
+async fn a_stored_schedule_that_no_longer_parses_is_skipped_not_retried() {
+    use qun_storage::StoreExt as _;
+    let mut f = fixture().await;
+    let (g, _members) = segmented(&f).await;
+    let bad = v1::PushContent {
+        kind: Some(Kind::Announcement("x".into())),
+        audience: "size:huge".into(),
+    };
+    f.store
+        .write(vec![qun_storage::WriteOp::PutSchedule(
+            qun_storage::records::ScheduleRecord {
+                group_id: g,
+                schedule_id: 7,
+                content: prost::Message::encode_to_vec(&bad),
+                first_at_ms: NOW + 5,
+                next_at_ms: NOW + 5,
+                created_by: "a1".into(),
+                ..Default::default()
+            },
+        )])
+        .await
+        .unwrap();
+    f.reopen(CoreConfig::default()).await;
+    let r = f.groups.tick(NOW + 5).await.schedules;
+    assert_eq!((r.fired, r.skipped), (0, 1));
+    let s = &f
+        .groups
+        .list_schedules(&agent("a1", SHOP), g)
+        .await
+        .unwrap()
+        .schedules[0];
+    assert_eq!((s.last_outcome.as_str(), s.next_at_ms), ("invalid", 0));
+    assert_eq!(f.groups.tick(NOW + 6).await.schedules.skipped, 0);
 }

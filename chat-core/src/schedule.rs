@@ -49,6 +49,7 @@ pub(crate) mod outcome {
     pub(crate) const UNKNOWN_PRODUCT: &str = "unknown_product";
     pub(crate) const NO_AUDIENCE: &str = "no_audience";
     pub(crate) const MISSED: &str = "missed";
+    pub(crate) const INVALID: &str = "invalid";
 }
 
 /// Every schedule, and when each fires next.
@@ -216,11 +217,28 @@ impl Groups {
             g.refuse_if_failed()?;
             let book = &self.inner().schedules;
             let mut b = book.lock();
-            if b.of_group(req.group_id).len() >= MAX_SCHEDULES_PER_GROUP {
+            // Finished one-offs are kept to show how they went, until
+            // their room is needed.
+            let mine = b.of_group(req.group_id);
+            let active = mine.iter().filter(|r| r.next_at_ms > 0).count();
+            if active >= MAX_SCHEDULES_PER_GROUP {
                 return Err(ChatError::InvalidArgument(format!(
                     "a group has at most {MAX_SCHEDULES_PER_GROUP} schedules; cancel one first"
                 )));
             }
+            let prune: Vec<u64> = mine
+                .iter()
+                .filter(|r| r.next_at_ms == 0)
+                .take((mine.len() + 1).saturating_sub(MAX_SCHEDULES_PER_GROUP))
+                .map(|r| r.schedule_id)
+                .collect();
+            let mut ops: Vec<WriteOp> = prune
+                .iter()
+                .map(|&schedule_id| WriteOp::RemoveSchedule {
+                    group_id: req.group_id,
+                    schedule_id,
+                })
+                .collect();
             // Ids grow with time and past every stored one.
             let id = (now_ms.saturating_mul(1000)).max(b.last_id + 1);
             let record = ScheduleRecord {
@@ -235,10 +253,12 @@ impl Groups {
                 created_by_role: who.role().to_u32(),
                 ..Default::default()
             };
+            ops.push(WriteOp::PutSchedule(record.clone()));
             let (done, rx) = crate::groups::durable_channel();
-            self.inner()
-                .store
-                .submit(vec![WriteOp::PutSchedule(record.clone())], done)?;
+            self.inner().store.submit(ops, done)?;
+            for schedule_id in prune {
+                b.remove(req.group_id, schedule_id);
+            }
             b.put(record);
             (rx, id)
         };
@@ -363,7 +383,12 @@ impl Groups {
             return skip(outcome::MISSED);
         }
         let push = match v1::PushContent::decode(&record.content[..]) {
-            Ok(c) => Push::parse(Some(&c))?,
+            // Checked when scheduled; the rules (the tag pool) may have
+            // changed since: skipped, not retried for ever.
+            Ok(c) => match Push::parse(Some(&c)) {
+                Ok(p) => p,
+                Err(_) => return skip(outcome::INVALID),
+            },
             Err(e) => {
                 return Err(ChatError::Storage(qun_storage::StorageError::corrupt(
                     "schedules",
