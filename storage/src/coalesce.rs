@@ -22,9 +22,9 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::OnceCell;
 
 use crate::records::{
-    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
-    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    ScheduleRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
+    GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -361,6 +361,21 @@ impl<S: Store> Store for Coalescing<S> {
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
         self.inner.load_buyer_tags(shop_id, user_id)
+    }
+
+    fn load_cs_shop<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>> {
+        self.inner.load_cs_shop(shop_id)
+    }
+
+    fn load_cs_buyer<'a>(
+        &'a self,
+        shop_id: &'a str,
+        buyer_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
+        self.inner.load_cs_buyer(shop_id, buyer_id)
     }
 
     fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {

@@ -12,9 +12,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::records::{
-    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
-    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, PinRecord, ProductRecord,
-    ReportRecord, ScheduleRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
+    GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    PinRecord, ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -44,6 +44,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     join_requests(&mut fresh()).await;
     buyer_tags(&mut fresh()).await;
     schedules_and_targeted_messages(&mut fresh()).await;
+    customer_service(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -95,6 +96,11 @@ pub async fn groups_and_members<H: Harness>(h: &mut H) {
         pins: vec![],
         join_policy: 1,
         join_expression: "tier:vip".into(),
+        cs_buyer: if id == 300 {
+            "buyer-9".into()
+        } else {
+            String::new()
+        },
     };
     let member = |g: u64, u: &str| MemberRecord {
         group_id: g,
@@ -825,5 +831,56 @@ async fn schedules_and_targeted_messages(h: &mut impl Harness) {
         targeted,
         "a targeted message keeps its audience"
     );
+    s.close().await.unwrap();
+}
+
+async fn customer_service(h: &mut impl Harness) {
+    let s = h.open().await;
+    assert_eq!(s.load_cs_shop("s1").await.unwrap(), None);
+    assert_eq!(s.load_cs_buyer("s1", "b1").await.unwrap(), None);
+    let shop = |used: u32| CsShopRecord {
+        shop_id: "s1".into(),
+        required_tier: "vip".into(),
+        agent_cap: 5,
+        idle_close_ms: 1_800_000,
+        proactive_base: 10,
+        proactive_day: 20_000,
+        proactive_used: used,
+    };
+    let buyer = |shop: &str, b: &str, state: u32| CsBuyerRecord {
+        shop_id: shop.into(),
+        buyer_id: b.into(),
+        session_id: 42,
+        assigned_agent: "mei".into(),
+        state,
+        ..Default::default()
+    };
+    s.write(vec![
+        WriteOp::PutCsShop(shop(1)),
+        WriteOp::PutCsBuyer(buyer("s1", "b1", 1)),
+        WriteOp::PutCsBuyer(buyer("s10", "b1", 2)),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![
+        WriteOp::PutCsShop(shop(2)),
+        WriteOp::PutCsBuyer(buyer("s1", "b1", 3)),
+    ])
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(s.load_cs_shop("s1").await.unwrap(), Some(shop(2)));
+    assert_eq!(
+        s.load_cs_buyer("s1", "b1").await.unwrap(),
+        Some(buyer("s1", "b1", 3))
+    );
+    assert_eq!(
+        s.load_cs_buyer("s10", "b1").await.unwrap(),
+        Some(buyer("s10", "b1", 2)),
+        "per shop"
+    );
+    assert_eq!(s.load_cs_buyer("s1", "b10").await.unwrap(), None);
     s.close().await.unwrap();
 }

@@ -11,9 +11,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
 
 use crate::records::{
-    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
-    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    ScheduleRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
+    GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
@@ -98,6 +98,10 @@ struct Tables {
     buyer_tags: Keyspace,
     /// `group_id | schedule_id → ScheduleRecord`.
     schedules: Keyspace,
+    /// `shop_id → CsShopRecord`.
+    cs_shops: Keyspace,
+    /// `shop_id | 0x00 | buyer_id → CsBuyerRecord`.
+    cs_buyers: Keyspace,
 }
 
 impl std::fmt::Debug for Tables {
@@ -149,6 +153,8 @@ impl FjallStore {
             join_requests: open("join_requests")?,
             buyer_tags: open("buyer_tags")?,
             schedules: open("schedules")?,
+            cs_shops: open("cs_shops")?,
+            cs_buyers: open("cs_buyers")?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -448,6 +454,16 @@ fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), Storag
                         &tables.faq,
                         keys::object_key(f.group_id, f.faq_id),
                         f.encode_to_vec(),
+                    );
+                }
+                WriteOp::PutCsShop(r) => {
+                    batch.insert(&tables.cs_shops, r.shop_id.as_bytes(), r.encode_to_vec());
+                }
+                WriteOp::PutCsBuyer(r) => {
+                    batch.insert(
+                        &tables.cs_buyers,
+                        keys::product_key(&r.shop_id, &r.buyer_id),
+                        r.encode_to_vec(),
                     );
                 }
                 WriteOp::PutSchedule(r) => {
@@ -867,6 +883,35 @@ impl Store for FjallStore {
                 .get(key)
                 .map_err(read_err)?
                 .map(|v| decode("buyer_tags", &v))
+                .transpose()
+        })
+    }
+
+    fn load_cs_shop<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>> {
+        let key = shop_id.as_bytes().to_vec();
+        self.read(move |t| {
+            t.cs_shops
+                .get(key)
+                .map_err(read_err)?
+                .map(|v| decode("cs_shops", &v))
+                .transpose()
+        })
+    }
+
+    fn load_cs_buyer<'a>(
+        &'a self,
+        shop_id: &'a str,
+        buyer_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
+        let key = keys::product_key(shop_id, buyer_id);
+        self.read(move |t| {
+            t.cs_buyers
+                .get(key)
+                .map_err(read_err)?
+                .map(|v| decode("cs_buyers", &v))
                 .transpose()
         })
     }

@@ -55,9 +55,9 @@ pub use error::StorageError;
 pub use fjall_store::{FjallConfig, FjallStore};
 
 use records::{
-    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
-    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    ScheduleRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
+    GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
 
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
@@ -186,6 +186,12 @@ pub enum WriteOp {
         /// The entry.
         faq_id: u64,
     },
+    /// Create or replace a shop's customer-service settings
+    /// ([`Store::load_cs_shop`]).
+    PutCsShop(CsShopRecord),
+    /// Create or replace a buyer's customer-service record
+    /// ([`Store::load_cs_buyer`]).
+    PutCsBuyer(CsBuyerRecord),
     /// Create or replace a scheduled push ([`Store::load_schedules`]).
     PutSchedule(ScheduleRecord),
     /// Remove a scheduled push.
@@ -469,6 +475,25 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// # Errors
     /// As for [`Store::load_group`].
     fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>>;
+
+    /// A shop's customer-service settings.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_cs_shop<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>>;
+
+    /// A buyer's customer-service record with a shop.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn load_cs_buyer<'a>(
+        &'a self,
+        shop_id: &'a str,
+        buyer_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>>;
 }
 
 /// Convenience for callers that simply want to wait for durability.

@@ -37,6 +37,10 @@ pub struct GroupRecord {
     /// For a threshold policy: the tag expression a buyer must match.
     #[prost(string, tag = "10")]
     pub join_expression: String,
+    /// For an exclusive customer-service session: its buyer (empty for a
+    /// shop group).
+    #[prost(string, tag = "11")]
+    pub cs_buyer: String,
 }
 
 /// One pin of a group: a message or an FAQ entry (the other is 0).
@@ -369,4 +373,64 @@ pub struct ScheduleRecord {
     /// See `created_by`.
     #[prost(uint32, tag = "13")]
     pub created_by_role: u32,
+}
+
+/// A shop's exclusive customer-service settings and proactive quota use.
+/// Key: `shop_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct CsShopRecord {
+    /// The shop.
+    #[prost(string, tag = "1")]
+    pub shop_id: String,
+    /// The lowest tier served, as chat-core names it (`new`, `regular`,
+    /// `vip`).
+    #[prost(string, tag = "2")]
+    pub required_tier: String,
+    /// Most open sessions per agent.
+    #[prost(uint32, tag = "3")]
+    pub agent_cap: u32,
+    /// A session with no message for this long is closed.
+    #[prost(uint64, tag = "4")]
+    pub idle_close_ms: u64,
+    /// Proactive openings per day at a neutral score.
+    #[prost(uint32, tag = "5")]
+    pub proactive_base: u32,
+    /// The UTC day of `proactive_used`.
+    #[prost(uint64, tag = "6")]
+    pub proactive_day: u64,
+    /// Proactive openings that day.
+    #[prost(uint32, tag = "7")]
+    pub proactive_used: u32,
+}
+
+/// One buyer to one shop's customer service. Key: `shop_id | 0x00 | buyer_id`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct CsBuyerRecord {
+    /// The shop.
+    #[prost(string, tag = "1")]
+    pub shop_id: String,
+    /// The buyer.
+    #[prost(string, tag = "2")]
+    pub buyer_id: String,
+    /// The session's group (0: none yet).
+    #[prost(uint64, tag = "3")]
+    pub session_id: u64,
+    /// The buyer's exclusive agent ("" if none).
+    #[prost(string, tag = "4")]
+    pub assigned_agent: String,
+    /// The buyer blocked proactive contact from the shop.
+    #[prost(bool, tag = "5")]
+    pub blocked: bool,
+    /// Who handles the session now.
+    #[prost(string, tag = "6")]
+    pub agent_id: String,
+    /// The session's state, as the wire numbers it.
+    #[prost(uint32, tag = "7")]
+    pub state: u32,
+    /// The last message or opening, ms since the Unix epoch.
+    #[prost(uint64, tag = "8")]
+    pub last_activity_ms: u64,
+    /// The session was opened by the agent.
+    #[prost(bool, tag = "9")]
+    pub proactive: bool,
 }

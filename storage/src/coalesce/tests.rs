@@ -171,6 +171,21 @@ impl Store for GatedStoreDouble {
         self.real.load_buyer_tags(shop_id, user_id)
     }
 
+    fn load_cs_shop<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>> {
+        self.real.load_cs_shop(shop_id)
+    }
+
+    fn load_cs_buyer<'a>(
+        &'a self,
+        shop_id: &'a str,
+        buyer_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
+        self.real.load_cs_buyer(shop_id, buyer_id)
+    }
+
     fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
         self.real.load_schedules()
     }

@@ -79,9 +79,9 @@ pub use scylla::statement::Consistency;
 use self::statements::{Write, id64};
 use self::writer::{CqlSink, Job, Writer};
 use crate::records::{
-    AutoReplyRecord, BuyerTagsRecord, EntryRecord, FaqRecord, GroupRecord, JoinRequestRecord,
-    MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord, ProductRecord, ReportRecord,
-    ScheduleRecord, SentRecord,
+    AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
+    GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
+    ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
@@ -266,6 +266,8 @@ struct Reads {
     join_requests: PreparedStatement,
     buyer_tags: PreparedStatement,
     schedules: PreparedStatement,
+    cs_shop: PreparedStatement,
+    cs_buyer: PreparedStatement,
 }
 
 impl Reads {
@@ -376,6 +378,14 @@ impl Reads {
             .await?,
             // The whole table, paged: read once at start-up.
             schedules: p(format!("SELECT record FROM {ks}.schedules")).await?,
+            cs_shop: p(format!(
+                "SELECT record FROM {ks}.cs_shops WHERE shop_id = ?"
+            ))
+            .await?,
+            cs_buyer: p(format!(
+                "SELECT record FROM {ks}.cs_buyers WHERE shop_id = ? AND buyer_id = ?"
+            ))
+            .await?,
         })
     }
 }
@@ -965,6 +975,31 @@ impl Store for ScyllaStore {
                     &self.inner.reads.buyer_tags,
                     (shop_id, user_id),
                 )
+                .await?;
+            Ok(found.pop())
+        })
+    }
+
+    fn load_cs_shop<'a>(
+        &'a self,
+        shop_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>> {
+        Box::pin(async move {
+            let mut found: Vec<CsShopRecord> = self
+                .records("cs_shops", &self.inner.reads.cs_shop, (shop_id,))
+                .await?;
+            Ok(found.pop())
+        })
+    }
+
+    fn load_cs_buyer<'a>(
+        &'a self,
+        shop_id: &'a str,
+        buyer_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
+        Box::pin(async move {
+            let mut found: Vec<CsBuyerRecord> = self
+                .records("cs_buyers", &self.inner.reads.cs_buyer, (shop_id, buyer_id))
                 .await?;
             Ok(found.pop())
         })

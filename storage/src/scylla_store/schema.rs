@@ -68,10 +68,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "schedules",
         cql: include_str!("../../cql/0008_schedules.cql"),
     },
+    Migration {
+        version: 9,
+        name: "customer_service",
+        cql: include_str!("../../cql/0009_customer_service.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 8;
+pub const SCHEMA_VERSION: i32 = 9;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

@@ -54,11 +54,13 @@ pub(crate) enum Write {
     DeleteBuyerTags,
     PutSchedule,
     DeleteSchedule,
+    PutCsShop,
+    PutCsBuyer,
 }
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 35] = [
+    pub(crate) const ALL: [Write; 37] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -94,6 +96,8 @@ impl Write {
         Write::DeleteBuyerTags,
         Write::PutSchedule,
         Write::DeleteSchedule,
+        Write::PutCsShop,
+        Write::PutCsBuyer,
     ];
 
     /// Its position in [`Write::ALL`].
@@ -127,6 +131,8 @@ impl Write {
             Write::PutJoinRequest | Write::DeleteJoinRequest => "join_requests",
             Write::PutBuyerTags | Write::DeleteBuyerTags => "buyer_tags",
             Write::PutSchedule | Write::DeleteSchedule => "schedules",
+            Write::PutCsShop => "cs_shops",
+            Write::PutCsBuyer => "cs_buyers",
         }
     }
 
@@ -175,6 +181,10 @@ impl Write {
             Write::DeleteFaq => format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND faq_id = ?"),
             Write::PutSchedule => {
                 format!("INSERT INTO {ks}.{t} (group_id, schedule_id, record) VALUES (?, ?, ?)")
+            }
+            Write::PutCsShop => format!("INSERT INTO {ks}.{t} (shop_id, record) VALUES (?, ?)"),
+            Write::PutCsBuyer => {
+                format!("INSERT INTO {ks}.{t} (shop_id, buyer_id, record) VALUES (?, ?, ?)")
             }
             Write::DeleteSchedule => {
                 format!("DELETE FROM {ks}.{t} WHERE group_id = ? AND schedule_id = ?")
@@ -236,7 +246,8 @@ impl Write {
             | Write::PutProduct
             | Write::PutCard
             | Write::PutBuyerTags
-            | Write::DeleteBuyerTags => 2,
+            | Write::DeleteBuyerTags
+            | Write::PutCsBuyer => 2,
             Write::PutFeedback => 1,
             Write::PutSent => 3,
             _ => 1,
@@ -390,7 +401,9 @@ pub(crate) fn lane(ops: &[WriteOp]) -> Lane {
             | WriteOp::PutFeedback { .. }
             | WriteOp::PutAutoReply(_)
             | WriteOp::RemoveAutoReply { .. }
-            | WriteOp::PutBuyerTags(_) => {
+            | WriteOp::PutBuyerTags(_)
+            | WriteOp::PutCsShop(_)
+            | WriteOp::PutCsBuyer(_) => {
                 shop = true;
                 continue;
             }
@@ -628,6 +641,11 @@ pub(crate) fn statements(
             Write::DeleteFaq,
             vec![bigint("group id", *group_id)?, bigint("faq id", *faq_id)?],
         ),
+        WriteOp::PutCsShop(r) => push(Write::PutCsShop, vec![text(&r.shop_id), blob(r)]),
+        WriteOp::PutCsBuyer(r) => push(
+            Write::PutCsBuyer,
+            vec![text(&r.shop_id), text(&r.buyer_id), blob(r)],
+        ),
         WriteOp::PutSchedule(r) => push(
             Write::PutSchedule,
             vec![
@@ -818,6 +836,8 @@ mod tests {
                 group_id: 1,
                 faq_id: 2,
             },
+            WriteOp::PutCsShop(Default::default()),
+            WriteOp::PutCsBuyer(Default::default()),
             WriteOp::PutSchedule(Default::default()),
             WriteOp::RemoveSchedule {
                 group_id: 1,
