@@ -114,6 +114,14 @@ pub enum ChatError {
         /// The expression.
         expression: String,
     },
+    /// The buyer blocked proactive contact from this shop.
+    #[error("this buyer blocked proactive contact from your shop")]
+    ContactBlocked,
+    /// The shop's buyer feedback is too low for proactive contact.
+    #[error(
+        "your shop's buyer feedback is below the threshold for proactive contact; it comes back as the score recovers"
+    )]
+    ProactiveOff,
     /// The group admits buyers on approval; the request is recorded.
     #[error("your request to join is waiting for the shop's approval")]
     JoinPending,
@@ -145,6 +153,8 @@ impl ChatError {
             ChatError::Banned { .. } => ErrorCode::Banned,
             ChatError::JoinPending => ErrorCode::JoinPending,
             ChatError::NotEligible | ChatError::NoAudience { .. } => ErrorCode::NotEligible,
+            ChatError::ContactBlocked => ErrorCode::ContactBlocked,
+            ChatError::ProactiveOff => ErrorCode::ProactiveOff,
             ChatError::Storage(StorageError::Overloaded) => ErrorCode::Overloaded,
             ChatError::Storage(StorageError::Corrupt { .. }) => ErrorCode::Internal,
             ChatError::Storage(_) => ErrorCode::StorageUnavailable,

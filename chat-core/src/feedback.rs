@@ -58,7 +58,7 @@ impl Groups {
     }
 
     /// The shop's signals in the window and its quota today.
-    fn standing(&self, shop_id: &str, now_ms: u64) -> (u64, u64, f64, Option<u32>) {
+    pub(crate) fn standing(&self, shop_id: &str, now_ms: u64) -> (u64, u64, f64, Option<u32>) {
         let policy = &self.inner().config.reach;
         let (positive, negative) = self
             .inner()

@@ -246,6 +246,8 @@ pub(crate) struct Inner {
     pub(crate) tag_locks: crate::segments::TagLocks,
     /// Every scheduled push, and when each fires next.
     pub(crate) schedules: ScheduleBook,
+    /// Exclusive customer service of the shops in use.
+    pub(crate) cs: crate::cs::CsShops,
     /// Groups with fan-out work left, in turn order.
     pub(crate) fanout: Arc<FanoutQueue>,
 }
@@ -300,6 +302,7 @@ impl Groups {
                 auto_replies: DashMap::new(),
                 tag_locks: Default::default(),
                 schedules,
+                cs: Default::default(),
                 fanout: Arc::default(),
             }),
         })
@@ -498,7 +501,7 @@ impl Groups {
         };
         self.ensure_feedback(shop).await?;
         self.ensure_auto_replies(shop).await?;
-        let group_id = self.inner.next_group_id.fetch_add(1, Ordering::AcqRel);
+        let group_id = self.next_group_id();
         let record = GroupRecord {
             group_id,
             shop_id: shop.to_string(),
@@ -510,6 +513,7 @@ impl Groups {
             pins: Vec::new(),
             join_policy: 0,
             join_expression: String::new(),
+            cs_buyer: String::new(),
         };
         let creator = MemberRecord {
             group_id,
@@ -525,9 +529,32 @@ impl Groups {
                 WriteOp::PutMember(creator.clone()),
             ])
             .await?;
+        let info = self.install_group(record, vec![creator], now_ms);
+        self.inner
+            .stats
+            .groups_created
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(group_id, shop, "group created");
+        Ok(info)
+    }
+
+    /// A fresh group id.
+    pub(crate) fn next_group_id(&self) -> u64 {
+        self.inner.next_group_id.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Holds a new group in memory (its records are the caller's to
+    /// write); returns its info.
+    pub(crate) fn install_group(
+        &self,
+        record: GroupRecord,
+        members: Vec<MemberRecord>,
+        now_ms: u64,
+    ) -> v1::GroupInfo {
+        let group_id = record.group_id;
         let loaded = Loaded {
             record,
-            members: vec![creator],
+            members,
             read_marks: Vec::new(),
             recent: Vec::new(),
             last_seq: 0,
@@ -539,17 +566,52 @@ impl Groups {
             faq: Vec::new(),
             join_requests: Vec::new(),
         };
-        let cell = Arc::new(GroupCell::new(loaded, cfg.group_limits(), now_ms));
+        let cell = Arc::new(GroupCell::new(
+            loaded,
+            self.inner.config.group_limits(),
+            now_ms,
+        ));
         let info = cell.lock().info();
         self.inner
             .cells
             .insert(group_id, Arc::new(OnceCell::new_with(Some(cell))));
-        self.inner
-            .stats
-            .groups_created
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(group_id, shop, "group created");
-        Ok(info)
+        info
+    }
+
+    /// Makes `who` a member if they are not one: their record and a read
+    /// mark at the newest message, queued as one batch. `None` when they
+    /// already were.
+    ///
+    /// # Errors
+    /// As `GroupState::admit` (`GroupFull`, `WrongShop`, `Banned`), or the
+    /// store's refusal (then nothing changed).
+    pub(crate) fn admit_member(
+        &self,
+        cell: &Arc<GroupCell>,
+        who: &Identity,
+        now_ms: u64,
+    ) -> Result<Option<oneshot::Receiver<Result<(), StorageError>>>, ChatError> {
+        let mut g = cell.lock();
+        let Some(record) = g.admit(who, now_ms)? else {
+            return Ok(None);
+        };
+        // What was posted before joining does not count as unread.
+        let read_to = g.visible_seq();
+        let ops = vec![
+            WriteOp::PutMember(record),
+            WriteOp::PutReadMark {
+                group_id: g.id(),
+                user_id: who.user_id().to_string(),
+                seq: read_to,
+            },
+        ];
+        let (done, rx) = durable_channel();
+        if let Err(e) = self.inner.store.submit(ops, done) {
+            g.unadmit(who.user_id());
+            return Err(e.into());
+        }
+        g.advance_read_mark(who.user_id(), read_to);
+        Ok(Some(rx))
     }
 
     /// Makes the caller a member (if not already) and subscribes `sub` to
@@ -568,6 +630,17 @@ impl Groups {
     ) -> Result<v1::Joined, ChatError> {
         crate::permissions::require(who, crate::permissions::Operation::JoinGroup)?;
         let cell = self.cell(group_id).await?;
+        // A customer-service session admits its own buyer and the shop's
+        // staff, nobody else.
+        {
+            let g = cell.lock();
+            if !g.record.cs_buyer.is_empty()
+                && who.role() == Role::Buyer
+                && g.record.cs_buyer != who.user_id()
+            {
+                return Err(ChatError::NotMember(group_id));
+            }
+        }
         // A group that admits by tags checks the buyer's; one that admits
         // on approval records the request instead, and says so. Members
         // and staff pass (one look at the policy, under one short lock).
@@ -582,31 +655,7 @@ impl Groups {
                 }
             }
         }
-        let admitted = {
-            let mut g = cell.lock();
-            match g.admit(who, now_ms)? {
-                None => None,
-                Some(record) => {
-                    // What was posted before joining does not count as unread.
-                    let read_to = g.visible_seq();
-                    let ops = vec![
-                        WriteOp::PutMember(record),
-                        WriteOp::PutReadMark {
-                            group_id,
-                            user_id: who.user_id().to_string(),
-                            seq: read_to,
-                        },
-                    ];
-                    let (done, rx) = durable_channel();
-                    if let Err(e) = self.inner.store.submit(ops, done) {
-                        g.unadmit(who.user_id());
-                        return Err(e.into());
-                    }
-                    g.advance_read_mark(who.user_id(), read_to);
-                    Some(rx)
-                }
-            }
-        };
+        let admitted = self.admit_member(&cell, who, now_ms)?;
         let already_member = admitted.is_none();
         if let Some(rx) = admitted
             && let Err(e) = durable(rx).await
@@ -887,7 +936,19 @@ impl Groups {
         if let Some((answer, quote)) = auto {
             self.post_auto_answer(&cell, &mut g, seq, quote, answer, now_ms);
         }
+        let session = (!g.record.cs_buyer.is_empty())
+            .then(|| (g.record.shop_id.clone(), g.record.cs_buyer.clone()));
         drop(g);
+        if let Some((shop, buyer)) = session {
+            // Off this request's path: the session's bookkeeping (keep it
+            // open, reopen it, count a reply) follows the message.
+            let (groups, who) = (self.clone(), who.clone());
+            tokio::spawn(async move {
+                if let Err(e) = groups.cs_on_message(&shop, &buyer, &who, now_ms).await {
+                    tracing::warn!(group_id, error = %e, "customer-service session not updated");
+                }
+            });
+        }
         Ok(PostTicket {
             ack: ack(seq, now_ms, false),
             rx,

@@ -53,6 +53,7 @@
 mod auto_reply;
 mod board;
 mod commerce;
+mod cs;
 mod delivery;
 mod devices;
 mod error;
@@ -73,6 +74,9 @@ pub mod segments;
 
 pub use auto_reply::MAX_RULES as MAX_AUTO_REPLY_RULES;
 pub use commerce::{MAX_MONEY_MINOR, TickReport, state_name};
+pub use cs::{
+    DEFAULT_AGENT_CAP, DEFAULT_IDLE_CLOSE_MS, DEFAULT_PROACTIVE_BASE, PROACTIVE_MIN_SCORE,
+};
 pub use delivery::MAX_RESUME_CURSORS;
 pub use error::ChatError;
 pub use group::{ConnId, Subscriber};
@@ -92,6 +96,8 @@ mod auto_reply_tests;
 mod board_tests;
 #[cfg(test)]
 mod commerce_tests;
+#[cfg(test)]
+mod cs_tests;
 #[cfg(test)]
 mod fanout_tests;
 #[cfg(test)]

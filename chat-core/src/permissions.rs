@@ -85,11 +85,22 @@ pub enum Operation {
     ManageSchedules,
     /// Read the industry tag pool.
     ReadTagPool,
+    /// Open, close and read the queue of exclusive customer-service
+    /// sessions (buyers: their own; agents: proactively, their buyers').
+    CsSession,
+    /// Hand a session to another agent.
+    CsTransfer,
+    /// Set one's presence as an agent.
+    SetPresence,
+    /// Block a shop's proactive contact.
+    CsBlock,
+    /// Configure customer service, assign agents, report purchases.
+    ManageCs,
 }
 
 impl Operation {
     /// Every operation, in the order docs/roles.md lists them.
-    pub const ALL: [Operation; 36] = [
+    pub const ALL: [Operation; 41] = [
         Operation::CreateGroup,
         Operation::JoinGroup,
         Operation::LeaveGroup,
@@ -126,6 +137,11 @@ impl Operation {
         Operation::PushPromotion,
         Operation::ManageSchedules,
         Operation::ReadTagPool,
+        Operation::CsSession,
+        Operation::CsTransfer,
+        Operation::SetPresence,
+        Operation::CsBlock,
+        Operation::ManageCs,
     ];
 
     /// The name docs/roles.md uses.
@@ -167,6 +183,11 @@ impl Operation {
             Operation::PushPromotion => "push a promotion",
             Operation::ManageSchedules => "schedule pushes",
             Operation::ReadTagPool => "read the industry tag pool",
+            Operation::CsSession => "open or close a service session",
+            Operation::CsTransfer => "transfer a service session",
+            Operation::SetPresence => "set agent presence",
+            Operation::CsBlock => "block a shop's proactive contact",
+            Operation::ManageCs => "configure customer service",
         }
     }
 }
@@ -195,11 +216,15 @@ pub fn permits(role: Role, op: Operation) -> bool {
                 | O::RecallOwn
                 | O::ReadBoard
                 | O::ReadTagPool
+                | O::CsSession
+                | O::CsBlock
         ),
         // Agents and owners have the same rights in their shop's groups;
         // the buyers' own actions (joining a group-buy, claiming, voting)
         // are not theirs.
-        Role::Agent | Role::Owner => !matches!(op, O::JoinGroupBuy | O::ClaimCoupon | O::Vote),
+        Role::Agent | Role::Owner => {
+            !matches!(op, O::JoinGroupBuy | O::ClaimCoupon | O::Vote | O::CsBlock)
+        }
     }
 }
 

@@ -105,6 +105,10 @@ pub enum Signal {
     LeftAfterPromotion,
     /// Reported a message.
     Reported,
+    /// Blocked the shop's proactive customer service.
+    ContactBlocked,
+    /// Bought something (reported by the shop's systems).
+    Purchased,
 }
 
 impl Signal {
@@ -117,6 +121,7 @@ impl Signal {
                 | Signal::CouponClaimed
                 | Signal::PollVoted
                 | Signal::Replied
+                | Signal::Purchased
         )
     }
 }

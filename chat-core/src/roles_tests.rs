@@ -355,6 +355,58 @@ async fn attempt(s: &Stage, who: &Identity, op: Operation) -> Result<(), ChatErr
             .await
             .map(drop),
         Operation::ReadTagPool => groups.tag_pool(who).map(drop),
+        Operation::CsSession => groups.cs_queue(who, SHOP, now).await.map(drop),
+        Operation::SetPresence => groups
+            .set_presence(who, v1::Presence::Online, now)
+            .await
+            .map(drop),
+        Operation::CsBlock => groups.cs_block(who, SHOP, true, now).await.map(drop),
+        Operation::ManageCs => groups.cs_config(who).await.map(drop),
+        Operation::CsTransfer => {
+            // The target buyer's session, handled by a1; a3 is free.
+            let a1 = agent("a1", SHOP);
+            let a3 = agent("a3", SHOP);
+            groups
+                .set_cs_config(&a1, "new", 5, 600_000, 10, now)
+                .await
+                .unwrap();
+            for (n, staff) in [&a1, &a3].into_iter().enumerate() {
+                let (_, outbox) = sub(900 + n as u64, staff, OutboxLimits::default());
+                groups.attach_device(staff, ConnId(900 + n as u64), outbox);
+            }
+            groups
+                .set_presence(&a1, v1::Presence::Online, now)
+                .await
+                .unwrap();
+            let opened = groups
+                .cs_open(
+                    &buyer("target"),
+                    v1::CsOpen {
+                        shop_id: SHOP.into(),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await
+                .unwrap();
+            assert_eq!(opened.agent_id, "a1");
+            groups
+                .set_presence(&a3, v1::Presence::Online, now)
+                .await
+                .unwrap();
+            groups
+                .cs_transfer(
+                    who,
+                    v1::CsTransfer {
+                        session_id: opened.session_id,
+                        to_agent: "a3".into(),
+                        note: "size question".into(),
+                    },
+                    now,
+                )
+                .await
+                .map(drop)
+        }
         Operation::ManageAutoReply => groups
             .put_auto_reply(
                 who,

@@ -170,5 +170,7 @@ mod tests {
         assert_eq!(ErrorCode::Banned as i32, 54);
         assert_eq!(ErrorCode::JoinPending as i32, 55);
         assert_eq!(ErrorCode::NotEligible as i32, 56);
+        assert_eq!(ErrorCode::ContactBlocked as i32, 57);
+        assert_eq!(ErrorCode::ProactiveOff as i32, 58);
     }
 }

@@ -1110,6 +1110,7 @@ impl Groups {
         }
         self.flush_feedback(now_ms);
         report.schedules = self.fire_schedules(now_ms).await;
+        self.cs_tick(now_ms).await;
         let stats = &self.inner().stats;
         stats
             .deadlines_resolved
