@@ -528,6 +528,36 @@ impl Session {
                 .tag_pool(who)
                 .map(Body::TagPool)
                 .map_err(RequestError::from),
+            client_frame::Body::CsOpen(o) => groups
+                .cs_open(who, o, now_ms())
+                .await
+                .map(Body::CsSession)
+                .map_err(RequestError::from),
+            client_frame::Body::CsTransfer(t) => groups
+                .cs_transfer(who, t, now_ms())
+                .await
+                .map(Body::CsSession)
+                .map_err(RequestError::from),
+            client_frame::Body::CsClose(c) => groups
+                .cs_close(who, c.session_id, now_ms())
+                .await
+                .map(Body::CsSession)
+                .map_err(RequestError::from),
+            client_frame::Body::CsQueue(q) => groups
+                .cs_queue(who, &q.shop_id, now_ms())
+                .await
+                .map(Body::CsQueueState)
+                .map_err(RequestError::from),
+            client_frame::Body::SetPresence(p) => groups
+                .set_presence(who, p.presence(), now_ms())
+                .await
+                .map(Body::CsQueueState)
+                .map_err(RequestError::from),
+            client_frame::Body::CsBlock(b) => groups
+                .cs_block(who, &b.shop_id, b.blocked, now_ms())
+                .await
+                .map(Body::CsBlocked)
+                .map_err(RequestError::from),
             client_frame::Body::GetReachQuota(q) => groups
                 .reach_quota(who, q.group_id, now_ms())
                 .await
@@ -756,6 +786,12 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
         client_frame::Body::CancelSchedule(_) => "cancel_schedule",
         client_frame::Body::ListSchedules(_) => "list_schedules",
         client_frame::Body::GetTagPool(_) => "get_tag_pool",
+        client_frame::Body::CsOpen(_) => "cs_open",
+        client_frame::Body::CsTransfer(_) => "cs_transfer",
+        client_frame::Body::CsClose(_) => "cs_close",
+        client_frame::Body::CsQueue(_) => "cs_queue",
+        client_frame::Body::SetPresence(_) => "set_presence",
+        client_frame::Body::CsBlock(_) => "cs_block",
     }
 }
 

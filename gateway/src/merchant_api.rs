@@ -89,6 +89,12 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
             post(cancel_schedule),
         )
         .route("/v1/tag-pool", get(get_tag_pool))
+        .route("/v1/cs/config", get(get_cs_config).put(put_cs_config))
+        .route(
+            "/v1/cs/buyers/{user_id}",
+            get(get_cs_buyer).put(put_cs_buyer),
+        )
+        .route("/v1/cs/buyers/{user_id}/purchases", post(post_purchase))
         .route("/v1/auto-replies", get(list_auto_replies))
         .route(
             "/v1/auto-replies/{rule_id}",
@@ -148,7 +154,9 @@ impl ApiError {
             }
             ErrorCode::Muted | ErrorCode::Banned => StatusCode::FORBIDDEN,
             ErrorCode::JoinPending => StatusCode::ACCEPTED,
-            ErrorCode::NotEligible => StatusCode::FORBIDDEN,
+            ErrorCode::NotEligible | ErrorCode::ContactBlocked | ErrorCode::ProactiveOff => {
+                StatusCode::FORBIDDEN
+            }
             ErrorCode::StorageUnavailable | ErrorCode::Overloaded | ErrorCode::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -1439,6 +1447,142 @@ async fn cancel_schedule(
         .into())
 }
 
+// ───────────────────────────── customer service ─────────────────────────────
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct CsConfigJson {
+    required_tier: String,
+    agent_cap: u32,
+    idle_close_ms: u64,
+    proactive_base: u32,
+}
+
+impl From<qun_storage::records::CsShopRecord> for CsConfigJson {
+    fn from(r: qun_storage::records::CsShopRecord) -> Self {
+        Self {
+            required_tier: r.required_tier,
+            agent_cap: r.agent_cap,
+            idle_close_ms: r.idle_close_ms,
+            proactive_base: r.proactive_base,
+        }
+    }
+}
+
+async fn get_cs_config(State(shared): Shared_, headers: HeaderMap) -> ApiResult<CsConfigJson> {
+    let who = caller(&shared, &headers)?;
+    ok(shared.groups.cs_config(&who).await?.into())
+}
+
+async fn put_cs_config(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    body: Result<Json<CsConfigJson>, JsonRejection>,
+) -> ApiResult<CsConfigJson> {
+    let who = caller(&shared, &headers)?;
+    let Json(c) = body?;
+    ok(shared
+        .groups
+        .set_cs_config(
+            &who,
+            &c.required_tier,
+            c.agent_cap,
+            c.idle_close_ms,
+            c.proactive_base,
+            now_ms(),
+        )
+        .await?
+        .into())
+}
+
+#[derive(Serialize)]
+struct CsBuyerJson {
+    user_id: String,
+    assigned_agent: String,
+    session_id: u64,
+    state: &'static str,
+    agent_id: String,
+    blocked: bool,
+}
+
+impl From<qun_storage::records::CsBuyerRecord> for CsBuyerJson {
+    fn from(r: qun_storage::records::CsBuyerRecord) -> Self {
+        let state = match i32::try_from(r.state)
+            .ok()
+            .and_then(|s| v1::CsState::try_from(s).ok())
+        {
+            Some(v1::CsState::Open) => "open",
+            Some(v1::CsState::Queued) => "queued",
+            _ => "closed",
+        };
+        Self {
+            user_id: r.buyer_id,
+            assigned_agent: r.assigned_agent,
+            session_id: r.session_id,
+            state,
+            agent_id: r.agent_id,
+            blocked: r.blocked,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignInput {
+    assigned_agent: String,
+}
+
+async fn get_cs_buyer(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<CsBuyerJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(user_id) = path?;
+    ok(shared.groups.cs_buyer_record(&who, &user_id).await?.into())
+}
+
+/// Assigns a buyer's exclusive agent ("" removes it).
+async fn put_cs_buyer(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<AssignInput>, JsonRejection>,
+) -> ApiResult<CsBuyerJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(user_id) = path?;
+    let Json(a) = body?;
+    ok(shared
+        .groups
+        .assign_cs_agent(&who, &user_id, &a.assigned_agent)
+        .await?
+        .into())
+}
+
+#[derive(Serialize)]
+struct PurchaseJson {
+    user_id: String,
+    recorded: bool,
+}
+
+/// The shop's systems report a purchase: positive buyer feedback.
+async fn post_purchase(
+    State(shared): Shared_,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<PurchaseJson> {
+    let who = caller(&shared, &headers)?;
+    let Path(user_id) = path?;
+    shared
+        .groups
+        .record_purchase(&who, &user_id, now_ms())
+        .await?;
+    created(PurchaseJson {
+        user_id,
+        recorded: true,
+    })
+}
+
 // ───────────────────────────── auto-reply ─────────────────────────────
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -1546,10 +1690,13 @@ mod tests {
             "/v1/groups/{group_id}/schedules",
             "/v1/groups/{group_id}/schedules/{id}/cancel",
             "/v1/tag-pool",
+            "/v1/cs/config",
+            "/v1/cs/buyers/{user_id}",
+            "/v1/cs/buyers/{user_id}/purchases",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
-        assert_eq!(paths.len(), 30, "a documented path is not served");
+        assert_eq!(paths.len(), 33, "a documented path is not served");
     }
 
     #[test]
