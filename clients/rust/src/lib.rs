@@ -51,6 +51,7 @@ pub use qun_proto::v1 as proto;
 
 mod board;
 mod commerce;
+mod cs;
 mod moderation;
 mod push;
 mod reach;
@@ -249,6 +250,9 @@ pub enum Event {
         /// The group.
         group_id: u64,
     },
+    /// A customer-service session changed: assigned, queued (or moved up
+    /// the queue), transferred or closed. See [`Client::cs_open`].
+    CsSession(v1::CsSession),
     /// Staff decided this user's request to join a group that admits on
     /// approval; when approved, [`Client::join`] now subscribes.
     JoinDecided {
@@ -512,6 +516,7 @@ impl Client {
                         group_id: d.group_id,
                         approved: d.approved,
                     },
+                    Some(Body::CsSession(s)) => Event::CsSession(s),
                     Some(Body::GoingAway(g)) => Event::GoingAway {
                         reason: g.reason,
                         reconnect_after_ms: g.reconnect_after_ms,

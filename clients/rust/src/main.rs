@@ -171,6 +171,12 @@ enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
+    /// Exclusive customer service (专属客服): one-to-one sessions between
+    /// a buyer and the shop's agents.
+    Cs {
+        #[command(subcommand)]
+        command: CsCommand,
+    },
     /// Buyers waiting for approval (staff).
     Requests { group: u64 },
     /// Approve a buyer's request to join (staff).
@@ -242,6 +248,60 @@ impl PushArgs {
             (None, t) => qun_client::Push::Announcement(t.clone().unwrap_or_default()),
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+enum CsCommand {
+    /// Open your session with SHOP (buyer), or, as a buyer's assigned
+    /// agent, contact them first with --buyer. Prints the session.
+    Open {
+        #[arg(required_unless_present = "buyer")]
+        shop: Option<String>,
+        #[arg(long, conflicts_with = "shop")]
+        buyer: Option<String>,
+    },
+    /// Send a message in a session (a buyer's reopens a closed one).
+    Send { session: u64, text: String },
+    /// Stream a session's messages.
+    Tail {
+        session: u64,
+        /// First print every message from this seq on.
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Hand a session to another agent of the shop (staff).
+    Transfer {
+        session: u64,
+        agent: String,
+        /// For the agent taking over; the buyer does not see it.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Close a session.
+    Close { session: u64 },
+    /// The queue and agents (staff: SHOP is yours), or your place in it.
+    Queue {
+        #[arg(default_value = "")]
+        shop: String,
+    },
+    /// Set your presence (online, busy, away) and print sessions as they
+    /// are assigned to you, until --count of them (agents).
+    Presence {
+        presence: String,
+        /// Exit after this many session changes (default: at once).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// Block (or with --off unblock) proactive contact from SHOP (buyer).
+    Block {
+        shop: String,
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -499,7 +559,34 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
+async fn run(mut cli: Cli, token: &str) -> Result<(), ClientError> {
+    // A session is a group: `cs send` and `cs tail` are `send` and `tail`.
+    cli.command = match cli.command {
+        Command::Cs {
+            command: CsCommand::Send { session, text },
+        } => Command::Send {
+            group: session,
+            text,
+            reply_to: None,
+            client_msg_id: None,
+            retries: 5,
+        },
+        Command::Cs {
+            command:
+                CsCommand::Tail {
+                    session,
+                    from,
+                    json,
+                    count,
+                },
+        } => Command::Tail {
+            group: session,
+            from,
+            json,
+            count,
+        },
+        other => other,
+    };
     if let Command::Send {
         group,
         text,
@@ -651,6 +738,7 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
             }
         }
         Command::Schedule { command } => schedule(&client, command).await?,
+        Command::Cs { command } => cs(&mut client, command).await?,
         Command::Requests { group } => {
             for r in client.list_join_requests(group).await?.requests {
                 println!(
@@ -825,6 +913,104 @@ fn result_name(a: &proto::CommerceAnswer) -> String {
         .trim_start_matches("COMMERCE_RESULT_")
         .to_ascii_lowercase()
         .replace('_', "-")
+}
+
+fn print_session(s: &proto::CsSession) {
+    let state = match s.state() {
+        proto::CsState::Open => format!("open with {}", s.agent_id),
+        proto::CsState::Queued => format!("queued at {}", s.queue_position),
+        _ => "closed".to_string(),
+    };
+    let context = s
+        .context
+        .as_ref()
+        .map(|c| {
+            let note = if c.note.is_empty() {
+                String::new()
+            } else {
+                format!(" note: {}", c.note)
+            };
+            format!(
+                " [tier {}; tags {}; {} groups]{note}",
+                c.tier,
+                c.tags.join(" "),
+                c.groups.len()
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "session {} of {} with {}: {state}{context}",
+        s.session_id, s.buyer_id, s.shop_id
+    );
+}
+
+async fn cs(client: &mut Client, command: CsCommand) -> Result<(), ClientError> {
+    match command {
+        CsCommand::Open { shop, buyer } => {
+            let s = match (shop, buyer) {
+                (_, Some(b)) => client.cs_contact(&b).await?,
+                (Some(shop), None) => client.cs_open(&shop).await?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            print_session(&s);
+        }
+        CsCommand::Transfer {
+            session,
+            agent,
+            note,
+        } => print_session(&client.cs_transfer(session, &agent, &note).await?),
+        CsCommand::Close { session } => print_session(&client.cs_close(session).await?),
+        CsCommand::Queue { shop } => {
+            let q = client.cs_queue(&shop).await?;
+            for s in &q.waiting {
+                print_session(s);
+            }
+            for a in &q.agents {
+                println!(
+                    "agent {} {}: {}/{} sessions",
+                    a.agent_id,
+                    a.presence()
+                        .as_str_name()
+                        .trim_start_matches("PRESENCE_")
+                        .to_lowercase(),
+                    a.sessions,
+                    a.cap
+                );
+            }
+        }
+        CsCommand::Presence { presence, count } => {
+            let p = match presence.as_str() {
+                "online" => proto::Presence::Online,
+                "busy" => proto::Presence::Busy,
+                "away" => proto::Presence::Away,
+                other => {
+                    eprintln!("qun-cli: presence {other:?}: use online, busy or away");
+                    std::process::exit(2);
+                }
+            };
+            client.set_presence(p).await?;
+            println!("{presence}");
+            let mut seen = 0;
+            while seen < count {
+                match client.next_event().await {
+                    Some(Event::CsSession(s)) => {
+                        print_session(&s);
+                        seen += 1;
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        CsCommand::Block { shop, off } => {
+            client.cs_block(&shop, !off).await?;
+            println!("{}", if off { "unblocked" } else { "blocked" });
+        }
+        CsCommand::Send { .. } | CsCommand::Tail { .. } => {
+            unreachable!("rewritten to send and tail")
+        }
+    }
+    Ok(())
 }
 
 async fn schedule(client: &Client, command: ScheduleCommand) -> Result<(), ClientError> {

@@ -829,3 +829,118 @@ async fn targeted_pushes_schedules_and_the_tag_pool_from_the_command_line() {
     assert!(pool.starts_with("size: size:xxs size:xs size:s"), "{pool}");
     shop.stop().await;
 }
+
+/// `qun-cli` as `token` left running: its stdout, line by line.
+fn spawn_cli(
+    url: &str,
+    token: &str,
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_qun-cli"))
+        .arg("--url")
+        .arg(url)
+        .arg("--token")
+        .arg(token)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> String {
+    tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("no line within 10 s")
+        .unwrap()
+        .expect("the command ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_customer_service_from_the_command_line() {
+    let shop = Shop::open().await;
+    let (mei, fan) = (shop.agent.clone(), shop.buyer("fan"));
+    let lin = token(&shop.key, "lin", "agent", Some("shop-1"));
+    shop.ok(&mei, &["tag", "fan", "--add", "vip"]).await;
+    let refused = shop
+        .refused(&shop.buyer("newbie"), &["cs", "open", "shop-1"])
+        .await;
+    assert!(refused.contains("NOT_ELIGIBLE"), "{refused}");
+
+    // Mei goes online and watches for sessions.
+    let (mut mei_console, mut mei_out) = spawn_cli(
+        &shop.url,
+        &mei,
+        &["cs", "presence", "online", "--count", "2"],
+    );
+    assert_eq!(next_line(&mut mei_out).await, "online");
+    let opened = shop.ok(&fan, &["cs", "open", "shop-1"]).await;
+    let session = opened
+        .strip_prefix("session ")
+        .and_then(|s| s.split(' ').next())
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        opened,
+        format!("session {session} of fan with shop-1: open with mei")
+    );
+    let assigned = next_line(&mut mei_out).await;
+    assert!(
+        assigned.contains("open with mei [tier vip; tags vip;"),
+        "{assigned}"
+    );
+    assert_eq!(
+        shop.ok(&fan, &["cs", "send", &session, "Is S back?"]).await,
+        "1"
+    );
+    assert_eq!(
+        shop.ok(
+            &mei,
+            &["cs", "tail", &session, "--from", "1", "--count", "1"]
+        )
+        .await,
+        "#1 Name fan (fan): Is S back?"
+    );
+
+    // Lin comes online; mei hands the session over with a note.
+    let (mut lin_console, mut lin_out) = spawn_cli(
+        &shop.url,
+        &lin,
+        &["cs", "presence", "online", "--count", "2"],
+    );
+    assert_eq!(next_line(&mut lin_out).await, "online");
+    let moved = shop
+        .ok(
+            &mei,
+            &["cs", "transfer", &session, "lin", "--note", "wants S"],
+        )
+        .await;
+    assert!(moved.ends_with("open with lin"), "{moved}");
+    assert!(next_line(&mut lin_out).await.contains("note: wants S"));
+    assert!(next_line(&mut mei_out).await.contains("open with lin"));
+    mei_console.wait().await.unwrap();
+    let queue = shop.ok(&mei, &["cs", "queue"]).await;
+    assert!(queue.contains("agent lin online: 1/5 sessions"), "{queue}");
+    assert!(
+        shop.ok(&fan, &["cs", "close", &session])
+            .await
+            .ends_with("closed")
+    );
+    assert!(next_line(&mut lin_out).await.contains(": closed"));
+    lin_console.wait().await.unwrap();
+    assert_eq!(shop.ok(&fan, &["cs", "block", "shop-1"]).await, "blocked");
+    let refused = shop.refused(&mei, &["cs", "open", "--buyer", "fan"]).await;
+    assert!(
+        refused.contains("INVALID_ARGUMENT"),
+        "not mei's buyer: {refused}"
+    );
+    shop.stop().await;
+}
