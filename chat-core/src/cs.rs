@@ -537,8 +537,11 @@ impl Groups {
         let mut extra = self
             .ensure_session(&mut rec, who.display_name(), now_ms)
             .await?;
+        // An open session idle past the limit counts as closed (the tick
+        // may not have seen it: a restart, a buyer not yet read back).
+        let idle = rec.last_activity_ms.saturating_add(s.config.idle_close_ms) <= now_ms;
         match state_of(&rec) {
-            CsState::Open => rec.last_activity_ms = now_ms,
+            CsState::Open if !idle => rec.last_activity_ms = now_ms,
             CsState::Queued if s.position(who.user_id()) > 0 => {}
             _ => match self.pick_agent(&s, &rec.assigned_agent) {
                 Some(agent) => {

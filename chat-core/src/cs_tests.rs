@@ -376,3 +376,26 @@ async fn an_idle_session_closes_and_the_buyers_next_message_reopens_it() {
     );
     assert_eq!(reopened.session_id, s.session_id);
 }
+
+#[tokio::test]
+async fn after_a_restart_an_idle_open_session_is_routed_again_on_opening() {
+    let mut f = fixture().await;
+    shop(&f, 5).await;
+    let mei = connect(&f, agent("mei", SHOP), 1);
+    online(&f, &mei, Presence::Online).await;
+    let s = open(&f, "b2", NOW).await.unwrap();
+    assert_eq!(s.agent_id, "mei");
+    f.reopen(CoreConfig::default()).await;
+    // Mei never comes back; lin is online an hour later.
+    let lin = connect(&f, agent("lin", SHOP), 2);
+    online(&f, &lin, Presence::Online).await;
+    let later = NOW + 60 * 60_000;
+    let again = open(&f, "b2", later).await.unwrap();
+    assert_eq!(
+        (again.session_id, again.agent_id.as_str()),
+        (s.session_id, "lin")
+    );
+    // Within the idle limit, the session stays with its agent.
+    let soon = open(&f, "b2", later + 1_000).await.unwrap();
+    assert_eq!(soon.agent_id, "lin");
+}
