@@ -79,7 +79,13 @@ struct AgentLive {
 #[derive(Debug, Default)]
 pub(crate) struct CsShops {
     shops: DashMap<String, Arc<Mutex<CsShop>>>,
+    /// When [`Groups::cs_tick`] last swept (it looks at every buyer read
+    /// back, so at most once a second).
+    swept_at_ms: std::sync::atomic::AtomicU64,
 }
+
+/// Least time between two sweeps for idle sessions.
+const SWEEP_EVERY_MS: u64 = 1_000;
 
 fn state_of(r: &CsBuyerRecord) -> CsState {
     i32::try_from(r.state)
@@ -722,6 +728,8 @@ impl Groups {
             .get(&req.to_agent)
             .map_or(req.to_agent.clone(), |a| a.name.clone());
         s.buyers.insert(buyer, rec);
+        // The agent handing over may have room for the queue now.
+        self.drain_queue(&mut s, now_ms, &mut notices).await?;
         drop(s);
         self.cs_deliver(notices, now_ms).await;
         self.post_system_text(
@@ -969,6 +977,17 @@ impl Groups {
     /// Closes idle sessions and serves queues, in every shop in use.
     /// Called by [`Groups::tick`].
     pub(crate) async fn cs_tick(&self, now_ms: u64) {
+        use std::sync::atomic::Ordering;
+        let last = self.cs().swept_at_ms.load(Ordering::Relaxed);
+        if now_ms < last.saturating_add(SWEEP_EVERY_MS)
+            || self
+                .cs()
+                .swept_at_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
         let shops: Vec<Arc<Mutex<CsShop>>> =
             self.cs().shops.iter().map(|e| e.value().clone()).collect();
         for shop in shops {
