@@ -137,6 +137,13 @@ fn staff_shop(who: &Identity) -> Result<&str, ChatError> {
         })
 }
 
+/// A buyer id as identities take it.
+fn check_buyer_id(buyer: &str) -> Result<(), ChatError> {
+    Identity::new(buyer, "buyer", Role::Buyer, None)
+        .map(drop)
+        .map_err(|e| invalid(format!("buyer id: {e}")))
+}
+
 fn invalid(m: impl Into<String>) -> ChatError {
     ChatError::InvalidArgument(m.into())
 }
@@ -350,6 +357,21 @@ impl Groups {
         }
     }
 
+    /// Routes a buyer's (re)opening: to their assigned agent or the least
+    /// loaded available one, else to the back of the queue.
+    fn route(&self, s: &mut CsShop, rec: &mut CsBuyerRecord, now_ms: u64, notices: &mut Notices) {
+        rec.proactive = false;
+        match self.pick_agent(s, &rec.assigned_agent) {
+            Some(agent) => self.assign(s, rec, &agent, now_ms, notices),
+            None => {
+                set_state(rec, CsState::Queued);
+                rec.agent_id.clear();
+                rec.last_activity_ms = now_ms;
+                s.queue.push_back(rec.buyer_id.clone());
+            }
+        }
+    }
+
     /// Serves the queue while agents are free; tells those still waiting
     /// where they stand.
     async fn drain_queue(
@@ -549,18 +571,7 @@ impl Groups {
         match state_of(&rec) {
             CsState::Open if !idle => rec.last_activity_ms = now_ms,
             CsState::Queued if s.position(who.user_id()) > 0 => {}
-            _ => match self.pick_agent(&s, &rec.assigned_agent) {
-                Some(agent) => {
-                    rec.proactive = false;
-                    self.assign(&s, &mut rec, &agent, now_ms, &mut notices);
-                }
-                None => {
-                    set_state(&mut rec, CsState::Queued);
-                    rec.agent_id.clear();
-                    rec.last_activity_ms = now_ms;
-                    s.queue.push_back(who.user_id().to_string());
-                }
-            },
+            _ => self.route(&mut s, &mut rec, now_ms, &mut notices),
         }
         extra.push(WriteOp::PutCsBuyer(rec.clone()));
         let (done, rx) = durable_channel();
@@ -580,8 +591,7 @@ impl Groups {
         now_ms: u64,
     ) -> Result<v1::CsSession, ChatError> {
         let shop_id = staff_shop(who)?.to_string();
-        Identity::new(buyer, "buyer", Role::Buyer, None)
-            .map_err(|e| invalid(format!("buyer_id: {e}")))?;
+        check_buyer_id(buyer)?;
         let shop = self.cs_shop(&shop_id).await?;
         let mut s = shop.lock().await;
         let mut rec = self.cs_buyer(&mut s, buyer).await?.clone();
@@ -953,16 +963,7 @@ impl Groups {
             }
             CsState::Queued => rec.last_activity_ms = now_ms,
             _ if from_buyer => {
-                rec.proactive = false;
-                match self.pick_agent(&s, &rec.assigned_agent) {
-                    Some(agent) => self.assign(&s, &mut rec, &agent, now_ms, &mut notices),
-                    None => {
-                        set_state(&mut rec, CsState::Queued);
-                        rec.agent_id.clear();
-                        rec.last_activity_ms = now_ms;
-                        s.queue.push_back(buyer.to_string());
-                    }
-                }
+                self.route(&mut s, &mut rec, now_ms, &mut notices);
                 notices.pushes.push((buyer.to_string(), s.wire(&rec), None));
             }
             _ => rec.last_activity_ms = now_ms,
@@ -1079,8 +1080,7 @@ impl Groups {
         buyer: &str,
     ) -> Result<CsBuyerRecord, ChatError> {
         require(who, Operation::ManageCs)?;
-        Identity::new(buyer, "buyer", Role::Buyer, None)
-            .map_err(|e| invalid(format!("buyer: {e}")))?;
+        check_buyer_id(buyer)?;
         let shop = self.cs_shop(staff_shop(who)?).await?;
         let mut s = shop.lock().await;
         Ok(self.cs_buyer(&mut s, buyer).await?.clone())
@@ -1097,8 +1097,7 @@ impl Groups {
         agent: &str,
     ) -> Result<CsBuyerRecord, ChatError> {
         require(who, Operation::ManageCs)?;
-        Identity::new(buyer, "buyer", Role::Buyer, None)
-            .map_err(|e| invalid(format!("buyer: {e}")))?;
+        check_buyer_id(buyer)?;
         if !agent.is_empty() {
             crate::commerce::check_id("agent_id", agent, 64)?;
         }
@@ -1123,8 +1122,7 @@ impl Groups {
         now_ms: u64,
     ) -> Result<(), ChatError> {
         require(who, Operation::ManageCs)?;
-        Identity::new(buyer, "buyer", Role::Buyer, None)
-            .map_err(|e| invalid(format!("buyer: {e}")))?;
+        check_buyer_id(buyer)?;
         let shop_id = staff_shop(who)?;
         self.ensure_feedback(shop_id).await?;
         self.record_signal(shop_id, Signal::Purchased, now_ms);
