@@ -603,7 +603,8 @@ impl Groups {
         if rec.blocked {
             return Err(ChatError::ContactBlocked);
         }
-        if state_of(&rec) == CsState::Open {
+        let idle = rec.last_activity_ms.saturating_add(s.config.idle_close_ms) <= now_ms;
+        if state_of(&rec) == CsState::Open && !idle {
             return Err(invalid(format!(
                 "{buyer} already has an open session, with {}",
                 rec.agent_id
@@ -611,7 +612,7 @@ impl Groups {
         }
         // The quota: the shop's score as for group reach, its own base.
         let (_, _, score, _) = self.standing(&shop_id, now_ms);
-        if score < PROACTIVE_MIN_SCORE {
+        if score < PROACTIVE_MIN_SCORE || s.config.proactive_base == 0 {
             return Err(ChatError::ProactiveOff);
         }
         let day = utc_day(now_ms);

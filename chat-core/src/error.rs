@@ -117,9 +117,10 @@ pub enum ChatError {
     /// The buyer blocked proactive contact from this shop.
     #[error("this buyer blocked proactive contact from your shop")]
     ContactBlocked,
-    /// The shop's buyer feedback is too low for proactive contact.
+    /// Proactive contact is off for the shop: its buyer feedback is too
+    /// low, or its proactive base is 0.
     #[error(
-        "your shop's buyer feedback is below the threshold for proactive contact; it comes back as the score recovers"
+        "proactive contact is off for your shop: its buyer feedback is below the threshold (it comes back as the score recovers) or its proactive_base is 0"
     )]
     ProactiveOff,
     /// The group admits buyers on approval; the request is recorded.
