@@ -40,8 +40,10 @@ use crate::transport::{FrameSink, Inbound, Lane, WsSink, close, ws_inbound};
 /// The WebSocket path.
 pub const WS_PATH: &str = "/ws";
 
-/// Initial read buffer of a WebSocket connection.
-const WS_READ_BUFFER: usize = 4 * 1024;
+/// Initial read buffer of a WebSocket connection. Phones send small frames
+/// and are mostly idle; the buffer grows for a large frame. At 4 KiB an
+/// idle connection cost 3 KB more (docs/benchmarks.md).
+const WS_READ_BUFFER: usize = 1024;
 
 /// Bytes a WebSocket connection gathers before writing to the socket
 /// (a flush writes whatever is gathered).
@@ -314,7 +316,10 @@ impl Session {
         };
         let kind = body_kind(&body);
         let span = tracing::debug_span!("req", id = request_id, kind);
-        match self.dispatch(&who, request_id, body).instrument(span).await {
+        // Boxed: the dispatch future is as big as the biggest request's,
+        // and inline it would make every idle connection's task that big.
+        let dispatched = Box::pin(self.dispatch(&who, request_id, body).instrument(span));
+        match dispatched.await {
             Dispatched::Done(result) => {
                 if self.answer(request_id, result).await {
                     Step::Continue
