@@ -222,7 +222,10 @@ impl Session {
                 incoming = source.next(), if in_flight.len() < max_in_flight => {
                     let Some(incoming) = incoming else { break None };
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                    match self.on_message(incoming).await {
+                    // Boxed: handling a frame (Hello, any request) takes
+                    // a future as big as the biggest request's; inline it
+                    // would make every idle connection's task that big.
+                    match Box::pin(self.on_message(incoming)).await {
                         Step::Continue => {}
                         Step::Wait(fut) => in_flight.push(fut),
                         Step::Close(code, reason) => break Some((code, reason)),
@@ -316,10 +319,7 @@ impl Session {
         };
         let kind = body_kind(&body);
         let span = tracing::debug_span!("req", id = request_id, kind);
-        // Boxed: the dispatch future is as big as the biggest request's,
-        // and inline it would make every idle connection's task that big.
-        let dispatched = Box::pin(self.dispatch(&who, request_id, body).instrument(span));
-        match dispatched.await {
+        match self.dispatch(&who, request_id, body).instrument(span).await {
             Dispatched::Done(result) => {
                 if self.answer(request_id, result).await {
                     Step::Continue
