@@ -83,7 +83,7 @@ pub use group::{ConnId, Subscriber};
 pub use groups::{CoreConfig, CoreStats, Groups, NewGroup, NewMessage, PostTicket};
 pub use identity::{Identity, IdentityError, Role};
 pub use moderation::RECALL_WINDOW_MS;
-pub use outbox::{Empty, Outbox, OutboxLimits, Outgoing, Pushed};
+pub use outbox::{Empty, MAX_REPLIES, Next, Outbox, OutboxLimits, Outgoing, Pushed, Reply};
 pub use push::MAX_ANNOUNCEMENT_BYTES;
 pub use rate::Rate;
 pub use schedule::{

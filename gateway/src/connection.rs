@@ -16,18 +16,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use qun_chat_core::{
-    ChatError, ConnId, Empty, Identity, MAX_RESUME_CURSORS, NewGroup, NewMessage, Outbox, Outgoing,
-    Subscriber,
+    ChatError, ConnId, Identity, MAX_RESUME_CURSORS, NewGroup, NewMessage, Next, Outbox, Outgoing,
+    Reply, Subscriber,
 };
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ServerFrame, decode_client_frame, encode_server_frame};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -49,21 +47,9 @@ const WS_READ_BUFFER: usize = 1024;
 /// (a flush writes whatever is gathered).
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 
-/// Answers queued for the writer, per connection.
-const ANSWER_QUEUE: usize = 64;
-
 /// Close code for a connection the server heard nothing from for
 /// `idle_timeout_ms` (4000-4999 are for applications).
 pub const IDLE_CLOSE_CODE: u16 = close::IDLE;
-
-/// What the reader asks the writer to do.
-#[derive(Debug)]
-enum WriterCmd {
-    /// Write this encoded frame.
-    Frame(Bytes),
-    /// Write a close frame and stop.
-    Close(u16, String),
-}
 
 /// Milliseconds since the Unix epoch: the server's clock, read only here
 /// and handed to chat-core.
@@ -135,12 +121,10 @@ pub(crate) async fn run(
         shared.outbox_limits,
         shared.metrics.outbox_peak_bytes.clone(),
     );
-    let (tx, rx) = mpsc::channel(ANSWER_QUEUE);
-    let writer = tokio::spawn(write_loop(sink, rx, outbox.clone(), shared.clone()));
+    let writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone()));
     let mut session = Session {
         conn,
         shared: shared.clone(),
-        tx,
         outbox: outbox.clone(),
         identity: None,
         subscribed: Arc::default(),
@@ -153,9 +137,12 @@ pub(crate) async fn run(
     if let Some(who) = &session.identity {
         shared.groups.detach_device(who, conn);
     }
-    if let Some((code, reason)) = close {
-        let _ = session.tx.send(WriterCmd::Close(code, reason)).await;
-    }
+    // The writer stops once the replies before this one are written.
+    let last = match close {
+        Some((code, reason)) => Reply::Close { code, reason },
+        None => Reply::End,
+    };
+    session.outbox.reply(last).await;
     drop(session);
     // The writer ends once the answers are written and the close is sent.
     if tokio::time::timeout(Duration::from_secs(5), writer)
@@ -174,7 +161,6 @@ type Answer = (u64, Result<Body, RequestError>);
 struct Session {
     conn: ConnId,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<WriterCmd>,
     outbox: Outbox,
     identity: Option<Identity>,
     /// Groups this connection may be subscribed to, to unsubscribe at the
@@ -255,8 +241,8 @@ impl Session {
             })),
         };
         let _ = self
-            .tx
-            .try_send(WriterCmd::Frame(encode_server_frame(&frame)));
+            .outbox
+            .try_reply(Reply::Frame(encode_server_frame(&frame)));
         (close::GOING_AWAY, reason)
     }
 
@@ -275,10 +261,9 @@ impl Session {
                 e.to_frame(request_id)
             }
         };
-        self.tx
-            .send(WriterCmd::Frame(encode_server_frame(&frame)))
+        self.outbox
+            .reply(Reply::Frame(encode_server_frame(&frame)))
             .await
-            .is_ok()
     }
 
     async fn on_message(&mut self, incoming: Inbound) -> Step {
@@ -809,32 +794,15 @@ enum Step {
 
 /// The writer task: answers first, then pushes; batches whatever is ready
 /// into one flush.
-async fn write_loop(
-    mut sink: impl FrameSink,
-    mut rx: mpsc::Receiver<WriterCmd>,
-    outbox: Outbox,
-    shared: Arc<Shared>,
-) {
+async fn write_loop(mut sink: impl FrameSink, outbox: Outbox, shared: Arc<Shared>) {
     let metrics = &shared.metrics;
-    let mut outbox_open = true;
-    loop {
-        let first = tokio::select! {
-            biased;
-            cmd = rx.recv() => match cmd {
-                Some(cmd) => Next::Cmd(cmd),
-                None => break,
-            },
-            item = outbox.recv(), if outbox_open => match item {
-                Some(item) => Next::Push(item),
-                None => { outbox_open = false; continue; }
-            },
-        };
+    'writing: while let Some(first) = outbox.next().await {
         let mut next = Some(first);
         let mut written = 0u64;
         // Write everything already waiting, then flush once.
         while let Some(item) = next.take() {
             let (lane, frame) = match item {
-                Next::Cmd(WriterCmd::Frame(b)) => (Lane::Answer, b),
+                Next::Reply(Reply::Frame(b)) => (Lane::Answer, b),
                 Next::Push(Outgoing::Frame(b)) => (Lane::Push, b),
                 Next::Push(Outgoing::OutOfSync { dropped }) => {
                     metrics.out_of_sync_sent.fetch_add(1, Ordering::Relaxed);
@@ -848,41 +816,35 @@ async fn write_loop(
                     };
                     (Lane::Push, encode_server_frame(&frame))
                 }
-                Next::Cmd(WriterCmd::Close(code, reason)) => {
+                Next::Reply(Reply::Close { code, reason }) => {
                     metrics.frames_out.fetch_add(written, Ordering::Relaxed);
                     sink.close(code, reason).await;
+                    outbox.close();
                     return;
+                }
+                Next::Reply(Reply::End) => {
+                    metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+                    let _ = sink.flush().await;
+                    break 'writing;
                 }
             };
             if sink.feed(lane, frame).await.is_err() {
+                // The socket is gone: replies stop waiting for it.
+                outbox.close();
                 return;
             }
             written += 1;
             if written >= 64 {
                 break;
             }
-            next = match rx.try_recv() {
-                Ok(cmd) => Some(Next::Cmd(cmd)),
-                Err(_) if outbox_open => match outbox.try_recv() {
-                    Ok(item) => Some(Next::Push(item)),
-                    Err(Empty::Closed) => {
-                        outbox_open = false;
-                        None
-                    }
-                    Err(Empty::Now) => None,
-                },
-                Err(_) => None,
-            };
+            next = outbox.try_next().ok();
         }
         metrics.frames_out.fetch_add(written, Ordering::Relaxed);
         if sink.flush().await.is_err() {
+            outbox.close();
             return;
         }
     }
+    outbox.close();
     sink.shutdown().await;
-}
-
-enum Next {
-    Cmd(WriterCmd),
-    Push(Outgoing),
 }
