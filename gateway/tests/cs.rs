@@ -289,5 +289,24 @@ async fn bad_customer_service_requests_get_typed_errors() {
     let group = mei.create_group("Fans", 0).await.unwrap().group_id;
     assert_eq!(code(mei.cs_close(group).await), ErrorCode::InvalidArgument);
     assert_eq!(code(mei.cs_close(9_999).await), ErrorCode::UnknownGroup);
+    // No shop, another shop's queue, a note too long, a malformed buyer id.
+    let b1 = server.client("b1", "buyer", None).await;
+    assert_eq!(code(b1.cs_open("").await), ErrorCode::InvalidArgument);
+    assert_eq!(code(mei.cs_queue("shop-2").await), ErrorCode::WrongShop);
+    let session = b1.cs_open(SHOP).await.unwrap().session_id;
+    let _lin = agent(&server, "lin", v1::Presence::Online).await;
+    assert_eq!(
+        code(mei.cs_transfer(session, "lin", &"x".repeat(501)).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(code(mei.cs_contact("").await), ErrorCode::InvalidArgument);
+    // After every refusal the connections go on.
+    assert_eq!(
+        mei.cs_transfer(session, "lin", "ok")
+            .await
+            .unwrap()
+            .agent_id,
+        "lin"
+    );
     server.stop().await;
 }

@@ -273,6 +273,21 @@ async fn pushes_and_schedules_over_http() {
         )
         .await;
     assert_eq!((s, body["name"].as_str()), (400, Some("INVALID_ARGUMENT")));
+    for bad in [
+        json!({"first_at_ms": first}),
+        json!({"announcement": "x", "first_at_ms": first, "colour": "red"}),
+        json!({"announcement": "x"}),
+    ] {
+        let (s, _) = server
+            .http_json(
+                "POST",
+                &format!("/v1/groups/{g}/schedules"),
+                t,
+                Some(bad.clone()),
+            )
+            .await;
+        assert_eq!(s, 400, "{bad}");
+    }
     let (s, body) = server
         .http_json(
             "POST",
