@@ -37,7 +37,9 @@ use qun_storage::WriteOp;
 use qun_storage::records::{CsBuyerRecord, CsShopRecord, GroupRecord, MemberRecord};
 use tokio::sync::Mutex;
 
-use crate::groups::{durable, durable_channel};
+use qun_storage::StoreExt as _;
+
+use crate::groups::durable;
 use crate::permissions::{Operation, require};
 use crate::reach::{DAY_MS, Signal, utc_day};
 use crate::segments::{Tier, tier};
@@ -53,6 +55,9 @@ pub const DEFAULT_PROACTIVE_BASE: u32 = 10;
 pub const PROACTIVE_MIN_SCORE: f64 = -0.3;
 /// The shop's groups listed in an agent's context, at most.
 const CONTEXT_GROUPS: usize = 20;
+/// The buyer's groups looked at for them, at most (a buyer may be in
+/// thousands of groups of many shops).
+const CONTEXT_READS: usize = 200;
 /// Longest transfer note, in characters.
 const MAX_NOTE: usize = 500;
 
@@ -285,9 +290,7 @@ impl Groups {
         if let Some(s) = shop {
             extra.push(WriteOp::PutCsShop(s.clone()));
         }
-        let (done, rx) = durable_channel();
-        self.inner().store.submit(extra, done)?;
-        durable(rx).await
+        Ok(self.inner().store.write(extra).await?)
     }
 
     /// The buyer's session group, created with the record that names it
@@ -454,15 +457,19 @@ impl Groups {
                 tracing::warn!(session_id, agent, error = %e, "agent not admitted to session");
             }
         }
+        // One read of a buyer's context per delivery, whoever is told.
+        let mut contexts: HashMap<(String, String), Option<v1::CsContext>> = HashMap::new();
         for (user, mut session, note) in notices.pushes {
             if user.is_empty() {
                 continue;
             }
             if let Some(note) = note {
-                session.context = self
-                    .cs_context(&session.shop_id, &session.buyer_id, note)
-                    .await
-                    .ok();
+                let key = (session.shop_id.clone(), session.buyer_id.clone());
+                if !contexts.contains_key(&key) {
+                    let c = self.cs_context(&key.0, &key.1).await.ok();
+                    contexts.insert(key.clone(), c);
+                }
+                session.context = contexts[&key].clone().map(|c| v1::CsContext { note, ..c });
             }
             let frame = qun_proto::encode_server_frame(&v1::ServerFrame {
                 request_id: 0,
@@ -492,31 +499,37 @@ impl Groups {
     }
 
     /// What the agent sees of the buyer: tags, tier, the shop's groups.
-    async fn cs_context(
-        &self,
-        shop_id: &str,
-        buyer: &str,
-        note: String,
-    ) -> Result<v1::CsContext, ChatError> {
+    async fn cs_context(&self, shop_id: &str, buyer: &str) -> Result<v1::CsContext, ChatError> {
         let tags: BTreeSet<String> = self.tags_of(shop_id, buyer).await?;
         let mut groups = Vec::new();
-        for id in self.inner().store.groups_of_user(buyer).await? {
+        let ids = self.inner().store.groups_of_user(buyer).await?;
+        for id in ids.into_iter().take(CONTEXT_READS) {
             if groups.len() >= CONTEXT_GROUPS {
                 break;
             }
-            let Ok(cell) = self.cell(id).await else {
-                continue;
+            // Only this shop's groups are loaded into memory: another
+            // shop's are told apart by their record.
+            let ours = match self.loaded_cell(id) {
+                Some(cell) => Some(cell),
+                None => match self.inner().store.load_group(id).await? {
+                    Some(r) if r.shop_id == shop_id && r.cs_buyer.is_empty() => {
+                        self.cell(id).await.ok()
+                    }
+                    _ => None,
+                },
             };
-            let g = cell.lock();
-            if g.record.shop_id == shop_id && g.record.cs_buyer.is_empty() {
-                groups.push(g.info());
+            if let Some(cell) = ours {
+                let g = cell.lock();
+                if g.record.shop_id == shop_id && g.record.cs_buyer.is_empty() {
+                    groups.push(g.info());
+                }
             }
         }
         Ok(v1::CsContext {
             tier: tier(&tags).as_str().to_string(),
             tags: tags.into_iter().collect(),
             groups,
-            note,
+            note: String::new(),
         })
     }
 
@@ -562,7 +575,7 @@ impl Groups {
         let mut notices = Notices::default();
         self.close_idle(&mut s, now_ms, &mut notices).await?;
         let mut rec = self.cs_buyer(&mut s, who.user_id()).await?.clone();
-        let mut extra = self
+        let extra = self
             .ensure_session(&mut rec, who.display_name(), now_ms)
             .await?;
         // An open session idle past the limit counts as closed (the tick
@@ -573,10 +586,7 @@ impl Groups {
             CsState::Queued if s.position(who.user_id()) > 0 => {}
             _ => self.route(&mut s, &mut rec, now_ms, &mut notices),
         }
-        extra.push(WriteOp::PutCsBuyer(rec.clone()));
-        let (done, rx) = durable_channel();
-        self.inner().store.submit(extra, done)?;
-        durable(rx).await?;
+        self.cs_write(&rec, None, extra).await?;
         let answer = s.wire(&rec);
         s.buyers.insert(who.user_id().to_string(), rec);
         drop(s);
@@ -634,16 +644,12 @@ impl Groups {
             });
         }
         config.proactive_used += 1;
-        let mut extra = self.ensure_session(&mut rec, buyer, now_ms).await?;
+        let extra = self.ensure_session(&mut rec, buyer, now_ms).await?;
         s.queue.retain(|b| b != buyer);
         let mut notices = Notices::default();
         rec.proactive = true;
         self.assign(&s, &mut rec, who.user_id(), now_ms, &mut notices);
-        extra.push(WriteOp::PutCsShop(config.clone()));
-        extra.push(WriteOp::PutCsBuyer(rec.clone()));
-        let (done, rx) = durable_channel();
-        self.inner().store.submit(extra, done)?;
-        durable(rx).await?;
+        self.cs_write(&rec, Some(&config), extra).await?;
         s.config = config;
         let answer = s.wire(&rec);
         notices
@@ -664,7 +670,7 @@ impl Groups {
         .await?;
         self.cs_deliver(notices, now_ms).await;
         let mut answer = answer;
-        answer.context = Some(self.cs_context(&shop_id, buyer, String::new()).await?);
+        answer.context = Some(self.cs_context(&shop_id, buyer).await?);
         Ok(answer)
     }
 
@@ -922,12 +928,11 @@ impl Groups {
         crate::commerce::check_id("shop_id", shop_id, 64)?;
         let shop = self.cs_shop(shop_id).await?;
         let mut s = shop.lock().await;
-        let rec = self.cs_buyer(&mut s, who.user_id()).await?;
+        let mut rec = self.cs_buyer(&mut s, who.user_id()).await?.clone();
         if rec.blocked != blocked {
-            let mut changed = rec.clone();
-            changed.blocked = blocked;
-            self.cs_write(&changed, None, Vec::new()).await?;
-            *self.cs_buyer(&mut s, who.user_id()).await? = changed;
+            rec.blocked = blocked;
+            self.cs_write(&rec, None, Vec::new()).await?;
+            s.buyers.insert(who.user_id().to_string(), rec);
             if blocked {
                 self.record_signal(shop_id, Signal::ContactBlocked, now_ms);
             }
@@ -1058,11 +1063,10 @@ impl Groups {
             proactive_base,
             ..s.config.clone()
         };
-        let (done, rx) = durable_channel();
         self.inner()
             .store
-            .submit(vec![WriteOp::PutCsShop(config.clone())], done)?;
-        durable(rx).await?;
+            .write(vec![WriteOp::PutCsShop(config.clone())])
+            .await?;
         s.config = config.clone();
         let mut notices = Notices::default();
         self.drain_queue(&mut s, now_ms, &mut notices).await?;

@@ -79,11 +79,24 @@ async fn a_buyer_reaches_their_assigned_agent_else_the_least_loaded_and_the_assi
     let lin = connect(&f, agent("lin", SHOP), 2);
     online(&f, &mei, Presence::Online).await;
     online(&f, &lin, Presence::Online).await;
+    // b1 is in one of the shop's groups and one of another shop's.
+    let ours = crate::tests::create(&f.groups, &agent("mei", SHOP), 0).await;
+    let theirs = crate::tests::create(&f.groups, &agent("zed", "shop-other"), 0).await;
+    for (n, g) in [ours, theirs].into_iter().enumerate() {
+        let (s, _) = sub(70 + n as u64, &buyer("b1"), OutboxLimits::default());
+        f.groups.join(&buyer("b1"), g, s, NOW).await.unwrap();
+    }
     let s = open(&f, "b1", NOW).await.unwrap();
     assert_eq!((s.state(), s.agent_id.as_str()), (CsState::Open, "mei"));
     let pushed = sessions(&mei);
     assert_eq!(pushed.len(), 1);
     let context = pushed[0].context.as_ref().unwrap();
+    let groups: Vec<u64> = context.groups.iter().map(|g| g.group_id).collect();
+    assert_eq!(
+        groups,
+        [ours],
+        "the shop's groups only, not the session itself"
+    );
     assert_eq!(
         (context.tier.as_str(), context.tags.clone()),
         ("vip", vec!["vip".to_string()])
