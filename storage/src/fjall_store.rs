@@ -541,6 +541,19 @@ fn decode_messages(
 }
 
 /// Decodes every value under `prefix` of a keyspace.
+/// The record at `key`, if there is one.
+fn decode_one<T: prost::Message + Default>(
+    keyspace: &Keyspace,
+    name: &'static str,
+    key: impl AsRef<[u8]>,
+) -> Result<Option<T>, StorageError> {
+    keyspace
+        .get(key)
+        .map_err(read_err)?
+        .map(|v| decode(name, &v))
+        .transpose()
+}
+
 fn decode_prefix<T: prost::Message + Default>(
     keyspace: &Keyspace,
     name: &'static str,
@@ -618,13 +631,7 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Option<GroupRecord>, StorageError>> {
-        self.read(move |t| {
-            t.groups
-                .get(keys::group_key(group_id))
-                .map_err(read_err)?
-                .map(|v| decode("groups", &v))
-                .transpose()
-        })
+        self.read(move |t| decode_one(&t.groups, "groups", keys::group_key(group_id)))
     }
 
     fn load_members(
@@ -721,13 +728,7 @@ impl Store for FjallStore {
         client_msg_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>> {
         let key = keys::sent_key(group_id, sender_id, client_msg_id);
-        self.read(move |t| {
-            t.sent
-                .get(key)
-                .map_err(read_err)?
-                .map(|v| decode("sent", &v))
-                .transpose()
-        })
+        self.read(move |t| decode_one(&t.sent, "sent", key))
     }
 
     fn load_read_marks(
@@ -781,13 +782,7 @@ impl Store for FjallStore {
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ProductRecord>, StorageError>> {
         let key = keys::product_key(shop_id, product_id);
-        self.read(move |t| {
-            t.products
-                .get(key)
-                .map_err(read_err)?
-                .map(|v| decode("products", &v))
-                .transpose()
-        })
+        self.read(move |t| decode_one(&t.products, "products", key))
     }
 
     fn groups_with_card<'a>(
@@ -878,13 +873,7 @@ impl Store for FjallStore {
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
         let key = keys::product_key(shop_id, user_id);
-        self.read(move |t| {
-            t.buyer_tags
-                .get(key)
-                .map_err(read_err)?
-                .map(|v| decode("buyer_tags", &v))
-                .transpose()
-        })
+        self.read(move |t| decode_one(&t.buyer_tags, "buyer_tags", key))
     }
 
     fn load_cs_shop<'a>(
@@ -892,13 +881,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>> {
         let key = shop_id.as_bytes().to_vec();
-        self.read(move |t| {
-            t.cs_shops
-                .get(key)
-                .map_err(read_err)?
-                .map(|v| decode("cs_shops", &v))
-                .transpose()
-        })
+        self.read(move |t| decode_one(&t.cs_shops, "cs_shops", key))
     }
 
     fn load_cs_buyer<'a>(
@@ -907,13 +890,7 @@ impl Store for FjallStore {
         buyer_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
         let key = keys::product_key(shop_id, buyer_id);
-        self.read(move |t| {
-            t.cs_buyers
-                .get(key)
-                .map_err(read_err)?
-                .map(|v| decode("cs_buyers", &v))
-                .transpose()
-        })
+        self.read(move |t| decode_one(&t.cs_buyers, "cs_buyers", key))
     }
 
     fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
