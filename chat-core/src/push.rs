@@ -163,7 +163,14 @@ impl Groups {
         now_ms: u64,
     ) -> Result<Pushed, ChatError> {
         let posted = self
-            .post_push(cell, author, push, |_| Ok(Vec::new()), |_| {}, now_ms)
+            .post_push(
+                cell,
+                author,
+                push,
+                |_| Ok((Vec::new(), ())),
+                |()| {},
+                now_ms,
+            )
             .await?;
         crate::groups::durable(posted.rx).await?;
         Ok(Pushed {
@@ -175,18 +182,18 @@ impl Groups {
 
     /// Posts `push` in `author`'s name. Under the group's lock, `extra` is
     /// asked for more writes of the same batch given the seq the push will
-    /// get (a schedule's next occurrence; its error stops the push), and
-    /// `posted` is told once the batch is queued.
+    /// get (a schedule's next occurrence; its error stops the push), with
+    /// a value that `posted` is handed once the batch is queued.
     ///
     /// # Errors
     /// As [`Groups::push_promotion`] after the role checks, and `extra`'s.
-    pub(crate) async fn post_push(
+    pub(crate) async fn post_push<T>(
         &self,
         cell: &Arc<GroupCell>,
         author: Author<'_>,
         push: &Push,
-        extra: impl FnOnce(u64) -> Result<Vec<WriteOp>, ChatError>,
-        posted: impl FnOnce(u64),
+        extra: impl FnOnce(u64) -> Result<(Vec<WriteOp>, T), ChatError>,
+        posted: impl FnOnce(T),
         now_ms: u64,
     ) -> Result<Posted, ChatError> {
         let (group_id, shop) = {
@@ -236,7 +243,7 @@ impl Groups {
         let result = {
             let mut g = cell.lock();
             (|| {
-                let mut ops = extra(g.next_seq())?;
+                let (mut ops, handed) = extra(g.next_seq())?;
                 if let Some((_, product_id, true)) = &card {
                     ops.push(WriteOp::PutCard {
                         shop_id: shop.clone(),
@@ -252,7 +259,7 @@ impl Groups {
                 };
                 match self.post_event_to(cell, &mut g, event, audience, ops, now_ms) {
                     Ok((seq, rx)) => {
-                        posted(seq);
+                        posted(handed);
                         Ok((seq, rx))
                     }
                     Err(e) => {

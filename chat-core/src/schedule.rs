@@ -402,8 +402,6 @@ impl Groups {
             role: Role::from_u32(record.created_by_role).unwrap_or(Role::Agent),
         };
         let book = &self.inner().schedules;
-        // Handed from the first hook to the second, both under the lock.
-        let next = Mutex::new(None);
         let posted = self
             .post_push(
                 &cell,
@@ -418,20 +416,10 @@ impl Groups {
                         });
                     }
                     let r = moved(outcome::FIRED, true, seq);
-                    *next
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r.clone());
-                    Ok(vec![WriteOp::PutSchedule(r)])
+                    Ok((vec![WriteOp::PutSchedule(r.clone())], r))
                 },
-                |_| {
-                    let r = next
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take();
-                    if let Some(r) = r {
-                        book.lock().put(r);
-                    }
-                },
+                // Moved on in memory only once its batch is queued.
+                |r| book.lock().put(r),
                 now_ms,
             )
             .await;
