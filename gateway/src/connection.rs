@@ -6,16 +6,17 @@
 //!
 //! Each connection is two tasks. The *reader* ([`run`]) decodes frames and
 //! runs requests; the *writer* ([`write_loop`]) owns the sending side and
-//! writes two flows: answers to this connection's requests (a bounded
-//! channel; never dropped) and pushes from groups (the connection's
-//! [`Outbox`]; dropped as a whole when the phone falls behind, and reported
-//! as `OutOfSync`).
+//! writes the two lanes of the connection's [`Outbox`]: answers to this
+//! connection's requests (bounded; never dropped) and pushes from groups
+//! (dropped as a whole when the phone falls behind, and reported as
+//! `OutOfSync`).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
@@ -32,6 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument as _;
 
 use crate::error::RequestError;
+use crate::metrics::Metrics;
 use crate::server::Shared;
 use crate::transport::{FrameSink, Inbound, Lane, WsSink, close, ws_inbound};
 
@@ -39,9 +41,10 @@ use crate::transport::{FrameSink, Inbound, Lane, WsSink, close, ws_inbound};
 pub const WS_PATH: &str = "/ws";
 
 /// Initial read buffer of a WebSocket connection. Phones send small frames
-/// and are mostly idle; the buffer grows for a large frame. At 4 KiB an
-/// idle connection cost 3 KB more (docs/benchmarks.md).
-const WS_READ_BUFFER: usize = 1024;
+/// (a chat message is a few hundred bytes) and are mostly idle; the buffer
+/// grows for a large frame. At 4 KiB an idle connection cost 3 KB more, at
+/// 1 KiB 0.7 KB more (docs/benchmarks.md).
+const WS_READ_BUFFER: usize = 256;
 
 /// Bytes a WebSocket connection gathers before writing to the socket
 /// (a flush writes whatever is gathered).
@@ -89,7 +92,9 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
     let hello_timeout = Duration::from_millis(shared.config.hello_timeout_ms);
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config));
-    let ws = match tokio::time::timeout(hello_timeout, handshake).await {
+    // Boxed: the handshake's future is big and only lives until the
+    // upgrade; inline it would stay in every connection's task.
+    let ws = match Box::pin(tokio::time::timeout(hello_timeout, handshake)).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -156,7 +161,25 @@ pub(crate) async fn run(
     tracing::debug!("connection closed");
 }
 
-type Answer = (u64, Result<Body, RequestError>);
+/// An answer that waits for something (durability, a catch-up), already
+/// encoded when it resolves: the reader holds a few bytes per request in
+/// flight, not an answer body.
+type Pending = futures_util::future::BoxFuture<'static, Bytes>;
+
+/// Encodes the answer to request `request_id`, counting refusals.
+fn encode_answer(metrics: &Metrics, request_id: u64, answer: Result<Body, RequestError>) -> Bytes {
+    let frame = match answer {
+        Ok(body) => ServerFrame {
+            request_id,
+            body: Some(body),
+        },
+        Err(e) => {
+            metrics.errors_sent.fetch_add(1, Ordering::Relaxed);
+            e.to_frame(request_id)
+        }
+    };
+    encode_server_frame(&frame)
+}
 
 struct Session {
     conn: ConnId,
@@ -175,43 +198,56 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Session {
     /// Reads until the peer leaves, a fatal error, or shutdown. Returns the
     /// close frame to send, if any.
+    ///
+    /// This future is the whole of an idle connection's reader task, so it
+    /// is kept small (docs/benchmarks.md, "Connections"): one timer serves
+    /// both the Hello deadline and the idle timeout, answers are encoded
+    /// before they wait for room in the outbox, and handling a frame is
+    /// boxed.
     async fn read_loop(
         &mut self,
         mut source: impl Stream<Item = Inbound> + Unpin,
     ) -> Option<(u16, String)> {
         let shared = self.shared.clone();
         let max_in_flight = shared.config.max_in_flight;
-        let mut in_flight: FuturesUnordered<futures_util::future::BoxFuture<'static, Answer>> =
-            FuturesUnordered::new();
-        let hello_deadline =
-            tokio::time::sleep(Duration::from_millis(shared.config.hello_timeout_ms));
-        tokio::pin!(hello_deadline);
+        let mut in_flight: FuturesUnordered<Pending> = FuturesUnordered::new();
         let idle_timeout = Duration::from_millis(shared.config.idle_timeout_ms);
-        let idle = tokio::time::sleep(idle_timeout);
-        tokio::pin!(idle);
+        let hello_by =
+            tokio::time::Instant::now() + Duration::from_millis(shared.config.hello_timeout_ms);
+        // Until Hello: the Hello deadline (or the idle timeout, if that
+        // comes first). After: the idle timeout.
+        let deadline =
+            tokio::time::sleep_until(hello_by.min(tokio::time::Instant::now() + idle_timeout));
+        tokio::pin!(deadline);
         let close = loop {
             tokio::select! {
-                () = shared.shutdown.cancelled() => break Some(self.going_away().await),
-                () = &mut hello_deadline, if self.identity.is_none() => {
-                    break Some((close::POLICY, "no Hello in time".into()));
-                }
-                () = &mut idle => {
+                () = shared.shutdown.cancelled() => break Some(self.going_away()),
+                () = &mut deadline => {
+                    if self.identity.is_none() && tokio::time::Instant::now() >= hello_by {
+                        break Some((close::POLICY, "no Hello in time".into()));
+                    }
                     shared.metrics.idle_closed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("idle timeout");
                     break Some((IDLE_CLOSE_CODE, "idle timeout".into()));
                 }
-                Some((request_id, answer)) = in_flight.next(), if !in_flight.is_empty() => {
-                    if !self.answer(request_id, answer).await {
+                Some(frame) = in_flight.next(), if !in_flight.is_empty() => {
+                    if !self.outbox.reply(Reply::Frame(frame)).await {
                         break None;
                     }
                 }
                 incoming = source.next(), if in_flight.len() < max_in_flight => {
                     let Some(incoming) = incoming else { break None };
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                     // Boxed: handling a frame (Hello, any request) takes
                     // a future as big as the biggest request's; inline it
                     // would make every idle connection's task that big.
-                    match Box::pin(self.on_message(incoming)).await {
+                    let step = Box::pin(self.on_message(incoming)).await;
+                    let idle_by = tokio::time::Instant::now() + idle_timeout;
+                    deadline.as_mut().reset(if self.identity.is_none() {
+                        idle_by.min(hello_by)
+                    } else {
+                        idle_by
+                    });
+                    match step {
                         Step::Continue => {}
                         Step::Wait(fut) => in_flight.push(fut),
                         Step::Close(code, reason) => break Some((code, reason)),
@@ -222,15 +258,17 @@ impl Session {
         };
         // Acknowledge what was accepted before stopping: those messages are
         // being made durable and the sender is owed its ack.
-        while let Some((request_id, answer)) = in_flight.next().await {
-            if !self.answer(request_id, answer).await {
+        while let Some(frame) = in_flight.next().await {
+            if !self.outbox.reply(Reply::Frame(frame)).await {
                 break;
             }
         }
         close
     }
 
-    async fn going_away(&self) -> (u16, String) {
+    /// Tells the client the server is going away (if its outbox has room)
+    /// and returns the close to send.
+    fn going_away(&self) -> (u16, String) {
         let hint = self.shared.config.reconnect_hint_ms;
         let reason = format!("server shutting down; reconnect in {hint} ms");
         let frame = ServerFrame {
@@ -246,24 +284,18 @@ impl Session {
         (close::GOING_AWAY, reason)
     }
 
-    /// Sends an answer; `false` when the writer is gone.
-    async fn answer(&self, request_id: u64, answer: Result<Body, RequestError>) -> bool {
-        let frame = match answer {
-            Ok(body) => ServerFrame {
-                request_id,
-                body: Some(body),
-            },
-            Err(e) => {
-                self.shared
-                    .metrics
-                    .errors_sent
-                    .fetch_add(1, Ordering::Relaxed);
-                e.to_frame(request_id)
-            }
-        };
-        self.outbox
-            .reply(Reply::Frame(encode_server_frame(&frame)))
-            .await
+    /// Sends an answer; resolves to `false` when the writer is gone.
+    ///
+    /// The answer is encoded before the returned future waits for room in
+    /// the outbox, so only the encoded bytes are held meanwhile, not the
+    /// (large) answer body.
+    fn answer(
+        &self,
+        request_id: u64,
+        answer: Result<Body, RequestError>,
+    ) -> impl Future<Output = bool> + Send + '_ {
+        let frame = encode_answer(&self.shared.metrics, request_id, answer);
+        self.outbox.reply(Reply::Frame(frame))
     }
 
     async fn on_message(&mut self, incoming: Inbound) -> Step {
@@ -564,6 +596,7 @@ impl Session {
                     // The seq is taken; wait for durability without holding
                     // up this connection's next request.
                     Ok(ticket) => {
+                        let shared = self.shared.clone();
                         return Dispatched::Wait(Box::pin(
                             async move {
                                 let answer = ticket
@@ -571,7 +604,7 @@ impl Session {
                                     .await
                                     .map(Body::SendAck)
                                     .map_err(RequestError::from);
-                                (request_id, answer)
+                                encode_answer(&shared.metrics, request_id, answer)
                             }
                             .in_current_span(),
                         ));
@@ -685,6 +718,7 @@ impl Session {
         let subscribed = self.subscribed.clone();
         let conn = self.conn;
         let outbox = self.outbox.clone();
+        let shared = self.shared.clone();
         Dispatched::Wait(Box::pin(
             async move {
                 let mut answers = Vec::with_capacity(r.cursors.len());
@@ -707,7 +741,8 @@ impl Session {
                     };
                     answers.push(answer);
                 }
-                (request_id, Ok(Body::Resumed(v1::Resumed { groups: answers })))
+                let answer = Ok(Body::Resumed(v1::Resumed { groups: answers }));
+                encode_answer(&shared.metrics, request_id, answer)
             }
             .in_current_span(),
         ))
@@ -725,7 +760,7 @@ fn commerce(answer: Result<v1::CommerceAnswer, ChatError>) -> Result<Body, Reque
 #[allow(clippy::large_enum_variant)]
 enum Dispatched {
     Done(Result<Body, RequestError>),
-    Wait(futures_util::future::BoxFuture<'static, Answer>),
+    Wait(Pending),
 }
 
 fn body_kind(body: &client_frame::Body) -> &'static str {
@@ -787,7 +822,7 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
 
 enum Step {
     Continue,
-    Wait(futures_util::future::BoxFuture<'static, Answer>),
+    Wait(Pending),
     Close(u16, String),
     Gone,
 }

@@ -402,6 +402,33 @@ async fn buyers_get_rate_limits_with_a_retry_time_and_staff_never_do() {
 }
 
 #[tokio::test]
+async fn a_connection_without_hello_is_closed_at_the_hello_deadline_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), |c| {
+        c.hello_timeout_ms = 300;
+        c.idle_timeout_ms = 10_000;
+    })
+    .await;
+    // Said Hello before the deadline: the deadline no longer applies.
+    let hello = server.client_with("h", "buyer", None, quiet()).await;
+    let mut mute = Client::connect_unauthenticated(&server.url).await.unwrap();
+    match next_event(&mut mute).await {
+        Event::Closed { code, reason } => {
+            assert_eq!(code, Some(1008));
+            assert_eq!(reason, "no Hello in time");
+        }
+        other => panic!("expected the Hello-deadline close, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        hello.ping().await.unwrap() > 0,
+        "still open after the deadline"
+    );
+    assert_eq!(server.metric("qun_idle_closed_total").await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn silent_connections_are_closed_and_heartbeats_keep_them_open() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(dir.path(), |c| c.idle_timeout_ms = 1_000).await;
