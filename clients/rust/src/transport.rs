@@ -64,10 +64,17 @@ pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<Opened, C
     }
 }
 
+/// Most bytes one socket read takes. tungstenite zero-fills this much of
+/// its read buffer before every read, so its default (128 KiB) cost more
+/// than decoding: half of a load-test worker's CPU went to `memset`
+/// (docs/benchmarks.md). 8 KiB still takes dozens of pushes per read.
+const WS_READ_BUFFER: usize = 8 * 1024;
+
 async fn open_ws(url: &str, local_ip: Option<IpAddr>) -> Result<Opened, String> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SERVER_FRAME))
-        .max_frame_size(Some(MAX_SERVER_FRAME));
+        .max_frame_size(Some(MAX_SERVER_FRAME))
+        .read_buffer_size(WS_READ_BUFFER);
     let ws = match local_ip {
         None => {
             tokio_tungstenite::connect_async_with_config(url, Some(config), true)
