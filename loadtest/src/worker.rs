@@ -218,23 +218,37 @@ async fn member(
                         break;
                     }
                 }
-                tokio::select! {
-                    changed = ends.changed(), if target.is_none() => {
-                        if changed.is_err() { break; }
-                    }
-                    event = tokio::time::timeout(Duration::from_millis(500), client.next_event()) => {
-                        match event {
-                            Ok(Some(Event::Message(m))) if m.group_id == group => {
-                                if let Ok(sent) = m.text.parse::<u64>() {
-                                    h.push(now_us().saturating_sub(sent));
-                                }
-                                last = last.max(m.seq);
-                                r.ops += 1;
-                            }
-                            Ok(Some(Event::Closed { .. }) | None) => { fail(&mut r, "closed"); break; }
-                            Ok(Some(_)) | Err(_) => {}
+                // No timer per event: while the run goes on, only the end of
+                // the run (or an event) wakes this member; once the senders
+                // have stopped, one deadline bounds the drain. (A timeout
+                // around every `next_event` registered and cancelled a
+                // timer per delivery.)
+                let event = match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, client.next_event()).await {
+                        Ok(event) => event,
+                        Err(_) => continue,
+                    },
+                    None => tokio::select! {
+                        changed = ends.changed() => {
+                            if changed.is_err() { break; }
+                            continue;
                         }
+                        event = client.next_event() => event,
+                    },
+                };
+                match event {
+                    Some(Event::Message(m)) if m.group_id == group => {
+                        if let Ok(sent) = m.text.parse::<u64>() {
+                            h.push(now_us().saturating_sub(sent));
+                        }
+                        last = last.max(m.seq);
+                        r.ops += 1;
                     }
+                    Some(Event::Closed { .. }) | None => {
+                        fail(&mut r, "closed");
+                        break;
+                    }
+                    Some(_) => {}
                 }
             }
             let (duplicates, gaps) = client.sequencer_stats();
