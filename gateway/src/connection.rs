@@ -12,9 +12,11 @@
 //! `OutOfSync`).
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -166,6 +168,22 @@ pub(crate) async fn run(
 /// flight, not an answer body.
 type Pending = futures_util::future::BoxFuture<'static, Bytes>;
 
+/// A waiting answer with the time its request was read, for
+/// `qun_request_duration_seconds`.
+struct Timed {
+    answer: Pending,
+    read_at: Instant,
+}
+
+impl Future for Timed {
+    type Output = (Bytes, Instant);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let read_at = self.read_at;
+        self.answer.as_mut().poll(cx).map(|frame| (frame, read_at))
+    }
+}
+
 /// Encodes the answer to request `request_id`, counting refusals.
 fn encode_answer(metrics: &Metrics, request_id: u64, answer: Result<Body, RequestError>) -> Bytes {
     let frame = match answer {
@@ -210,7 +228,7 @@ impl Session {
     ) -> Option<(u16, String)> {
         let shared = self.shared.clone();
         let max_in_flight = shared.config.max_in_flight;
-        let mut in_flight: FuturesUnordered<Pending> = FuturesUnordered::new();
+        let mut in_flight: FuturesUnordered<Timed> = FuturesUnordered::new();
         let idle_timeout = Duration::from_millis(shared.config.idle_timeout_ms);
         let hello_by =
             tokio::time::Instant::now() + Duration::from_millis(shared.config.hello_timeout_ms);
@@ -230,17 +248,18 @@ impl Session {
                     tracing::debug!("idle timeout");
                     break Some((IDLE_CLOSE_CODE, "idle timeout".into()));
                 }
-                Some(frame) = in_flight.next(), if !in_flight.is_empty() => {
+                Some((frame, read_at)) = in_flight.next(), if !in_flight.is_empty() => {
                     if !self.outbox.reply(Reply::Frame(frame)).await {
                         break None;
                     }
+                    shared.metrics.request_duration.observe(read_at.elapsed());
                 }
                 incoming = source.next(), if in_flight.len() < max_in_flight => {
                     let Some(incoming) = incoming else { break None };
                     // Boxed: handling a frame (Hello, any request) takes
                     // a future as big as the biggest request's; inline it
                     // would make every idle connection's task that big.
-                    let step = Box::pin(self.on_message(incoming)).await;
+                    let step = Box::pin(self.on_message(incoming, Instant::now())).await;
                     let idle_by = tokio::time::Instant::now() + idle_timeout;
                     deadline.as_mut().reset(if self.identity.is_none() {
                         idle_by.min(hello_by)
@@ -249,7 +268,7 @@ impl Session {
                     });
                     match step {
                         Step::Continue => {}
-                        Step::Wait(fut) => in_flight.push(fut),
+                        Step::Wait(answer, read_at) => in_flight.push(Timed { answer, read_at }),
                         Step::Close(code, reason) => break Some((code, reason)),
                         Step::Gone => break None,
                     }
@@ -258,7 +277,7 @@ impl Session {
         };
         // Acknowledge what was accepted before stopping: those messages are
         // being made durable and the sender is owed its ack.
-        while let Some(frame) = in_flight.next().await {
+        while let Some((frame, _)) = in_flight.next().await {
             if !self.outbox.reply(Reply::Frame(frame)).await {
                 break;
             }
@@ -298,7 +317,8 @@ impl Session {
         self.outbox.reply(Reply::Frame(frame))
     }
 
-    async fn on_message(&mut self, incoming: Inbound) -> Step {
+    /// Handles one inbound item, read at `read_at`.
+    async fn on_message(&mut self, incoming: Inbound, read_at: Instant) -> Step {
         let bytes = match incoming {
             Inbound::Frame(b) => b,
             Inbound::Text => return self.refuse(0, RequestError::TextFrame).await,
@@ -339,12 +359,14 @@ impl Session {
         match self.dispatch(&who, request_id, body).instrument(span).await {
             Dispatched::Done(result) => {
                 if self.answer(request_id, result).await {
+                    let took = read_at.elapsed();
+                    self.shared.metrics.request_duration.observe(took);
                     Step::Continue
                 } else {
                     Step::Gone
                 }
             }
-            Dispatched::Wait(fut) => Step::Wait(fut),
+            Dispatched::Wait(fut) => Step::Wait(fut, read_at),
         }
     }
 
@@ -822,7 +844,8 @@ fn body_kind(body: &client_frame::Body) -> &'static str {
 
 enum Step {
     Continue,
-    Wait(Pending),
+    /// An answer that waits, and when its request was read.
+    Wait(Pending, Instant),
     Close(u16, String),
     Gone,
 }

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use qun_chat_core::{CoreStats, Groups};
 
@@ -41,6 +42,78 @@ pub struct Metrics {
     pub connections_limit: u64,
     /// History page reads of a coalescing store (the cluster store).
     pub page_reads: Option<Arc<qun_storage::CoalescingStats>>,
+    /// Time from a request frame read to its answer handed to the
+    /// connection's writer (`qun_request_duration_seconds`).
+    pub request_duration: LatencyHistogram,
+}
+
+/// Upper bounds of [`LatencyHistogram`]'s buckets, in microseconds.
+const BUCKET_BOUNDS_US: [u64; 13] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000,
+];
+
+/// A latency histogram in Prometheus's sense: counts per bucket, a sum and a
+/// count, all atomics, so observing is a few relaxed increments and never a
+/// lock. Buckets run from 250 µs to 2.5 s.
+///
+/// ```
+/// use std::time::Duration;
+/// let h = qun_gateway::metrics::LatencyHistogram::default();
+/// h.observe(Duration::from_millis(3));
+/// assert_eq!(h.count(), 1);
+/// assert_eq!(h.count_at_most(Duration::from_millis(5)), 1);
+/// assert_eq!(h.count_at_most(Duration::from_millis(1)), 0);
+/// ```
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; BUCKET_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = BUCKET_BOUNDS_US.partition_point(|&bound| bound < us);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Observations in the buckets whose upper bound is at most `d` (so
+    /// exact only at a bucket bound).
+    pub fn count_at_most(&self, d: Duration) -> u64 {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        BUCKET_BOUNDS_US
+            .iter()
+            .zip(&self.buckets)
+            .take_while(|(bound, _)| **bound <= us)
+            .map(|(_, n)| n.load(Relaxed))
+            .sum()
+    }
+
+    /// Appends the histogram to a text exposition page.
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in BUCKET_BOUNDS_US.iter().zip(&self.buckets) {
+            cumulative += n.load(Relaxed);
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKET_BOUNDS_US.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
 }
 
 impl Metrics {
@@ -253,6 +326,12 @@ impl Metrics {
             "gauge",
             "Groups held in memory.",
             groups.loaded_groups() as u64,
+        );
+        self.request_duration.render(
+            &mut out,
+            "qun_request_duration_seconds",
+            "Time from a request frame read to its answer handed to the connection's writer \
+             (sends: once durable; Hello not counted).",
         );
         out
     }

@@ -373,6 +373,19 @@ async fn health_and_metrics_over_http() {
         metrics.contains("# TYPE qun_deliveries_total counter"),
         "{metrics}"
     );
+    // Create, join and send (answered once durable); Hello is not counted.
+    assert!(
+        metrics.contains("# TYPE qun_request_duration_seconds histogram"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("qun_request_duration_seconds_bucket{le=\"+Inf\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("qun_request_duration_seconds_count 3"),
+        "{metrics}"
+    );
     server.stop().await;
 }
 
