@@ -18,6 +18,7 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
 use crate::report::{Latency, Report, histogram, merge};
+use crate::server_metrics::{self, Buckets};
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
 use crate::{Cli, HistoryMode, Scenario, now_us, random_u64, source_ip};
 
@@ -328,6 +329,33 @@ fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
     })
 }
 
+/// The server's request histogram, when `--metrics-url` was given.
+async fn server_requests(ctx: &Ctx<'_>) -> anyhow::Result<Option<Buckets>> {
+    match &ctx.cli.metrics_url {
+        Some(url) => Ok(Some(server_metrics::scrape(url).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Adds the server's own request latency over the measured phase (bucket
+/// bounds: "at most") to a report.
+fn add_server_share(r: &mut Report, before: Option<Buckets>, after: Option<Buckets>) {
+    let (Some(before), Some(after)) = (before, after) else {
+        return;
+    };
+    let run = after.since(&before);
+    r.counts.insert("server_requests".into(), run.count());
+    for (name, q) in [
+        ("server_request_p50_ms_at_most", 0.5),
+        ("server_request_p99_ms_at_most", 0.99),
+        ("server_request_p999_ms_at_most", 0.999),
+    ] {
+        if let Some(ms) = run.quantile_bound_ms(q) {
+            r.figures.insert(name.into(), ms);
+        }
+    }
+}
+
 fn report(scenario: &str, params: &[(&str, String)]) -> Report {
     Report {
         scenario: scenario.into(),
@@ -425,6 +453,7 @@ async fn fanout(
         },
     )?;
     let (connected, failed, _) = workers.ready().await?;
+    let server_before = server_requests(ctx).await?;
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
     eprintln!("posting for {duration:?}...");
@@ -448,6 +477,7 @@ async fn fanout(
     workers.say(&CoordinatorLine::End(ends.clone())).await?;
     let results = workers.results().await?;
     let took = started.elapsed();
+    let server_after = server_requests(ctx).await?;
     workers.stop().await;
     let t = fold(&results)?;
     // Each member of group g must receive every message of g.
@@ -500,6 +530,7 @@ async fn fanout(
     r.checks.insert("all_members_connected".into(), failed == 0);
     r.checks
         .insert("nothing_lost".into(), t.lost == 0 && t.ops >= expected);
+    add_server_share(&mut r, server_before, server_after);
     Ok(r)
 }
 
@@ -543,10 +574,13 @@ async fn flash_sale(
     };
     let mut workers = Workers::spawn(ctx, members, &task)?;
     let (connected, failed, _) = workers.ready().await?;
+    let server_before = server_requests(ctx).await?;
+    eprintln!("{connected} members joining within {within:?}...");
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
     let results = workers.results().await?;
     let took = started.elapsed();
+    let server_after = server_requests(ctx).await?;
     workers.stop().await;
     let t = fold(&results)?;
     let shown = agent.commerce_object(group, group_buy).await?;
@@ -581,6 +615,7 @@ async fn flash_sale(
         "winners_match_answers".into(),
         r.counts.get("joined").copied().unwrap_or(0) == u64::from(joined),
     );
+    add_server_share(&mut r, server_before, server_after);
     Ok(r)
 }
 

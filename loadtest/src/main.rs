@@ -15,6 +15,7 @@
 
 mod coordinator;
 mod report;
+mod server_metrics;
 mod spec;
 mod worker;
 
@@ -52,6 +53,12 @@ pub(crate) struct Cli {
     /// The server's PID, to read its memory (`/proc/PID/status`).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// The server's `/metrics` (`http://127.0.0.1:7780/metrics`): fan-out
+    /// and flash-sale runs then also report the server's own request
+    /// latency (`server_request_p50_ms` ≤ …), apart from the load
+    /// generator's share.
+    #[arg(long, global = true)]
+    metrics_url: Option<String>,
     /// Most connections per worker process.
     #[arg(long, default_value_t = 8_000, global = true)]
     per_worker: usize,

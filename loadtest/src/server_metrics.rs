@@ -1,0 +1,145 @@
+//! The server's own account of request latency: its
+//! `qun_request_duration_seconds` histogram, read from `/metrics` before and
+//! after the measured phase. End-to-end latency (what members measure)
+//! includes the load generator, which shares this machine's cores; the
+//! difference of the two scrapes is the server's share alone.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// The histogram's name in the exposition format.
+const NAME: &str = "qun_request_duration_seconds_bucket";
+
+/// Cumulative bucket counts: (upper bound in seconds, requests at most that
+/// long), ascending, the last bound infinite.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Buckets(Vec<(f64, u64)>);
+
+impl Buckets {
+    /// Parses the histogram out of a `/metrics` page.
+    ///
+    /// # Errors
+    /// The page has no `qun_request_duration_seconds` histogram.
+    pub(crate) fn parse(page: &str) -> anyhow::Result<Self> {
+        let mut out = Vec::new();
+        for line in page.lines() {
+            let Some(rest) = line.strip_prefix(NAME) else {
+                continue;
+            };
+            let parsed = rest
+                .strip_prefix("{le=\"")
+                .and_then(|r| r.split_once("\"} "))
+                .and_then(|(le, n)| {
+                    let le = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().ok()?
+                    };
+                    Some((le, n.trim().parse().ok()?))
+                });
+            match parsed {
+                Some(b) => out.push(b),
+                None => bail!("unreadable metrics line: {line}"),
+            }
+        }
+        if out.is_empty() {
+            bail!("the server's /metrics has no qun_request_duration_seconds histogram");
+        }
+        Ok(Self(out))
+    }
+
+    /// What was observed since `before` (same buckets).
+    pub(crate) fn since(&self, before: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .zip(&before.0)
+                .map(|(&(le, now), &(_, then))| (le, now.saturating_sub(then)))
+                .collect(),
+        )
+    }
+
+    /// Requests counted.
+    pub(crate) fn count(&self) -> u64 {
+        self.0.last().map_or(0, |&(_, n)| n)
+    }
+
+    /// The smallest bucket bound that at least a fraction `q` of the
+    /// requests stayed within, in milliseconds (`None`: no requests, or
+    /// beyond the last finite bound).
+    pub(crate) fn quantile_bound_ms(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil() as u64;
+        self.0
+            .iter()
+            .find(|&&(_, n)| n >= want)
+            .map(|&(le, _)| le * 1000.0)
+            .filter(|ms| ms.is_finite())
+    }
+}
+
+/// Reads the histogram from `url` (`http://127.0.0.1:PORT/metrics`).
+///
+/// # Errors
+/// Not an `http://` URL of a loopback address, the server cannot be
+/// reached, or its page has no histogram.
+pub(crate) async fn scrape(url: &str) -> anyhow::Result<Buckets> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--metrics-url must be http://…, not {url}"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
+    let addr: SocketAddr = authority
+        .parse()
+        .with_context(|| format!("--metrics-url needs an IP:PORT, not {authority}"))?;
+    if !addr.ip().is_loopback() {
+        bail!("{addr} is not a loopback address: qun-loadtest only targets 127.0.0.1 or ::1");
+    }
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr} for /{path}"))?;
+    let request = format!("GET /{path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await?;
+    let body = page.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Buckets::parse(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(counts: [u64; 4]) -> String {
+        format!(
+            "# TYPE qun_request_duration_seconds histogram\n\
+             {NAME}{{le=\"0.001\"}} {}\n{NAME}{{le=\"0.01\"}} {}\n\
+             {NAME}{{le=\"0.1\"}} {}\n{NAME}{{le=\"+Inf\"}} {}\n\
+             qun_request_duration_seconds_count {}\n",
+            counts[0], counts[1], counts[2], counts[3], counts[3]
+        )
+    }
+
+    #[test]
+    fn quantiles_come_from_the_difference_of_two_scrapes() {
+        let before = Buckets::parse(&page([100, 100, 100, 100])).unwrap();
+        let after = Buckets::parse(&page([190, 199, 200, 200])).unwrap();
+        let run = after.since(&before);
+        assert_eq!(run.count(), 100);
+        assert_eq!(run.quantile_bound_ms(0.5), Some(1.0));
+        assert_eq!(run.quantile_bound_ms(0.95), Some(10.0));
+        assert_eq!(run.quantile_bound_ms(0.999), Some(100.0));
+        let slow = Buckets::parse(&page([0, 0, 0, 5])).unwrap();
+        assert_eq!(slow.quantile_bound_ms(0.5), None, "beyond the last bound");
+    }
+
+    #[test]
+    fn a_page_without_the_histogram_is_an_error() {
+        assert!(Buckets::parse("qun_connections_open 3\n").is_err());
+        assert!(Buckets::parse(&format!("{NAME}{{le=\"x\"}} 1\n")).is_err());
+    }
+}
