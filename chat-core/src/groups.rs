@@ -52,6 +52,9 @@ pub struct CoreConfig {
     pub max_pins: usize,
     /// Fan-out work one group gets per turn before others take theirs
     /// (subscribers visited plus frames queued; see `GroupState::fan_out`).
+    /// A turn holds the group's lock, and every push in it wakes a
+    /// connection's writer: small turns keep the group's own requests
+    /// (a flash sale's joins) from waiting behind its fan-out.
     pub fanout_budget: usize,
 }
 
@@ -76,7 +79,7 @@ impl Default for CoreConfig {
             progress_interval_ms: 250,
             reach: crate::reach::ReachPolicy::default(),
             max_pins: 10,
-            fanout_budget: 1_024,
+            fanout_budget: 64,
         }
     }
 }

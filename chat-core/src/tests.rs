@@ -20,10 +20,22 @@ pub(crate) struct Fixture {
     pub(crate) groups: Groups,
 }
 
+/// A fixture with a fan-out worker, as the server runs them: a group
+/// bigger than one turn (`fanout_budget`) is fanned out by it.
 pub(crate) async fn fixture() -> Fixture {
-    fixture_with(CoreConfig::default()).await
+    let f = fixture_with(CoreConfig::default()).await;
+    spawn_fan_out(&f.groups);
+    f
 }
 
+/// Works `groups`' fan-out queue in the background until the test ends.
+pub(crate) fn spawn_fan_out(groups: &Groups) {
+    let groups = groups.clone();
+    tokio::spawn(async move { groups.run_fan_out(std::future::pending()).await });
+}
+
+/// A fixture without a fan-out worker: whatever does not fit in the turn
+/// run at commit waits for `Groups::fan_out_turn` by hand.
 pub(crate) async fn fixture_with(config: CoreConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
@@ -38,10 +50,12 @@ pub(crate) async fn fixture_with(config: CoreConfig) -> Fixture {
 }
 
 impl Fixture {
+    /// Reopens the store and the groups, with a fan-out worker.
     pub(crate) async fn reopen(&mut self, config: CoreConfig) {
         self.store.close().await.unwrap();
         let store = Arc::new(FjallStore::open(FjallConfig::new(&self.path)).unwrap());
         self.groups = Groups::open(store.clone(), config).await.unwrap();
+        spawn_fan_out(&self.groups);
         self.store = store;
     }
 }

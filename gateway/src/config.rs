@@ -96,7 +96,8 @@ pub struct Config {
     /// Fan-out work a group gets per turn before other groups take theirs:
     /// subscribers visited plus frames queued. A group bigger than this is
     /// fanned out in turns, round robin with other groups, so one shop's
-    /// flash sale cannot starve the rest.
+    /// flash sale cannot starve the rest. Small turns also keep a big
+    /// group's own requests from waiting behind its fan-out.
     pub fanout_budget: usize,
     /// Where history lives: `embedded` (fjall in `data_dir`, the default) or
     /// `scylla` (a ScyllaDB or Cassandra 4.x cluster; see
@@ -161,7 +162,7 @@ impl Default for Config {
             reach_base_per_day: 3,
             reach_window_days: 7,
             max_pins: 10,
-            fanout_budget: 1_024,
+            fanout_budget: 64,
             storage: "embedded".into(),
             scylla_nodes: String::new(),
             scylla_keyspace: "qun".into(),
