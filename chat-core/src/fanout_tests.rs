@@ -174,3 +174,32 @@ async fn a_subscriber_left_behind_the_ring_is_out_of_sync_not_silently_skipped()
     }
     assert!(behind > 0, "some fell behind the ring and were told so");
 }
+
+#[tokio::test]
+async fn handed_over_fan_out_runs_only_on_the_workers_turns_and_in_order() {
+    // As the server runs it: the commit only publishes and queues.
+    let f = fixture_with(CoreConfig {
+        fan_out_on_commit: false,
+        ..small_turns()
+    })
+    .await;
+    let (g, subs) = group_with(&f.groups, 3, 1_000).await;
+    let a = agent("a1", SHOP);
+    for n in 0..3 {
+        f.groups
+            .post(&a, text(g, &format!("m{n}")), NOW)
+            .await
+            .unwrap();
+    }
+    // Durable and acknowledged, but nothing pushed yet, even in a group
+    // that fits in one turn.
+    for (_, o) in &subs {
+        assert!(drain(o).0.is_empty());
+    }
+    assert!(f.groups.fan_out_turn(), "the group was queued");
+    for (_, o) in &subs {
+        let (m, dropped) = drain(o);
+        assert_eq!((seqs(&m), dropped), (vec![1, 2, 3], 0));
+    }
+    assert!(!f.groups.fan_out_turn(), "queued once, done in one turn");
+}

@@ -239,6 +239,9 @@ impl Config {
             },
             max_pins: self.max_pins,
             fanout_budget: self.fanout_budget,
+            // The server runs fan-out workers (`server::run`); the store's
+            // writer only publishes and queues.
+            fan_out_on_commit: false,
             ..qun_chat_core::CoreConfig::default()
         }
     }
