@@ -44,8 +44,9 @@ pub const WS_PATH: &str = "/ws";
 
 /// Initial read buffer of a WebSocket connection. Phones send small frames
 /// (a chat message is a few hundred bytes) and are mostly idle; the buffer
-/// grows for a large frame. At 4 KiB an idle connection cost 3 KB more, at
-/// 1 KiB 0.7 KB more (docs/benchmarks.md).
+/// grows for a large frame and then stays the size of what the phone sends
+/// (about 470 bytes after a Hello). At 4 KiB an idle connection cost 3 KB
+/// more (docs/benchmarks.md).
 const WS_READ_BUFFER: usize = 256;
 
 /// Bytes a WebSocket connection gathers before writing to the socket
