@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use prost::Message as _;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 
 use crate::records::{
     AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
@@ -111,7 +110,7 @@ impl std::fmt::Debug for Tables {
 }
 
 enum Job {
-    Write(Vec<WriteOp>, DurableCallback),
+    Write(Vec<Put>, DurableCallback),
     Flush(DurableCallback),
 }
 
@@ -251,7 +250,7 @@ fn write_loop(
             Err(StorageError::Poisoned)
         } else {
             let started = Instant::now();
-            let r = commit(tables, &jobs, mode);
+            let r = commit(tables, &mut jobs, mode);
             tracing::trace!(
                 jobs = jobs.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
@@ -276,238 +275,346 @@ fn write_loop(
     tracing::debug!("store writer stopped");
 }
 
-fn commit(tables: &Tables, jobs: &[Job], mode: PersistMode) -> Result<(), StorageError> {
+/// A keyspace of [`Tables`] by name, so that a write can be prepared
+/// without them.
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    Groups,
+    Members,
+    UserGroups,
+    Messages,
+    Sent,
+    ReadMarks,
+    Objects,
+    Entries,
+    Due,
+    Products,
+    Cards,
+    Reach,
+    Feedback,
+    PromotionMutes,
+    Reports,
+    MemberFlags,
+    Faq,
+    AutoReplies,
+    JoinRequests,
+    BuyerTags,
+    Schedules,
+    CsShops,
+    CsBuyers,
+}
+
+impl Tables {
+    fn get(&self, table: Table) -> &Keyspace {
+        match table {
+            Table::Groups => &self.groups,
+            Table::Members => &self.members,
+            Table::UserGroups => &self.user_groups,
+            Table::Messages => &self.messages,
+            Table::Sent => &self.sent,
+            Table::ReadMarks => &self.read_marks,
+            Table::Objects => &self.objects,
+            Table::Entries => &self.entries,
+            Table::Due => &self.due,
+            Table::Products => &self.products,
+            Table::Cards => &self.cards,
+            Table::Reach => &self.reach,
+            Table::Feedback => &self.feedback,
+            Table::PromotionMutes => &self.promotion_mutes,
+            Table::Reports => &self.reports,
+            Table::MemberFlags => &self.member_flags,
+            Table::Faq => &self.faq,
+            Table::AutoReplies => &self.auto_replies,
+            Table::JoinRequests => &self.join_requests,
+            Table::BuyerTags => &self.buyer_tags,
+            Table::Schedules => &self.schedules,
+            Table::CsShops => &self.cs_shops,
+            Table::CsBuyers => &self.cs_buyers,
+        }
+    }
+}
+
+/// One key written (`Some` value) or removed (`None`), built on the
+/// submitting thread: the writer thread only moves it into the batch, so
+/// it neither encodes nor allocates nor frees the records
+/// (docs/benchmarks.md, "Flame graphs").
+struct Put {
+    table: Table,
+    key: Slice,
+    value: Option<Slice>,
+}
+
+/// The puts of a submission, with a buffer to encode records in.
+#[derive(Default)]
+struct Prepared {
+    puts: Vec<Put>,
+    scratch: Vec<u8>,
+}
+
+impl Prepared {
+    fn insert(&mut self, table: Table, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.puts.push(Put {
+            table,
+            key: Slice::new(key.as_ref()),
+            value: Some(Slice::new(value.as_ref())),
+        });
+    }
+
+    /// Inserts `record` encoded: one allocation, the value itself.
+    fn record(&mut self, table: Table, key: impl AsRef<[u8]>, record: &impl prost::Message) {
+        self.scratch.clear();
+        let value = match record.encode(&mut self.scratch) {
+            Ok(()) => Slice::new(&self.scratch),
+            // A Vec always has room; kept total anyway.
+            Err(_) => Slice::from(record.encode_to_vec()),
+        };
+        self.puts.push(Put {
+            table,
+            key: Slice::new(key.as_ref()),
+            value: Some(value),
+        });
+    }
+
+    fn remove(&mut self, table: Table, key: impl AsRef<[u8]>) {
+        self.puts.push(Put {
+            table,
+            key: Slice::new(key.as_ref()),
+            value: None,
+        });
+    }
+}
+
+/// Builds the keys and values of `ops` (on the caller's thread) and drops
+/// the records there.
+fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
+    let mut out = Prepared {
+        puts: Vec::with_capacity(ops.len() * 2),
+        scratch: Vec::new(),
+    };
+    for op in &ops {
+        match op {
+            WriteOp::PutGroup(g) => {
+                out.record(Table::Groups, keys::group_key(g.group_id), g);
+            }
+            WriteOp::PutMember(m) => {
+                out.record(Table::Members, keys::member_key(m.group_id, &m.user_id), m);
+                out.insert(
+                    Table::UserGroups,
+                    keys::user_group_key(&m.user_id, m.group_id),
+                    [],
+                );
+            }
+            WriteOp::RemoveMember { group_id, user_id } => {
+                out.remove(Table::Members, keys::member_key(*group_id, user_id));
+                out.remove(Table::UserGroups, keys::user_group_key(user_id, *group_id));
+                out.remove(Table::ReadMarks, keys::member_key(*group_id, user_id));
+                out.remove(Table::PromotionMutes, keys::member_key(*group_id, user_id));
+            }
+            WriteOp::AppendMessage(msg) => {
+                out.record(
+                    Table::Messages,
+                    keys::message_key(msg.group_id, msg.seq),
+                    msg,
+                );
+                if !msg.client_msg_id.is_empty() {
+                    let sent = SentRecord {
+                        seq: msg.seq,
+                        ts_ms: msg.ts_ms,
+                    };
+                    out.record(
+                        Table::Sent,
+                        keys::sent_key(msg.group_id, &msg.sender_id, &msg.client_msg_id),
+                        &sent,
+                    );
+                }
+            }
+            WriteOp::PutReadMark {
+                group_id,
+                user_id,
+                seq,
+            } => {
+                out.insert(
+                    Table::ReadMarks,
+                    keys::member_key(*group_id, user_id),
+                    seq.to_be_bytes(),
+                );
+            }
+            WriteOp::PutObject(o) => {
+                let key = keys::object_key(o.group_id, o.object_id);
+                out.record(Table::Objects, key, o);
+                if o.due_ms > 0 {
+                    out.insert(Table::Due, key, o.due_ms.to_be_bytes());
+                } else {
+                    out.remove(Table::Due, key);
+                }
+            }
+            WriteOp::PutEntry(e) => {
+                out.record(
+                    Table::Entries,
+                    keys::entry_key(e.group_id, e.object_id, &e.user_id),
+                    e,
+                );
+            }
+            WriteOp::RemoveEntry {
+                group_id,
+                object_id,
+                user_id,
+            } => {
+                out.remove(
+                    Table::Entries,
+                    keys::entry_key(*group_id, *object_id, user_id),
+                );
+            }
+            WriteOp::PutProduct(p) => {
+                out.record(
+                    Table::Products,
+                    keys::product_key(&p.shop_id, &p.product_id),
+                    p,
+                );
+            }
+            WriteOp::PutCard {
+                shop_id,
+                product_id,
+                group_id,
+            } => {
+                out.insert(
+                    Table::Cards,
+                    keys::card_key(shop_id, product_id, *group_id),
+                    [],
+                );
+            }
+            WriteOp::PutReachUse {
+                group_id,
+                day,
+                used,
+            } => {
+                let mut v = [0u8; 16];
+                v[..8].copy_from_slice(&day.to_be_bytes());
+                v[8..].copy_from_slice(&u64::from(*used).to_be_bytes());
+                out.insert(Table::Reach, keys::group_key(*group_id), v);
+            }
+            WriteOp::PutFeedback {
+                shop_id,
+                day,
+                positive,
+                negative,
+            } => {
+                let mut v = [0u8; 16];
+                v[..8].copy_from_slice(&positive.to_be_bytes());
+                v[8..].copy_from_slice(&negative.to_be_bytes());
+                out.insert(Table::Feedback, keys::feedback_key(shop_id, *day), v);
+            }
+            WriteOp::PutPromotionMute {
+                group_id,
+                user_id,
+                muted,
+            } => {
+                let key = keys::member_key(*group_id, user_id);
+                if *muted {
+                    out.insert(Table::PromotionMutes, key, []);
+                } else {
+                    out.remove(Table::PromotionMutes, key);
+                }
+            }
+            WriteOp::PutBuyerTags(t) => {
+                let key = keys::product_key(&t.shop_id, &t.user_id);
+                if t.tags.is_empty() {
+                    out.remove(Table::BuyerTags, key);
+                } else {
+                    out.record(Table::BuyerTags, key, t);
+                }
+            }
+            WriteOp::PutJoinRequest(r) => {
+                out.record(
+                    Table::JoinRequests,
+                    keys::member_key(r.group_id, &r.user_id),
+                    r,
+                );
+            }
+            WriteOp::RemoveJoinRequest { group_id, user_id } => {
+                out.remove(Table::JoinRequests, keys::member_key(*group_id, user_id));
+            }
+            WriteOp::PutAutoReply(r) => {
+                out.record(
+                    Table::AutoReplies,
+                    keys::product_key(&r.shop_id, &r.rule_id),
+                    r,
+                );
+            }
+            WriteOp::RemoveAutoReply { shop_id, rule_id } => {
+                out.remove(Table::AutoReplies, keys::product_key(shop_id, rule_id));
+            }
+            WriteOp::PutFaq(f) => {
+                out.record(Table::Faq, keys::object_key(f.group_id, f.faq_id), f);
+            }
+            WriteOp::PutCsShop(r) => {
+                out.record(Table::CsShops, r.shop_id.as_bytes(), r);
+            }
+            WriteOp::PutCsBuyer(r) => {
+                out.record(
+                    Table::CsBuyers,
+                    keys::product_key(&r.shop_id, &r.buyer_id),
+                    r,
+                );
+            }
+            WriteOp::PutSchedule(r) => {
+                out.record(
+                    Table::Schedules,
+                    keys::object_key(r.group_id, r.schedule_id),
+                    r,
+                );
+            }
+            WriteOp::RemoveSchedule {
+                group_id,
+                schedule_id,
+            } => {
+                out.remove(Table::Schedules, keys::object_key(*group_id, *schedule_id));
+            }
+            WriteOp::RemoveFaq { group_id, faq_id } => {
+                out.remove(Table::Faq, keys::object_key(*group_id, *faq_id));
+            }
+            WriteOp::RewriteMessage(msg) => {
+                out.record(
+                    Table::Messages,
+                    keys::message_key(msg.group_id, msg.seq),
+                    msg,
+                );
+            }
+            WriteOp::PutMemberFlags {
+                group_id,
+                user_id,
+                flags,
+            } => {
+                let key = keys::member_key(*group_id, user_id);
+                if *flags == MemberFlagsRecord::default() {
+                    out.remove(Table::MemberFlags, key);
+                } else {
+                    out.record(Table::MemberFlags, key, flags);
+                }
+            }
+            WriteOp::PutReport(r) => {
+                out.record(
+                    Table::Reports,
+                    keys::report_key(r.group_id, r.seq, &r.reporter_id),
+                    r,
+                );
+            }
+        }
+    }
+    out.puts
+}
+
+fn commit(tables: &Tables, jobs: &mut [Job], mode: PersistMode) -> Result<(), StorageError> {
     let mut batch = tables.db.batch();
     let mut writes = 0usize;
-    for job in jobs {
-        let Job::Write(ops, _) = job else { continue };
-        for op in ops {
+    for job in jobs.iter_mut() {
+        let Job::Write(puts, _) = job else { continue };
+        for put in puts.drain(..) {
             writes += 1;
-            match op {
-                WriteOp::PutGroup(g) => {
-                    batch.insert(
-                        &tables.groups,
-                        keys::group_key(g.group_id),
-                        g.encode_to_vec(),
-                    );
-                }
-                WriteOp::PutMember(m) => {
-                    batch.insert(
-                        &tables.members,
-                        keys::member_key(m.group_id, &m.user_id),
-                        m.encode_to_vec(),
-                    );
-                    batch.insert(
-                        &tables.user_groups,
-                        keys::user_group_key(&m.user_id, m.group_id),
-                        [],
-                    );
-                }
-                WriteOp::RemoveMember { group_id, user_id } => {
-                    batch.remove(&tables.members, keys::member_key(*group_id, user_id));
-                    batch.remove(
-                        &tables.user_groups,
-                        keys::user_group_key(user_id, *group_id),
-                    );
-                    batch.remove(&tables.read_marks, keys::member_key(*group_id, user_id));
-                    batch.remove(
-                        &tables.promotion_mutes,
-                        keys::member_key(*group_id, user_id),
-                    );
-                }
-                WriteOp::AppendMessage(msg) => {
-                    batch.insert(
-                        &tables.messages,
-                        keys::message_key(msg.group_id, msg.seq),
-                        msg.encode_to_vec(),
-                    );
-                    if !msg.client_msg_id.is_empty() {
-                        let sent = SentRecord {
-                            seq: msg.seq,
-                            ts_ms: msg.ts_ms,
-                        };
-                        batch.insert(
-                            &tables.sent,
-                            keys::sent_key(msg.group_id, &msg.sender_id, &msg.client_msg_id),
-                            sent.encode_to_vec(),
-                        );
-                    }
-                }
-                WriteOp::PutReadMark {
-                    group_id,
-                    user_id,
-                    seq,
-                } => {
-                    batch.insert(
-                        &tables.read_marks,
-                        keys::member_key(*group_id, user_id),
-                        seq.to_be_bytes(),
-                    );
-                }
-                WriteOp::PutObject(o) => {
-                    let key = keys::object_key(o.group_id, o.object_id);
-                    batch.insert(&tables.objects, key, o.encode_to_vec());
-                    if o.due_ms > 0 {
-                        batch.insert(&tables.due, key, o.due_ms.to_be_bytes());
-                    } else {
-                        batch.remove(&tables.due, key);
-                    }
-                }
-                WriteOp::PutEntry(e) => {
-                    batch.insert(
-                        &tables.entries,
-                        keys::entry_key(e.group_id, e.object_id, &e.user_id),
-                        e.encode_to_vec(),
-                    );
-                }
-                WriteOp::RemoveEntry {
-                    group_id,
-                    object_id,
-                    user_id,
-                } => {
-                    batch.remove(
-                        &tables.entries,
-                        keys::entry_key(*group_id, *object_id, user_id),
-                    );
-                }
-                WriteOp::PutProduct(p) => {
-                    batch.insert(
-                        &tables.products,
-                        keys::product_key(&p.shop_id, &p.product_id),
-                        p.encode_to_vec(),
-                    );
-                }
-                WriteOp::PutCard {
-                    shop_id,
-                    product_id,
-                    group_id,
-                } => {
-                    batch.insert(
-                        &tables.cards,
-                        keys::card_key(shop_id, product_id, *group_id),
-                        [],
-                    );
-                }
-                WriteOp::PutReachUse {
-                    group_id,
-                    day,
-                    used,
-                } => {
-                    let mut v = [0u8; 16];
-                    v[..8].copy_from_slice(&day.to_be_bytes());
-                    v[8..].copy_from_slice(&u64::from(*used).to_be_bytes());
-                    batch.insert(&tables.reach, keys::group_key(*group_id), v);
-                }
-                WriteOp::PutFeedback {
-                    shop_id,
-                    day,
-                    positive,
-                    negative,
-                } => {
-                    let mut v = [0u8; 16];
-                    v[..8].copy_from_slice(&positive.to_be_bytes());
-                    v[8..].copy_from_slice(&negative.to_be_bytes());
-                    batch.insert(&tables.feedback, keys::feedback_key(shop_id, *day), v);
-                }
-                WriteOp::PutPromotionMute {
-                    group_id,
-                    user_id,
-                    muted,
-                } => {
-                    let key = keys::member_key(*group_id, user_id);
-                    if *muted {
-                        batch.insert(&tables.promotion_mutes, key, []);
-                    } else {
-                        batch.remove(&tables.promotion_mutes, key);
-                    }
-                }
-                WriteOp::PutBuyerTags(t) => {
-                    let key = keys::product_key(&t.shop_id, &t.user_id);
-                    if t.tags.is_empty() {
-                        batch.remove(&tables.buyer_tags, key);
-                    } else {
-                        batch.insert(&tables.buyer_tags, key, t.encode_to_vec());
-                    }
-                }
-                WriteOp::PutJoinRequest(r) => {
-                    batch.insert(
-                        &tables.join_requests,
-                        keys::member_key(r.group_id, &r.user_id),
-                        r.encode_to_vec(),
-                    );
-                }
-                WriteOp::RemoveJoinRequest { group_id, user_id } => {
-                    batch.remove(&tables.join_requests, keys::member_key(*group_id, user_id));
-                }
-                WriteOp::PutAutoReply(r) => {
-                    batch.insert(
-                        &tables.auto_replies,
-                        keys::product_key(&r.shop_id, &r.rule_id),
-                        r.encode_to_vec(),
-                    );
-                }
-                WriteOp::RemoveAutoReply { shop_id, rule_id } => {
-                    batch.remove(&tables.auto_replies, keys::product_key(shop_id, rule_id));
-                }
-                WriteOp::PutFaq(f) => {
-                    batch.insert(
-                        &tables.faq,
-                        keys::object_key(f.group_id, f.faq_id),
-                        f.encode_to_vec(),
-                    );
-                }
-                WriteOp::PutCsShop(r) => {
-                    batch.insert(&tables.cs_shops, r.shop_id.as_bytes(), r.encode_to_vec());
-                }
-                WriteOp::PutCsBuyer(r) => {
-                    batch.insert(
-                        &tables.cs_buyers,
-                        keys::product_key(&r.shop_id, &r.buyer_id),
-                        r.encode_to_vec(),
-                    );
-                }
-                WriteOp::PutSchedule(r) => {
-                    batch.insert(
-                        &tables.schedules,
-                        keys::object_key(r.group_id, r.schedule_id),
-                        r.encode_to_vec(),
-                    );
-                }
-                WriteOp::RemoveSchedule {
-                    group_id,
-                    schedule_id,
-                } => {
-                    batch.remove(&tables.schedules, keys::object_key(*group_id, *schedule_id));
-                }
-                WriteOp::RemoveFaq { group_id, faq_id } => {
-                    batch.remove(&tables.faq, keys::object_key(*group_id, *faq_id));
-                }
-                WriteOp::RewriteMessage(msg) => {
-                    batch.insert(
-                        &tables.messages,
-                        keys::message_key(msg.group_id, msg.seq),
-                        msg.encode_to_vec(),
-                    );
-                }
-                WriteOp::PutMemberFlags {
-                    group_id,
-                    user_id,
-                    flags,
-                } => {
-                    let key = keys::member_key(*group_id, user_id);
-                    if *flags == MemberFlagsRecord::default() {
-                        batch.remove(&tables.member_flags, key);
-                    } else {
-                        batch.insert(&tables.member_flags, key, flags.encode_to_vec());
-                    }
-                }
-                WriteOp::PutReport(r) => {
-                    batch.insert(
-                        &tables.reports,
-                        keys::report_key(r.group_id, r.seq, &r.reporter_id),
-                        r.encode_to_vec(),
-                    );
-                }
+            let keyspace = tables.get(put.table);
+            match put.value {
+                Some(value) => batch.insert(keyspace, put.key, value),
+                None => batch.remove(keyspace, put.key),
             }
         }
     }
@@ -595,7 +702,7 @@ fn read_err(e: fjall::Error) -> StorageError {
 
 impl Store for FjallStore {
     fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError> {
-        self.enqueue(Job::Write(ops, done))
+        self.enqueue(Job::Write(prepare(ops), done))
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
