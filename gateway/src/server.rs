@@ -8,7 +8,7 @@ use std::time::Duration;
 use qun_chat_core::{ConnId, Groups, OutboxLimits};
 use qun_storage::scylla_store::ScyllaStore;
 use qun_storage::{Coalescing, CoalescingStats, FjallConfig, FjallStore, StorageError, Store};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,6 +17,26 @@ use tracing::Instrument as _;
 use crate::auth::{KeyError, TokenKey};
 use crate::config::Config;
 use crate::metrics::Metrics;
+
+/// Connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`). A reconnect storm, every phone of a big group
+/// coming back at once after a deploy or a network blip, overflowed
+/// tokio's default of 1,024: the overflow waited a SYN retransmit, a full
+/// second (docs/benchmarks.md, "Flash sale and history").
+const ACCEPT_BACKLOG: u32 = 8192;
+
+/// A TCP listener on `addr` with [`ACCEPT_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
 
 /// The sockets the server serves. Bind them first (tests bind port 0 and
 /// read the addresses back), then hand them to [`run`].
@@ -37,14 +57,11 @@ impl Listeners {
     /// [`ServerError::Bind`] naming the address that could not be bound,
     /// [`ServerError::Quic`] when the QUIC certificate or socket is wrong.
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind { addr, source })
-        };
+        let bind =
+            |addr: SocketAddr| listen(addr).map_err(|source| ServerError::Bind { addr, source });
         Ok(Self {
-            ws: bind(config.ws_listen).await?,
-            http: bind(config.http_listen).await?,
+            ws: bind(config.ws_listen)?,
+            http: bind(config.http_listen)?,
             quic: crate::quic::QuicListener::bind(config)?,
         })
     }
@@ -357,5 +374,56 @@ async fn commerce_ticks(shared: Arc<Shared>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_busy_address_is_refused_with_its_name() {
+        let first = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let config = Config {
+            ws_listen: addr,
+            ..Config::default()
+        };
+        match Listeners::bind(&config).await {
+            Err(e @ ServerError::Bind { .. }) => {
+                assert!(e.to_string().contains(&addr.to_string()), "{e}");
+            }
+            other => panic!("expected a bind error, got {other:?}"),
+        }
+    }
+
+    /// A reconnect storm finds room in the accept queue: more connections
+    /// than tokio's default backlog (1,024) complete their handshake while
+    /// the server accepts none of them.
+    #[tokio::test]
+    async fn the_accept_queue_holds_a_reconnect_storm() {
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        const STORM: usize = 1_500;
+        if somaxconn < STORM as u32 {
+            eprintln!("net.core.somaxconn is {somaxconn}, below {STORM}: nothing to test");
+            return;
+        }
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut open = Vec::with_capacity(STORM);
+        for n in 0..STORM {
+            let connect = tokio::net::TcpStream::connect(addr);
+            // On loopback a queued handshake completes at once; a dropped
+            // SYN would wait a full second for its retransmit.
+            match tokio::time::timeout(Duration::from_millis(500), connect).await {
+                Ok(Ok(stream)) => open.push(stream),
+                other => panic!("connection {n} of {STORM} not queued: {other:?}"),
+            }
+        }
+        assert_eq!(open.len(), STORM);
+        drop(listener);
     }
 }
