@@ -63,8 +63,9 @@ pub struct CoreConfig {
     /// ([`Groups::run_fan_out`]), as the server does. From the writer's
     /// thread each push wakes a connection's writer task across threads,
     /// and that slows the writer, so every group's commits and acks: handed
-    /// over, 100 groups × 50 members at 300k deliveries/s went from p50
-    /// 42–52 ms to 29–33 ms (docs/benchmarks.md).
+    /// over, the server's median send-until-durable at 100 groups × 50
+    /// members and 300k deliveries/s went from 25–50 ms to under 5 ms
+    /// (docs/benchmarks.md).
     pub fan_out_on_commit: bool,
 }
 
