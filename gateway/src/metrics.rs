@@ -55,16 +55,8 @@ const BUCKET_BOUNDS_US: [u64; 13] = [
 
 /// A latency histogram in Prometheus's sense: counts per bucket and a sum,
 /// all atomics, so observing is two relaxed increments and never a lock.
-/// Buckets run from 250 µs to 2.5 s.
-///
-/// ```
-/// use std::time::Duration;
-/// let h = qun_gateway::metrics::LatencyHistogram::default();
-/// h.observe(Duration::from_millis(3));
-/// assert_eq!(h.count(), 1);
-/// assert_eq!(h.count_at_most(Duration::from_millis(5)), 1);
-/// assert_eq!(h.count_at_most(Duration::from_millis(1)), 0);
-/// ```
+/// Buckets run from 250 µs to 2.5 s; `/metrics` shows them cumulative, as
+/// Prometheus expects (`_bucket{le="0.005"}` counts everything up to 5 ms).
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
     /// Observations per bucket (not cumulative); the last one is `+Inf`.
@@ -79,23 +71,6 @@ impl LatencyHistogram {
         let i = BUCKET_BOUNDS_US.partition_point(|&bound| bound < us);
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|n| n.load(Relaxed)).sum()
-    }
-
-    /// Observations in the buckets whose upper bound is at most `d` (so
-    /// exact only at a bucket bound).
-    pub fn count_at_most(&self, d: Duration) -> u64 {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        BUCKET_BOUNDS_US
-            .iter()
-            .zip(&self.buckets)
-            .take_while(|(bound, _)| **bound <= us)
-            .map(|(_, n)| n.load(Relaxed))
-            .sum()
     }
 
     /// Appends the histogram to a text exposition page.
@@ -332,5 +307,28 @@ impl Metrics {
              (sends: once durable; Hello not counted).",
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_histogram_renders_cumulative_buckets_a_sum_and_a_count() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_secs(3));
+        let mut page = String::new();
+        h.render(&mut page, "t", "help");
+        assert!(page.contains("# TYPE t histogram"), "{page}");
+        assert!(page.contains("t_bucket{le=\"0.001\"} 0\n"), "{page}");
+        assert!(page.contains("t_bucket{le=\"0.0025\"} 0\n"), "{page}");
+        assert!(page.contains("t_bucket{le=\"0.005\"} 2\n"), "{page}");
+        assert!(page.contains("t_bucket{le=\"2.5\"} 2\n"), "{page}");
+        assert!(page.contains("t_bucket{le=\"+Inf\"} 3\n"), "{page}");
+        assert!(page.contains("t_sum 3.008\n"), "{page}");
+        assert!(page.contains("t_count 3\n"), "{page}");
     }
 }

@@ -345,7 +345,6 @@ struct Put {
 }
 
 /// The puts of a submission, with a buffer to encode records in.
-#[derive(Default)]
 struct Prepared {
     puts: Vec<Put>,
     scratch: Vec<u8>,
