@@ -82,6 +82,9 @@ pub const MAX_REPLIES: usize = 64;
 pub enum Reply {
     /// An encoded answer.
     Frame(Bytes),
+    /// A transport's keep-alive answer: a WebSocket pong carrying its
+    /// ping's payload. Transports without one ignore it.
+    Pong(Bytes),
     /// Send a close frame with this status and reason, then stop.
     Close {
         /// The close status.

@@ -29,29 +29,16 @@ use qun_chat_core::{
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ServerFrame, decode_client_frame, encode_server_frame};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument as _;
 
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::server::Shared;
-use crate::transport::{FrameSink, Inbound, Lane, WsSink, close, ws_inbound};
+use crate::transport::{FrameSink, Inbound, Lane, close};
+use crate::websocket;
 
 /// The WebSocket path.
 pub const WS_PATH: &str = "/ws";
-
-/// Initial read buffer of a WebSocket connection. Phones send small frames
-/// (a chat message is a few hundred bytes) and are mostly idle; the buffer
-/// grows for a large frame and then stays the size of what the phone sends
-/// (about 470 bytes after a Hello). At 4 KiB an idle connection cost 3 KB
-/// more (docs/benchmarks.md).
-const WS_READ_BUFFER: usize = 256;
-
-/// Bytes a WebSocket connection gathers before writing to the socket
-/// (a flush writes whatever is gathered).
-const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 /// Close code for a connection the server heard nothing from for
 /// `idle_timeout_ms` (4000-4999 are for applications).
@@ -69,36 +56,12 @@ pub(crate) fn now_ms() -> u64 {
 /// server stops.
 pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) {
     let metrics = &shared.metrics;
-    let ws_config = WebSocketConfig::default()
-        .max_message_size(Some(shared.config.max_frame_bytes))
-        .max_frame_size(Some(shared.config.max_frame_bytes))
-        // tungstenite allocates its read buffer eagerly (128 KiB by
-        // default): with tens of thousands of mostly idle phones that is
-        // most of the server's memory. Client frames are small; the buffer
-        // grows for a large one.
-        .read_buffer_size(WS_READ_BUFFER)
-        // Frames are batched by the writer and flushed once per batch.
-        .write_buffer_size(WS_WRITE_BUFFER);
-    // The error type is fixed by tungstenite's `Callback` trait.
-    #[allow(clippy::result_large_err)]
-    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() == WS_PATH {
-            Ok(resp)
-        } else {
-            let mut not_found = ErrorResponse::new(Some(format!(
-                "not found; the WebSocket endpoint is {WS_PATH}\n"
-            )));
-            *not_found.status_mut() = StatusCode::NOT_FOUND;
-            Err(not_found)
-        }
-    };
     let hello_timeout = Duration::from_millis(shared.config.hello_timeout_ms);
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config));
-    // Boxed: the handshake's future is big and only lives until the
-    // upgrade; inline it would stay in every connection's task.
-    let ws = match Box::pin(tokio::time::timeout(hello_timeout, handshake)).await {
-        Ok(Ok(ws)) => ws,
+    let handshake = websocket::accept(stream, WS_PATH, shared.config.max_frame_bytes);
+    // Boxed: the handshake's future (with its request buffer) only lives
+    // until the upgrade; inline it would stay in every connection's task.
+    let (reader, writer) = match Box::pin(tokio::time::timeout(hello_timeout, handshake)).await {
+        Ok(Ok(halves)) => halves,
         Ok(Err(e)) => {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "websocket handshake failed");
@@ -110,8 +73,7 @@ pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) 
             return;
         }
     };
-    let (sink, source) = ws.split();
-    run(source.map(ws_inbound), WsSink(sink), conn, shared).await;
+    run(reader, writer, conn, shared).await;
 }
 
 /// The session of one connection, whatever its transport: reads frames
@@ -325,6 +287,17 @@ impl Session {
             Inbound::Text => return self.refuse(0, RequestError::TextFrame).await,
             Inbound::Closed => return Step::Gone,
             Inbound::Ignore => return Step::Continue,
+            Inbound::Ping(payload) => {
+                return if self.outbox.reply(Reply::Pong(payload)).await {
+                    Step::Continue
+                } else {
+                    Step::Gone
+                };
+            }
+            Inbound::Protocol(why) => {
+                tracing::debug!(why, "transport protocol broken");
+                return Step::Close(close::PROTOCOL, why.into());
+            }
             Inbound::TooLarge { size, max } => {
                 let e = RequestError::FrameTooLarge { size, max };
                 self.answer(0, Err(e)).await;
@@ -874,6 +847,14 @@ async fn write_loop(mut sink: impl FrameSink, outbox: Outbox, shared: Arc<Shared
                         body: Some(Body::OutOfSync(v1::OutOfSync { dropped })),
                     };
                     (Lane::Push, encode_server_frame(&frame))
+                }
+                Next::Reply(Reply::Pong(payload)) => {
+                    if sink.pong(payload).await.is_err() {
+                        outbox.close();
+                        return;
+                    }
+                    next = outbox.try_next().ok();
+                    continue;
                 }
                 Next::Reply(Reply::Close { code, reason }) => {
                     metrics.frames_out.fetch_add(written, Ordering::Relaxed);

@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod quic;
 pub mod server;
 pub mod transport;
+mod websocket;
 
 pub use config::{Config, ConfigError, Overrides};
 pub use connection::{IDLE_CLOSE_CODE, WS_PATH};

@@ -11,13 +11,6 @@ use std::future::Future;
 use std::io;
 
 use bytes::Bytes;
-use futures_util::SinkExt as _;
-use futures_util::stream::SplitSink;
-use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
 
 /// Close codes, the same numbers on both transports: the WebSocket close
 /// status, or the QUIC application error code of the connection close.
@@ -26,7 +19,7 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down (after `GoingAway`).
     pub const GOING_AWAY: u16 = 1001;
-    /// Unsupported protocol version.
+    /// Unsupported protocol version, or the transport's protocol broken.
     pub const PROTOCOL: u16 = 1002;
     /// Policy: no or bad `Hello`, token refused.
     pub const POLICY: u16 = 1008;
@@ -37,7 +30,7 @@ pub mod close {
 }
 
 /// One item read from a transport.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Inbound {
     /// A whole client frame.
     Frame(Bytes),
@@ -50,8 +43,14 @@ pub(crate) enum Inbound {
         /// The limit.
         max: usize,
     },
-    /// Transport-level traffic with nothing for the session (pings).
+    /// Transport-level traffic with nothing for the session (pongs). It
+    /// still counts as the client being there.
     Ignore,
+    /// A WebSocket ping: answered with a pong carrying this payload.
+    Ping(Bytes),
+    /// The client broke the transport's protocol (why); the connection is
+    /// closed with [`close::PROTOCOL`].
+    Protocol(&'static str),
     /// The peer closed.
     Closed,
     /// The transport failed.
@@ -73,58 +72,16 @@ pub(crate) enum Lane {
 pub(crate) trait FrameSink: Send + 'static {
     /// Queues one frame (it may be written at once or at the next flush).
     fn feed(&mut self, lane: Lane, frame: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Queues a pong (WebSocket) with `payload`; transports without one
+    /// ignore it.
+    fn pong(&mut self, payload: Bytes) -> impl Future<Output = io::Result<()>> + Send {
+        drop(payload);
+        std::future::ready(Ok(()))
+    }
     /// Writes everything fed so far.
     fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
     /// Delivers what was written, then closes with `code` and `reason`.
     fn close(&mut self, code: u16, reason: String) -> impl Future<Output = ()> + Send;
     /// Ends the connection without a close code (the peer is gone or left).
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
-}
-
-/// A WebSocket message as an [`Inbound`] item.
-pub(crate) fn ws_inbound(incoming: Result<Message, WsError>) -> Inbound {
-    match incoming {
-        Ok(Message::Binary(b)) => Inbound::Frame(b),
-        Ok(Message::Text(_)) => Inbound::Text,
-        Ok(Message::Close(_)) => Inbound::Closed,
-        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Inbound::Ignore,
-        Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
-            Inbound::TooLarge {
-                size,
-                max: max_size,
-            }
-        }
-        Err(e) => Inbound::Failed(e.to_string()),
-    }
-}
-
-/// The sending half of a WebSocket: both lanes on one socket.
-pub(crate) struct WsSink(pub(crate) SplitSink<WebSocketStream<TcpStream>, Message>);
-
-impl FrameSink for WsSink {
-    async fn feed(&mut self, _lane: Lane, frame: Bytes) -> io::Result<()> {
-        self.0
-            .feed(Message::Binary(frame))
-            .await
-            .map_err(io::Error::other)
-    }
-
-    async fn flush(&mut self) -> io::Result<()> {
-        self.0.flush().await.map_err(io::Error::other)
-    }
-
-    async fn close(&mut self, code: u16, reason: String) {
-        let _ = self.0.flush().await;
-        let _ = self
-            .0
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            })))
-            .await;
-    }
-
-    async fn shutdown(&mut self) {
-        let _ = self.0.close().await;
-    }
 }
