@@ -364,6 +364,13 @@ impl Outbox {
             if !s.closed
                 && let Some(reply) = s.replies.pop_front()
             {
+                if s.replies.is_empty() {
+                    // Most connections are idle most of the time: an empty
+                    // lane holds no memory (docs/benchmarks.md,
+                    // "Connections"). Requests are rare enough that the
+                    // allocation on the next answer costs nothing that shows.
+                    s.replies = VecDeque::new();
+                }
                 if std::mem::take(&mut s.waiting_for_room) {
                     self.shared.room.notify_waiters();
                 }
@@ -472,6 +479,20 @@ mod tests {
 
     fn frame(n: usize) -> Bytes {
         Bytes::from(vec![0u8; n])
+    }
+
+    #[tokio::test]
+    async fn an_emptied_reply_lane_holds_no_memory() {
+        let o = Outbox::new(OutboxLimits::default());
+        assert!(o.reply(Reply::Frame(frame(1))).await);
+        assert!(o.reply(Reply::Frame(frame(2))).await);
+        assert_eq!(o.try_next(), Ok(Next::Reply(Reply::Frame(frame(1)))));
+        assert!(o.state().replies.capacity() > 0, "one answer still queued");
+        assert_eq!(o.try_next(), Ok(Next::Reply(Reply::Frame(frame(2)))));
+        assert_eq!(o.state().replies.capacity(), 0);
+        // And it still takes answers after.
+        assert!(o.try_reply(Reply::End));
+        assert_eq!(o.try_next(), Ok(Next::Reply(Reply::End)));
     }
 
     #[tokio::test]
