@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::StreamExt as _;
+use futures_util::future::OptionFuture;
 use futures_util::stream::FuturesUnordered;
 use qun_chat_core::{
     ChatError, ConnId, Identity, MAX_RESUME_CURSORS, NewGroup, NewMessage, Next, Outbox, Outgoing,
@@ -29,6 +30,7 @@ use qun_chat_core::{
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ServerFrame, decode_client_frame, encode_server_frame};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument as _;
 
 use crate::error::RequestError;
@@ -53,40 +55,57 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Serves one accepted TCP connection (WebSocket) until it closes or the
-/// server stops.
-pub(crate) async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>) {
-    let metrics = &shared.metrics;
+/// server stops, holding its `permit` under `max_connections` meanwhile.
+pub(crate) fn serve(
+    stream: TcpStream,
+    conn: ConnId,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
     let hello_timeout = Duration::from_millis(shared.config.hello_timeout_ms);
     let handshake = websocket::accept(stream, WS_PATH, shared.config.max_frame_bytes);
     // Boxed: the handshake's future (with its request buffer) only lives
     // until the upgrade; inline it would stay in every connection's task.
-    let (reader, writer) = match Box::pin(tokio::time::timeout(hello_timeout, handshake)).await {
-        Ok(Ok(halves)) => halves,
-        Ok(Err(e)) => {
-            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "websocket handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("websocket handshake timed out");
-            return;
-        }
-    };
-    run(reader, writer, conn, shared).await;
+    // Made here, so the task keeps a pointer to it rather than the socket
+    // (and, as with `run`, the task holds no second copy of its arguments).
+    let mut handshake = Box::pin(tokio::time::timeout(hello_timeout, handshake));
+    async move {
+        let metrics = &shared.metrics;
+        let (reader, writer) = match handshake.as_mut().await {
+            Ok(Ok(halves)) => halves,
+            Ok(Err(e)) => {
+                metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "websocket handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("websocket handshake timed out");
+                return;
+            }
+        };
+        drop(handshake);
+        run(reader, writer, conn, shared).await;
+        drop(permit);
+    }
 }
 
 /// The session of one connection, whatever its transport: reads frames
 /// from `source`, runs them, and writes answers and pushes to `sink` until
 /// the client leaves, a fatal error, or shutdown.
-pub(crate) async fn run(
-    source: impl Stream<Item = Inbound> + Unpin + Send,
+pub(crate) fn run(
+    mut source: impl Stream<Item = Inbound> + Unpin + Send,
     sink: impl FrameSink,
     conn: ConnId,
     shared: Arc<Shared>,
-) {
-    let metrics = &shared.metrics;
-    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+) -> impl Future<Output = ()> + Send {
+    // Set up here, outside the future: what is only needed to start (the
+    // sink, moved to the writer) then takes no room in the connection's
+    // task for as long as the phone stays connected.
+    shared
+        .metrics
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
     let outbox = Outbox::with_peak_gauge(
         shared.outbox_limits,
         shared.metrics.outbox_peak_bytes.clone(),
@@ -94,36 +113,43 @@ pub(crate) async fn run(
     let writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone()));
     let mut session = Session {
         conn,
-        shared: shared.clone(),
-        outbox: outbox.clone(),
+        shared,
+        outbox,
         identity: None,
         subscribed: Arc::default(),
     };
-    let close = session.read_loop(source).await;
-    let subscribed = std::mem::take(&mut *lock(&session.subscribed));
-    for group_id in subscribed {
-        shared.groups.unsubscribe(conn, group_id);
+    async move {
+        let close = session.read_loop(&mut source).await;
+        let shared = session.shared.clone();
+        let subscribed = std::mem::take(&mut *lock(&session.subscribed));
+        for group_id in subscribed {
+            shared.groups.unsubscribe(conn, group_id);
+        }
+        if let Some(who) = &session.identity {
+            shared.groups.detach_device(who, conn);
+        }
+        // The writer stops once the replies before this one are written.
+        let last = match close {
+            Some((code, reason)) => Reply::Close { code, reason },
+            None => Reply::End,
+        };
+        let outbox = session.outbox.clone();
+        outbox.reply(last).await;
+        drop(session);
+        // The writer ends once the answers are written and the close is sent.
+        if tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .is_err()
+        {
+            tracing::debug!("writer did not finish in time");
+        }
+        outbox.close();
+        shared
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!("connection closed");
     }
-    if let Some(who) = &session.identity {
-        shared.groups.detach_device(who, conn);
-    }
-    // The writer stops once the replies before this one are written.
-    let last = match close {
-        Some((code, reason)) => Reply::Close { code, reason },
-        None => Reply::End,
-    };
-    session.outbox.reply(last).await;
-    drop(session);
-    // The writer ends once the answers are written and the close is sent.
-    if tokio::time::timeout(Duration::from_secs(5), writer)
-        .await
-        .is_err()
-    {
-        tracing::debug!("writer did not finish in time");
-    }
-    outbox.close();
-    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-    tracing::debug!("connection closed");
 }
 
 /// An answer that waits for something (durability, a catch-up), already
@@ -169,7 +195,16 @@ struct Session {
     identity: Option<Identity>,
     /// Groups this connection may be subscribed to, to unsubscribe at the
     /// end. Shared with in-flight resumes.
-    subscribed: Arc<Mutex<HashSet<u64>>>,
+    subscribed: Arc<Mutex<Vec<u64>>>,
+}
+
+/// Notes that the connection may be subscribed to `group_id` (a list, not a
+/// set: a phone is in a few groups, and an empty list holds no memory).
+fn subscribe(subscribed: &Mutex<Vec<u64>>, group_id: u64) {
+    let mut groups = lock(subscribed);
+    if !groups.contains(&group_id) {
+        groups.push(group_id);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,18 +222,19 @@ impl Session {
     /// boxed.
     async fn read_loop(
         &mut self,
-        mut source: impl Stream<Item = Inbound> + Unpin,
+        source: &mut (impl Stream<Item = Inbound> + Unpin),
     ) -> Option<(u16, String)> {
         let shared = self.shared.clone();
-        let max_in_flight = shared.config.max_in_flight;
-        let mut in_flight: FuturesUnordered<Timed> = FuturesUnordered::new();
-        let idle_timeout = Duration::from_millis(shared.config.idle_timeout_ms);
+        // Made when a request first waits, and dropped when none does:
+        // a `FuturesUnordered` allocates its queue up front.
+        let mut in_flight: Option<FuturesUnordered<Timed>> = None;
+        let idle_timeout = || Duration::from_millis(shared.config.idle_timeout_ms);
         let hello_by =
             tokio::time::Instant::now() + Duration::from_millis(shared.config.hello_timeout_ms);
         // Until Hello: the Hello deadline (or the idle timeout, if that
         // comes first). After: the idle timeout.
         let deadline =
-            tokio::time::sleep_until(hello_by.min(tokio::time::Instant::now() + idle_timeout));
+            tokio::time::sleep_until(hello_by.min(tokio::time::Instant::now() + idle_timeout()));
         tokio::pin!(deadline);
         let close = loop {
             tokio::select! {
@@ -211,19 +247,26 @@ impl Session {
                     tracing::debug!("idle timeout");
                     break Some((IDLE_CLOSE_CODE, "idle timeout".into()));
                 }
-                Some((frame, read_at)) = in_flight.next(), if !in_flight.is_empty() => {
-                    if !self.outbox.reply(Reply::Frame(frame)).await {
+                Some(Some((frame, read_at))) = OptionFuture::from(in_flight.as_mut().map(|f| f.next())),
+                    if in_flight.is_some() =>
+                {
+                    if in_flight.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                        in_flight = None;
+                    }
+                    if !self.reply(Reply::Frame(frame)).await {
                         break None;
                     }
                     shared.metrics.request_duration.observe(read_at.elapsed());
                 }
-                incoming = source.next(), if in_flight.len() < max_in_flight => {
+                incoming = source.next(),
+                    if in_flight.as_ref().map_or(0, FuturesUnordered::len) < shared.config.max_in_flight =>
+                {
                     let Some(incoming) = incoming else { break None };
                     // Boxed: handling a frame (Hello, any request) takes
                     // a future as big as the biggest request's; inline it
                     // would make every idle connection's task that big.
                     let step = Box::pin(self.on_message(incoming, Instant::now())).await;
-                    let idle_by = tokio::time::Instant::now() + idle_timeout;
+                    let idle_by = tokio::time::Instant::now() + idle_timeout();
                     deadline.as_mut().reset(if self.identity.is_none() {
                         idle_by.min(hello_by)
                     } else {
@@ -231,7 +274,9 @@ impl Session {
                     });
                     match step {
                         Step::Continue => {}
-                        Step::Wait(answer, read_at) => in_flight.push(Timed { answer, read_at }),
+                        Step::Wait(answer, read_at) => in_flight
+                            .get_or_insert_with(FuturesUnordered::new)
+                            .push(Timed { answer, read_at }),
                         Step::Close(code, reason) => break Some((code, reason)),
                         Step::Gone => break None,
                     }
@@ -240,8 +285,9 @@ impl Session {
         };
         // Acknowledge what was accepted before stopping: those messages are
         // being made durable and the sender is owed its ack.
+        let mut in_flight = in_flight.unwrap_or_default();
         while let Some((frame, _)) = in_flight.next().await {
-            if !self.outbox.reply(Reply::Frame(frame)).await {
+            if !self.reply(Reply::Frame(frame)).await {
                 break;
             }
         }
@@ -266,6 +312,14 @@ impl Session {
         (close::GOING_AWAY, reason)
     }
 
+    /// Queues a reply, waiting for room; `false` when the writer is gone.
+    ///
+    /// Boxed: the outbox's wait is a few hundred bytes, and inline it would
+    /// sit in every idle connection's task.
+    async fn reply(&self, reply: Reply) -> bool {
+        Box::pin(self.outbox.reply(reply)).await
+    }
+
     /// Sends an answer; resolves to `false` when the writer is gone.
     ///
     /// The answer is encoded before the returned future waits for room in
@@ -288,7 +342,7 @@ impl Session {
             Inbound::Closed => return Step::Gone,
             Inbound::Ignore => return Step::Continue,
             Inbound::Ping(payload) => {
-                return if self.outbox.reply(Reply::Pong(payload)).await {
+                return if self.reply(Reply::Pong(payload)).await {
                     Step::Continue
                 } else {
                     Step::Gone
@@ -680,7 +734,7 @@ impl Session {
 
     async fn join(&mut self, who: &Identity, group_id: u64) -> Result<Body, RequestError> {
         let sub = Subscriber::new(self.conn, who.user_id(), self.outbox.clone());
-        lock(&self.subscribed).insert(group_id);
+        subscribe(&self.subscribed, group_id);
         let joined = self
             .shared
             .groups
@@ -691,7 +745,7 @@ impl Session {
 
     async fn leave(&mut self, who: &Identity, group_id: u64) -> Result<Body, RequestError> {
         self.shared.groups.leave(who, group_id, now_ms()).await?;
-        lock(&self.subscribed).remove(&group_id);
+        lock(&self.subscribed).retain(|&g| g != group_id);
         Ok(Body::Left(v1::Left { group_id }))
     }
 
@@ -720,7 +774,7 @@ impl Session {
                 let mut answers = Vec::with_capacity(r.cursors.len());
                 for cursor in r.cursors {
                     let sub = Subscriber::new(conn, who.user_id(), outbox.clone());
-                    lock(&subscribed).insert(cursor.group_id);
+                    subscribe(&subscribed, cursor.group_id);
                     let answer = match groups
                         .resume(&who, cursor.group_id, cursor.last_seq, sub)
                         .await
@@ -826,65 +880,80 @@ enum Step {
 
 /// The writer task: answers first, then pushes; batches whatever is ready
 /// into one flush.
-async fn write_loop(mut sink: impl FrameSink, outbox: Outbox, shared: Arc<Shared>) {
-    let metrics = &shared.metrics;
-    'writing: while let Some(first) = outbox.next().await {
-        let mut next = Some(first);
-        let mut written = 0u64;
-        // Write everything already waiting, then flush once.
-        while let Some(item) = next.take() {
-            let (lane, frame) = match item {
-                Next::Reply(Reply::Frame(b)) => (Lane::Answer, b),
-                Next::Push(Outgoing::Frame(b)) => (Lane::Push, b),
-                Next::Push(Outgoing::OutOfSync { dropped }) => {
-                    metrics.out_of_sync_sent.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        dropped,
-                        "connection fell behind; pushes dropped, told out of sync"
-                    );
-                    let frame = ServerFrame {
-                        request_id: 0,
-                        body: Some(Body::OutOfSync(v1::OutOfSync { dropped })),
-                    };
-                    (Lane::Push, encode_server_frame(&frame))
-                }
-                Next::Reply(Reply::Pong(payload)) => {
-                    if sink.pong(payload).await.is_err() {
+///
+/// A plain function returning the loop: an `async fn` would keep a second
+/// copy of its arguments for as long as the connection lives.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep a second copy of its arguments"
+)]
+fn write_loop(
+    mut sink: impl FrameSink,
+    outbox: Outbox,
+    shared: Arc<Shared>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let metrics = &shared.metrics;
+        'writing: while let Some(first) = outbox.next().await {
+            let mut next = Some(first);
+            let mut written = 0u64;
+            // Write everything already waiting, then flush once.
+            while let Some(item) = next.take() {
+                let (lane, frame) = match item {
+                    Next::Reply(Reply::Frame(b)) => (Lane::Answer, b),
+                    Next::Push(Outgoing::Frame(b)) => (Lane::Push, b),
+                    Next::Push(Outgoing::OutOfSync { dropped }) => {
+                        metrics.out_of_sync_sent.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            dropped,
+                            "connection fell behind; pushes dropped, told out of sync"
+                        );
+                        let frame = ServerFrame {
+                            request_id: 0,
+                            body: Some(Body::OutOfSync(v1::OutOfSync { dropped })),
+                        };
+                        (Lane::Push, encode_server_frame(&frame))
+                    }
+                    Next::Reply(Reply::Pong(payload)) => {
+                        if sink.pong(payload).await.is_err() {
+                            outbox.close();
+                            return;
+                        }
+                        next = outbox.try_next().ok();
+                        continue;
+                    }
+                    Next::Reply(Reply::Close { code, reason }) => {
+                        metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+                        // Boxed, as the shutdown below: once per connection,
+                        // and inline they would make every writer task bigger.
+                        Box::pin(sink.close(code, reason)).await;
                         outbox.close();
                         return;
                     }
-                    next = outbox.try_next().ok();
-                    continue;
-                }
-                Next::Reply(Reply::Close { code, reason }) => {
-                    metrics.frames_out.fetch_add(written, Ordering::Relaxed);
-                    sink.close(code, reason).await;
+                    Next::Reply(Reply::End) => {
+                        metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+                        let _ = sink.flush().await;
+                        break 'writing;
+                    }
+                };
+                if sink.feed(lane, frame).await.is_err() {
+                    // The socket is gone: replies stop waiting for it.
                     outbox.close();
                     return;
                 }
-                Next::Reply(Reply::End) => {
-                    metrics.frames_out.fetch_add(written, Ordering::Relaxed);
-                    let _ = sink.flush().await;
-                    break 'writing;
+                written += 1;
+                if written >= 64 {
+                    break;
                 }
-            };
-            if sink.feed(lane, frame).await.is_err() {
-                // The socket is gone: replies stop waiting for it.
+                next = outbox.try_next().ok();
+            }
+            metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+            if sink.flush().await.is_err() {
                 outbox.close();
                 return;
             }
-            written += 1;
-            if written >= 64 {
-                break;
-            }
-            next = outbox.try_next().ok();
         }
-        metrics.frames_out.fetch_add(written, Ordering::Relaxed);
-        if sink.flush().await.is_err() {
-            outbox.close();
-            return;
-        }
+        outbox.close();
+        Box::pin(sink.shutdown()).await;
     }
-    outbox.close();
-    sink.shutdown().await;
 }

@@ -332,14 +332,9 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let span = tracing::info_span!("conn", id = conn.0, %peer, transport = "ws", user = tracing::field::Empty);
-        let shared2 = shared.clone();
-        shared.tracker.spawn(
-            async move {
-                crate::connection::serve(stream, conn, shared2).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        shared
+            .tracker
+            .spawn(crate::connection::serve(stream, conn, shared.clone(), permit).instrument(span));
     }
 }
 

@@ -234,8 +234,9 @@ pub(crate) struct WsReader {
     /// Bytes read that do not yet make a whole frame. Empty, and not
     /// allocated, while the phone is idle.
     partial: Vec<u8>,
-    /// A fragmented message being gathered.
-    message: Option<Fragments>,
+    /// A fragmented message being gathered (boxed: rare, and the reader
+    /// is part of every idle connection's task).
+    message: Option<Box<Fragments>>,
     /// The largest message taken, in bytes.
     max: usize,
     /// The last item has been returned.
@@ -363,7 +364,7 @@ enum Step {
 
 /// Takes the frame at the start of `buf`, gathering fragments in `message`
 /// and refusing messages over `max` bytes.
-fn next_item(buf: &[u8], message: &mut Option<Fragments>, max: usize) -> Step {
+fn next_item(buf: &[u8], message: &mut Option<Box<Fragments>>, max: usize) -> Step {
     let h = match read_header(buf) {
         HeaderRead::Incomplete => return Step::NeedMore,
         HeaderRead::Invalid(why) => return Step::End(Inbound::Protocol(why)),
@@ -419,11 +420,11 @@ fn next_item(buf: &[u8], message: &mut Option<Fragments>, max: usize) -> Step {
             }
             let text = h.opcode == OP_TEXT;
             if !h.fin {
-                *message = Some(Fragments {
+                *message = Some(Box::new(Fragments {
                     text,
                     data: if text { Vec::new() } else { unmasked() },
                     len: payload.len(),
-                });
+                }));
                 return Step::Took(end, None);
             }
             if text {
