@@ -110,7 +110,7 @@ pub(crate) fn run(
         shared.outbox_limits,
         shared.metrics.outbox_peak_bytes.clone(),
     );
-    let writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone()));
+    let writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone(), conn));
     let mut session = Session {
         conn,
         shared,
@@ -174,7 +174,12 @@ impl Future for Timed {
 }
 
 /// Encodes the answer to request `request_id`, counting refusals.
-fn encode_answer(metrics: &Metrics, request_id: u64, answer: Result<Body, RequestError>) -> Bytes {
+fn encode_answer(
+    metrics: &Metrics,
+    conn: ConnId,
+    request_id: u64,
+    answer: Result<Body, RequestError>,
+) -> Bytes {
     let frame = match answer {
         Ok(body) => ServerFrame {
             request_id,
@@ -182,7 +187,7 @@ fn encode_answer(metrics: &Metrics, request_id: u64, answer: Result<Body, Reques
         },
         Err(e) => {
             metrics.errors_sent.fetch_add(1, Ordering::Relaxed);
-            e.to_frame(request_id)
+            e.to_frame(request_id, conn)
         }
     };
     encode_server_frame(&frame)
@@ -330,7 +335,7 @@ impl Session {
         request_id: u64,
         answer: Result<Body, RequestError>,
     ) -> impl Future<Output = bool> + Send + '_ {
-        let frame = encode_answer(&self.shared.metrics, request_id, answer);
+        let frame = encode_answer(&self.shared.metrics, self.conn, request_id, answer);
         self.outbox.reply(Reply::Frame(frame))
     }
 
@@ -647,6 +652,7 @@ impl Session {
                     // up this connection's next request.
                     Ok(ticket) => {
                         let shared = self.shared.clone();
+                        let conn = self.conn;
                         return Dispatched::Wait(Box::pin(
                             async move {
                                 let answer = ticket
@@ -654,7 +660,7 @@ impl Session {
                                     .await
                                     .map(Body::SendAck)
                                     .map_err(RequestError::from);
-                                encode_answer(&shared.metrics, request_id, answer)
+                                encode_answer(&shared.metrics, conn, request_id, answer)
                             }
                             .in_current_span(),
                         ));
@@ -692,13 +698,19 @@ impl Session {
         let who = match self.shared.key.verify(&hello.token, now_ms() / 1000) {
             Ok(who) => who,
             Err(e) => {
-                tracing::info!(error = %e, "token refused");
+                tracing::info!(conn = self.conn.0, error = %e, "token refused");
                 self.answer(request_id, Err(e.into())).await;
                 return Step::Close(close::POLICY, "token refused".into());
             }
         };
         tracing::Span::current().record("user", who.user_id());
-        tracing::info!(role = who.role().as_str(), client = %hello.client_name, "authenticated");
+        tracing::info!(
+            conn = self.conn.0,
+            user = who.user_id(),
+            role = who.role().as_str(),
+            client = %hello.client_name,
+            "authenticated"
+        );
         let welcome = v1::Welcome {
             protocol_version: qun_proto::PROTOCOL_VERSION,
             user_id: who.user_id().to_string(),
@@ -792,7 +804,7 @@ impl Session {
                     answers.push(answer);
                 }
                 let answer = Ok(Body::Resumed(v1::Resumed { groups: answers }));
-                encode_answer(&shared.metrics, request_id, answer)
+                encode_answer(&shared.metrics, conn, request_id, answer)
             }
             .in_current_span(),
         ))
@@ -891,6 +903,7 @@ fn write_loop(
     mut sink: impl FrameSink,
     outbox: Outbox,
     shared: Arc<Shared>,
+    conn: ConnId,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let metrics = &shared.metrics;
@@ -905,6 +918,7 @@ fn write_loop(
                     Next::Push(Outgoing::OutOfSync { dropped }) => {
                         metrics.out_of_sync_sent.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(
+                            conn = conn.0,
                             dropped,
                             "connection fell behind; pushes dropped, told out of sync"
                         );

@@ -5,7 +5,7 @@
 //! detail of server-side failures (the client sees only a code and a
 //! short message).
 
-use qun_chat_core::ChatError;
+use qun_chat_core::{ChatError, ConnId};
 use qun_proto::v1::server_frame::Body;
 use qun_proto::{DecodeError, ErrorCode, ServerFrame, error_frame};
 
@@ -61,8 +61,9 @@ impl RequestError {
         }
     }
 
-    /// The error frame answering `request_id`.
-    pub fn to_frame(&self, request_id: u64) -> ServerFrame {
+    /// The error frame answering `request_id` on connection `conn` (named
+    /// in the log line of a server-side failure).
+    pub fn to_frame(&self, request_id: u64, conn: ConnId) -> ServerFrame {
         let code = self.code();
         let message = match self {
             RequestError::Chat(e) => e.client_message(),
@@ -72,7 +73,7 @@ impl RequestError {
             code,
             ErrorCode::Internal | ErrorCode::StorageUnavailable | ErrorCode::Overloaded
         ) {
-            tracing::warn!(error = %self, ?code, request_id, "request failed on the server side");
+            tracing::warn!(error = %self, ?code, request_id, conn = conn.0, "request failed on the server side");
         } else {
             tracing::debug!(error = %self, ?code, request_id, "request refused");
         }
