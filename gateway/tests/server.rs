@@ -428,6 +428,11 @@ fn the_binary_exits_64_on_a_bad_config_and_prints_usable_tokens() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A fresh data dir: the key is generated and logged, without colour
+    // codes, as stderr is not a terminal here.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("generated a new token key"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in {log:?}");
     let token = String::from_utf8(out.stdout).unwrap();
     let who = TokenKey::load_or_create(dir.path())
         .unwrap()
