@@ -121,8 +121,9 @@ impl HandshakeError {
 /// read by the returned [`WsReader`] (refusing any over `max_message`
 /// bytes), frames to it written by the [`WsWriter`]. A request that is not
 /// a WebSocket upgrade for `path` is answered with an HTTP error status (404
-/// for another path, 426 for another version, 400 otherwise) and returned
-/// as the error.
+/// for another path, 405 for another method, 426 for another version, 431
+/// for a head over [`MAX_REQUEST_HEAD`], 400 otherwise) and returned as the
+/// error.
 ///
 /// # Errors
 /// [`HandshakeError`]: the socket failed, or the request was refused.
