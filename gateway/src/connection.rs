@@ -110,7 +110,7 @@ pub(crate) fn run(
         shared.outbox_limits,
         shared.metrics.outbox_peak_bytes.clone(),
     );
-    let writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone(), conn));
+    let mut writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone(), conn));
     let mut session = Session {
         conn,
         shared,
@@ -137,11 +137,13 @@ pub(crate) fn run(
         outbox.reply(last).await;
         drop(session);
         // The writer ends once the answers are written and the close is sent.
-        if tokio::time::timeout(Duration::from_secs(5), writer)
+        // A phone that stopped reading would keep it (and the socket) forever.
+        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
             .await
             .is_err()
         {
-            tracing::debug!("writer did not finish in time");
+            writer.abort();
+            tracing::debug!("writer did not finish in time; stopped");
         }
         outbox.close();
         shared
