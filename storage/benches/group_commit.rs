@@ -1,6 +1,6 @@
 //! Durable appends through the embedded store's group commit.
 //!
-//! `cargo bench -p qun-storage --bench group_commit [-- APPENDS GROUPS IN_FLIGHT TEXT_BYTES]`
+//! `cargo bench -p qun-storage --bench group_commit [-- APPENDS GROUPS IN_FLIGHT TEXT_BYTES [STORES]]`
 //!
 //! Opens the real fjall store (fsync on, as in production) in a temporary
 //! folder and appends APPENDS messages round-robin over GROUPS groups, each
@@ -8,6 +8,11 @@
 //! id, so the idempotency index entry is written too) and the sender's read
 //! mark. IN_FLIGHT submissions are kept outstanding at once, as many phones
 //! do; each is timed from `submit` to its durability callback.
+//!
+//! STORES (default 1) splits the groups over that many stores, each in its
+//! own folder with its own journal and writer thread (group `g` goes to
+//! store `g % STORES`): what a store partitioned by group could reach on
+//! this machine. The server uses one store.
 //!
 //! Prints durable appends per second and the append-to-durable latency
 //! percentiles. Progress goes to stderr every second.
@@ -31,16 +36,19 @@ fn main() {
     let groups = args.get(1).copied().unwrap_or(100).max(1);
     let in_flight = args.get(2).copied().unwrap_or(8_192).max(1);
     let text_bytes = args.get(3).copied().unwrap_or(100) as usize;
+    let stores = args.get(4).copied().unwrap_or(1).max(1) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(appends, groups, in_flight, text_bytes));
+    runtime.block_on(run(appends, groups, in_flight, text_bytes, stores));
 }
 
-async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize) {
+async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, stores: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let store = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
+    let stores: Vec<FjallStore> = (0..stores)
+        .map(|i| FjallStore::open(FjallConfig::new(dir.path().join(i.to_string()))).unwrap())
+        .collect();
     let permits = Arc::new(Semaphore::new(in_flight as usize));
     let latencies = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
@@ -86,7 +94,7 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize) {
         let submitted = Instant::now();
         let latencies = latencies.clone();
         let done = done.clone();
-        store
+        stores[(group_id % stores.len() as u64) as usize]
             .submit(
                 ops,
                 Box::new(move |r| {
@@ -106,7 +114,8 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize) {
     let h = latencies.lock().unwrap().clone();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes}"
+        "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes} stores={}",
+        stores.len()
     );
     println!(
         "  elapsed {:.2} s, {:.0} durable appends/s",
@@ -120,5 +129,7 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize) {
         ms(0.999),
         h.max() as f64 / 1000.0
     );
-    store.close().await.unwrap();
+    for store in stores {
+        store.close().await.unwrap();
+    }
 }
