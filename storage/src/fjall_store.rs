@@ -66,41 +66,9 @@ struct Inner {
 #[derive(Clone)]
 struct Tables {
     db: Database,
-    groups: Keyspace,
-    members: Keyspace,
-    user_groups: Keyspace,
-    messages: Keyspace,
-    sent: Keyspace,
-    read_marks: Keyspace,
-    objects: Keyspace,
-    entries: Keyspace,
-    /// `group_id | object_id → due_ms` of objects with a deadline.
-    due: Keyspace,
-    products: Keyspace,
-    cards: Keyspace,
-    /// `group_id → day | used`.
-    reach: Keyspace,
-    /// `shop_id | 0x00 | day → positive | negative`.
-    feedback: Keyspace,
-    /// `group_id | user_id → []`.
-    promotion_mutes: Keyspace,
-    reports: Keyspace,
-    /// `group_id | user_id → MemberFlagsRecord`.
-    member_flags: Keyspace,
-    /// `group_id | faq_id → FaqRecord`.
-    faq: Keyspace,
-    /// `shop_id | 0x00 | rule_id → AutoReplyRecord`.
-    auto_replies: Keyspace,
-    /// `group_id | user_id → JoinRequestRecord`.
-    join_requests: Keyspace,
-    /// `shop_id | 0x00 | user_id → BuyerTagsRecord`.
-    buyer_tags: Keyspace,
-    /// `group_id | schedule_id → ScheduleRecord`.
-    schedules: Keyspace,
-    /// `shop_id → CsShopRecord`.
-    cs_shops: Keyspace,
-    /// `shop_id | 0x00 | buyer_id → CsBuyerRecord`.
-    cs_buyers: Keyspace,
+    /// One per [`Table`], in the order of [`Table::ALL`] (its declaration
+    /// order, so `table as usize` indexes it).
+    keyspaces: Vec<Keyspace>,
 }
 
 impl std::fmt::Debug for Tables {
@@ -131,29 +99,10 @@ impl FjallStore {
                 .map_err(|e| StorageError::backend("open keyspace", e))
         };
         let tables = Tables {
-            groups: open("groups")?,
-            members: open("members")?,
-            user_groups: open("user_groups")?,
-            messages: open("messages")?,
-            sent: open("sent")?,
-            read_marks: open("read_marks")?,
-            objects: open("objects")?,
-            entries: open("entries")?,
-            due: open("due")?,
-            products: open("products")?,
-            cards: open("cards")?,
-            reach: open("reach")?,
-            feedback: open("feedback")?,
-            promotion_mutes: open("promotion_mutes")?,
-            reports: open("reports")?,
-            member_flags: open("member_flags")?,
-            faq: open("faq")?,
-            auto_replies: open("auto_replies")?,
-            join_requests: open("join_requests")?,
-            buyer_tags: open("buyer_tags")?,
-            schedules: open("schedules")?,
-            cs_shops: open("cs_shops")?,
-            cs_buyers: open("cs_buyers")?,
+            keyspaces: Table::ALL
+                .iter()
+                .map(|t| open(t.name()))
+                .collect::<Result<_, _>>()?,
             db: db.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -275,62 +224,72 @@ fn write_loop(
     tracing::debug!("store writer stopped");
 }
 
-/// A keyspace of [`Tables`] by name, so that a write can be prepared
-/// without them.
-#[derive(Debug, Clone, Copy)]
-enum Table {
-    Groups,
-    Members,
-    UserGroups,
-    Messages,
-    Sent,
-    ReadMarks,
-    Objects,
-    Entries,
-    Due,
-    Products,
-    Cards,
-    Reach,
-    Feedback,
-    PromotionMutes,
-    Reports,
-    MemberFlags,
-    Faq,
-    AutoReplies,
-    JoinRequests,
-    BuyerTags,
-    Schedules,
-    CsShops,
-    CsBuyers,
+/// Defines [`Table`] from one list: each variant and the name of its
+/// keyspace on disk.
+macro_rules! tables {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// A keyspace of the store. Writes are prepared with it (without the
+        /// keyspaces), and [`Tables::get`] finds its keyspace.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Table {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Table {
+            /// Every table, in the order their keyspaces are held.
+            const ALL: &'static [Table] = &[$(Table::$variant,)*];
+
+            /// The keyspace's name on disk.
+            fn name(self) -> &'static str {
+                match self {
+                    $(Table::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+tables! {
+    Groups => "groups",
+    Members => "members",
+    UserGroups => "user_groups",
+    Messages => "messages",
+    Sent => "sent",
+    ReadMarks => "read_marks",
+    Objects => "objects",
+    Entries => "entries",
+    /// `group_id | object_id → due_ms` of objects with a deadline.
+    Due => "due",
+    Products => "products",
+    Cards => "cards",
+    /// `group_id → day | used`.
+    Reach => "reach",
+    /// `shop_id | 0x00 | day → positive | negative`.
+    Feedback => "feedback",
+    /// `group_id | user_id → []`.
+    PromotionMutes => "promotion_mutes",
+    Reports => "reports",
+    /// `group_id | user_id → MemberFlagsRecord`.
+    MemberFlags => "member_flags",
+    /// `group_id | faq_id → FaqRecord`.
+    Faq => "faq",
+    /// `shop_id | 0x00 | rule_id → AutoReplyRecord`.
+    AutoReplies => "auto_replies",
+    /// `group_id | user_id → JoinRequestRecord`.
+    JoinRequests => "join_requests",
+    /// `shop_id | 0x00 | user_id → BuyerTagsRecord`.
+    BuyerTags => "buyer_tags",
+    /// `group_id | schedule_id → ScheduleRecord`.
+    Schedules => "schedules",
+    /// `shop_id → CsShopRecord`.
+    CsShops => "cs_shops",
+    /// `shop_id | 0x00 | buyer_id → CsBuyerRecord`.
+    CsBuyers => "cs_buyers",
 }
 
 impl Tables {
     fn get(&self, table: Table) -> &Keyspace {
-        match table {
-            Table::Groups => &self.groups,
-            Table::Members => &self.members,
-            Table::UserGroups => &self.user_groups,
-            Table::Messages => &self.messages,
-            Table::Sent => &self.sent,
-            Table::ReadMarks => &self.read_marks,
-            Table::Objects => &self.objects,
-            Table::Entries => &self.entries,
-            Table::Due => &self.due,
-            Table::Products => &self.products,
-            Table::Cards => &self.cards,
-            Table::Reach => &self.reach,
-            Table::Feedback => &self.feedback,
-            Table::PromotionMutes => &self.promotion_mutes,
-            Table::Reports => &self.reports,
-            Table::MemberFlags => &self.member_flags,
-            Table::Faq => &self.faq,
-            Table::AutoReplies => &self.auto_replies,
-            Table::JoinRequests => &self.join_requests,
-            Table::BuyerTags => &self.buyer_tags,
-            Table::Schedules => &self.schedules,
-            Table::CsShops => &self.cs_shops,
-            Table::CsBuyers => &self.cs_buyers,
-        }
+        &self.keyspaces[table as usize]
     }
 }
 
@@ -649,27 +608,29 @@ fn decode_messages(
 /// Decodes every value under `prefix` of a keyspace.
 /// The record at `key`, if there is one.
 fn decode_one<T: prost::Message + Default>(
-    keyspace: &Keyspace,
-    name: &'static str,
+    tables: &Tables,
+    table: Table,
     key: impl AsRef<[u8]>,
 ) -> Result<Option<T>, StorageError> {
-    keyspace
+    tables
+        .get(table)
         .get(key)
         .map_err(read_err)?
-        .map(|v| decode(name, &v))
+        .map(|v| decode(table.name(), &v))
         .transpose()
 }
 
 fn decode_prefix<T: prost::Message + Default>(
-    keyspace: &Keyspace,
-    name: &'static str,
+    tables: &Tables,
+    table: Table,
     prefix: &[u8],
 ) -> Result<Vec<T>, StorageError> {
-    keyspace
+    tables
+        .get(table)
         .prefix(prefix)
         .map(|guard| {
             let (_, v) = guard.into_inner().map_err(read_err)?;
-            decode(name, &v)
+            decode(table.name(), &v)
         })
         .collect()
 }
@@ -737,20 +698,20 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Option<GroupRecord>, StorageError>> {
-        self.read(move |t| decode_one(&t.groups, "groups", keys::group_key(group_id)))
+        self.read(move |t| decode_one(t, Table::Groups, keys::group_key(group_id)))
     }
 
     fn load_members(
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<MemberRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(&t.members, "members", &keys::group_key(group_id)))
+        self.read(move |t| decode_prefix(t, Table::Members, &keys::group_key(group_id)))
     }
 
     fn groups_of_user(&self, user_id: &str) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
         let prefix = keys::user_group_prefix(user_id);
         self.read(move |t| {
-            t.user_groups
+            t.get(Table::UserGroups)
                 .prefix(&prefix)
                 .map(|guard| {
                     let k = guard.key().map_err(read_err)?;
@@ -765,7 +726,7 @@ impl Store for FjallStore {
     }
 
     fn max_group_id(&self) -> BoxFuture<'_, Result<u64, StorageError>> {
-        self.read(|t| match t.groups.last_key_value() {
+        self.read(|t| match t.get(Table::Groups).last_key_value() {
             None => Ok(0),
             Some(guard) => {
                 let k = guard.key().map_err(read_err)?;
@@ -778,8 +739,12 @@ impl Store for FjallStore {
     }
 
     fn last_seq(&self, group_id: u64) -> BoxFuture<'_, Result<u64, StorageError>> {
-        self.read(
-            move |t| match t.messages.prefix(keys::group_key(group_id)).next_back() {
+        self.read(move |t| {
+            match t
+                .get(Table::Messages)
+                .prefix(keys::group_key(group_id))
+                .next_back()
+            {
                 None => Ok(0),
                 Some(guard) => {
                     let k = guard.key().map_err(read_err)?;
@@ -789,8 +754,8 @@ impl Store for FjallStore {
                         .ok_or_else(|| StorageError::corrupt("messages", "key length"))?;
                     Ok(u64::from_be_bytes(seq))
                 }
-            },
-        )
+            }
+        })
     }
 
     fn messages_before(
@@ -805,7 +770,8 @@ impl Store for FjallStore {
             }
             let from = keys::message_key(group_id, 0);
             let to = keys::message_key(group_id, before_seq);
-            let mut out = decode_messages(t.messages.range(from..to).rev().take(limit))?;
+            let mut out =
+                decode_messages(t.get(Table::Messages).range(from..to).rev().take(limit))?;
             out.reverse();
             Ok(out)
         })
@@ -823,7 +789,7 @@ impl Store for FjallStore {
             };
             let from = keys::message_key(group_id, first);
             let to = keys::message_key(group_id, u64::MAX);
-            decode_messages(t.messages.range(from..=to).take(limit))
+            decode_messages(t.get(Table::Messages).range(from..=to).take(limit))
         })
     }
 
@@ -834,7 +800,7 @@ impl Store for FjallStore {
         client_msg_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>> {
         let key = keys::sent_key(group_id, sender_id, client_msg_id);
-        self.read(move |t| decode_one(&t.sent, "sent", key))
+        self.read(move |t| decode_one(t, Table::Sent, key))
     }
 
     fn load_read_marks(
@@ -842,7 +808,7 @@ impl Store for FjallStore {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
         self.read(move |t| {
-            t.read_marks
+            t.get(Table::ReadMarks)
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
                     let (k, v) = guard.into_inner().map_err(read_err)?;
@@ -859,16 +825,16 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<ObjectRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(&t.objects, "objects", &keys::group_key(group_id)))
+        self.read(move |t| decode_prefix(t, Table::Objects, &keys::group_key(group_id)))
     }
 
     fn load_entries(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<EntryRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(&t.entries, "entries", &keys::group_key(group_id)))
+        self.read(move |t| decode_prefix(t, Table::Entries, &keys::group_key(group_id)))
     }
 
     fn due_objects(&self) -> BoxFuture<'_, Result<Vec<Due>, StorageError>> {
         self.read(|t| {
-            t.due
+            t.get(Table::Due)
                 .iter()
                 .map(|guard| {
                     let (k, v) = guard.into_inner().map_err(read_err)?;
@@ -888,7 +854,7 @@ impl Store for FjallStore {
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ProductRecord>, StorageError>> {
         let key = keys::product_key(shop_id, product_id);
-        self.read(move |t| decode_one(&t.products, "products", key))
+        self.read(move |t| decode_one(t, Table::Products, key))
     }
 
     fn groups_with_card<'a>(
@@ -898,7 +864,7 @@ impl Store for FjallStore {
     ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>> {
         let prefix = keys::card_prefix(shop_id, product_id);
         self.read(move |t| {
-            t.cards
+            t.get(Table::Cards)
                 .prefix(&prefix)
                 .map(|guard| {
                     let k = guard.key().map_err(read_err)?;
@@ -913,7 +879,7 @@ impl Store for FjallStore {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Option<ReachUse>, StorageError>> {
         self.read(move |t| {
-            t.reach
+            t.get(Table::Reach)
                 .get(keys::group_key(group_id))
                 .map_err(read_err)?
                 .map(|v| {
@@ -933,7 +899,7 @@ impl Store for FjallStore {
     ) -> BoxFuture<'a, Result<Vec<FeedbackDay>, StorageError>> {
         let prefix = keys::feedback_prefix(shop_id);
         self.read(move |t| {
-            t.feedback
+            t.get(Table::Feedback)
                 .prefix(&prefix)
                 .map(|guard| {
                     let (k, v) = guard.into_inner().map_err(read_err)?;
@@ -952,7 +918,7 @@ impl Store for FjallStore {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
         self.read(move |t| {
-            t.promotion_mutes
+            t.get(Table::PromotionMutes)
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
                     let k = guard.key().map_err(read_err)?;
@@ -966,11 +932,11 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(&t.reports, "reports", &keys::group_key(group_id)))
+        self.read(move |t| decode_prefix(t, Table::Reports, &keys::group_key(group_id)))
     }
 
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(&t.faq, "faq", &keys::group_key(group_id)))
+        self.read(move |t| decode_prefix(t, Table::Faq, &keys::group_key(group_id)))
     }
 
     fn load_buyer_tags<'a>(
@@ -979,7 +945,7 @@ impl Store for FjallStore {
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
         let key = keys::product_key(shop_id, user_id);
-        self.read(move |t| decode_one(&t.buyer_tags, "buyer_tags", key))
+        self.read(move |t| decode_one(t, Table::BuyerTags, key))
     }
 
     fn load_cs_shop<'a>(
@@ -987,7 +953,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>> {
         let key = shop_id.as_bytes().to_vec();
-        self.read(move |t| decode_one(&t.cs_shops, "cs_shops", key))
+        self.read(move |t| decode_one(t, Table::CsShops, key))
     }
 
     fn load_cs_buyer<'a>(
@@ -996,24 +962,18 @@ impl Store for FjallStore {
         buyer_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
         let key = keys::product_key(shop_id, buyer_id);
-        self.read(move |t| decode_one(&t.cs_buyers, "cs_buyers", key))
+        self.read(move |t| decode_one(t, Table::CsBuyers, key))
     }
 
     fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(&t.schedules, "schedules", &[]))
+        self.read(move |t| decode_prefix(t, Table::Schedules, &[]))
     }
 
     fn load_join_requests(
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
-        self.read(move |t| {
-            decode_prefix(
-                &t.join_requests,
-                "join_requests",
-                &keys::group_key(group_id),
-            )
-        })
+        self.read(move |t| decode_prefix(t, Table::JoinRequests, &keys::group_key(group_id)))
     }
 
     fn load_auto_replies<'a>(
@@ -1021,7 +981,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
         let prefix = keys::feedback_prefix(shop_id);
-        self.read(move |t| decode_prefix(&t.auto_replies, "auto_replies", &prefix))
+        self.read(move |t| decode_prefix(t, Table::AutoReplies, &prefix))
     }
 
     fn load_member_flags(
@@ -1029,7 +989,7 @@ impl Store for FjallStore {
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
         self.read(move |t| {
-            t.member_flags
+            t.get(Table::MemberFlags)
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
                     let (k, v) = guard.into_inner().map_err(read_err)?;
@@ -1078,6 +1038,18 @@ mod tests {
         assert!(matches!(r, Err(StorageError::Closed)), "{r:?}");
     }
 
+    #[test]
+    fn each_table_has_its_own_keyspace_under_its_old_name() {
+        let names: std::collections::HashSet<_> = Table::ALL.iter().map(|t| t.name()).collect();
+        assert_eq!(names.len(), Table::ALL.len(), "names are unique");
+        for (i, t) in Table::ALL.iter().enumerate() {
+            assert_eq!(*t as usize, i, "{t:?} indexes its own keyspace");
+        }
+        // Data folders written before the list existed must still open.
+        assert_eq!(Table::ReadMarks.name(), "read_marks");
+        assert_eq!(Table::CsBuyers.name(), "cs_buyers");
+    }
+
     #[tokio::test]
     async fn a_second_open_of_a_live_store_fails_clearly() {
         let dir = tempfile::tempdir().unwrap();
@@ -1096,7 +1068,7 @@ mod tests {
         lock(&store.inner.tables)
             .as_ref()
             .unwrap()
-            .groups
+            .get(Table::Groups)
             .insert(keys::group_key(9), b"\xff\xff\xff".to_vec())
             .unwrap();
         let r = store.load_group(9).await;
