@@ -140,9 +140,17 @@ pub(crate) async fn accept(
         }
         let room = (MAX_REQUEST_HEAD - head.len()).min(chunk.len());
         let n = stream.read(&mut chunk[..room]).await?;
-        head.extend_from_slice(&chunk[..n]);
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        // Parse the first read (garbage is refused at once), then only once
+        // the head's blank line has arrived: a client sending a byte at a
+        // time does not make the server re-parse the head on every read.
+        let first = head.is_empty();
+        let seen = head.len().saturating_sub(3);
+        head.extend_from_slice(&chunk[..n]);
+        if !first && !head[seen..].windows(4).any(|w| w == b"\r\n\r\n") {
+            continue;
         }
         match upgrade_key(&head, path) {
             Ok(Some(found)) => break found,
@@ -967,6 +975,32 @@ mod tests {
         tcp.write_all(&[0x82, 0x01, 0x00]).await.unwrap();
         assert!(matches!(reader.next().await, Some(Inbound::Protocol(_))));
         assert_eq!(reader.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_sent_a_byte_at_a_time_is_accepted() {
+        let (addr, task) = server(1024).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let request = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        for b in request {
+            tcp.write_all(&[*b]).await.unwrap();
+            tcp.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let upgraded = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+        let (mut reader, _writer) = upgraded
+            .expect("the upgrade was not seen")
+            .unwrap()
+            .unwrap();
+        let mut status = [0u8; 12];
+        tcp.read_exact(&mut status).await.unwrap();
+        assert_eq!(&status, b"HTTP/1.1 101");
+        tcp.write_all(&frame(true, OP_BINARY, b"hi")).await.unwrap();
+        assert_eq!(
+            reader.next().await,
+            Some(Inbound::Frame(Bytes::from_static(b"hi")))
+        );
     }
 
     /// Sends `request` and returns the status line of the answer.
