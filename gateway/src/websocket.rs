@@ -451,29 +451,40 @@ fn next_item(buf: &[u8], message: &mut Option<Box<Fragments>>, max: usize) -> St
     Step::Took(end, Some(item))
 }
 
+/// Takes frames from the start of `buf` until one gives an item or what is
+/// left is not a whole frame: the bytes taken, and the item with whether it
+/// is the connection's last.
+fn take_frames(
+    buf: &[u8],
+    message: &mut Option<Box<Fragments>>,
+    max: usize,
+) -> (usize, Option<(Inbound, bool)>) {
+    let mut at = 0;
+    loop {
+        match next_item(&buf[at..], message, max) {
+            Step::NeedMore => return (at, None),
+            Step::Took(n, item) => {
+                at += n;
+                if let Some(item) = item {
+                    return (at, Some((item, false)));
+                }
+            }
+            Step::End(item) => return (at, Some((item, true))),
+        }
+    }
+}
+
 impl WsReader {
     /// The item from the bytes already read, if they hold one.
     fn take_buffered(&mut self) -> Option<Inbound> {
-        loop {
-            if self.partial.is_empty() {
-                return None;
-            }
-            match next_item(&self.partial, &mut self.message, self.max) {
-                Step::NeedMore => return None,
-                Step::Took(n, item) => {
-                    if n == self.partial.len() {
-                        // Idle again: hold no buffer.
-                        self.partial = Vec::new();
-                    } else {
-                        self.partial.drain(..n);
-                    }
-                    if item.is_some() {
-                        return item;
-                    }
-                }
-                Step::End(item) => return Some(self.end(item)),
-            }
+        let (taken, item) = take_frames(&self.partial, &mut self.message, self.max);
+        if taken == self.partial.len() {
+            // Idle again: hold no buffer.
+            self.partial = Vec::new();
+        } else {
+            self.partial.drain(..taken);
         }
+        self.give(item)
     }
 
     /// Takes what `read` holds: items are returned one at a time, and what
@@ -483,22 +494,18 @@ impl WsReader {
             self.partial.extend_from_slice(read);
             return self.take_buffered();
         }
-        let mut at = 0;
-        loop {
-            match next_item(&read[at..], &mut self.message, self.max) {
-                Step::NeedMore => {
-                    self.partial.extend_from_slice(&read[at..]);
-                    return None;
-                }
-                Step::Took(n, item) => {
-                    at += n;
-                    if item.is_some() {
-                        self.partial.extend_from_slice(&read[at..]);
-                        return item;
-                    }
-                }
-                Step::End(item) => return Some(self.end(item)),
-            }
+        // Straight from the read: only what is left is copied.
+        let (taken, item) = take_frames(read, &mut self.message, self.max);
+        self.partial.extend_from_slice(&read[taken..]);
+        self.give(item)
+    }
+
+    /// Returns a taken item, ending the stream after the last one.
+    fn give(&mut self, item: Option<(Inbound, bool)>) -> Option<Inbound> {
+        match item {
+            Some((last, true)) => Some(self.end(last)),
+            Some((item, false)) => Some(item),
+            None => None,
         }
     }
 
@@ -638,11 +645,6 @@ impl WsWriter {
         let _ = self.write_pending().await;
         let _ = self.half.shutdown().await;
     }
-
-    /// Answers a ping: a pong with its payload, written at the next flush.
-    pub(crate) fn pong(&mut self, payload: Bytes) {
-        self.pending.push(OutFrame::new(OP_PONG, payload));
-    }
 }
 
 impl FrameSink for WsWriter {
@@ -656,7 +658,7 @@ impl FrameSink for WsWriter {
     }
 
     async fn pong(&mut self, payload: Bytes) -> io::Result<()> {
-        WsWriter::pong(self, payload);
+        self.pending.push(OutFrame::new(OP_PONG, payload));
         Ok(())
     }
 
@@ -893,7 +895,10 @@ mod tests {
         // Idle again: no read buffer held.
         assert_eq!(reader.partial.capacity(), 0);
 
-        writer.pong(Bytes::from_static(b"are you there"));
+        writer
+            .pong(Bytes::from_static(b"are you there"))
+            .await
+            .unwrap();
         writer.feed(Lane::Push, big.clone()).await.unwrap();
         writer
             .feed(Lane::Answer, Bytes::from_static(b"ok"))
