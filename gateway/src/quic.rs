@@ -230,11 +230,7 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
             incoming.refuse();
             continue;
         };
-        // At debug level: held for as long as the phone stays connected, a
-        // span costs an idle connection 0.6 KB at 19,000 connections
-        // (docs/benchmarks.md). The few info events of a connection name
-        // it themselves (`conn`).
-        let span = tracing::debug_span!("conn", id = conn.0, %peer, transport = "quic", user = tracing::field::Empty);
+        let span = crate::connection::span(conn, peer, "quic");
         let shared2 = shared.clone();
         shared.tracker.spawn(
             async move {

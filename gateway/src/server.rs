@@ -331,11 +331,7 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        // At debug level: held for as long as the phone stays connected, a
-        // span costs an idle connection 0.6 KB at 19,000 connections
-        // (docs/benchmarks.md). The few info events of a connection name
-        // it themselves (`conn`).
-        let span = tracing::debug_span!("conn", id = conn.0, %peer, transport = "ws", user = tracing::field::Empty);
+        let span = crate::connection::span(conn, peer, "ws");
         shared
             .tracker
             .spawn(crate::connection::serve(stream, conn, shared.clone(), permit).instrument(span));
