@@ -1,6 +1,6 @@
 //! Durable appends through the embedded store's group commit.
 //!
-//! `cargo bench -p qun-storage --bench group_commit [-- APPENDS GROUPS IN_FLIGHT TEXT_BYTES [STORES]]`
+//! `cargo bench -p qun-storage --bench group_commit [-- APPENDS GROUPS IN_FLIGHT TEXT_BYTES [PARTITIONS]]`
 //!
 //! Opens the real fjall store (fsync on, as in production) in a temporary
 //! folder and appends APPENDS messages round-robin over GROUPS groups, each
@@ -9,10 +9,10 @@
 //! mark. IN_FLIGHT submissions are kept outstanding at once, as many phones
 //! do; each is timed from `submit` to its durability callback.
 //!
-//! STORES (default 1) splits the groups over that many stores, each in its
-//! own folder with its own journal and writer thread (group `g` goes to
-//! store `g % STORES`): what a store partitioned by group could reach on
-//! this machine. The server uses one store.
+//! PARTITIONS (default: the number of cores, as the server does) is the
+//! store's partition count: each partition has its own journal and writer
+//! thread. Every group is of its own shop, so the groups spread over the
+//! partitions as a server's many shops do.
 //!
 //! Prints durable appends per second and the append-to-durable latency
 //! percentiles. Progress goes to stderr every second.
@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use qun_storage::records::MessageRecord;
-use qun_storage::{FjallConfig, FjallStore, Store, WriteOp};
+use qun_storage::records::{GroupRecord, MessageRecord};
+use qun_storage::{FjallConfig, FjallStore, Store, StoreExt, WriteOp};
 use tokio::sync::Semaphore;
 
 fn main() {
@@ -36,19 +36,35 @@ fn main() {
     let groups = args.get(1).copied().unwrap_or(100).max(1);
     let in_flight = args.get(2).copied().unwrap_or(8_192).max(1);
     let text_bytes = args.get(3).copied().unwrap_or(100) as usize;
-    let stores = args.get(4).copied().unwrap_or(1).max(1) as usize;
+    let partitions = args
+        .get(4)
+        .map_or_else(|| FjallConfig::new(".").partitions, |p| *p as usize);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(appends, groups, in_flight, text_bytes, stores));
+    runtime.block_on(run(appends, groups, in_flight, text_bytes, partitions));
 }
 
-async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, stores: usize) {
+async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, partitions: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let stores: Vec<FjallStore> = (0..stores)
-        .map(|i| FjallStore::open(FjallConfig::new(dir.path().join(i.to_string()))).unwrap())
-        .collect();
+    let mut config = FjallConfig::new(dir.path());
+    config.partitions = partitions;
+    let store = FjallStore::open(config).unwrap();
+    store
+        .write(
+            (1..=groups)
+                .map(|g| {
+                    WriteOp::PutGroup(GroupRecord {
+                        group_id: g,
+                        shop_id: format!("shop-{g}"),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
     let permits = Arc::new(Semaphore::new(in_flight as usize));
     let latencies = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
@@ -94,7 +110,7 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, store
         let submitted = Instant::now();
         let latencies = latencies.clone();
         let done = done.clone();
-        stores[(group_id % stores.len() as u64) as usize]
+        store
             .submit(
                 ops,
                 Box::new(move |r| {
@@ -114,8 +130,8 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, store
     let h = latencies.lock().unwrap().clone();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes} stores={}",
-        stores.len()
+        "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes} partitions={}",
+        store.partitions()
     );
     println!(
         "  elapsed {:.2} s, {:.0} durable appends/s",
@@ -129,7 +145,5 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, store
         ms(0.999),
         h.max() as f64 / 1000.0
     );
-    for store in stores {
-        store.close().await.unwrap();
-    }
+    store.close().await.unwrap();
 }

@@ -45,6 +45,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     buyer_tags(&mut fresh()).await;
     schedules_and_targeted_messages(&mut fresh()).await;
     customer_service(&mut fresh()).await;
+    many_shops(&mut fresh()).await;
 }
 
 fn msg(group_id: u64, seq: u64) -> MessageRecord {
@@ -883,4 +884,117 @@ async fn customer_service(h: &mut impl Harness) {
     );
     assert_eq!(s.load_cs_buyer("s1", "b10").await.unwrap(), None);
     s.close().await.unwrap();
+}
+
+/// Many shops, each with a group, and one buyer in all of them: whatever a
+/// backend spreads by shop, listings across shops still see every shop, in
+/// key order, before and after a reopen; and one submission that names every
+/// shop is durable whole when its callback says so.
+pub async fn many_shops<H: Harness>(h: &mut H) {
+    const SHOPS: u64 = 24;
+    let shop = |i: u64| format!("shop-{i}");
+    let group_id = |i: u64| 1_000 - i * 7; // ids not in shop order
+    let s = h.open().await;
+    for i in 0..SHOPS {
+        let g = group_id(i);
+        s.write(vec![
+            WriteOp::PutGroup(GroupRecord {
+                group_id: g,
+                shop_id: shop(i),
+                name: format!("group of {}", shop(i)),
+                ..Default::default()
+            }),
+            WriteOp::PutMember(MemberRecord {
+                group_id: g,
+                user_id: "buyer".into(),
+                ..Default::default()
+            }),
+            WriteOp::AppendMessage(msg(g, 1)),
+            WriteOp::AppendMessage(msg(g, 2)),
+            WriteOp::PutObject(ObjectRecord {
+                group_id: g,
+                object_id: 1,
+                body: vec![1],
+                due_ms: 5_000 + i,
+            }),
+            WriteOp::PutSchedule(ScheduleRecord {
+                group_id: g,
+                schedule_id: 1,
+                next_at_ms: 9_000 + i,
+                ..Default::default()
+            }),
+            WriteOp::PutCard {
+                shop_id: "mall".into(),
+                product_id: "phone".into(),
+                group_id: g,
+            },
+        ])
+        .await
+        .unwrap();
+    }
+    // One submission for every shop, as the buyer-feedback tick writes.
+    s.write(
+        (0..SHOPS)
+            .map(|i| WriteOp::PutFeedback {
+                shop_id: shop(i),
+                day: 3,
+                positive: i,
+                negative: 1,
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let mut ids: Vec<u64> = (0..SHOPS).map(group_id).collect();
+    ids.sort_unstable();
+    many_shops_read(&s, &ids, "before a reopen").await;
+    s.close().await.unwrap();
+    let s = h.open().await;
+    many_shops_read(&s, &ids, "after a reopen").await;
+    s.close().await.unwrap();
+}
+
+/// What [`many_shops`] wrote, read back: group `ids[k]` is of shop
+/// `shop-{(1000 - ids[k]) / 7}`.
+async fn many_shops_read(s: &Arc<dyn Store>, ids: &[u64], round: &str) {
+    assert_eq!(s.groups_of_user("buyer").await.unwrap(), ids, "{round}");
+    assert_eq!(
+        s.groups_with_card("mall", "phone").await.unwrap(),
+        ids,
+        "{round}"
+    );
+    assert_eq!(s.max_group_id().await.unwrap(), 1_000, "{round}");
+    let due: Vec<u64> = s
+        .due_objects()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.group_id)
+        .collect();
+    assert_eq!(due, ids, "{round}: due objects of every shop, by group");
+    let scheduled: Vec<u64> = s
+        .load_schedules()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.group_id)
+        .collect();
+    assert_eq!(scheduled, ids, "{round}: schedules of every shop, by group");
+    for &g in ids {
+        let i = (1_000 - g) / 7;
+        let shop = format!("shop-{i}");
+        let group = s.load_group(g).await.unwrap();
+        assert_eq!(group.map(|r| r.shop_id), Some(shop.clone()), "{round}");
+        assert_eq!(s.last_seq(g).await.unwrap(), 2, "{round}: group {g}");
+        assert_eq!(seqs(&s.messages_after(g, 0, 10).await.unwrap()), [1, 2]);
+        assert_eq!(
+            s.load_feedback(&shop).await.unwrap(),
+            [FeedbackDay {
+                day: 3,
+                positive: i,
+                negative: 1
+            }],
+            "{round}: {shop}"
+        );
+    }
 }

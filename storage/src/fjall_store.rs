@@ -1,8 +1,10 @@
 //! The embedded store on fjall, Qun's default.
 
+mod partitions;
+
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -17,6 +19,7 @@ use crate::records::{
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
 };
+use partitions::Homes;
 
 /// How the embedded store is opened.
 #[derive(Debug, Clone)]
@@ -26,11 +29,16 @@ pub struct FjallConfig {
     /// fsync the journal at every group commit (default). Without it a
     /// commit survives a crash of the process but not of the machine.
     pub fsync: bool,
-    /// Most submissions waiting for the writer; beyond it `submit` answers
-    /// [`StorageError::Overloaded`].
+    /// Most submissions waiting for one partition's writer; beyond it
+    /// `submit` answers [`StorageError::Overloaded`].
     pub queue_capacity: usize,
     /// Most submissions folded into one batch (one fsync).
     pub max_batch: usize,
+    /// Partitions of a *new* data folder (1 to 64): each is a database with
+    /// its own journal and writer thread, and a shop with all its groups
+    /// lives in one of them. Default: the number of cores. A folder keeps
+    /// the count it was created with; this setting does not change it.
+    pub partitions: usize,
 }
 
 impl FjallConfig {
@@ -41,13 +49,38 @@ impl FjallConfig {
             fsync: true,
             queue_capacity: 65_536,
             max_batch: 4_096,
+            partitions: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
 }
 
 /// The embedded store.
 ///
-/// Cheap to clone; all clones share one database and one writer thread.
+/// A data folder holds one or more partitions, each a fjall database with
+/// its own journal and writer thread; all of one shop (its groups and
+/// their history included) lives in one partition, so every batch stays
+/// atomic while the cores share the writing. The partitions module explains
+/// the layout.
+///
+/// Cheap to clone; all clones share the same databases and writer threads.
+///
+/// # Example
+/// ```
+/// use qun_storage::{FjallConfig, FjallStore, Store, StoreExt, WriteOp};
+/// use qun_storage::records::GroupRecord;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let mut config = FjallConfig::new(dir.path());
+/// config.partitions = 2; // fixed from now on for this folder
+/// let store = FjallStore::open(config)?;
+/// assert_eq!(store.partitions(), 2);
+/// let group = GroupRecord { group_id: 1, shop_id: "shop-1".into(), ..Default::default() };
+/// store.write(vec![WriteOp::PutGroup(group)]).await?;
+/// assert!(store.load_group(1).await?.is_some());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct FjallStore {
     inner: Arc<Inner>,
@@ -55,12 +88,26 @@ pub struct FjallStore {
 
 #[derive(Debug)]
 struct Inner {
+    partitions: Vec<Partition>,
+    homes: Homes,
+    /// Set by the first failed write of any partition: from then on the
+    /// store refuses every write, since what is on disk is uncertain.
+    poisoned: Arc<AtomicBool>,
+}
+
+/// One database of the folder and its writer thread.
+#[derive(Debug)]
+struct Partition {
     /// `None` once closed, so that closing releases the database (and its
     /// lock on the folder) even while handles to the store remain.
     tables: Mutex<Option<Tables>>,
-    jobs: Mutex<Option<SyncSender<Job>>>,
+    jobs: Mutex<Option<Sender<Job>>>,
+    /// Jobs queued and not yet taken by the writer: the queue's bound,
+    /// counted by hand so that a submission split over partitions can
+    /// reserve room in all of them before queueing any part.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     writer: Mutex<Option<JoinHandle<()>>>,
-    poisoned: Arc<AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -82,76 +129,133 @@ enum Job {
     Flush(DurableCallback),
 }
 
+/// fjall's defaults for one database, shared out among the partitions so
+/// that a folder of many costs what one did.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+const CACHED_FILES: usize = 900;
+
 impl FjallStore {
-    /// Opens (or creates) the store and starts its writer thread.
+    /// Opens (or creates) the store and starts one writer thread per
+    /// partition.
     ///
     /// # Errors
     /// [`StorageError::Backend`] when the folder cannot be created, is locked
-    /// by another running server, or holds a database fjall cannot recover.
+    /// by another running server, or holds a database fjall cannot recover;
+    /// [`StorageError::Corrupt`] when its `partitions` file is damaged.
     pub fn open(config: FjallConfig) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(&config.path)
-            .map_err(|e| StorageError::backend("create data dir", e))?;
-        let db = Database::builder(&config.path)
-            .open()
-            .map_err(|e| StorageError::backend("open database", e))?;
-        let open = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| StorageError::backend("open keyspace", e))
-        };
-        let tables = Tables {
-            keyspaces: Table::ALL
-                .iter()
-                .map(|t| open(t.name()))
-                .collect::<Result<_, _>>()?,
-            db: db.clone(),
-        };
-        let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
+        let folders = partitions::folders(&config.path, config.partitions)?;
+        let homes = Homes::new(folders.len());
         let poisoned = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let tables = tables.clone();
-            let poisoned = poisoned.clone();
-            let max_batch = config.max_batch.max(1);
-            let mode = if config.fsync {
-                PersistMode::SyncAll
-            } else {
-                PersistMode::Buffer
-            };
-            std::thread::Builder::new()
-                .name("qun-store-writer".into())
-                .spawn(move || write_loop(&tables, &rx, max_batch, mode, &poisoned))
-                .map_err(|e| StorageError::backend("start writer thread", e))?
+        let mode = if config.fsync {
+            PersistMode::SyncAll
+        } else {
+            PersistMode::Buffer
         };
-        tracing::info!(path = %config.path.display(), fsync = config.fsync, "embedded store open");
-        Ok(Self {
-            inner: Arc::new(Inner {
+        let mut opened = Vec::with_capacity(folders.len());
+        for (index, folder) in folders.iter().enumerate() {
+            let tables = open_tables(folder, folders.len())?;
+            if folders.len() > 1 {
+                for guard in tables.get(Table::Groups).iter() {
+                    let key = guard.key().map_err(read_err)?;
+                    homes.learn(be_u64(&key, 0..8, "groups")?, index);
+                }
+            }
+            opened.push(tables);
+        }
+        let mut partitions = Vec::with_capacity(opened.len());
+        for (index, tables) in opened.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let queued = Arc::new(AtomicUsize::new(0));
+            let writer = {
+                let tables = tables.clone();
+                let queued = queued.clone();
+                let poisoned = poisoned.clone();
+                let max_batch = config.max_batch.max(1);
+                std::thread::Builder::new()
+                    .name(format!("qun-store-writer-{index}"))
+                    .spawn(move || write_loop(&tables, &rx, &queued, max_batch, mode, &poisoned))
+                    .map_err(|e| StorageError::backend("start writer thread", e))?
+            };
+            partitions.push(Partition {
                 tables: Mutex::new(Some(tables)),
                 jobs: Mutex::new(Some(tx)),
+                queued,
+                capacity: config.queue_capacity.max(1),
                 writer: Mutex::new(Some(writer)),
+            });
+        }
+        tracing::info!(
+            path = %config.path.display(),
+            fsync = config.fsync,
+            partitions = partitions.len(),
+            "embedded store open"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                partitions,
+                homes,
                 poisoned,
             }),
         })
     }
 
-    fn enqueue(&self, job: Job) -> Result<(), StorageError> {
+    /// How many partitions the data folder has.
+    pub fn partitions(&self) -> usize {
+        self.inner.partitions.len()
+    }
+
+    /// Queues `parts` (partition, job) all or none: room is reserved in
+    /// every partition named before any part is queued.
+    fn enqueue(&self, parts: Vec<(usize, Job)>) -> Result<(), StorageError> {
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(StorageError::Poisoned);
         }
-        let jobs = lock(&self.inner.jobs);
-        let Some(tx) = jobs.as_ref() else {
+        let partitions = &self.inner.partitions;
+        // Partition indexes ascend in `parts`, so the locks are always
+        // taken in the same order.
+        let senders: Vec<_> = parts
+            .iter()
+            .map(|(p, _)| lock(&partitions[*p].jobs))
+            .collect();
+        if senders.iter().any(|s| s.is_none()) {
             return Err(StorageError::Closed);
-        };
-        match tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(StorageError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => Err(StorageError::Closed),
         }
+        for (n, (p, _)) in parts.iter().enumerate() {
+            let partition = &partitions[*p];
+            let reserved = partition
+                .queued
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                    (q < partition.capacity).then_some(q + 1)
+                })
+                .is_ok();
+            if !reserved {
+                for (p, _) in &parts[..n] {
+                    partitions[*p].queued.fetch_sub(1, Ordering::AcqRel);
+                }
+                return Err(StorageError::Overloaded);
+            }
+        }
+        for (sender, (_, job)) in senders.iter().zip(parts) {
+            if let Some(tx) = sender.as_ref() {
+                // The receiver lives until its sender is dropped under this
+                // lock, so sending cannot fail here.
+                let _ = tx.send(job);
+            }
+        }
+        Ok(())
     }
 
-    fn read<T: Send + 'static>(
+    fn tables(&self, partition: usize) -> Option<Tables> {
+        lock(&self.inner.partitions[partition].tables).clone()
+    }
+
+    /// Runs `f` on the tables of `partition`, off the async threads.
+    fn read_in<T: Send + 'static>(
         &self,
+        partition: usize,
         f: impl FnOnce(&Tables) -> Result<T, StorageError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, StorageError>> {
-        let tables = lock(&self.inner.tables).clone();
+        let tables = self.tables(partition);
         Box::pin(async move {
             let tables = tables.ok_or(StorageError::Closed)?;
             tokio::task::spawn_blocking(move || f(&tables))
@@ -160,14 +264,135 @@ impl FjallStore {
         })
     }
 
-    fn flush_job(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = self.enqueue(Job::Flush(Box::new(move |r| {
-            let _ = tx.send(r);
-        })));
+    /// Reads in the partition that holds `group_id`'s rows.
+    fn read_group<T: Send + 'static>(
+        &self,
+        group_id: u64,
+        f: impl FnOnce(&Tables) -> Result<T, StorageError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StorageError>> {
+        self.read_in(self.inner.homes.of_group(group_id), f)
+    }
+
+    /// Reads in the partition that holds `shop_id`'s rows.
+    fn read_shop<T: Send + 'static>(
+        &self,
+        shop_id: &str,
+        f: impl FnOnce(&Tables) -> Result<T, StorageError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StorageError>> {
+        self.read_in(self.inner.homes.of_shop(shop_id), f)
+    }
+
+    /// Runs `f` on every partition, one after the other, and gathers what
+    /// they return.
+    fn read_every<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Tables) -> Result<Vec<T>, StorageError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<Vec<T>, StorageError>> {
+        let all: Option<Vec<Tables>> = (0..self.partitions()).map(|p| self.tables(p)).collect();
         Box::pin(async move {
-            queued?;
-            rx.await.unwrap_or(Err(StorageError::Closed))
+            let all = all.ok_or(StorageError::Closed)?;
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                for tables in &all {
+                    out.extend(f(tables)?);
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| StorageError::backend("read task", e))?
+        })
+    }
+
+    /// [`Self::read_every`], then sorted by `key` as one partition's
+    /// listing would be.
+    fn read_every_sorted<T: Send + 'static, K: Ord>(
+        &self,
+        f: impl Fn(&Tables) -> Result<Vec<T>, StorageError> + Send + 'static,
+        key: impl Fn(&T) -> K + Send + 'static,
+    ) -> BoxFuture<'_, Result<Vec<T>, StorageError>> {
+        let all = self.read_every(f);
+        Box::pin(async move {
+            let mut all = all.await?;
+            all.sort_by_key(key);
+            Ok(all)
+        })
+    }
+
+    fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        let waits: Vec<_> = (0..self.partitions())
+            .map(|p| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let queued = self.enqueue(vec![(
+                    p,
+                    Job::Flush(Box::new(move |r| {
+                        let _ = tx.send(r);
+                    })),
+                )]);
+                (queued, rx)
+            })
+            .collect();
+        Box::pin(async move {
+            let mut first_err = None;
+            for (queued, rx) in waits {
+                let r = match queued {
+                    Ok(()) => rx.await.unwrap_or(Err(StorageError::Closed)),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        })
+    }
+}
+
+/// Opens the database of one partition and its keyspaces.
+fn open_tables(folder: &std::path::Path, of: usize) -> Result<Tables, StorageError> {
+    let of = of.max(1);
+    let db = Database::builder(folder)
+        .cache_size((CACHE_BYTES / of as u64).max(1024 * 1024))
+        .max_cached_files(Some((CACHED_FILES / of).max(16)))
+        .open()
+        .map_err(|e| StorageError::backend("open database", e))?;
+    let open = |name: &str| {
+        db.keyspace(name, KeyspaceCreateOptions::default)
+            .map_err(|e| StorageError::backend("open keyspace", e))
+    };
+    Ok(Tables {
+        keyspaces: Table::ALL
+            .iter()
+            .map(|t| open(t.name()))
+            .collect::<Result<_, _>>()?,
+        db,
+    })
+}
+
+/// Calls `done` once every one of `parts` callbacks has: with the first
+/// failure, or `Ok` when all are durable.
+fn joint(parts: usize, done: DurableCallback) -> impl Fn() -> DurableCallback {
+    struct Joint {
+        remaining: AtomicUsize,
+        failure: Mutex<Option<StorageError>>,
+        done: Mutex<Option<DurableCallback>>,
+    }
+    let joint = Arc::new(Joint {
+        remaining: AtomicUsize::new(parts),
+        failure: Mutex::new(None),
+        done: Mutex::new(Some(done)),
+    });
+    move || {
+        let joint = joint.clone();
+        Box::new(move |r| {
+            if let Err(e) = r {
+                lock(&joint.failure).get_or_insert(e);
+            }
+            if joint.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let result = lock(&joint.failure).take().map_or(Ok(()), Err);
+                if let Some(done) = lock(&joint.done).take() {
+                    done(result);
+                }
+            }
         })
     }
 }
@@ -176,12 +401,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The writer thread: group commit. Blocks for the first job, then folds in
-/// whatever else is already queued (up to `max_batch`), writes it as one
-/// atomic batch, persists the journal once and reports every job in order.
+/// The writer thread of one partition: group commit. Blocks for the first
+/// job, then folds in whatever else is already queued (up to `max_batch`),
+/// writes it as one atomic batch, persists the journal once and reports
+/// every job in order.
 fn write_loop(
     tables: &Tables,
     rx: &Receiver<Job>,
+    queued: &AtomicUsize,
     max_batch: usize,
     mode: PersistMode,
     poisoned: &AtomicBool,
@@ -192,9 +419,10 @@ fn write_loop(
         while jobs.len() < max_batch {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                Err(_) => break,
             }
         }
+        queued.fetch_sub(jobs.len(), Ordering::AcqRel);
         let result = if poisoned.load(Ordering::Acquire) {
             Err(StorageError::Poisoned)
         } else {
@@ -662,34 +890,59 @@ fn read_err(e: fjall::Error) -> StorageError {
 
 impl Store for FjallStore {
     fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError> {
-        self.enqueue(Job::Write(prepare(ops), done))
+        let homes = self.inner.homes.settle(&ops);
+        let first = homes.first().copied().unwrap_or(0);
+        if homes.iter().all(|h| *h == first) {
+            return self.enqueue(vec![(first, Job::Write(prepare(ops), done))]);
+        }
+        // A submission that names several shops: one part per partition.
+        let mut parts: Vec<Vec<WriteOp>> = (0..self.partitions()).map(|_| Vec::new()).collect();
+        for (op, home) in ops.into_iter().zip(homes) {
+            parts[home].push(op);
+        }
+        let parts: Vec<(usize, Vec<WriteOp>)> = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, ops)| !ops.is_empty())
+            .collect();
+        let callback = joint(parts.len(), done);
+        self.enqueue(
+            parts
+                .into_iter()
+                .map(|(p, ops)| (p, Job::Write(prepare(ops), callback())))
+                .collect(),
+        )
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.flush_job()
+        self.flush_all()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
-            let flushed = match self.flush_job().await {
+            let flushed = match self.flush_all().await {
                 Err(StorageError::Closed) => Ok(()),
                 r => r,
             };
-            // Dropping the sender ends the writer loop once the queue is empty.
-            lock(&self.inner.jobs).take();
-            let writer = lock(&self.inner.writer).take();
-            if let Some(handle) = writer {
-                tokio::task::spawn_blocking(move || handle.join())
-                    .await
-                    .map_err(|e| StorageError::backend("join writer", e))?
-                    .map_err(|_| {
-                        StorageError::backend(
-                            "join writer",
-                            std::io::Error::other("writer thread panicked"),
-                        )
-                    })?;
+            // Dropping a sender ends its writer loop once the queue is empty.
+            for partition in &self.inner.partitions {
+                lock(&partition.jobs).take();
             }
-            lock(&self.inner.tables).take();
+            for partition in &self.inner.partitions {
+                let writer = lock(&partition.writer).take();
+                if let Some(handle) = writer {
+                    tokio::task::spawn_blocking(move || handle.join())
+                        .await
+                        .map_err(|e| StorageError::backend("join writer", e))?
+                        .map_err(|_| {
+                            StorageError::backend(
+                                "join writer",
+                                std::io::Error::other("writer thread panicked"),
+                            )
+                        })?;
+                }
+                lock(&partition.tables).take();
+            }
             flushed
         })
     }
@@ -698,48 +951,53 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Option<GroupRecord>, StorageError>> {
-        self.read(move |t| decode_one(t, Table::Groups, keys::group_key(group_id)))
+        self.read_group(group_id, move |t| {
+            decode_one(t, Table::Groups, keys::group_key(group_id))
+        })
     }
 
     fn load_members(
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<MemberRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(t, Table::Members, &keys::group_key(group_id)))
+        self.read_group(group_id, move |t| {
+            decode_prefix(t, Table::Members, &keys::group_key(group_id))
+        })
     }
 
     fn groups_of_user(&self, user_id: &str) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
         let prefix = keys::user_group_prefix(user_id);
-        self.read(move |t| {
-            t.get(Table::UserGroups)
-                .prefix(&prefix)
-                .map(|guard| {
-                    let k = guard.key().map_err(read_err)?;
-                    let id: [u8; 8] = k
-                        .get(prefix.len()..)
-                        .and_then(|s| s.try_into().ok())
-                        .ok_or_else(|| StorageError::corrupt("user_groups", "key length"))?;
-                    Ok(u64::from_be_bytes(id))
-                })
-                .collect()
-        })
+        self.read_every_sorted(
+            move |t| {
+                t.get(Table::UserGroups)
+                    .prefix(&prefix)
+                    .map(|guard| {
+                        let k = guard.key().map_err(read_err)?;
+                        let id: [u8; 8] = k
+                            .get(prefix.len()..)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| StorageError::corrupt("user_groups", "key length"))?;
+                        Ok(u64::from_be_bytes(id))
+                    })
+                    .collect()
+            },
+            |id| *id,
+        )
     }
 
     fn max_group_id(&self) -> BoxFuture<'_, Result<u64, StorageError>> {
-        self.read(|t| match t.get(Table::Groups).last_key_value() {
-            None => Ok(0),
+        let each = self.read_every(|t| match t.get(Table::Groups).last_key_value() {
+            None => Ok(vec![]),
             Some(guard) => {
                 let k = guard.key().map_err(read_err)?;
-                let id: [u8; 8] = k[..]
-                    .try_into()
-                    .map_err(|_| StorageError::corrupt("groups", "key length"))?;
-                Ok(u64::from_be_bytes(id))
+                Ok(vec![be_u64(&k, 0..8, "groups")?])
             }
-        })
+        });
+        Box::pin(async move { Ok(each.await?.into_iter().max().unwrap_or(0)) })
     }
 
     fn last_seq(&self, group_id: u64) -> BoxFuture<'_, Result<u64, StorageError>> {
-        self.read(move |t| {
+        self.read_group(group_id, move |t| {
             match t
                 .get(Table::Messages)
                 .prefix(keys::group_key(group_id))
@@ -764,7 +1022,7 @@ impl Store for FjallStore {
         before_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>> {
-        self.read(move |t| {
+        self.read_group(group_id, move |t| {
             if before_seq <= 1 || limit == 0 {
                 return Ok(Vec::new());
             }
@@ -783,7 +1041,7 @@ impl Store for FjallStore {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<MessageRecord>, StorageError>> {
-        self.read(move |t| {
+        self.read_group(group_id, move |t| {
             let Some(first) = after_seq.checked_add(1) else {
                 return Ok(Vec::new());
             };
@@ -800,14 +1058,14 @@ impl Store for FjallStore {
         client_msg_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>> {
         let key = keys::sent_key(group_id, sender_id, client_msg_id);
-        self.read(move |t| decode_one(t, Table::Sent, key))
+        self.read_group(group_id, move |t| decode_one(t, Table::Sent, key))
     }
 
     fn load_read_marks(
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
-        self.read(move |t| {
+        self.read_group(group_id, move |t| {
             t.get(Table::ReadMarks)
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
@@ -825,27 +1083,34 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<ObjectRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(t, Table::Objects, &keys::group_key(group_id)))
+        self.read_group(group_id, move |t| {
+            decode_prefix(t, Table::Objects, &keys::group_key(group_id))
+        })
     }
 
     fn load_entries(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<EntryRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(t, Table::Entries, &keys::group_key(group_id)))
+        self.read_group(group_id, move |t| {
+            decode_prefix(t, Table::Entries, &keys::group_key(group_id))
+        })
     }
 
     fn due_objects(&self) -> BoxFuture<'_, Result<Vec<Due>, StorageError>> {
-        self.read(|t| {
-            t.get(Table::Due)
-                .iter()
-                .map(|guard| {
-                    let (k, v) = guard.into_inner().map_err(read_err)?;
-                    Ok(Due {
-                        group_id: be_u64(&k, 0..8, "due")?,
-                        object_id: be_u64(&k, 8..16, "due")?,
-                        due_ms: be_u64(&v, 0..8, "due")?,
+        self.read_every_sorted(
+            |t| {
+                t.get(Table::Due)
+                    .iter()
+                    .map(|guard| {
+                        let (k, v) = guard.into_inner().map_err(read_err)?;
+                        Ok(Due {
+                            group_id: be_u64(&k, 0..8, "due")?,
+                            object_id: be_u64(&k, 8..16, "due")?,
+                            due_ms: be_u64(&v, 0..8, "due")?,
+                        })
                     })
-                })
-                .collect()
-        })
+                    .collect()
+            },
+            |d| (d.group_id, d.object_id),
+        )
     }
 
     fn load_product<'a>(
@@ -854,7 +1119,7 @@ impl Store for FjallStore {
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ProductRecord>, StorageError>> {
         let key = keys::product_key(shop_id, product_id);
-        self.read(move |t| decode_one(t, Table::Products, key))
+        self.read_shop(shop_id, move |t| decode_one(t, Table::Products, key))
     }
 
     fn groups_with_card<'a>(
@@ -863,22 +1128,25 @@ impl Store for FjallStore {
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>> {
         let prefix = keys::card_prefix(shop_id, product_id);
-        self.read(move |t| {
-            t.get(Table::Cards)
-                .prefix(&prefix)
-                .map(|guard| {
-                    let k = guard.key().map_err(read_err)?;
-                    be_u64(&k, prefix.len()..prefix.len() + 8, "cards")
-                })
-                .collect()
-        })
+        self.read_every_sorted(
+            move |t| {
+                t.get(Table::Cards)
+                    .prefix(&prefix)
+                    .map(|guard| {
+                        let k = guard.key().map_err(read_err)?;
+                        be_u64(&k, prefix.len()..prefix.len() + 8, "cards")
+                    })
+                    .collect()
+            },
+            |id| *id,
+        )
     }
 
     fn load_reach_use(
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Option<ReachUse>, StorageError>> {
-        self.read(move |t| {
+        self.read_group(group_id, move |t| {
             t.get(Table::Reach)
                 .get(keys::group_key(group_id))
                 .map_err(read_err)?
@@ -898,7 +1166,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<FeedbackDay>, StorageError>> {
         let prefix = keys::feedback_prefix(shop_id);
-        self.read(move |t| {
+        self.read_shop(shop_id, move |t| {
             t.get(Table::Feedback)
                 .prefix(&prefix)
                 .map(|guard| {
@@ -917,7 +1185,7 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
-        self.read(move |t| {
+        self.read_group(group_id, move |t| {
             t.get(Table::PromotionMutes)
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
@@ -932,11 +1200,15 @@ impl Store for FjallStore {
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<ReportRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(t, Table::Reports, &keys::group_key(group_id)))
+        self.read_group(group_id, move |t| {
+            decode_prefix(t, Table::Reports, &keys::group_key(group_id))
+        })
     }
 
     fn load_faq(&self, group_id: u64) -> BoxFuture<'_, Result<Vec<FaqRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(t, Table::Faq, &keys::group_key(group_id)))
+        self.read_group(group_id, move |t| {
+            decode_prefix(t, Table::Faq, &keys::group_key(group_id))
+        })
     }
 
     fn load_buyer_tags<'a>(
@@ -945,7 +1217,7 @@ impl Store for FjallStore {
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
         let key = keys::product_key(shop_id, user_id);
-        self.read(move |t| decode_one(t, Table::BuyerTags, key))
+        self.read_shop(shop_id, move |t| decode_one(t, Table::BuyerTags, key))
     }
 
     fn load_cs_shop<'a>(
@@ -953,7 +1225,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CsShopRecord>, StorageError>> {
         let key = shop_id.as_bytes().to_vec();
-        self.read(move |t| decode_one(t, Table::CsShops, key))
+        self.read_shop(shop_id, move |t| decode_one(t, Table::CsShops, key))
     }
 
     fn load_cs_buyer<'a>(
@@ -962,18 +1234,23 @@ impl Store for FjallStore {
         buyer_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
         let key = keys::product_key(shop_id, buyer_id);
-        self.read(move |t| decode_one(t, Table::CsBuyers, key))
+        self.read_shop(shop_id, move |t| decode_one(t, Table::CsBuyers, key))
     }
 
     fn load_schedules(&self) -> BoxFuture<'_, Result<Vec<ScheduleRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(t, Table::Schedules, &[]))
+        self.read_every_sorted(
+            move |t| decode_prefix(t, Table::Schedules, &[]),
+            |s: &ScheduleRecord| (s.group_id, s.schedule_id),
+        )
     }
 
     fn load_join_requests(
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<JoinRequestRecord>, StorageError>> {
-        self.read(move |t| decode_prefix(t, Table::JoinRequests, &keys::group_key(group_id)))
+        self.read_group(group_id, move |t| {
+            decode_prefix(t, Table::JoinRequests, &keys::group_key(group_id))
+        })
     }
 
     fn load_auto_replies<'a>(
@@ -981,14 +1258,16 @@ impl Store for FjallStore {
         shop_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<AutoReplyRecord>, StorageError>> {
         let prefix = keys::feedback_prefix(shop_id);
-        self.read(move |t| decode_prefix(t, Table::AutoReplies, &prefix))
+        self.read_shop(shop_id, move |t| {
+            decode_prefix(t, Table::AutoReplies, &prefix)
+        })
     }
 
     fn load_member_flags(
         &self,
         group_id: u64,
     ) -> BoxFuture<'_, Result<Vec<(String, MemberFlagsRecord)>, StorageError>> {
-        self.read(move |t| {
+        self.read_group(group_id, move |t| {
             t.get(Table::MemberFlags)
                 .prefix(keys::group_key(group_id))
                 .map(|guard| {
@@ -1006,27 +1285,190 @@ impl Store for FjallStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract;
+    use crate::{StoreExt, contract};
 
     struct FjallHarness {
         dir: tempfile::TempDir,
+        partitions: usize,
     }
 
     impl contract::Harness for FjallHarness {
         async fn open(&mut self) -> Arc<dyn Store> {
-            Arc::new(FjallStore::open(FjallConfig::new(self.dir.path())).expect("open"))
+            Arc::new(open(self.dir.path(), self.partitions))
         }
     }
 
-    fn harness() -> FjallHarness {
-        FjallHarness {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+    fn open(path: &std::path::Path, partitions: usize) -> FjallStore {
+        let mut config = FjallConfig::new(path);
+        config.partitions = partitions;
+        FjallStore::open(config).expect("open")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fjall_passes_the_storage_contract() {
-        contract::run_all(harness).await;
+        contract::run_all(|| FjallHarness {
+            dir: tempfile::tempdir().expect("tempdir"),
+            partitions: 1,
+        })
+        .await;
+    }
+
+    /// Three partitions on any machine, so that shops really spread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitioned_fjall_passes_the_storage_contract() {
+        contract::run_all(|| FjallHarness {
+            dir: tempfile::tempdir().expect("tempdir"),
+            partitions: 3,
+        })
+        .await;
+    }
+
+    fn group(group_id: u64, shop_id: &str) -> WriteOp {
+        WriteOp::PutGroup(GroupRecord {
+            group_id,
+            shop_id: shop_id.into(),
+            ..Default::default()
+        })
+    }
+
+    /// A shop that lives in `partition`.
+    fn shop_in(store: &FjallStore, partition: usize) -> String {
+        (0..)
+            .map(|i| format!("shop-{i}"))
+            .find(|s| store.inner.homes.of_shop(s) == partition)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_shop_and_its_groups_are_written_in_one_partition_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 2);
+        let (a, b) = (shop_in(&store, 0), shop_in(&store, 1));
+        store.write(vec![group(1, &a)]).await.unwrap();
+        store
+            .write(vec![
+                group(2, &b),
+                WriteOp::AppendMessage(MessageRecord {
+                    group_id: 2,
+                    seq: 1,
+                    ..Default::default()
+                }),
+            ])
+            .await
+            .unwrap();
+        let in_partition = |p: usize, table: Table, key: Vec<u8>| {
+            let tables = store.tables(p).unwrap();
+            tables.get(table).get(key).unwrap().is_some()
+        };
+        assert!(in_partition(0, Table::Groups, keys::group_key(1).to_vec()));
+        assert!(!in_partition(1, Table::Groups, keys::group_key(1).to_vec()));
+        assert!(in_partition(1, Table::Groups, keys::group_key(2).to_vec()));
+        assert!(in_partition(
+            1,
+            Table::Messages,
+            keys::message_key(2, 1).to_vec()
+        ));
+        assert!(!in_partition(
+            0,
+            Table::Messages,
+            keys::message_key(2, 1).to_vec()
+        ));
+        store.close().await.unwrap();
+        assert!(dir.path().join("p1").join("version").exists());
+    }
+
+    #[tokio::test]
+    async fn a_folder_from_before_partitions_opens_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What earlier versions wrote: one database at the folder's root.
+            let db = Database::builder(dir.path()).open().unwrap();
+            let groups = db
+                .keyspace("groups", KeyspaceCreateOptions::default)
+                .unwrap();
+            let record = GroupRecord {
+                group_id: 5,
+                shop_id: "old-shop".into(),
+                ..Default::default()
+            };
+            groups
+                .insert(keys::group_key(5), prost::Message::encode_to_vec(&record))
+                .unwrap();
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let store = open(dir.path(), 4);
+        assert_eq!(store.partitions(), 1);
+        let group = store.load_group(5).await.unwrap();
+        assert_eq!(group.map(|g| g.shop_id).as_deref(), Some("old-shop"));
+        store.close().await.unwrap();
+        assert!(!dir.path().join("partitions").exists());
+    }
+
+    #[tokio::test]
+    async fn a_submission_for_two_shops_is_reported_once_both_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 2);
+        let (a, b) = (shop_in(&store, 0), shop_in(&store, 1));
+        let feedback = |shop: &str| WriteOp::PutFeedback {
+            shop_id: shop.into(),
+            day: 1,
+            positive: 2,
+            negative: 3,
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let counted = calls.clone();
+        store
+            .submit(
+                vec![feedback(&a), feedback(&b)],
+                Box::new(move |r| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let _ = tx.send(r);
+                }),
+            )
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one callback for both parts"
+        );
+        let day = FeedbackDay {
+            day: 1,
+            positive: 2,
+            negative: 3,
+        };
+        assert_eq!(store.load_feedback(&a).await.unwrap(), [day]);
+        assert_eq!(store.load_feedback(&b).await.unwrap(), [day]);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_partition_refuses_a_split_submission_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 2);
+        let (a, b) = (shop_in(&store, 0), shop_in(&store, 1));
+        // Fill partition 1's queue by hand, as a stalled writer would.
+        let full = &store.inner.partitions[1];
+        full.queued.store(full.capacity, Ordering::SeqCst);
+        let feedback = |shop: &str| WriteOp::PutFeedback {
+            shop_id: shop.into(),
+            day: 1,
+            positive: 1,
+            negative: 0,
+        };
+        let r = store.submit(vec![feedback(&a), feedback(&b)], Box::new(|_| {}));
+        assert!(matches!(r, Err(StorageError::Overloaded)), "{r:?}");
+        assert_eq!(
+            store.inner.partitions[0].queued.load(Ordering::SeqCst),
+            0,
+            "the part for partition 0 was not queued"
+        );
+        full.queued.store(0, Ordering::SeqCst);
+        store.flush().await.unwrap();
+        assert!(store.load_feedback(&a).await.unwrap().is_empty());
+        store.close().await.unwrap();
     }
 
     #[tokio::test]
@@ -1065,8 +1507,8 @@ mod tests {
     async fn corrupt_record_is_reported_not_panicking() {
         let dir = tempfile::tempdir().unwrap();
         let store = FjallStore::open(FjallConfig::new(dir.path())).unwrap();
-        lock(&store.inner.tables)
-            .as_ref()
+        store
+            .tables(store.inner.homes.of_group(9))
             .unwrap()
             .get(Table::Groups)
             .insert(keys::group_key(9), b"\xff\xff\xff".to_vec())

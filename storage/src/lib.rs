@@ -7,10 +7,11 @@
 //! - [`Store`]: the trait every backend implements. Writes are *submitted*
 //!   (queued at once, in order) and reported durable later through a
 //!   callback; reads are async.
-//! - [`FjallStore`]: the embedded default on fjall. One writer thread turns
+//! - [`FjallStore`]: the embedded default on fjall. A writer thread turns
 //!   whatever has queued up into one atomic batch and one journal fsync —
 //!   group commit — so throughput grows with load while an idle server adds
-//!   no waiting.
+//!   no waiting. The folder is split into partitions by shop, each with its
+//!   own journal and writer, so the cores share the writing.
 //! - [`scylla_store::ScyllaStore`]: the clustered store on ScyllaDB (or
 //!   Cassandra 4.x), for deployments that outgrow one machine.
 //! - [`Coalescing`]: wraps a store so that concurrent reads of the same
