@@ -54,6 +54,10 @@ pub struct Config {
     /// fsync the store's journal at every group commit. Turning it off keeps
     /// data safe from a process crash but not from a power loss.
     pub fsync: bool,
+    /// Partitions of a new embedded data folder, each with its own journal
+    /// and writer thread (1 to 64; 0: one per core). A folder keeps the
+    /// count it was created with.
+    pub store_partitions: usize,
     /// `max_members` of a group created without one.
     pub default_max_members: u32,
     /// Largest `max_members` a group may have.
@@ -147,6 +151,7 @@ impl Default for Config {
             reconnect_hint_ms: 1_000,
             token_key: String::new(),
             fsync: true,
+            store_partitions: 0,
             default_max_members: 5_000,
             max_members_limit: 100_000,
             recent_ring: 256,
@@ -326,6 +331,9 @@ impl Config {
         }
         if self.default_max_members < 2 || self.default_max_members > self.max_members_limit {
             return bad("default_max_members must be between 2 and max_members_limit".into());
+        }
+        if self.store_partitions > 64 {
+            return bad("store_partitions must be 0 (one per core) to 64".into());
         }
         if self.recent_ring < 50 {
             return bad("recent_ring must be at least 50 (a join returns the latest 50)".into());
@@ -534,6 +542,7 @@ mod tests {
             ),
             ("scylla_consistency = \"serial\"", "scylla_consistency"),
             ("scylla_replication = \"dc1\"", "scylla_replication"),
+            ("store_partitions = 65", "store_partitions"),
         ] {
             std::fs::write(&file, text).unwrap();
             let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err();

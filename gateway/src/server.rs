@@ -141,6 +141,9 @@ pub async fn open_store(
     }
     let mut store_config = FjallConfig::new(&config.data_dir);
     store_config.fsync = config.fsync;
+    if config.store_partitions > 0 {
+        store_config.partitions = config.store_partitions;
+    }
     Ok((Arc::new(FjallStore::open(store_config)?), None))
 }
 
@@ -375,6 +378,21 @@ async fn commerce_ticks(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_store_is_opened_with_the_configured_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            store_partitions: 3,
+            ..Config::default()
+        };
+        let (store, _) = open_store(&config).await.unwrap();
+        store.close().await.unwrap();
+        let count = std::fs::read_to_string(dir.path().join("partitions")).unwrap();
+        assert_eq!(count.trim(), "3");
+        assert!(dir.path().join("p2").is_dir());
+    }
 
     #[tokio::test]
     async fn a_busy_address_is_refused_with_its_name() {
