@@ -42,6 +42,9 @@ impl TestServer {
             ws_listen: "127.0.0.1:0".parse().unwrap(),
             http_listen: "127.0.0.1:0".parse().unwrap(),
             quic_listen: "127.0.0.1:0".parse().unwrap(),
+            // More partitions than this machine's cores, fixed, so that
+            // every test's shops spread over several whatever runs it.
+            store_partitions: 3,
             ..Config::default()
         };
         tweak(&mut config);
