@@ -120,11 +120,17 @@ fn load_config(common: &CommonFlags, overrides: &Overrides) -> Result<Config, Ex
     })
 }
 
+/// The log filter without `RUST_LOG`: Qun's own events at info; the
+/// storage engine's only from warn, as it logs a few lines for every
+/// keyspace of every partition at each start.
+const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal: a log file or journald would keep

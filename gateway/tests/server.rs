@@ -455,3 +455,44 @@ fn the_binary_exits_64_on_a_bad_config_and_prints_usable_tokens() {
         "an agent token without a shop must be refused"
     );
 }
+
+/// At the default log level the server's own start-up lines are there and
+/// the storage engine's per-keyspace chatter (dozens of lines per
+/// partition) is not.
+#[test]
+fn the_default_log_keeps_the_storage_engine_quiet() {
+    use std::io::{BufRead, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qun"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--quic-listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut listening = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut listening)
+        .unwrap();
+    assert!(listening.contains("listening"), "{listening:?}");
+    let pid = child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{log}");
+    assert!(log.contains("embedded store open"), "{log}");
+    assert!(!log.contains("lsm_tree"), "{log}");
+    assert!(!log.contains(" fjall::"), "{log}");
+}
