@@ -1304,23 +1304,23 @@ mod tests {
         FjallStore::open(config).expect("open")
     }
 
+    /// Fresh harnesses of stores with `partitions` partitions.
+    fn fresh(partitions: usize) -> impl FnMut() -> FjallHarness {
+        move || FjallHarness {
+            dir: tempfile::tempdir().expect("tempdir"),
+            partitions,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fjall_passes_the_storage_contract() {
-        contract::run_all(|| FjallHarness {
-            dir: tempfile::tempdir().expect("tempdir"),
-            partitions: 1,
-        })
-        .await;
+        contract::run_all(fresh(1)).await;
     }
 
     /// Three partitions on any machine, so that shops really spread.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn partitioned_fjall_passes_the_storage_contract() {
-        contract::run_all(|| FjallHarness {
-            dir: tempfile::tempdir().expect("tempdir"),
-            partitions: 3,
-        })
-        .await;
+        contract::run_all(fresh(3)).await;
     }
 
     fn group(group_id: u64, shop_id: &str) -> WriteOp {
