@@ -19,7 +19,7 @@ use crate::records::{
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
 };
-use partitions::Homes;
+use partitions::{Homes, Placement};
 
 /// How the embedded store is opened.
 #[derive(Debug, Clone)]
@@ -318,31 +318,24 @@ impl FjallStore {
         })
     }
 
+    /// Waits until every submission made before the call is durable, in
+    /// every partition.
     fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        let waits: Vec<_> = (0..self.partitions())
-            .map(|p| {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let queued = self.enqueue(vec![(
-                    p,
-                    Job::Flush(Box::new(move |r| {
-                        let _ = tx.send(r);
-                    })),
-                )]);
-                (queued, rx)
-            })
-            .collect();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let callback = joint(
+            self.partitions(),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let queued = self.enqueue(
+            (0..self.partitions())
+                .map(|p| (p, Job::Flush(callback())))
+                .collect(),
+        );
         Box::pin(async move {
-            let mut first_err = None;
-            for (queued, rx) in waits {
-                let r = match queued {
-                    Ok(()) => rx.await.unwrap_or(Err(StorageError::Closed)),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = r {
-                    first_err.get_or_insert(e);
-                }
-            }
-            first_err.map_or(Ok(()), Err)
+            queued?;
+            rx.await.unwrap_or(Err(StorageError::Closed))
         })
     }
 }
@@ -890,11 +883,12 @@ fn read_err(e: fjall::Error) -> StorageError {
 
 impl Store for FjallStore {
     fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError> {
-        let homes = self.inner.homes.settle(&ops);
-        let first = homes.first().copied().unwrap_or(0);
-        if homes.iter().all(|h| *h == first) {
-            return self.enqueue(vec![(first, Job::Write(prepare(ops), done))]);
-        }
+        let homes = match self.inner.homes.settle(&ops) {
+            Placement::One(home) => {
+                return self.enqueue(vec![(home, Job::Write(prepare(ops), done))]);
+            }
+            Placement::Each(homes) => homes,
+        };
         // A submission that names several shops: one part per partition.
         let mut parts: Vec<Vec<WriteOp>> = (0..self.partitions()).map(|_| Vec::new()).collect();
         for (op, home) in ops.into_iter().zip(homes) {

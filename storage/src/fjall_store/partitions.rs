@@ -177,15 +177,16 @@ impl Homes {
         self.groups.get(&group_id).map_or(0, |p| *p)
     }
 
-    /// The partition of each of `ops`, in order.
+    /// Where `ops` go: one partition (every submission chat-core makes but
+    /// the feedback tick), or the partition of each op, in order.
     ///
     /// A group seen for the first time is settled here, for good: with its
     /// shop when the submission carries its record, in partition 0 when
     /// its rows come before any record (which chat-core never does; a
     /// store fed by hand may).
-    pub(super) fn settle(&self, ops: &[WriteOp]) -> Vec<usize> {
+    pub(super) fn settle(&self, ops: &[WriteOp]) -> Placement {
         if self.count == 1 {
-            return vec![0; ops.len()];
+            return Placement::One(0);
         }
         for op in ops {
             if let WriteOp::PutGroup(g) = op {
@@ -193,16 +194,30 @@ impl Homes {
                 self.groups.entry(g.group_id).or_insert(home);
             }
         }
-        ops.iter()
-            .map(|op| match owner(op) {
-                Owner::Shop(shop_id) => self.of_shop(shop_id),
-                Owner::Group(group_id) => match self.groups.get(&group_id) {
-                    Some(p) => *p,
-                    None => *self.groups.entry(group_id).or_insert(0),
-                },
-            })
-            .collect()
+        let home = |op: &WriteOp| match owner(op) {
+            Owner::Shop(shop_id) => self.of_shop(shop_id),
+            Owner::Group(group_id) => match self.groups.get(&group_id) {
+                Some(p) => *p,
+                None => *self.groups.entry(group_id).or_insert(0),
+            },
+        };
+        let Some(first) = ops.first().map(home) else {
+            return Placement::One(0);
+        };
+        match ops[1..].iter().position(|op| home(op) != first) {
+            None => Placement::One(first),
+            Some(_) => Placement::Each(ops.iter().map(home).collect()),
+        }
     }
+}
+
+/// Where the ops of one submission go.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Placement {
+    /// All to this partition.
+    One(usize),
+    /// Each op to its partition, in order.
+    Each(Vec<usize>),
 }
 
 /// 64-bit FNV-1a: a hash that stays the same across Rust versions and
@@ -256,7 +271,7 @@ mod tests {
                 },
             ];
             let home = homes.of_shop(shop);
-            assert_eq!(homes.settle(&ops), vec![home; 3], "{shop}");
+            assert_eq!(homes.settle(&ops), Placement::One(home), "{shop}");
             assert_eq!(homes.of_group(group_id), home);
         }
     }
@@ -273,13 +288,20 @@ mod tests {
             user_id: "u".into(),
             seq: 1,
         };
-        assert_eq!(homes.settle(std::slice::from_ref(&message)), vec![0]);
+        assert_eq!(
+            homes.settle(std::slice::from_ref(&message)),
+            Placement::One(0)
+        );
         let record = WriteOp::PutGroup(GroupRecord {
             group_id: 7,
             shop_id: shop,
             ..Default::default()
         });
-        assert_eq!(homes.settle(&[record]), vec![0], "not moved to its shop's");
+        assert_eq!(
+            homes.settle(&[record]),
+            Placement::One(0),
+            "not moved to its shop's"
+        );
         assert_eq!(homes.of_group(7), 0);
     }
 
