@@ -77,6 +77,39 @@ pub enum QuicError {
     },
 }
 
+/// What the server asks of the kernel for each of its QUIC socket's buffers.
+///
+/// Every client's first packet is padded to 1,200 bytes, and a reconnect
+/// storm queues hundreds of them on the one socket at once. Linux's default
+/// receive buffer (208 KiB) holds about a hundred; the kernel drops the rest
+/// (`RcvbufErrors` in `/proc/net/snmp`), and each dropped phone waits for its
+/// retransmit timer, a second at first, before it tries again.
+const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Binds the QUIC socket at `addr` with [`UDP_BUFFER_BYTES`] buffers, or
+/// as much as the kernel allows (`net.core.rmem_max`, `net.core.wmem_max`),
+/// with a warning naming the setting when that is less.
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let sock = socket2::SockRef::from(&socket);
+    // The kernel caps these silently; what it granted is read back below.
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER_BYTES);
+    // Linux reports twice what it grants (the rest is its bookkeeping), so
+    // less than the ask means it capped it.
+    let granted = sock.recv_buffer_size()?;
+    if granted < UDP_BUFFER_BYTES {
+        tracing::warn!(
+            asked = UDP_BUFFER_BYTES,
+            granted,
+            "the kernel capped the QUIC socket's receive buffer: in a reconnect storm it \
+             drops handshakes, which then wait a second to retry; raise net.core.rmem_max \
+             (sysctl) to at least {UDP_BUFFER_BYTES}"
+        );
+    }
+    Ok(socket)
+}
+
 /// The lowercase hex SHA-256 of a certificate (DER): what clients pin.
 pub fn fingerprint(cert_der: &[u8]) -> String {
     Sha256::digest(cert_der)
@@ -186,8 +219,7 @@ impl QuicListener {
         // A phone moving from Wi-Fi to cellular keeps its connection.
         server.migration(true);
         let addr = config.quic_listen;
-        let socket =
-            std::net::UdpSocket::bind(addr).map_err(|source| QuicError::Bind { addr, source })?;
+        let socket = bind_udp(addr).map_err(|source| QuicError::Bind { addr, source })?;
         let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Bind {
             addr,
             source: io::Error::other("no async runtime"),
@@ -370,5 +402,26 @@ impl FrameSink for QuicSink {
     async fn shutdown(&mut self) {
         self.finish().await;
         self.connection.close(VarInt::from(close::NORMAL), b"");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The QUIC socket gets the big receive buffer, as far as this kernel
+    /// allows: without it a reconnect storm loses handshakes.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_quic_socket_asks_for_a_big_receive_buffer() {
+        let socket = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let granted = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Linux grants min(ask, rmem_max) and reports twice that.
+        assert_eq!(granted, 2 * UDP_BUFFER_BYTES.min(cap));
     }
 }
