@@ -300,14 +300,18 @@ struct Totals {
     gaps: u64,
     counts: BTreeMap<String, u64>,
     latency: Latency,
+    /// Flash sale: the joins that won a slot (none for other scenarios).
+    winners_latency: Option<Latency>,
 }
 
 fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
     let mut h = histogram();
+    let mut won = histogram();
     let mut counts = BTreeMap::new();
     let (mut ops, mut lost, mut duplicates, mut gaps) = (0, 0, 0, 0);
     for r in results {
         merge(&mut h, &r.latency)?;
+        merge(&mut won, &r.winners_latency)?;
         ops += r.ops;
         lost += r.lost;
         duplicates += r.duplicates;
@@ -326,6 +330,7 @@ fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
         gaps,
         counts,
         latency: Latency::of(&h),
+        winners_latency: (!won.is_empty()).then(|| Latency::of(&won)),
     })
 }
 
@@ -366,6 +371,7 @@ fn report(scenario: &str, params: &[(&str, String)]) -> Report {
             .collect(),
         figures: BTreeMap::new(),
         latency: None,
+        winners_latency: None,
         counts: BTreeMap::new(),
         checks: BTreeMap::new(),
         elapsed_ms: 0.0,
@@ -600,6 +606,7 @@ async fn flash_sale(
     r.figures
         .insert("joins_per_sec".into(), t.ops as f64 / took.as_secs_f64());
     r.latency = Some(t.latency);
+    r.winners_latency = t.winners_latency;
     r.counts = t.counts;
     r.counts
         .insert("members_connected".into(), connected as u64);

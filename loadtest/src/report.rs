@@ -77,6 +77,10 @@ pub(crate) struct Report {
     pub(crate) figures: BTreeMap<String, f64>,
     /// Latency of the measured operation.
     pub(crate) latency: Option<Latency>,
+    /// Flash sale: latency of the joins that won a slot, the ones that
+    /// wait for durability.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) winners_latency: Option<Latency>,
     /// Counts by name (answers, errors).
     pub(crate) counts: BTreeMap<String, u64>,
     /// Checks that must hold (exactly K joined, nothing lost…).
@@ -108,15 +112,17 @@ impl Report {
         for (k, v) in &self.figures {
             row(&mut out, k, format!("{v:.1}"));
         }
+        let percentiles = |l: &Latency| {
+            format!(
+                "p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
+                l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
+            )
+        };
         if let Some(l) = &self.latency {
-            row(
-                &mut out,
-                "latency (ms)",
-                format!(
-                    "p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
-                    l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
-                ),
-            );
+            row(&mut out, "latency (ms)", percentiles(l));
+        }
+        if let Some(l) = &self.winners_latency {
+            row(&mut out, "winners latency (ms)", percentiles(l));
         }
         for (k, v) in &self.counts {
             row(&mut out, k, v.to_string());
@@ -155,6 +161,7 @@ mod tests {
             params: BTreeMap::new(),
             figures: BTreeMap::new(),
             latency: None,
+            winners_latency: None,
             counts: BTreeMap::new(),
             checks: BTreeMap::from([("exactly_slots_joined".into(), true)]),
             elapsed_ms: 1.0,

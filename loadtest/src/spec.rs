@@ -120,4 +120,13 @@ pub(crate) struct WorkerResult {
     pub(crate) results: BTreeMap<String, u64>,
     /// Errors by kind.
     pub(crate) errors: BTreeMap<String, u64>,
+    /// Flash sale: latencies of the joins that won a slot alone, encoded
+    /// as `latency` (empty for other scenarios). Winners wait for their
+    /// entry to be durable; the others are answered from memory.
+    #[serde(default)]
+    pub(crate) winners_latency: String,
+    /// A member's raw winner samples (µs), folded into `winners_latency`
+    /// by its worker; never sent.
+    #[serde(skip)]
+    pub(crate) won_us: Vec<u64>,
 }

@@ -157,6 +157,7 @@ async fn measure(
         .collect();
     let mut total = WorkerResult::default();
     let mut latency = histogram();
+    let mut won = histogram();
     let mut kept = Vec::new();
     for t in tasks {
         let Ok((r, samples, client)) = t.await else {
@@ -176,9 +177,15 @@ async fn measure(
         for us in samples {
             let _ = latency.record(us.max(1));
         }
+        for us in r.won_us {
+            let _ = won.record(us.max(1));
+        }
         kept.extend(client);
     }
     total.latency = encode(&latency);
+    if !won.is_empty() {
+        total.winners_latency = encode(&won);
+    }
     (total, kept)
 }
 
@@ -266,7 +273,11 @@ async fn member(
             let t = Instant::now();
             match client.join_group_buy(group, group_buy).await {
                 Ok(a) => {
-                    h.push(micros(t.elapsed()));
+                    let us = micros(t.elapsed());
+                    h.push(us);
+                    if a.result() == qun_client::proto::CommerceResult::Joined {
+                        r.won_us.push(us);
+                    }
                     let name = a
                         .result()
                         .as_str_name()

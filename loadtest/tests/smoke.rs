@@ -117,6 +117,9 @@ async fn fanout_and_flash_sale_measure_and_check() {
     assert_eq!(r["counts"]["group_buy_joined"], 5, "{r}");
     assert_eq!(r["counts"]["sold_out"], 7, "{r}");
     assert_eq!(r["checks"]["exactly_slots_joined"], true);
+    // The winners' latency apart: exactly the five who joined.
+    assert_eq!(r["winners_latency"]["count"], 5, "{r}");
+    assert_eq!(r["latency"]["count"], 12, "{r}");
 
     // The same over QUIC, with the certificate pinned.
     let (out, r) = loadtest(
