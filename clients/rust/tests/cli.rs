@@ -191,18 +191,39 @@ async fn start(dir: &std::path::Path, ws_listen: &str) -> Started {
     }
 }
 
+/// A free loopback port below the kernel's ephemeral range, for a server
+/// that is stopped and started again on the same port.
+///
+/// A port from the ephemeral range (what binding port 0 gives) can be
+/// taken while the server is down: by the source port of a parallel test's
+/// connection, by another server binding port 0, or by the retrying client
+/// itself connecting to its own port (a TCP self-connect). Any of these
+/// made the restart fail with "Address already in use" now and then.
+fn port_to_restart_on() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let floor = 10_000u16.min(ephemeral_low.saturating_sub(1));
+    let span = ephemeral_low.saturating_sub(floor).max(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let start = floor + (nanos % u32::from(span)) as u16;
+    (start..ephemeral_low)
+        .chain(floor..start)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_is_idempotent_and_retries_until_the_server_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let key = TokenKey::load_or_create(dir.path()).unwrap();
     let agent = token(&key, "mei", "agent", Some("shop-1"));
     // A port nothing listens on yet: the send must wait for the server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", port_to_restart_on());
     let (url, shutdown, server) = start_server(dir.path(), &addr).await;
     let group = stdout(&cli(&url, &agent, &["group", "create", "--name", "Retry"]).await);
     let group = group.trim().to_string();
