@@ -19,6 +19,10 @@ use qun_gateway::auth::TokenKey;
 use qun_gateway::{Config, Listeners};
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the `qun` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)

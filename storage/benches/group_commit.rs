@@ -27,6 +27,11 @@ use qun_storage::records::{GroupRecord, MessageRecord};
 use qun_storage::{FjallConfig, FjallStore, Store, StoreExt, WriteOp};
 use tokio::sync::Semaphore;
 
+/// The allocator the `qun` binary uses, so the bench measures the store
+/// as the server runs it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<u64> = std::env::args()
         .skip(1)
