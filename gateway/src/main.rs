@@ -227,6 +227,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async {
         let listeners = Listeners::bind(&config).await?;
+        // Handlers first: a supervisor may signal as soon as it reads the
+        // line below, and that must still be a graceful shutdown.
+        let signals = install_signals();
         // One line on stdout with the bound addresses, for scripts and tests
         // that listen on port 0 (logs go to stderr).
         println!(
@@ -238,7 +241,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
             listeners.quic_fingerprint()
         );
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        if let Some(signals) = signals {
+            tokio::spawn(watch_signals(signals, shutdown.clone()));
+        }
         qun_gateway::run(config, listeners, shutdown).await?;
         Ok(())
     })
@@ -271,16 +276,26 @@ fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first SIGTERM or SIGINT shuts down gracefully; a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
+/// SIGTERM and SIGINT, caught from now on; `None` (logged) if they cannot be.
+fn install_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+    ) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            None
+        }
+    }
+}
+
+/// The first SIGTERM or SIGINT shuts down gracefully; a second one exits at once.
+async fn watch_signals(
+    (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+    shutdown: CancellationToken,
+) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::info!("signal received; shutting down gracefully (send another to exit at once)");
     shutdown.cancel();
