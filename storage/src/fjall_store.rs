@@ -318,6 +318,32 @@ impl FjallStore {
         })
     }
 
+    /// The group ids that end the keys under `prefix` of an index table
+    /// (`… | group_id`: a user's groups, a product's cards), from every
+    /// partition, ascending.
+    fn group_ids_under(
+        &self,
+        table: Table,
+        prefix: Vec<u8>,
+    ) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
+        self.read_every_sorted(
+            move |t| {
+                t.get(table)
+                    .prefix(&prefix)
+                    .map(|guard| {
+                        let k = guard.key().map_err(read_err)?;
+                        let id: [u8; 8] = k
+                            .get(prefix.len()..)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| StorageError::corrupt(table.name(), "key length"))?;
+                        Ok(u64::from_be_bytes(id))
+                    })
+                    .collect()
+            },
+            |id| *id,
+        )
+    }
+
     /// Waits until every submission made before the call is durable, in
     /// every partition.
     fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
@@ -960,23 +986,7 @@ impl Store for FjallStore {
     }
 
     fn groups_of_user(&self, user_id: &str) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
-        let prefix = keys::user_group_prefix(user_id);
-        self.read_every_sorted(
-            move |t| {
-                t.get(Table::UserGroups)
-                    .prefix(&prefix)
-                    .map(|guard| {
-                        let k = guard.key().map_err(read_err)?;
-                        let id: [u8; 8] = k
-                            .get(prefix.len()..)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or_else(|| StorageError::corrupt("user_groups", "key length"))?;
-                        Ok(u64::from_be_bytes(id))
-                    })
-                    .collect()
-            },
-            |id| *id,
-        )
+        self.group_ids_under(Table::UserGroups, keys::user_group_prefix(user_id))
     }
 
     fn max_group_id(&self) -> BoxFuture<'_, Result<u64, StorageError>> {
@@ -1121,19 +1131,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<u64>, StorageError>> {
-        let prefix = keys::card_prefix(shop_id, product_id);
-        self.read_every_sorted(
-            move |t| {
-                t.get(Table::Cards)
-                    .prefix(&prefix)
-                    .map(|guard| {
-                        let k = guard.key().map_err(read_err)?;
-                        be_u64(&k, prefix.len()..prefix.len() + 8, "cards")
-                    })
-                    .collect()
-            },
-            |id| *id,
-        )
+        self.group_ids_under(Table::Cards, keys::card_prefix(shop_id, product_id))
     }
 
     fn load_reach_use(
