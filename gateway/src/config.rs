@@ -332,8 +332,11 @@ impl Config {
         if self.default_max_members < 2 || self.default_max_members > self.max_members_limit {
             return bad("default_max_members must be between 2 and max_members_limit".into());
         }
-        if self.store_partitions > 64 {
-            return bad("store_partitions must be 0 (one per core) to 64".into());
+        if self.store_partitions > qun_storage::MAX_PARTITIONS {
+            return bad(format!(
+                "store_partitions must be 0 (one per core) to {}",
+                qun_storage::MAX_PARTITIONS
+            ));
         }
         if self.recent_ring < 50 {
             return bad("recent_ring must be at least 50 (a join returns the latest 50)".into());

@@ -21,6 +21,10 @@ use crate::{
 };
 use partitions::{Homes, Placement};
 
+/// The most partitions a data folder may have: far more than the cores of
+/// any machine Qun runs on, each one a journal and a writer thread.
+pub const MAX_PARTITIONS: usize = 64;
+
 /// How the embedded store is opened.
 #[derive(Debug, Clone)]
 pub struct FjallConfig {
@@ -34,7 +38,7 @@ pub struct FjallConfig {
     pub queue_capacity: usize,
     /// Most submissions folded into one batch (one fsync).
     pub max_batch: usize,
-    /// Partitions of a *new* data folder (1 to 64): each is a database with
+    /// Partitions of a *new* data folder (1 to [`MAX_PARTITIONS`]): each is a database with
     /// its own journal and writer thread, and a shop with all its groups
     /// lives in one of them. Default: the number of cores. A folder keeps
     /// the count it was created with; this setting does not change it.

@@ -53,7 +53,7 @@ pub mod scylla_store;
 
 pub use coalesce::{Coalescing, CoalescingStats};
 pub use error::StorageError;
-pub use fjall_store::{FjallConfig, FjallStore};
+pub use fjall_store::{FjallConfig, FjallStore, MAX_PARTITIONS};
 
 use records::{
     AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,

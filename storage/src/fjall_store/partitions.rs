@@ -38,9 +38,7 @@ use crate::{StorageError, WriteOp};
 /// The file in a data folder that records how many partitions it has.
 const COUNT_FILE: &str = "partitions";
 
-/// The most partitions a folder may have: far more than the cores of any
-/// machine Qun runs on, each one a journal and a writer thread.
-pub(super) const MAX_PARTITIONS: usize = 64;
+use super::MAX_PARTITIONS;
 
 /// The databases of the data folder at `root`, one per partition.
 ///
