@@ -96,7 +96,7 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = sock.set_recv_buffer_size(UDP_BUFFER_BYTES);
     let _ = sock.set_send_buffer_size(UDP_BUFFER_BYTES);
     // Linux reports twice what it grants (the rest is its bookkeeping), so
-    // less than the ask means it capped it.
+    // a report below the ask means it granted less than half of it.
     let granted = sock.recv_buffer_size()?;
     if granted < UDP_BUFFER_BYTES {
         tracing::warn!(
