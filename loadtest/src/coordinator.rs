@@ -463,10 +463,15 @@ async fn fanout(
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
     eprintln!("posting for {duration:?}...");
+    let count = senders.len();
     let posting: Vec<_> = senders
         .into_iter()
-        .map(|(g, c)| {
-            tokio::spawn(async move { (g, drive_window(c, g, rate, duration, WINDOW).await) })
+        .enumerate()
+        .map(|(k, (g, c))| {
+            let phase = phase_of(k, count, rate);
+            tokio::spawn(
+                async move { (g, drive_window(c, g, rate, phase, duration, WINDOW).await) },
+            )
         })
         .collect();
     let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
@@ -684,6 +689,17 @@ async fn history(
     Ok(r)
 }
 
+/// When sender `k` of `count`, each posting `rate` messages a second,
+/// posts its first message: the senders take turns evenly over one
+/// interval, as independent phones would, instead of all posting at the
+/// same instant (which turns a steady rate into bursts of `count`).
+fn phase_of(k: usize, count: usize, rate: f64) -> Duration {
+    if rate <= 0.0 || count == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(k as f64 / count as f64 / rate)
+}
+
 /// Posts exactly `n` messages with `WINDOW` in flight; returns (posted,
 /// last seq, errors).
 async fn drive_count(client: Arc<Client>, group: u64, n: u64) -> (u64, u64, u64) {
@@ -706,10 +722,12 @@ mod futures_util_lite {
         client: Arc<Client>,
         group: u64,
         rate: f64,
+        phase: Duration,
         duration: Duration,
         window: usize,
     ) -> (u64, u64, u64) {
-        let started = Instant::now();
+        let started = Instant::now() + phase;
+        tokio::time::sleep_until(started.into()).await;
         let mut set = JoinSet::new();
         let (mut posted, mut last, mut errors) = (0u64, 0u64, 0u64);
         let mut sent = 0u64;
@@ -765,5 +783,19 @@ mod futures_util_lite {
             Some(_) => *errors += 1,
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn senders_take_turns_over_one_interval() {
+        // Four senders at 10 msg/s: one every 25 ms, the first at once.
+        let phases: Vec<Duration> = (0..4).map(|k| phase_of(k, 4, 10.0)).collect();
+        assert_eq!(phases, [0, 25, 50, 75].map(Duration::from_millis).to_vec());
+        // As fast as acks allow: no pacing, so no phase.
+        assert_eq!(phase_of(3, 4, 0.0), Duration::ZERO);
     }
 }

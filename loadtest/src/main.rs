@@ -93,7 +93,8 @@ pub(crate) enum Scenario {
         #[arg(long, default_value_t = 1)]
         senders: usize,
         /// Messages per second per sender; 0: as fast as acks allow (64 in
-        /// flight per sender).
+        /// flight per sender). The senders' posts are spread evenly over
+        /// each interval, not sent all at once.
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
         #[arg(long, default_value = "10s")]
