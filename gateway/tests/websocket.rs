@@ -139,5 +139,16 @@ async fn a_fragmented_hello_is_one_frame_and_other_paths_get_404() {
         response.contains("the WebSocket endpoint is /ws"),
         "{response}"
     );
+
+    // The client library says the same, as a connect error.
+    let wrong = server.url.replace("/ws", "/chat");
+    match qun_client::Client::connect_unauthenticated(&wrong).await {
+        Err(qun_client::ClientError::Connect { detail, .. }) => {
+            assert!(detail.contains("HTTP 404"), "{detail}");
+            assert!(detail.contains("the WebSocket endpoint is /ws"), "{detail}");
+        }
+        Err(e) => panic!("expected a connect error, got {e}"),
+        Ok(_) => panic!("expected a connect error, got a connection"),
+    }
     server.stop().await;
 }

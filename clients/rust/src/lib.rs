@@ -57,6 +57,7 @@ mod push;
 mod reach;
 mod sequencer;
 mod transport;
+mod websocket;
 
 pub use push::Push;
 pub use sequencer::{Sequencer, Step};

@@ -4,13 +4,13 @@
 //! connection closed. docs/protocol.md describes both framings.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
-use futures_util::{SinkExt as _, StreamExt as _};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -18,8 +18,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::{ClientError, ClientOptions, MAX_SERVER_FRAME};
 
@@ -60,86 +58,10 @@ pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<Opened, C
         Some(rest) => open_quic(rest.trim_end_matches('/'), options)
             .await
             .map_err(failed),
-        None => open_ws(url, options.local_ip).await.map_err(failed),
+        None => crate::websocket::connect(url, options.local_ip)
+            .await
+            .map_err(failed),
     }
-}
-
-/// Most bytes one socket read takes. tungstenite zero-fills this much of
-/// its read buffer before every read, so its default (128 KiB) cost more
-/// than decoding: half of a load-test worker's CPU went to `memset`
-/// (docs/benchmarks.md). 8 KiB still takes dozens of pushes per read.
-const WS_READ_BUFFER: usize = 8 * 1024;
-
-async fn open_ws(url: &str, local_ip: Option<IpAddr>) -> Result<Opened, String> {
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_SERVER_FRAME))
-        .max_frame_size(Some(MAX_SERVER_FRAME))
-        .read_buffer_size(WS_READ_BUFFER);
-    let ws = match local_ip {
-        None => {
-            tokio_tungstenite::connect_async_with_config(url, Some(config), true)
-                .await
-                .map_err(|e| e.to_string())?
-                .0
-        }
-        Some(ip) => {
-            let authority = url
-                .strip_prefix("ws://")
-                .and_then(|rest| rest.split('/').next())
-                .ok_or("a local address needs a ws:// URL")?;
-            let server = tokio::net::lookup_host(authority)
-                .await
-                .map_err(|e| e.to_string())?
-                .next()
-                .ok_or_else(|| format!("{authority} resolves to no address"))?;
-            let socket = match ip {
-                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-            }
-            .map_err(|e| e.to_string())?;
-            socket
-                .bind(SocketAddr::new(ip, 0))
-                .map_err(|e| format!("bind {ip}: {e}"))?;
-            let stream = socket.connect(server).await.map_err(|e| e.to_string())?;
-            let _ = stream.set_nodelay(true);
-            let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-            tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-                .await
-                .map_err(|e| e.to_string())?
-                .0
-        }
-    };
-    let (mut sink, stream) = ws.split();
-    let (out, mut out_rx) = mpsc::channel::<Outbound>(256);
-    tokio::spawn(async move {
-        while let Some(item) = out_rx.recv().await {
-            let msg = match item {
-                Outbound::Frame(b) => Message::Binary(b),
-                Outbound::Text(t) => Message::text(t),
-            };
-            if sink.send(msg).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    let incoming = stream
-        .filter_map(|msg| async move {
-            match msg {
-                Ok(Message::Binary(b)) => Some(Incoming::Frame(b)),
-                Ok(Message::Close(frame)) => Some(Incoming::Closed(
-                    frame.map(|f| (u16::from(f.code), f.reason.to_string())),
-                )),
-                Ok(_) => None,
-                Err(_) => Some(Incoming::Closed(None)),
-            }
-        })
-        .boxed();
-    Ok(Opened {
-        out,
-        incoming,
-        quic: None,
-    })
 }
 
 /// How the client trusts the server's QUIC certificate.

@@ -1,0 +1,593 @@
+//! WebSocket (RFC 6455), the client's side: the upgrade, masked frames out,
+//! the server's frames in.
+//!
+//! The client reads far more than it writes: a member of a busy group gets
+//! a push every few milliseconds and sends now and then. So the read side
+//! is kept short:
+//!
+//! - One task owns the read half (`TcpStream::into_split`, no lock shared
+//!   with the writer) and reads into one buffer without zero-filling it.
+//! - A whole binary frame is cut out of that buffer as `Bytes` (no copy),
+//!   and the client decodes it straight away.
+//! - Pings are answered, and the server's close frame is echoed, by the
+//!   writing task, told through a small channel of its own: the reader
+//!   never waits for a write.
+//!
+//! A general WebSocket library, with its split lock and stream adapters,
+//! cost a load-test worker more CPU per delivery than the decoding did
+//! (docs/benchmarks.md, "The client's WebSocket reader").
+//!
+//! What the client speaks: binary messages (text messages from the server
+//! are skipped), fragmented messages, ping, pong and close; no extensions
+//! and no subprotocols; `ws://` only (`quic://` is the encrypted transport).
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::transport::{Incoming, Opened, Outbound};
+
+/// The longest upgrade response the client reads.
+const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+/// Room made in the read buffer before each read: one read takes dozens
+/// of pushes when they queue up.
+const READ_CHUNK: usize = 8 * 1024;
+/// Client frames and control replies taken per write.
+const WRITE_BATCH: usize = 64;
+/// Frames the caller may queue before [`crate::Client`] calls wait.
+const OUT_QUEUE: usize = 256;
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// Status sent in the client's own close frame (normal closure).
+const CLOSE_NORMAL: u16 = 1000;
+
+/// Connects to `url` (`ws://host:port/path`), from `local_ip` if given, and
+/// upgrades the connection.
+///
+/// # Errors
+/// A description of what failed: a URL that is not `ws://`, no address,
+/// the connection, or the server's refusal of the upgrade (with its HTTP
+/// status and the start of its body).
+pub(crate) async fn connect(url: &str, local_ip: Option<IpAddr>) -> Result<Opened, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or("the URL must start with ws:// (or quic://)")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let server = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority} resolves to no address"))?;
+    let socket = match server {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(ip) = local_ip {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(|e| format!("bind {ip}: {e}"))?;
+    }
+    let mut stream = socket.connect(server).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let leftover = upgrade(&mut stream, authority, path).await?;
+    let (read, write) = stream.into_split();
+    let (out, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
+    // Pongs and the close echo: a few at most are ever pending.
+    let (control, control_rx) = mpsc::channel::<Control>(8);
+    tokio::spawn(write_loop(write, out_rx, control_rx));
+    let reader = Reader::new(read, leftover, control);
+    let incoming = futures_util::stream::unfold(reader, |mut r| async move {
+        let item = r.next().await?;
+        Some((item, r))
+    })
+    .boxed();
+    Ok(Opened {
+        out,
+        incoming,
+        quic: None,
+    })
+}
+
+/// Sends the upgrade request and reads the answer; returns what the server
+/// sent after the answer's head.
+async fn upgrade(stream: &mut TcpStream, authority: &str, path: &str) -> Result<BytesMut, String> {
+    let key = generate_key();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the server closed the connection during the upgrade".into());
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_len = match response.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(format!(
+                    "upgrade response head over {MAX_RESPONSE_HEAD} bytes"
+                ));
+            }
+            Err(e) => return Err(format!("not an HTTP response: {e}")),
+        };
+        let status = response.code.unwrap_or(0);
+        if status != 101 {
+            let body = String::from_utf8_lossy(&buf[head_len..]);
+            return Err(format!(
+                "the server refused the WebSocket upgrade: HTTP {status} {}: {}",
+                response.reason.unwrap_or(""),
+                body.trim()
+            ));
+        }
+        let accept = response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+            .map(|h| h.value);
+        if accept != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+            return Err("the server's Sec-WebSocket-Accept does not match the key sent".into());
+        }
+        buf.advance(head_len);
+        return Ok(buf);
+    }
+}
+
+/// What the reader asks the writer to send.
+#[derive(Debug)]
+enum Control {
+    /// Answer a ping with its payload.
+    Pong(Bytes),
+    /// Echo the server's close (with its status), then stop writing.
+    Close(u16),
+}
+
+/// Writes the caller's frames, masked, several per write when they queue
+/// up; ends with a close frame when the caller is gone or the server
+/// closed.
+async fn write_loop(
+    mut half: OwnedWriteHalf,
+    mut out: mpsc::Receiver<Outbound>,
+    mut control: mpsc::Receiver<Control>,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut bytes = BytesMut::new();
+    let close_code = loop {
+        tokio::select! {
+            biased;
+            c = control.recv() => match c {
+                Some(Control::Pong(payload)) => put_frame(&mut bytes, OP_PONG, &payload),
+                Some(Control::Close(code)) => break code,
+                // The reader is gone: the connection is over.
+                None => break CLOSE_NORMAL,
+            },
+            n = out.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    break CLOSE_NORMAL; // the caller is gone
+                }
+                for item in batch.drain(..) {
+                    match item {
+                        Outbound::Frame(b) => put_frame(&mut bytes, OP_BINARY, &b),
+                        Outbound::Text(t) => put_frame(&mut bytes, OP_TEXT, t.as_bytes()),
+                    }
+                }
+            }
+        }
+        if half.write_all(&bytes).await.is_err() {
+            return;
+        }
+        bytes.clear();
+    };
+    put_frame(&mut bytes, OP_CLOSE, &close_code.to_be_bytes());
+    let _ = half.write_all(&bytes).await;
+    let _ = half.shutdown().await;
+}
+
+/// Appends one final, masked frame (a client's frames must be masked).
+fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8]) {
+    let mut mask = [0u8; 4];
+    // Without the OS's randomness the mask is still valid, only guessable.
+    let _ = getrandom::fill(&mut mask);
+    out.reserve(14 + payload.len());
+    out.put_u8(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.put_u8(0x80 | len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        out.put_u8(0x80 | 126);
+        out.put_u16(short);
+    } else {
+        out.put_u8(0x80 | 127);
+        out.put_u64(len as u64);
+    }
+    out.put_slice(&mask);
+    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+}
+
+/// A frame header from the server, as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    fin: bool,
+    opcode: u8,
+    /// The payload's length.
+    len: usize,
+    /// The header's own length: 2, 4 or 10 bytes.
+    header_len: usize,
+}
+
+/// Reads the server frame header at the start of `buf`: `Ok(None)` when it
+/// has not wholly arrived, `Err` with the reason when the protocol forbids
+/// it (or its payload is over `max`).
+fn read_header(buf: &[u8], max: usize) -> Result<Option<Header>, String> {
+    let [b0, b1, ..] = *buf else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err("reserved bits set, and no extension was agreed".into());
+    }
+    if b1 & 0x80 != 0 {
+        return Err("a server's frames must not be masked".into());
+    }
+    let (len, header_len) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(b);
+                (u64::from_be_bytes(n), 10)
+            }
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    let len = match usize::try_from(len) {
+        Ok(len) if len <= max => len,
+        _ => return Err(format!("a frame of {len} bytes, over the {max}-byte limit")),
+    };
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0F;
+    match opcode {
+        OP_CONTINUATION | OP_TEXT | OP_BINARY => {}
+        OP_CLOSE | OP_PING | OP_PONG if fin && len <= 125 => {}
+        OP_CLOSE | OP_PING | OP_PONG => {
+            return Err("a control frame that is fragmented or over 125 bytes".into());
+        }
+        _ => return Err(format!("reserved opcode {opcode:#x}")),
+    }
+    Ok(Some(Header {
+        fin,
+        opcode,
+        len,
+        header_len,
+    }))
+}
+
+/// A fragmented message being gathered.
+#[derive(Debug)]
+struct Fragments {
+    /// A text message: skipped, so its data is not kept.
+    text: bool,
+    data: BytesMut,
+}
+
+/// The read half of the connection, turning the server's frames into
+/// [`Incoming`] items.
+struct Reader {
+    half: OwnedReadHalf,
+    /// Bytes read and not yet taken as frames.
+    buf: BytesMut,
+    message: Option<Fragments>,
+    control: mpsc::Sender<Control>,
+    /// The last item (the close) has been returned.
+    ended: bool,
+}
+
+impl Reader {
+    /// Reads `half`, starting with the bytes already read (`leftover`);
+    /// pongs and the close echo go to `control`.
+    fn new(half: OwnedReadHalf, leftover: BytesMut, control: mpsc::Sender<Control>) -> Self {
+        Self {
+            half,
+            buf: leftover,
+            message: None,
+            control,
+            ended: false,
+        }
+    }
+
+    /// The next item; `None` after the connection's end was returned.
+    async fn next(&mut self) -> Option<Incoming> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            match self.take_frame() {
+                Ok(Some(item)) => return Some(item),
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::debug!(%why, "closing a connection that broke the WebSocket protocol");
+                    return Some(self.end(None));
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.half.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Some(self.end(None)),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Takes whole frames from the buffer until one gives an item.
+    fn take_frame(&mut self) -> Result<Option<Incoming>, String> {
+        loop {
+            let Some(h) = read_header(&self.buf, crate::MAX_SERVER_FRAME)? else {
+                return Ok(None);
+            };
+            if self.buf.len() < h.header_len + h.len {
+                return Ok(None);
+            }
+            self.buf.advance(h.header_len);
+            let payload = self.buf.split_to(h.len);
+            match h.opcode {
+                OP_BINARY | OP_TEXT if self.message.is_some() => {
+                    return Err("a new message before the fragmented one ended".into());
+                }
+                OP_BINARY if h.fin => return Ok(Some(Incoming::Frame(payload.freeze()))),
+                OP_TEXT if h.fin => {} // the protocol is binary: skipped
+                OP_BINARY | OP_TEXT => {
+                    self.message = Some(Fragments {
+                        text: h.opcode == OP_TEXT,
+                        data: payload,
+                    });
+                }
+                OP_CONTINUATION => {
+                    let Some(m) = self.message.as_mut() else {
+                        return Err("a continuation frame with no message".into());
+                    };
+                    if !m.text {
+                        if m.data.len() + payload.len() > crate::MAX_SERVER_FRAME {
+                            return Err("a fragmented message over the size limit".into());
+                        }
+                        m.data.extend_from_slice(&payload);
+                    }
+                    if h.fin
+                        && let Some(m) = self.message.take()
+                        && !m.text
+                    {
+                        return Ok(Some(Incoming::Frame(m.data.freeze())));
+                    }
+                }
+                OP_PING => {
+                    // A pong the writer has no room for is skipped: the
+                    // next ping gets one.
+                    let _ = self.control.try_send(Control::Pong(payload.freeze()));
+                }
+                OP_CLOSE => {
+                    let how = (payload.len() >= 2).then(|| {
+                        let code = u16::from_be_bytes([payload[0], payload[1]]);
+                        (code, String::from_utf8_lossy(&payload[2..]).into_owned())
+                    });
+                    return Ok(Some(self.end(how)));
+                }
+                _ => {} // a pong
+            }
+        }
+    }
+
+    /// The connection's last item; the writer echoes the close and stops.
+    fn end(&mut self, how: Option<(u16, String)>) -> Incoming {
+        self.ended = true;
+        self.buf = BytesMut::new();
+        let code = how.as_ref().map_or(CLOSE_NORMAL, |(c, _)| *c);
+        let _ = self.control.try_send(Control::Close(code));
+        Incoming::Closed(how)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server frame: final unless `fin` is false, unmasked.
+    fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(n as u8),
+            n if n <= usize::from(u16::MAX) => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// A reader on one end of a real loopback connection, and the server's
+    /// end to write frames into.
+    async fn reader_pair() -> (Reader, mpsc::Receiver<Control>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (read, _write) = client.unwrap().into_split();
+        let (control, control_rx) = mpsc::channel(8);
+        (
+            Reader::new(read, BytesMut::new(), control),
+            control_rx,
+            accepted.unwrap().0,
+        )
+    }
+
+    fn frame_bytes(item: Option<Incoming>) -> Vec<u8> {
+        match item {
+            Some(Incoming::Frame(b)) => b.to_vec(),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_split_across_reads_fragments_and_pings_are_read() {
+        let (mut reader, mut control, mut server) = reader_pair().await;
+        let mut wire = server_frame(true, OP_BINARY, b"one");
+        wire.extend(server_frame(true, OP_TEXT, b"skipped"));
+        wire.extend(server_frame(false, OP_BINARY, b"fr"));
+        wire.extend(server_frame(true, OP_PING, b"p"));
+        wire.extend(server_frame(false, OP_CONTINUATION, b"ag"));
+        wire.extend(server_frame(true, OP_CONTINUATION, b"ments"));
+        wire.extend(server_frame(true, OP_BINARY, &[3u8; 70_000]));
+        // Sent a byte at a time at first, so every header is cut somewhere.
+        let (slow, fast) = wire.split_at(40);
+        let write = async {
+            for b in slow {
+                server.write_all(&[*b]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            server.write_all(fast).await.unwrap();
+        };
+        let read = async {
+            let one = frame_bytes(reader.next().await);
+            let joined = frame_bytes(reader.next().await);
+            let big = frame_bytes(reader.next().await);
+            (one, joined, big)
+        };
+        let ((), (one, joined, big)) = tokio::join!(write, read);
+        assert_eq!(one, b"one");
+        assert_eq!(joined, b"fragments");
+        assert_eq!(big, vec![3u8; 70_000]);
+        match control.try_recv() {
+            Ok(Control::Pong(p)) => assert_eq!(&p[..], b"p"),
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_frame_ends_the_stream_with_its_status_and_is_echoed() {
+        let (mut reader, mut control, mut server) = reader_pair().await;
+        let mut payload = 1008u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"bad token");
+        server
+            .write_all(&server_frame(true, OP_CLOSE, &payload))
+            .await
+            .unwrap();
+        match reader.next().await {
+            Some(Incoming::Closed(Some((1008, reason)))) => assert_eq!(reason, "bad token"),
+            other => panic!("expected the close, got {other:?}"),
+        }
+        assert!(reader.next().await.is_none(), "nothing after the close");
+        assert!(matches!(control.try_recv(), Ok(Control::Close(1008))));
+    }
+
+    #[tokio::test]
+    async fn a_broken_frame_or_a_vanished_server_ends_the_stream_without_a_status() {
+        let (mut reader, _control, mut server) = reader_pair().await;
+        server
+            .write_all(&[0x82, 0x81, 1, 2, 3, 4, 5])
+            .await
+            .unwrap();
+        assert!(matches!(reader.next().await, Some(Incoming::Closed(None))));
+        assert!(reader.next().await.is_none());
+
+        let (mut reader, _control, server) = reader_pair().await;
+        drop(server);
+        assert!(matches!(reader.next().await, Some(Incoming::Closed(None))));
+    }
+
+    #[test]
+    fn headers_of_each_length_are_read() {
+        for n in [0usize, 125, 126, 65_535, 65_536] {
+            let f = server_frame(true, OP_BINARY, &vec![7u8; n]);
+            let h = read_header(&f, 1 << 20).unwrap().unwrap();
+            assert_eq!(h.len, n);
+            assert_eq!(h.header_len + n, f.len());
+            assert!(h.fin);
+            // Every shorter prefix of the header is "not yet".
+            for cut in 0..h.header_len {
+                assert_eq!(
+                    read_header(&f[..cut], 1 << 20),
+                    Ok(None),
+                    "{n} cut at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn frames_the_protocol_forbids_are_refused() {
+        let masked = [0x82, 0x80 | 1, 0, 0, 0, 0, 9];
+        assert!(read_header(&masked, 100).unwrap_err().contains("masked"));
+        let reserved_bit = [0x80 | 0x40 | OP_BINARY, 0];
+        assert!(read_header(&reserved_bit, 100).is_err());
+        let reserved_opcode = [0x83, 0];
+        assert!(
+            read_header(&reserved_opcode, 100)
+                .unwrap_err()
+                .contains("opcode")
+        );
+        let fragmented_ping = server_frame(false, OP_PING, b"x");
+        assert!(read_header(&fragmented_ping, 100).is_err());
+        let big = server_frame(true, OP_BINARY, &[0u8; 101]);
+        assert!(
+            read_header(&big, 100)
+                .unwrap_err()
+                .contains("over the 100-byte")
+        );
+    }
+
+    #[test]
+    fn a_client_frame_is_masked_and_unmasks_to_its_payload() {
+        for n in [0usize, 5, 125, 126, 70_000] {
+            let payload: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let mut out = BytesMut::new();
+            put_frame(&mut out, OP_BINARY, &payload);
+            assert_eq!(out[0], 0x80 | OP_BINARY);
+            assert_ne!(out[1] & 0x80, 0, "masked");
+            let (len, at) = match out[1] & 0x7F {
+                126 => (usize::from(u16::from_be_bytes([out[2], out[3]])), 4),
+                127 => (
+                    u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                l => (usize::from(l), 2),
+            };
+            assert_eq!(len, n);
+            let mask = [out[at], out[at + 1], out[at + 2], out[at + 3]];
+            let body: Vec<u8> = out[at + 4..]
+                .iter()
+                .zip(mask.iter().cycle())
+                .map(|(b, m)| b ^ m)
+                .collect();
+            assert_eq!(body, payload);
+        }
+    }
+}
