@@ -51,8 +51,10 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
-/// Status sent in the client's own close frame (normal closure).
+/// Status of the client's own close frame: normal closure.
 const CLOSE_NORMAL: u16 = 1000;
+/// Status of the client's close frame when the server broke the protocol.
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 
 /// Connects to `url` (`ws://host:port/path`), from `local_ip` if given, and
 /// upgrades the connection.
@@ -332,14 +334,14 @@ impl Reader {
                 Ok(None) => {}
                 Err(why) => {
                     tracing::debug!(%why, "closing a connection that broke the WebSocket protocol");
-                    return Some(self.end(None));
+                    return Some(self.end(None, CLOSE_PROTOCOL_ERROR));
                 }
             }
             if self.buf.capacity() - self.buf.len() < READ_CHUNK {
                 self.buf.reserve(READ_CHUNK);
             }
             match self.half.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Some(self.end(None)),
+                Ok(0) | Err(_) => return Some(self.end(None, CLOSE_NORMAL)),
                 Ok(_) => {}
             }
         }
@@ -395,18 +397,19 @@ impl Reader {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
                         (code, String::from_utf8_lossy(&payload[2..]).into_owned())
                     });
-                    return Ok(Some(self.end(how)));
+                    let code = how.as_ref().map_or(CLOSE_NORMAL, |(c, _)| *c);
+                    return Ok(Some(self.end(how, code)));
                 }
                 _ => {} // a pong
             }
         }
     }
 
-    /// The connection's last item; the writer echoes the close and stops.
-    fn end(&mut self, how: Option<(u16, String)>) -> Incoming {
+    /// The connection's last item (`how` the server closed it, if it
+    /// said); the writer sends a close with `code` and stops.
+    fn end(&mut self, how: Option<(u16, String)>, code: u16) -> Incoming {
         self.ended = true;
         self.buf = BytesMut::new();
-        let code = how.as_ref().map_or(CLOSE_NORMAL, |(c, _)| *c);
         let _ = self.control.try_send(Control::Close(code));
         Incoming::Closed(how)
     }
@@ -564,30 +567,79 @@ mod tests {
         );
     }
 
+    /// Reads one client frame from the start of `wire`: its first byte
+    /// (FIN and opcode), its unmasked payload, and its length on the wire.
+    fn client_frame(wire: &[u8]) -> (u8, Vec<u8>, usize) {
+        assert_ne!(wire[1] & 0x80, 0, "a client's frame is masked");
+        let (len, at) = match wire[1] & 0x7F {
+            126 => (usize::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
+            127 => (
+                u64::from_be_bytes(wire[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            l => (usize::from(l), 2),
+        };
+        let mask = [wire[at], wire[at + 1], wire[at + 2], wire[at + 3]];
+        let body = wire[at + 4..at + 4 + len]
+            .iter()
+            .zip(mask.iter().cycle())
+            .map(|(b, m)| b ^ m)
+            .collect();
+        (wire[0], body, at + 4 + len)
+    }
+
     #[test]
     fn a_client_frame_is_masked_and_unmasks_to_its_payload() {
         for n in [0usize, 5, 125, 126, 70_000] {
             let payload: Vec<u8> = (0..n).map(|i| i as u8).collect();
             let mut out = BytesMut::new();
             put_frame(&mut out, OP_BINARY, &payload);
-            assert_eq!(out[0], 0x80 | OP_BINARY);
-            assert_ne!(out[1] & 0x80, 0, "masked");
-            let (len, at) = match out[1] & 0x7F {
-                126 => (usize::from(u16::from_be_bytes([out[2], out[3]])), 4),
-                127 => (
-                    u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize,
-                    10,
-                ),
-                l => (usize::from(l), 2),
-            };
-            assert_eq!(len, n);
-            let mask = [out[at], out[at + 1], out[at + 2], out[at + 3]];
-            let body: Vec<u8> = out[at + 4..]
-                .iter()
-                .zip(mask.iter().cycle())
-                .map(|(b, m)| b ^ m)
-                .collect();
+            let (first, body, size) = client_frame(&out);
+            assert_eq!(first, 0x80 | OP_BINARY);
             assert_eq!(body, payload);
+            assert_eq!(size, out.len());
         }
+    }
+
+    #[tokio::test]
+    async fn the_writer_answers_pings_sends_frames_and_closes_when_the_caller_is_gone() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (_read, write) = client.unwrap().into_split();
+        let mut server = accepted.unwrap().0;
+        let (out, out_rx) = mpsc::channel(8);
+        let (control, control_rx) = mpsc::channel(8);
+        let writer = tokio::spawn(write_loop(write, out_rx, control_rx));
+
+        control
+            .send(Control::Pong(Bytes::from_static(b"p")))
+            .await
+            .unwrap();
+        out.send(Outbound::Frame(Bytes::from_static(b"hello")))
+            .await
+            .unwrap();
+        out.send(Outbound::Text("t".into())).await.unwrap();
+        drop(out); // the caller is gone: the writer closes
+        writer.await.unwrap();
+        let mut wire = Vec::new();
+        server.read_to_end(&mut wire).await.unwrap(); // ends: the writer shut down
+
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let (first, body, size) = client_frame(&wire[at..]);
+            frames.push((first, body));
+            at += size;
+        }
+        assert_eq!(
+            frames,
+            [
+                (0x80 | OP_PONG, b"p".to_vec()),
+                (0x80 | OP_BINARY, b"hello".to_vec()),
+                (0x80 | OP_TEXT, b"t".to_vec()),
+                (0x80 | OP_CLOSE, 1000u16.to_be_bytes().to_vec()),
+            ]
+        );
     }
 }
