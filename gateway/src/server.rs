@@ -160,7 +160,18 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     /// One permit per open connection, WebSocket or QUIC.
     permits: Arc<Semaphore>,
+    /// One permit per WebSocket connection being told the server is full
+    /// ([`REFUSALS_AT_ONCE`]); beyond that, a refused socket is just closed.
+    refusals: Arc<Semaphore>,
 }
+
+/// WebSocket connections over the limit answered with a 503 at once. Each
+/// holds a descriptor for up to [`REFUSAL_GRACE`], out of the reserve kept
+/// beside `max_connections` (`descriptors.rs`), so a flood is not answered
+/// one by one.
+const REFUSALS_AT_ONCE: usize = 32;
+/// How long a refused connection has to send its request and take the 503.
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 
 impl Shared {
     /// Admits a new connection from `peer` under `max_connections`: its id
@@ -236,6 +247,7 @@ pub async fn run(
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
         permits: Arc::new(Semaphore::new(fds.connections)),
+        refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
         config,
     });
     tracing::info!(
@@ -331,6 +343,15 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             }
         };
         let Some((conn, permit)) = shared.admit(peer) else {
+            // Tell the client why, so that it backs off instead of retrying
+            // a reset at once.
+            if let Ok(slot) = shared.refusals.clone().try_acquire_owned() {
+                let limit = shared.metrics.connections_limit;
+                shared.tracker.spawn(async move {
+                    crate::websocket::refuse_full(stream, limit, REFUSAL_GRACE).await;
+                    drop(slot);
+                });
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);

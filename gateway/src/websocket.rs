@@ -29,6 +29,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -77,6 +78,12 @@ pub(crate) enum HandshakeError {
     /// A WebSocket version other than 13.
     #[error("unsupported WebSocket version {0:?}")]
     Version(String),
+    /// The server already holds as many connections as it admits.
+    #[error("server full: {limit} connections open")]
+    Full {
+        /// Connections admitted at most.
+        limit: u64,
+    },
 }
 
 impl HandshakeError {
@@ -106,6 +113,11 @@ impl HandshakeError {
                 "426 Upgrade Required",
                 "Sec-WebSocket-Version: 13\r\n",
                 format!("{self}; this server speaks 13\n"),
+            ),
+            Self::Full { .. } => (
+                "503 Service Unavailable",
+                "Retry-After: 5\r\n",
+                format!("{self}; retry later\n"),
             ),
         };
         Some(format!(
@@ -178,6 +190,25 @@ pub(crate) async fn accept(
         pending: Vec::new(),
     };
     Ok((reader, writer))
+}
+
+/// Answers a connection the server has no room for with 503 and
+/// `Retry-After`, within `grace`. The request head is read first: closing
+/// a socket with an unread request resets it, and the reset can reach the
+/// client before the answer does.
+pub(crate) async fn refuse_full(mut stream: TcpStream, limit: u64, grace: Duration) {
+    let _ = tokio::time::timeout(grace, async {
+        let mut head = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        while head.len() < MAX_REQUEST_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        refuse(&mut stream, HandshakeError::Full { limit }, "").await;
+    })
+    .await;
 }
 
 /// Answers a refused upgrade with its HTTP status, best effort.

@@ -100,10 +100,18 @@ async fn a_low_descriptor_limit_is_reported_and_enforced_at_the_door() {
         now,
         Duration::from_secs(600),
     );
-    assert!(
-        Client::connect(&ws, &token).await.is_err(),
-        "a connection beyond the budget must be refused"
-    );
+    // Refused at the door with a reason the client can act on.
+    match Client::connect(&ws, &token).await {
+        Err(qun_client::ClientError::Connect { detail, .. }) => {
+            assert!(detail.contains("HTTP 503"), "{detail}");
+            assert!(
+                detail.contains(&format!("server full: {ADMITTED} connections open")),
+                "{detail}"
+            );
+        }
+        Err(e) => panic!("expected a connect error, got {e}"),
+        Ok(_) => panic!("a connection beyond the budget must be refused"),
+    }
     let page = http_get(&http, "/metrics").await;
     assert_eq!(metric(&page, "qun_connections_refused_total"), 1);
     assert_eq!(metric(&page, "qun_connections_open"), ADMITTED as u64);
