@@ -163,6 +163,8 @@ pub(crate) struct Shared {
     /// One permit per WebSocket connection being told the server is full
     /// ([`REFUSALS_AT_ONCE`]); beyond that, a refused socket is just closed.
     refusals: Arc<Semaphore>,
+    /// The second (Unix time) of the last "limit reached" log line.
+    refusal_logged: AtomicU64,
 }
 
 /// WebSocket connections over the limit answered with a 503 at once. Each
@@ -185,10 +187,18 @@ impl Shared {
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.metrics
+            let refused = self
+                .metrics
                 .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, limit = self.metrics.connections_limit, "connection limit reached; refusing");
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            // At most one line a second: a reconnect storm against a full
+            // server must not become a storm of log lines.
+            let second = crate::connection::now_ms() / 1000;
+            let last = self.refusal_logged.swap(second, Ordering::Relaxed);
+            if last != second {
+                tracing::warn!(%peer, limit = self.metrics.connections_limit, refused_total = refused, "connection limit reached; refusing");
+            }
             return None;
         };
         Some((
@@ -248,6 +258,7 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         permits: Arc::new(Semaphore::new(fds.connections)),
         refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
+        refusal_logged: AtomicU64::new(0),
         config,
     });
     tracing::info!(

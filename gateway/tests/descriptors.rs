@@ -112,8 +112,13 @@ async fn a_low_descriptor_limit_is_reported_and_enforced_at_the_door() {
         Err(e) => panic!("expected a connect error, got {e}"),
         Ok(_) => panic!("a connection beyond the budget must be refused"),
     }
+    // A storm of refused reconnects: each is counted, few are logged.
+    const STORM: usize = 20;
+    for _ in 1..STORM {
+        assert!(Client::connect(&ws, &token).await.is_err());
+    }
     let page = http_get(&http, "/metrics").await;
-    assert_eq!(metric(&page, "qun_connections_refused_total"), 1);
+    assert_eq!(metric(&page, "qun_connections_refused_total"), STORM as u64);
     assert_eq!(metric(&page, "qun_connections_open"), ADMITTED as u64);
     // The admitted ones still work.
     clients[0].ping().await.unwrap();
@@ -138,6 +143,11 @@ async fn a_low_descriptor_limit_is_reported_and_enforced_at_the_door() {
         "{stderr}"
     );
     assert!(stderr.contains("ulimit -Hn"), "{stderr}");
+    let logged = stderr.matches("connection limit reached").count();
+    assert!(
+        (1..STORM).contains(&logged),
+        "{logged} log lines for {STORM} refusals (at most one a second)"
+    );
     assert!(
         !stderr.contains("cannot raise"),
         "raising the soft limit to the hard one must work: {stderr}"
