@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
+use crate::cpu;
 use crate::report::{Latency, Report, histogram, merge};
 use crate::server_metrics::{self, Buckets};
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
@@ -462,6 +463,7 @@ async fn fanout(
     let server_before = server_requests(ctx).await?;
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
+    let cpu_before = cpu::sample(ctx.cli.server_pid);
     eprintln!("posting for {duration:?}...");
     let count = senders.len();
     let posting: Vec<_> = senders
@@ -485,6 +487,7 @@ async fn fanout(
         *e = (*e).max(last);
     }
     let posting_took = started.elapsed();
+    let cpu_after = cpu::sample(ctx.cli.server_pid);
     workers.say(&CoordinatorLine::End(ends.clone())).await?;
     let results = workers.results().await?;
     let took = started.elapsed();
@@ -542,6 +545,7 @@ async fn fanout(
     r.checks
         .insert("nothing_lost".into(), t.lost == 0 && t.ops >= expected);
     add_server_share(&mut r, server_before, server_after);
+    cpu::report(&mut r, cpu_before, cpu_after);
     Ok(r)
 }
 
@@ -589,8 +593,10 @@ async fn flash_sale(
     eprintln!("{connected} members joining within {within:?}...");
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
+    let cpu_before = cpu::sample(ctx.cli.server_pid);
     let results = workers.results().await?;
     let took = started.elapsed();
+    let cpu_after = cpu::sample(ctx.cli.server_pid);
     let server_after = server_requests(ctx).await?;
     workers.stop().await;
     let t = fold(&results)?;
@@ -628,6 +634,7 @@ async fn flash_sale(
         r.counts.get("joined").copied().unwrap_or(0) == u64::from(joined),
     );
     add_server_share(&mut r, server_before, server_after);
+    cpu::report(&mut r, cpu_before, cpu_after);
     Ok(r)
 }
 

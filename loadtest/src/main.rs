@@ -14,6 +14,7 @@
 //! `--timeout` and stops by itself. See docs/benchmarks.md.
 
 mod coordinator;
+mod cpu;
 mod report;
 mod server_metrics;
 mod spec;

@@ -65,7 +65,7 @@ impl Latency {
 }
 
 /// The outcome of one run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Report {
     /// The scenario and its parameters.
     pub(crate) scenario: String,

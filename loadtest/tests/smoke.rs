@@ -72,10 +72,14 @@ fn stderr(o: &Output) -> String {
 async fn fanout_and_flash_sale_measure_and_check() {
     let s = server().await;
     // 2 groups × 5 members over 3 worker processes (4 connections each).
+    // The server runs in this test's process.
+    let pid = std::process::id().to_string();
     let (out, r) = loadtest(
         &s,
         &s.url,
         &[
+            "--server-pid",
+            &pid,
             "fanout",
             "--groups",
             "2",
@@ -98,6 +102,10 @@ async fn fanout_and_flash_sale_measure_and_check() {
     assert_eq!(r["counts"]["deliveries"].as_u64().unwrap(), posted * 5);
     assert_eq!(r["checks"]["nothing_lost"], true);
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    // How busy the machine and the server were while posting.
+    let busy = r["figures"]["machine_busy_percent"].as_f64().unwrap();
+    assert!(busy > 0.0 && busy <= 100.0, "{r}");
+    assert!(r["figures"]["server_cores"].as_f64().unwrap() >= 0.0, "{r}");
 
     let (out, r) = loadtest(
         &s,
