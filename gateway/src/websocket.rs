@@ -33,6 +33,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use qun_proto::ws_opcode::{
+    BINARY as OP_BINARY, CLOSE as OP_CLOSE, CONTINUATION as OP_CONTINUATION, PING as OP_PING,
+    PONG as OP_PONG, TEXT as OP_TEXT,
+};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -45,13 +49,6 @@ pub(crate) const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// Bytes read from the socket at a time, into a buffer on the stack.
 const READ_CHUNK: usize = 8 * 1024;
-
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 /// Why an upgrade request was refused. Each has the HTTP status the client
 /// is answered with.

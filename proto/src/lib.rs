@@ -52,6 +52,23 @@ pub const QUIC_LENGTH_PREFIX: usize = 4;
 /// The longest text message, in bytes of UTF-8.
 pub const MAX_TEXT_BYTES: usize = 4096;
 
+/// The WebSocket (RFC 6455) frame opcodes, for the server's and the
+/// client's framing alike. Qun's frames travel as binary messages.
+pub mod ws_opcode {
+    /// A later fragment of a fragmented message.
+    pub const CONTINUATION: u8 = 0x0;
+    /// A text message (Qun refuses them).
+    pub const TEXT: u8 = 0x1;
+    /// A binary message: one Qun frame.
+    pub const BINARY: u8 = 0x2;
+    /// Close, with an optional status and reason.
+    pub const CLOSE: u8 = 0x8;
+    /// Ping; answered with a pong carrying its payload.
+    pub const PING: u8 = 0x9;
+    /// Pong.
+    pub const PONG: u8 = 0xA;
+}
+
 /// Bytes that are not a frame of the expected kind.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -25,6 +25,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use futures_util::StreamExt as _;
+use qun_proto::ws_opcode::{
+    BINARY as OP_BINARY, CLOSE as OP_CLOSE, CONTINUATION as OP_CONTINUATION, PING as OP_PING,
+    PONG as OP_PONG, TEXT as OP_TEXT,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -43,13 +47,6 @@ const READ_CHUNK: usize = 8 * 1024;
 const WRITE_BATCH: usize = 64;
 /// Frames the caller may queue before [`crate::Client`] calls wait.
 const OUT_QUEUE: usize = 256;
-
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 /// Status of the client's own close frame: normal closure.
 const CLOSE_NORMAL: u16 = 1000;
