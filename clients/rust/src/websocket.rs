@@ -38,8 +38,10 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::transport::{Incoming, Opened, Outbound};
 
-/// The longest upgrade response the client reads.
+/// The longest upgrade response head the client reads.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+/// The most of a refusal's body the client reads and reports.
+const MAX_REFUSAL_BODY: usize = 1024;
 /// Room made in the read buffer before each read: one read takes dozens
 /// of pushes when they queue up.
 const READ_CHUNK: usize = 8 * 1024;
@@ -135,10 +137,25 @@ async fn upgrade(stream: &mut TcpStream, authority: &str, path: &str) -> Result<
         };
         let status = response.code.unwrap_or(0);
         if status != 101 {
-            let body = String::from_utf8_lossy(&buf[head_len..]);
+            let reason = response.reason.unwrap_or("").to_string();
+            let body_len = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                .unwrap_or(0usize)
+                .min(MAX_REFUSAL_BODY);
+            // The body says why; it may come in a later segment.
+            while buf.len() < head_len + body_len {
+                match stream.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let end = buf.len().min(head_len + body_len);
+            let body = String::from_utf8_lossy(&buf[head_len..end]);
             return Err(format!(
-                "the server refused the WebSocket upgrade: HTTP {status} {}: {}",
-                response.reason.unwrap_or(""),
+                "the server refused the WebSocket upgrade: HTTP {status} {reason}: {}",
                 body.trim()
             ));
         }
@@ -521,6 +538,31 @@ mod tests {
         let (mut reader, _control, server) = reader_pair().await;
         drop(server);
         assert!(matches!(reader.next().await, Some(Incoming::Closed(None))));
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_reports_the_status_and_the_body_sent_after_the_head() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 1024];
+            let _ = s.read(&mut request).await.unwrap();
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 12\r\n\r\n")
+                .await
+                .unwrap();
+            // The body in a later segment.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            s.write_all(b"server full\n").await.unwrap();
+        });
+        let Err(detail) = connect(&url, None).await else {
+            panic!("expected the upgrade to be refused");
+        };
+        assert_eq!(
+            detail,
+            "the server refused the WebSocket upgrade: HTTP 503 Service Unavailable: server full"
+        );
+        server.await.unwrap();
     }
 
     #[test]
