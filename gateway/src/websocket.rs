@@ -76,7 +76,7 @@ pub(crate) enum HandshakeError {
     #[error("unsupported WebSocket version {0:?}")]
     Version(String),
     /// The server already holds as many connections as it admits.
-    #[error("server full: {limit} connections open")]
+    #[error("server full: all {limit} connections in use")]
     Full {
         /// Connections admitted at most.
         limit: u64,

@@ -105,7 +105,7 @@ async fn a_low_descriptor_limit_is_reported_and_enforced_at_the_door() {
         Err(qun_client::ClientError::Connect { detail, .. }) => {
             assert!(detail.contains("HTTP 503"), "{detail}");
             assert!(
-                detail.contains(&format!("server full: {ADMITTED} connections open")),
+                detail.contains(&format!("server full: all {ADMITTED} connections in use")),
                 "{detail}"
             );
         }

@@ -195,3 +195,35 @@ async fn the_development_certificate_is_kept_and_a_configured_one_is_served() {
     drop(c);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_server_refuses_quic_and_websocket_connections_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), |c| c.max_connections = 1).await;
+    let first = server.quic_client("ann", "buyer", None).await;
+    let token = server.token("bob", "buyer", None);
+    // QUIC: the handshake is refused with the transport's CONNECTION_REFUSED.
+    match Client::connect_with(&server.quic_url, &token, server.quic_options()).await {
+        Err(ClientError::Connect { detail, .. }) => {
+            assert!(detail.to_lowercase().contains("refused"), "{detail}");
+        }
+        Err(e) => panic!("expected a connect error, got {e}"),
+        Ok(_) => panic!("a second connection must be refused"),
+    }
+    // WebSocket: HTTP 503 with the limit.
+    match Client::connect(&server.url, &token).await {
+        Err(ClientError::Connect { detail, .. }) => {
+            assert!(detail.contains("HTTP 503"), "{detail}");
+            assert!(
+                detail.contains("server full: all 1 connections in use"),
+                "{detail}"
+            );
+        }
+        Err(e) => panic!("expected a connect error, got {e}"),
+        Ok(_) => panic!("a second connection must be refused"),
+    }
+    assert_eq!(server.metric("qun_connections_refused_total").await, 2);
+    assert!(first.ping().await.is_ok(), "the admitted one still works");
+    drop(first);
+    server.stop().await;
+}
