@@ -60,8 +60,11 @@ pub(crate) struct Cli {
     /// generator's share.
     #[arg(long, global = true)]
     metrics_url: Option<String>,
-    /// Most connections per worker process.
-    #[arg(long, default_value_t = 8_000, global = true)]
+    /// Most connections per worker process. More, smaller workers keep up
+    /// with bursts better: a worker that falls behind adds its own queueing
+    /// to the latency it measures (docs/benchmarks.md). At most about 19,000
+    /// (a process's descriptor limit here is 20,000).
+    #[arg(long, default_value_t = 2_500, global = true)]
     per_worker: usize,
     /// Loopback source addresses to spread connections over (127.0.0.2 …);
     /// 0 to let the OS choose.
