@@ -351,8 +351,16 @@ impl Reader {
                     return Some(self.end(None, CLOSE_PROTOCOL_ERROR));
                 }
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK {
-                self.buf.reserve(READ_CHUNK);
+            // Room for the rest of a frame whose header has come (a history
+            // page can be hundreds of KB: one allocation, not one per
+            // read), and at least a chunk.
+            let frame_rest = match read_header(&self.buf, crate::MAX_SERVER_FRAME) {
+                Ok(Some(h)) => (h.header_len + h.len).saturating_sub(self.buf.len()),
+                _ => 0,
+            };
+            let want = frame_rest.max(READ_CHUNK);
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(want);
             }
             match self.half.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Some(self.end(None, CLOSE_NORMAL)),
