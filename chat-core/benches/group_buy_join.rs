@@ -11,89 +11,29 @@
 //! chat-core and the store; `qun-loadtest` measures the whole server.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use qun_chat_core::{
-    ConnId, CoreConfig, Groups, Identity, NewGroup, Outbox, OutboxLimits, Role, Subscriber,
-};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{admit_buyers, buyer, now_ms, percentiles, shop_group};
+use qun_chat_core::CoreConfig;
 use qun_proto::v1;
-use qun_storage::{FjallConfig, FjallStore};
 
 fn main() {
-    let args: Vec<u32> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::args();
     let buyers = args.first().copied().unwrap_or(20_000);
     let slots = args.get(1).copied().unwrap_or(5_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run(buyers, slots));
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
+    common::runtime().block_on(run(buyers, slots));
 }
 
 async fn run(buyers: u32, slots: u32) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FjallStore::open(FjallConfig::new(dir.path())).unwrap());
-    let config = CoreConfig {
-        max_members_limit: 100_000,
-        ..CoreConfig::default()
-    };
-    let groups = Groups::open(store, config).await.unwrap();
-    let agent = Identity::new("a1", "Agent", Role::Agent, Some("shop-1".into())).unwrap();
-    let group_id = groups
-        .create_group(
-            &agent,
-            NewGroup {
-                name: "Flash sale".into(),
-                max_members: 100_000,
-                shop_id: None,
-            },
-            now_ms(),
-        )
-        .await
-        .unwrap()
-        .group_id;
-    eprintln!("admitting {buyers} buyers to group {group_id}...");
-    let started = Instant::now();
-    let mut admitted = 0;
-    for chunk in (0..buyers).collect::<Vec<_>>().chunks(1_000) {
-        let tasks: Vec<_> = chunk
-            .iter()
-            .map(|&i| {
-                let groups = groups.clone();
-                tokio::spawn(async move {
-                    let b = Identity::new(format!("b{i}"), "Buyer", Role::Buyer, None).unwrap();
-                    // Members without a connection: the fan-out cost is
-                    // measured by qun-loadtest, not here.
-                    let outbox = Outbox::new(OutboxLimits::default());
-                    let sub = Subscriber::new(ConnId(u64::from(i)), b.user_id(), outbox);
-                    groups.join(&b, group_id, sub, now_ms()).await.unwrap();
-                    groups.unsubscribe(ConnId(u64::from(i)), group_id);
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        admitted += chunk.len();
-        eprintln!("  {admitted}/{buyers} admitted ({:.1?})", started.elapsed());
-    }
+    let g = shop_group(CoreConfig::default(), "Flash sale").await;
+    admit_buyers(&g, buyers).await;
+    let (groups, agent, group_id) = (&g.groups, &g.agent, g.group_id);
     groups
         .put_product(
-            &agent,
+            agent,
             v1::Product {
                 product_id: "sku-1".into(),
                 title: "Phone".into(),
@@ -106,7 +46,7 @@ async fn run(buyers: u32, slots: u32) {
         .unwrap();
     let id = groups
         .start_group_buy(
-            &agent,
+            agent,
             v1::StartGroupBuy {
                 group_id,
                 product_id: "sku-1".into(),
@@ -140,7 +80,7 @@ async fn run(buyers: u32, slots: u32) {
             let groups = groups.clone();
             let go = go.clone();
             tokio::spawn(async move {
-                let b = Identity::new(format!("b{i}"), "Buyer", Role::Buyer, None).unwrap();
+                let b = buyer(i);
                 go.wait().await;
                 let t = Instant::now();
                 let a = groups
@@ -184,19 +124,4 @@ async fn run(buyers: u32, slots: u32) {
         count(&stats.commerce_events),
     );
     assert_eq!(joined, slots.min(buyers), "oversold or undersold");
-}
-
-/// `p50=… p99=… max=…` of some latencies (`-` when there are none).
-fn percentiles(latencies: &mut [Duration]) -> String {
-    if latencies.is_empty() {
-        return "-".into();
-    }
-    latencies.sort();
-    let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
-    format!(
-        "p50={:.2?} p99={:.2?} max={:.2?}",
-        at(0.5),
-        at(0.99),
-        at(1.0)
-    )
 }
