@@ -312,6 +312,15 @@ struct Fragments {
     data: BytesMut,
 }
 
+/// What [`Reader::take_frame`] found at the start of the buffer.
+enum Taken {
+    /// The next item.
+    Item(Incoming),
+    /// Not a whole frame: this many more bytes are needed (0 while even
+    /// the header is incomplete).
+    Missing(usize),
+}
+
 /// The read half of the connection, turning the server's frames into
 /// [`Incoming`] items.
 struct Reader {
@@ -343,22 +352,18 @@ impl Reader {
             if self.ended {
                 return None;
             }
-            match self.take_frame() {
-                Ok(Some(item)) => return Some(item),
-                Ok(None) => {}
+            let missing = match self.take_frame() {
+                Ok(Taken::Item(item)) => return Some(item),
+                Ok(Taken::Missing(n)) => n,
                 Err(why) => {
                     tracing::debug!(%why, "closing a connection that broke the WebSocket protocol");
                     return Some(self.end(None, CLOSE_PROTOCOL_ERROR));
                 }
-            }
+            };
             // Room for the rest of a frame whose header has come (a history
             // page can be hundreds of KB: one allocation, not one per
             // read), and at least a chunk.
-            let frame_rest = match read_header(&self.buf, crate::MAX_SERVER_FRAME) {
-                Ok(Some(h)) => (h.header_len + h.len).saturating_sub(self.buf.len()),
-                _ => 0,
-            };
-            let want = frame_rest.max(READ_CHUNK);
+            let want = missing.max(READ_CHUNK);
             if self.buf.capacity() - self.buf.len() < want {
                 self.buf.reserve(want);
             }
@@ -369,14 +374,16 @@ impl Reader {
         }
     }
 
-    /// Takes whole frames from the buffer until one gives an item.
-    fn take_frame(&mut self) -> Result<Option<Incoming>, String> {
+    /// Takes whole frames from the buffer until one gives an item, or says
+    /// how many more bytes the frame at its start needs.
+    fn take_frame(&mut self) -> Result<Taken, String> {
         loop {
             let Some(h) = read_header(&self.buf, crate::MAX_SERVER_FRAME)? else {
-                return Ok(None);
+                return Ok(Taken::Missing(0));
             };
-            if self.buf.len() < h.header_len + h.len {
-                return Ok(None);
+            let whole = h.header_len + h.len;
+            if self.buf.len() < whole {
+                return Ok(Taken::Missing(whole - self.buf.len()));
             }
             self.buf.advance(h.header_len);
             let payload = self.buf.split_to(h.len);
@@ -384,7 +391,7 @@ impl Reader {
                 OP_BINARY | OP_TEXT if self.message.is_some() => {
                     return Err("a new message before the fragmented one ended".into());
                 }
-                OP_BINARY if h.fin => return Ok(Some(Incoming::Frame(payload.freeze()))),
+                OP_BINARY if h.fin => return Ok(Taken::Item(Incoming::Frame(payload.freeze()))),
                 OP_TEXT if h.fin => {} // the protocol is binary: skipped
                 OP_BINARY | OP_TEXT => {
                     self.message = Some(Fragments {
@@ -406,7 +413,7 @@ impl Reader {
                         && let Some(m) = self.message.take()
                         && !m.text
                     {
-                        return Ok(Some(Incoming::Frame(m.data.freeze())));
+                        return Ok(Taken::Item(Incoming::Frame(m.data.freeze())));
                     }
                 }
                 OP_PING => {
@@ -420,7 +427,7 @@ impl Reader {
                         (code, String::from_utf8_lossy(&payload[2..]).into_owned())
                     });
                     let code = how.as_ref().map_or(CLOSE_NORMAL, |(c, _)| *c);
-                    return Ok(Some(self.end(how, code)));
+                    return Ok(Taken::Item(self.end(how, code)));
                 }
                 _ => {} // a pong
             }
