@@ -1,5 +1,6 @@
 //! The embedded store on fjall, Qun's default.
 
+mod migrate;
 mod partitions;
 
 use std::path::PathBuf;
@@ -382,13 +383,15 @@ fn open_tables(folder: &std::path::Path, of: usize) -> Result<Tables, StorageErr
         db.keyspace(name, KeyspaceCreateOptions::default)
             .map_err(|e| StorageError::backend("open keyspace", e))
     };
-    Ok(Tables {
+    let tables = Tables {
         keyspaces: Table::ALL
             .iter()
             .map(|t| open(t.name()))
             .collect::<Result<_, _>>()?,
         db,
-    })
+    };
+    migrate::messages_to_seq_keys(&tables.db, tables.get(Table::Messages), folder)?;
+    Ok(tables)
 }
 
 /// Calls `done` once every one of `parts` callbacks has: with the first
@@ -504,7 +507,10 @@ tables! {
     Groups => "groups",
     Members => "members",
     UserGroups => "user_groups",
-    Messages => "messages",
+    /// `group_id | seq → MessageRecord`. Folders from before 2026-12-03
+    /// kept them in `messages` under `group_id | bucket | seq`, and are
+    /// moved here when opened (`migrate.rs`).
+    Messages => "messages_v2",
     Sent => "sent",
     ReadMarks => "read_marks",
     Objects => "objects",
@@ -856,7 +862,6 @@ fn decode_messages(
         .collect()
 }
 
-/// Decodes every value under `prefix` of a keyspace.
 /// The record at `key`, if there is one.
 fn decode_one<T: prost::Message + Default>(
     tables: &Tables,
@@ -871,6 +876,7 @@ fn decode_one<T: prost::Message + Default>(
         .transpose()
 }
 
+/// Decodes every value under `prefix` of a keyspace.
 fn decode_prefix<T: prost::Message + Default>(
     tables: &Tables,
     table: Table,
@@ -1015,7 +1021,7 @@ impl Store for FjallStore {
                 Some(guard) => {
                     let k = guard.key().map_err(read_err)?;
                     let seq: [u8; 8] = k
-                        .get(16..24)
+                        .get(8..16)
                         .and_then(|s| s.try_into().ok())
                         .ok_or_else(|| StorageError::corrupt("messages", "key length"))?;
                     Ok(u64::from_be_bytes(seq))
@@ -1400,6 +1406,110 @@ mod tests {
         assert!(!dir.path().join("partitions").exists());
     }
 
+    /// Writes `messages` of group 5 the way stores before 2026-12-03 did:
+    /// in the keyspace `messages`, under `group | bucket | seq`, with
+    /// `bad_key` among them when given. One database at the folder's root,
+    /// with the group's record.
+    fn old_message_layout(dir: &std::path::Path, seqs: &[u64], bad_key: Option<&[u8]>) {
+        let db = Database::builder(dir).open().unwrap();
+        let groups = db
+            .keyspace("groups", KeyspaceCreateOptions::default)
+            .unwrap();
+        let record = GroupRecord {
+            group_id: 5,
+            shop_id: "old-shop".into(),
+            ..Default::default()
+        };
+        groups
+            .insert(keys::group_key(5), prost::Message::encode_to_vec(&record))
+            .unwrap();
+        let old = db
+            .keyspace(migrate::OLD_MESSAGES, KeyspaceCreateOptions::default)
+            .unwrap();
+        for &seq in seqs {
+            let mut key = Vec::new();
+            key.extend_from_slice(&5u64.to_be_bytes());
+            key.extend_from_slice(&keys::bucket_of(seq).to_be_bytes());
+            key.extend_from_slice(&seq.to_be_bytes());
+            let msg = MessageRecord {
+                group_id: 5,
+                seq,
+                text: format!("old {seq}"),
+                ..Default::default()
+            };
+            old.insert(key, prost::Message::encode_to_vec(&msg))
+                .unwrap();
+        }
+        if let Some(key) = bad_key {
+            old.insert(key, b"x").unwrap();
+        }
+        db.persist(PersistMode::SyncAll).unwrap();
+    }
+
+    #[tokio::test]
+    async fn messages_in_the_old_key_layout_are_moved_when_the_folder_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        // Across a bucket boundary, where the old key's middle part changes.
+        let mut seqs = vec![1, 2, 3, keys::BUCKET_SIZE, keys::BUCKET_SIZE + 1];
+        old_message_layout(dir.path(), &seqs, None);
+        for _ in 0..2 {
+            // Twice: the second open finds nothing left to move.
+            let store = open(dir.path(), 2);
+            let last = *seqs.last().unwrap();
+            assert_eq!(store.last_seq(5).await.unwrap(), last);
+            let all = store.messages_after(5, 0, 100).await.unwrap();
+            let got: Vec<_> = all.iter().map(|m| m.seq).collect();
+            assert_eq!(got, seqs, "every message, in seq order");
+            assert_eq!(all[3].text, format!("old {}", keys::BUCKET_SIZE));
+            let before = store.messages_before(5, keys::BUCKET_SIZE + 1, 2).await;
+            let got: Vec<_> = before.unwrap().iter().map(|m| m.seq).collect();
+            assert_eq!(got, [3, keys::BUCKET_SIZE]);
+            // New messages go on after the moved ones.
+            store
+                .write(vec![WriteOp::AppendMessage(MessageRecord {
+                    group_id: 5,
+                    seq: last + 1,
+                    ..Default::default()
+                })])
+                .await
+                .unwrap();
+            seqs.push(last + 1);
+            store.close().await.unwrap();
+        }
+        let db = Database::builder(dir.path()).open().unwrap();
+        assert!(
+            !db.keyspace_exists(migrate::OLD_MESSAGES),
+            "the old keyspace is deleted once moved"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_old_message_key_fails_the_open_and_deletes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        old_message_layout(dir.path(), &[1, 2], Some(&[0u8; 10]));
+        let r = FjallStore::open(FjallConfig::new(dir.path()));
+        assert!(
+            matches!(
+                r,
+                Err(StorageError::Corrupt {
+                    keyspace: "messages",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let db = Database::builder(dir.path()).open().unwrap();
+        assert!(db.keyspace_exists(migrate::OLD_MESSAGES));
+        let old = db
+            .keyspace(migrate::OLD_MESSAGES, KeyspaceCreateOptions::default)
+            .unwrap();
+        assert_eq!(
+            old.iter().count(),
+            3,
+            "the old messages are all still there"
+        );
+    }
+
     #[tokio::test]
     async fn a_submission_for_two_shops_is_reported_once_both_are_durable() {
         let dir = tempfile::tempdir().unwrap();
@@ -1485,6 +1595,8 @@ mod tests {
         }
         // Data folders written before the list existed must still open.
         assert_eq!(Table::ReadMarks.name(), "read_marks");
+        // Messages moved to a new keyspace with a new key (`migrate.rs`).
+        assert_eq!(Table::Messages.name(), "messages_v2");
         assert_eq!(Table::CsBuyers.name(), "cs_buyers");
     }
 

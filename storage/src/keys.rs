@@ -1,10 +1,12 @@
 //! Key layout, shared by every backend.
 //!
 //! Messages are partitioned by `(group_id, bucket)` and clustered by `seq`,
-//! with `bucket = seq / BUCKET_SIZE`. In fjall the key is the three numbers
-//! big-endian, so byte order is `(group, bucket, seq)` order; a ScyllaDB table
-//! with `PRIMARY KEY ((group_id, bucket), seq)` reads the same way. Buckets
-//! bound the size of one partition (16,384 messages of at most 4 KiB).
+//! with `bucket = seq / BUCKET_SIZE`: a ScyllaDB table with
+//! `PRIMARY KEY ((group_id, bucket), seq)`. Buckets bound the size of one
+//! partition (16,384 messages of at most 4 KiB). In fjall the key is
+//! `group_id | seq` big-endian, which sorts the same way (a bucket only
+//! grows with seq) and, at 16 bytes, is stored inline in fjall's memtable
+//! keys instead of on the heap (docs/benchmarks.md, "Embedded store").
 
 /// Messages per bucket (partition).
 pub const BUCKET_SIZE: u64 = 16_384;
@@ -20,12 +22,11 @@ pub fn group_key(group_id: u64) -> [u8; 8] {
     group_id.to_be_bytes()
 }
 
-/// `group_id | bucket | seq`, all big-endian.
-pub fn message_key(group_id: u64, seq: u64) -> [u8; 24] {
-    let mut key = [0u8; 24];
+/// `group_id | seq`, both big-endian: a message's key in fjall.
+pub fn message_key(group_id: u64, seq: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
     key[..8].copy_from_slice(&group_id.to_be_bytes());
-    key[8..16].copy_from_slice(&bucket_of(seq).to_be_bytes());
-    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
     key
 }
 
