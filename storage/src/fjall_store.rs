@@ -1382,22 +1382,9 @@ mod tests {
     #[tokio::test]
     async fn a_folder_from_before_partitions_opens_as_it_is() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            // What earlier versions wrote: one database at the folder's root.
-            let db = Database::builder(dir.path()).open().unwrap();
-            let groups = db
-                .keyspace("groups", KeyspaceCreateOptions::default)
-                .unwrap();
-            let record = GroupRecord {
-                group_id: 5,
-                shop_id: "old-shop".into(),
-                ..Default::default()
-            };
-            groups
-                .insert(keys::group_key(5), prost::Message::encode_to_vec(&record))
-                .unwrap();
-            db.persist(PersistMode::SyncAll).unwrap();
-        }
+        old_root_database(dir.path())
+            .persist(PersistMode::SyncAll)
+            .unwrap();
         let store = open(dir.path(), 4);
         assert_eq!(store.partitions(), 1);
         let group = store.load_group(5).await.unwrap();
@@ -1406,11 +1393,9 @@ mod tests {
         assert!(!dir.path().join("partitions").exists());
     }
 
-    /// Writes `messages` of group 5 the way stores before 2026-12-03 did:
-    /// in the keyspace `messages`, under `group | bucket | seq`, with
-    /// `bad_key` among them when given. One database at the folder's root,
-    /// with the group's record.
-    fn old_message_layout(dir: &std::path::Path, seqs: &[u64], bad_key: Option<&[u8]>) {
+    /// What versions before partitions wrote: one database at the folder's
+    /// root, here with group 5 of `old-shop` in it.
+    fn old_root_database(dir: &std::path::Path) -> Database {
         let db = Database::builder(dir).open().unwrap();
         let groups = db
             .keyspace("groups", KeyspaceCreateOptions::default)
@@ -1423,6 +1408,14 @@ mod tests {
         groups
             .insert(keys::group_key(5), prost::Message::encode_to_vec(&record))
             .unwrap();
+        db
+    }
+
+    /// Writes `messages` of group 5 the way stores before 2026-12-03 did:
+    /// in the keyspace `messages`, under `group | bucket | seq`, with
+    /// `bad_key` among them when given ([`old_root_database`]).
+    fn old_message_layout(dir: &std::path::Path, seqs: &[u64], bad_key: Option<&[u8]>) {
+        let db = old_root_database(dir);
         let old = db
             .keyspace(migrate::OLD_MESSAGES, KeyspaceCreateOptions::default)
             .unwrap();
