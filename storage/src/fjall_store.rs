@@ -1477,6 +1477,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_partition_moves_its_own_old_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        // A partitioned folder from the day partitions came, before the key
+        // changed: group 5 and its messages live in the second partition.
+        std::fs::write(dir.path().join("partitions"), "2").unwrap();
+        let seqs = [1, keys::BUCKET_SIZE + 7];
+        old_message_layout(&dir.path().join("p1"), &seqs, None);
+        let store = open(dir.path(), 2);
+        assert_eq!(store.partitions(), 2);
+        let got: Vec<_> = store
+            .messages_after(5, 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(got, seqs);
+        store.close().await.unwrap();
+        let db = Database::builder(dir.path().join("p1")).open().unwrap();
+        assert!(!db.keyspace_exists(migrate::OLD_MESSAGES));
+    }
+
+    #[tokio::test]
     async fn a_damaged_old_message_key_fails_the_open_and_deletes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         old_message_layout(dir.path(), &[1, 2], Some(&[0u8; 10]));
