@@ -17,6 +17,7 @@ use crate::records::{
     GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
     ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
+use crate::stats::CommitStats;
 use crate::{
     BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp, keys,
 };
@@ -95,6 +96,7 @@ pub struct FjallStore {
 struct Inner {
     partitions: Vec<Partition>,
     homes: Homes,
+    stats: Arc<CommitStats>,
     /// Set by the first failed write of any partition: from then on the
     /// store refuses every write, since what is on disk is uncertain.
     poisoned: Arc<AtomicBool>,
@@ -130,7 +132,8 @@ impl std::fmt::Debug for Tables {
 }
 
 enum Job {
-    Write(Vec<Put>, DurableCallback),
+    /// Puts to commit, the callback, and when they were submitted.
+    Write(Vec<Put>, DurableCallback, Instant),
     Flush(DurableCallback),
 }
 
@@ -151,6 +154,7 @@ impl FjallStore {
         let folders = partitions::folders(&config.path, config.partitions)?;
         let homes = Homes::new(folders.len());
         let poisoned = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(CommitStats::default());
         let mode = if config.fsync {
             PersistMode::SyncAll
         } else {
@@ -175,10 +179,13 @@ impl FjallStore {
                 let tables = tables.clone();
                 let queued = queued.clone();
                 let poisoned = poisoned.clone();
+                let stats = stats.clone();
                 let max_batch = config.max_batch.max(1);
                 std::thread::Builder::new()
                     .name(format!("qun-store-writer-{index}"))
-                    .spawn(move || write_loop(&tables, &rx, &queued, max_batch, mode, &poisoned))
+                    .spawn(move || {
+                        write_loop(&tables, &rx, &queued, max_batch, mode, &poisoned, &stats);
+                    })
                     .map_err(|e| StorageError::backend("start writer thread", e))?
             };
             partitions.push(Partition {
@@ -199,6 +206,7 @@ impl FjallStore {
             inner: Arc::new(Inner {
                 partitions,
                 homes,
+                stats,
                 poisoned,
             }),
         })
@@ -207,6 +215,13 @@ impl FjallStore {
     /// How many partitions the data folder has.
     pub fn partitions(&self) -> usize {
         self.inner.partitions.len()
+    }
+
+    /// What the writer threads have made durable so far, over every
+    /// partition: group commits, submissions, keys, and each submission's
+    /// time to durability. The server shows them at `/metrics`.
+    pub fn commit_stats(&self) -> Arc<CommitStats> {
+        self.inner.stats.clone()
     }
 
     /// Queues `parts` (partition, job) all or none: room is reserved in
@@ -438,6 +453,7 @@ fn write_loop(
     max_batch: usize,
     mode: PersistMode,
     poisoned: &AtomicBool,
+    stats: &CommitStats,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
     while let Ok(first) = rx.recv() {
@@ -459,7 +475,19 @@ fn write_loop(
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "group commit"
             );
-            r
+            r.map(|writes| {
+                let durable = Instant::now();
+                let mut submissions = 0;
+                for job in &jobs {
+                    if let Job::Write(_, _, submitted) = job {
+                        submissions += 1;
+                        stats.durable_after(durable.saturating_duration_since(*submitted));
+                    }
+                }
+                if submissions > 0 {
+                    stats.committed(submissions, writes);
+                }
+            })
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "store write failed; refusing all further writes");
@@ -471,7 +499,7 @@ fn write_loop(
                 Err(_) => Err(StorageError::Poisoned),
             };
             match job {
-                Job::Write(_, done) | Job::Flush(done) => done(r),
+                Job::Write(_, done, _) | Job::Flush(done) => done(r),
             }
         }
     }
@@ -819,11 +847,15 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
     out.puts
 }
 
-fn commit(tables: &Tables, jobs: &mut [Job], mode: PersistMode) -> Result<(), StorageError> {
+/// Writes the puts of `jobs` as one batch and persists the journal;
+/// returns how many keys were written or removed.
+fn commit(tables: &Tables, jobs: &mut [Job], mode: PersistMode) -> Result<usize, StorageError> {
     let mut batch = tables.db.batch();
     let mut writes = 0usize;
     for job in jobs.iter_mut() {
-        let Job::Write(puts, _) = job else { continue };
+        let Job::Write(puts, _, _) = job else {
+            continue;
+        };
         for put in puts.drain(..) {
             writes += 1;
             let keyspace = tables.get(put.table);
@@ -841,7 +873,8 @@ fn commit(tables: &Tables, jobs: &mut [Job], mode: PersistMode) -> Result<(), St
     tables
         .db
         .persist(mode)
-        .map_err(|e| StorageError::backend("persist journal", e))
+        .map_err(|e| StorageError::backend("persist journal", e))?;
+    Ok(writes)
 }
 
 fn decode<T: prost::Message + Default>(
@@ -921,7 +954,8 @@ impl Store for FjallStore {
     fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError> {
         let homes = match self.inner.homes.settle(&ops) {
             Placement::One(home) => {
-                return self.enqueue(vec![(home, Job::Write(prepare(ops), done))]);
+                let job = Job::Write(prepare(ops), done, Instant::now());
+                return self.enqueue(vec![(home, job)]);
             }
             Placement::Each(homes) => homes,
         };
@@ -936,10 +970,11 @@ impl Store for FjallStore {
             .filter(|(_, ops)| !ops.is_empty())
             .collect();
         let callback = joint(parts.len(), done);
+        let submitted = Instant::now();
         self.enqueue(
             parts
                 .into_iter()
-                .map(|(p, ops)| (p, Job::Write(prepare(ops), callback())))
+                .map(|(p, ops)| (p, Job::Write(prepare(ops), callback(), submitted)))
                 .collect(),
         )
     }
@@ -1524,6 +1559,55 @@ mod tests {
             3,
             "the old messages are all still there"
         );
+    }
+
+    #[tokio::test]
+    async fn commit_stats_count_what_was_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 2);
+        let (a, b) = (shop_in(&store, 0), shop_in(&store, 1));
+        let stats = store.commit_stats();
+        assert_eq!(
+            (stats.commits(), stats.submissions(), stats.writes()),
+            (0, 0, 0)
+        );
+        // A message with its client id (two keys) and the sender's read mark.
+        store.write(vec![group(1, &a)]).await.unwrap();
+        store
+            .write(vec![
+                WriteOp::AppendMessage(MessageRecord {
+                    group_id: 1,
+                    seq: 1,
+                    sender_id: "u".into(),
+                    client_msg_id: "c".into(),
+                    ..Default::default()
+                }),
+                WriteOp::PutReadMark {
+                    group_id: 1,
+                    user_id: "u".into(),
+                    seq: 1,
+                },
+            ])
+            .await
+            .unwrap();
+        // One submission naming two shops: a part in each partition.
+        let feedback = |shop: &str| WriteOp::PutFeedback {
+            shop_id: shop.into(),
+            day: 1,
+            positive: 1,
+            negative: 0,
+        };
+        store.write(vec![feedback(&a), feedback(&b)]).await.unwrap();
+        // A flush carries no submission.
+        store.flush().await.unwrap();
+        assert_eq!(stats.submissions(), 4, "the group, the message, two parts");
+        assert_eq!(stats.writes(), 1 + 3 + 2);
+        // Each write waited for its own commit, and the two parts are in
+        // two partitions, so two commits.
+        assert_eq!(stats.commits(), 4);
+        let observed: u64 = stats.durable_latency().counts().sum();
+        assert_eq!(observed, 4, "one latency per submission");
+        store.close().await.unwrap();
     }
 
     #[tokio::test]

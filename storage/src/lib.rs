@@ -50,6 +50,7 @@ mod fjall_store;
 pub mod keys;
 pub mod records;
 pub mod scylla_store;
+pub mod stats;
 
 pub use coalesce::{Coalescing, CoalescingStats};
 pub use error::StorageError;

@@ -1,0 +1,111 @@
+//! Counters of the store's write path, read by the server's `/metrics`.
+//!
+//! Everything here is plain atomics, bumped with relaxed increments by the
+//! threads that do the work and read whenever the page is rendered: no
+//! lock, nothing allocated per observation.
+//!
+//! ```
+//! use qun_storage::stats::LatencyHistogram;
+//! use std::time::Duration;
+//!
+//! let h = LatencyHistogram::default();
+//! h.observe(Duration::from_millis(3));
+//! h.observe(Duration::from_secs(9));
+//! let counts: Vec<u64> = h.counts().collect();
+//! assert_eq!(counts.iter().sum::<u64>(), 2);
+//! // 3 ms falls in the bucket up to 5 ms; 9 s in the last, unbounded one.
+//! let five_ms = qun_storage::stats::BUCKET_BOUNDS_US.iter().position(|&b| b == 5_000);
+//! assert_eq!(counts[five_ms.unwrap()], 1);
+//! assert_eq!(counts[counts.len() - 1], 1);
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of [`LatencyHistogram`]'s buckets, in microseconds; a last
+/// bucket above them holds the rest.
+pub const BUCKET_BOUNDS_US: [u64; 13] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000,
+];
+
+/// A latency histogram in Prometheus's sense: a count per bucket and a sum,
+/// all atomics, so observing is two relaxed increments and never a lock.
+/// Buckets run from 250 µs to 2.5 s ([`BUCKET_BOUNDS_US`]).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last one is above
+    /// every bound.
+    buckets: [AtomicU64; BUCKET_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = BUCKET_BOUNDS_US.partition_point(|&bound| bound < us);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Observations per bucket, not cumulative, in the order of
+    /// [`BUCKET_BOUNDS_US`] and then the bucket above them.
+    pub fn counts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.buckets.iter().map(|b| b.load(Relaxed))
+    }
+
+    /// The sum of every observation, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Relaxed)
+    }
+}
+
+/// What the embedded store's writer threads have made durable.
+///
+/// A *commit* is one group commit of one partition: one atomic batch and
+/// one journal fsync, however many submissions it carries. The latency is
+/// per submission (per partition's part of one), from
+/// [`Store::submit`](crate::Store::submit) to the journal being synced:
+/// queueing behind other commits, the memtable inserts and the fsync.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    commits: AtomicU64,
+    submissions: AtomicU64,
+    writes: AtomicU64,
+    durable: LatencyHistogram,
+}
+
+impl CommitStats {
+    /// Group commits made durable.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Relaxed)
+    }
+
+    /// Submissions made durable.
+    pub fn submissions(&self) -> u64 {
+        self.submissions.load(Relaxed)
+    }
+
+    /// Keys written or removed by those submissions.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Relaxed)
+    }
+
+    /// Time from each submission to its durability.
+    pub fn durable_latency(&self) -> &LatencyHistogram {
+        &self.durable
+    }
+
+    /// Counts one group commit of `submissions` carrying `writes` keys.
+    pub(crate) fn committed(&self, submissions: usize, writes: usize) {
+        self.commits.fetch_add(1, Relaxed);
+        self.submissions.fetch_add(submissions as u64, Relaxed);
+        self.writes.fetch_add(writes as u64, Relaxed);
+    }
+
+    /// Records how long one submission took to become durable.
+    pub(crate) fn durable_after(&self, d: Duration) {
+        self.durable.observe(d);
+    }
+}
