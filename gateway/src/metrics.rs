@@ -6,9 +6,9 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
 
 use qun_chat_core::{CoreStats, Groups};
+use qun_storage::stats::{BUCKET_BOUNDS_US, CommitStats, LatencyHistogram};
 
 /// The gateway's own counters.
 #[derive(Debug, Default)]
@@ -42,51 +42,29 @@ pub struct Metrics {
     pub connections_limit: u64,
     /// History page reads of a coalescing store (the cluster store).
     pub page_reads: Option<Arc<qun_storage::CoalescingStats>>,
+    /// Group commits of the embedded store.
+    pub commits: Option<Arc<CommitStats>>,
     /// Time from a request frame read to its answer handed to the
     /// connection's writer (`qun_request_duration_seconds`).
     pub request_duration: LatencyHistogram,
 }
 
-/// Upper bounds of [`LatencyHistogram`]'s buckets, in microseconds.
-const BUCKET_BOUNDS_US: [u64; 13] = [
-    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000,
-];
-
-/// A latency histogram in Prometheus's sense: counts per bucket and a sum,
-/// all atomics, so observing is two relaxed increments and never a lock.
-/// Buckets run from 250 µs to 2.5 s; `/metrics` shows them cumulative, as
-/// Prometheus expects (`_bucket{le="0.005"}` counts everything up to 5 ms).
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// Observations per bucket (not cumulative); the last one is `+Inf`.
-    buckets: [AtomicU64; BUCKET_BOUNDS_US.len() + 1],
-    sum_us: AtomicU64,
-}
-
-impl LatencyHistogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i = BUCKET_BOUNDS_US.partition_point(|&bound| bound < us);
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+/// Appends `h` to a text exposition page as a Prometheus histogram: its
+/// buckets cumulative, as Prometheus expects (`_bucket{le="0.005"}` counts
+/// everything up to 5 ms), then `_sum` in seconds and `_count`.
+fn render_histogram(out: &mut String, h: &LatencyHistogram, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    let mut counts = h.counts();
+    for (bound, n) in BUCKET_BOUNDS_US.iter().zip(counts.by_ref()) {
+        cumulative += n;
+        let le = *bound as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
     }
-
-    /// Appends the histogram to a text exposition page.
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, n) in BUCKET_BOUNDS_US.iter().zip(&self.buckets) {
-            cumulative += n.load(Relaxed);
-            let le = *bound as f64 / 1e6;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        cumulative += self.buckets[BUCKET_BOUNDS_US.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
-    }
+    cumulative += counts.sum::<u64>();
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let sum = h.sum_us() as f64 / 1e6;
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
 }
 
 impl Metrics {
@@ -300,12 +278,42 @@ impl Metrics {
             "Groups held in memory.",
             groups.loaded_groups() as u64,
         );
-        self.request_duration.render(
+        if let Some(commits) = &self.commits {
+            put(
+                "qun_store_commits_total",
+                "counter",
+                "Group commits of the embedded store: one atomic batch and one journal fsync each.",
+                commits.commits(),
+            );
+            put(
+                "qun_store_submissions_total",
+                "counter",
+                "Submissions the embedded store made durable (a part per partition when one names several shops).",
+                commits.submissions(),
+            );
+            put(
+                "qun_store_writes_total",
+                "counter",
+                "Keys the embedded store wrote or removed.",
+                commits.writes(),
+            );
+        }
+        render_histogram(
             &mut out,
+            &self.request_duration,
             "qun_request_duration_seconds",
             "Time from a request frame read to its answer handed to the connection's writer \
              (sends: once durable; Hello not counted).",
         );
+        if let Some(commits) = &self.commits {
+            render_histogram(
+                &mut out,
+                commits.durable_latency(),
+                "qun_store_durable_seconds",
+                "Time from a submission to the embedded store until its journal is synced: \
+                 queueing behind other commits, the memtable inserts and the fsync.",
+            );
+        }
         out
     }
 }
@@ -313,6 +321,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_histogram_renders_cumulative_buckets_a_sum_and_a_count() {
@@ -321,7 +330,7 @@ mod tests {
         h.observe(Duration::from_millis(5));
         h.observe(Duration::from_secs(3));
         let mut page = String::new();
-        h.render(&mut page, "t", "help");
+        render_histogram(&mut page, &h, "t", "help");
         assert!(page.contains("# TYPE t histogram"), "{page}");
         assert!(page.contains("t_bucket{le=\"0.001\"} 0\n"), "{page}");
         assert!(page.contains("t_bucket{le=\"0.0025\"} 0\n"), "{page}");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use qun_chat_core::{ConnId, Groups, OutboxLimits};
 use qun_storage::scylla_store::ScyllaStore;
+use qun_storage::stats::CommitStats;
 use qun_storage::{Coalescing, CoalescingStats, FjallConfig, FjallStore, StorageError, Store};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
@@ -123,28 +124,43 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// The counters of the store [`open_store`] opened, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    /// History page reads of the cluster store, shared or sent.
+    pub page_reads: Option<Arc<CoalescingStats>>,
+    /// Group commits of the embedded store.
+    pub commits: Option<Arc<CommitStats>>,
+}
+
 /// Opens the store `config` names: the embedded one in `data_dir`, or the
 /// cluster (wrapped so that concurrent reads of one history page share a
-/// query), with that wrapper's counters.
+/// query), with its counters.
 ///
 /// # Errors
 /// [`ServerError::Storage`] when the store cannot be opened or reached (a
 /// missing cluster schema says to run `qun migrate`),
 /// [`ServerError::Config`] for unusable cluster settings.
-pub async fn open_store(
-    config: &Config,
-) -> Result<(Arc<dyn Store>, Option<Arc<CoalescingStats>>), ServerError> {
+pub async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, StoreCounters), ServerError> {
     if config.uses_scylla() {
         let store = Coalescing::new(ScyllaStore::connect(config.scylla()?).await?);
-        let stats = store.stats();
-        return Ok((Arc::new(store), Some(stats)));
+        let counters = StoreCounters {
+            page_reads: Some(store.stats()),
+            commits: None,
+        };
+        return Ok((Arc::new(store), counters));
     }
     let mut store_config = FjallConfig::new(&config.data_dir);
     store_config.fsync = config.fsync;
     if config.store_partitions > 0 {
         store_config.partitions = config.store_partitions;
     }
-    Ok((Arc::new(FjallStore::open(store_config)?), None))
+    let store = FjallStore::open(store_config)?;
+    let counters = StoreCounters {
+        page_reads: None,
+        commits: Some(store.commit_stats()),
+    };
+    Ok((Arc::new(store), counters))
 }
 
 /// State shared by every task of one server.
@@ -221,7 +237,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let fds = crate::descriptors::plan(config.max_connections);
-    let (store, page_reads) = open_store(&config).await?;
+    let (store, counters) = open_store(&config).await?;
     let key = if config.token_key.is_empty() {
         TokenKey::load_or_create(&config.data_dir)?
     } else {
@@ -248,7 +264,8 @@ pub async fn run(
         groups,
         key,
         metrics: Metrics {
-            page_reads,
+            page_reads: counters.page_reads,
+            commits: counters.commits,
             fd_limit: fds.limit,
             connections_limit: fds.connections as u64,
             ..Metrics::default()

@@ -386,6 +386,25 @@ async fn health_and_metrics_over_http() {
         metrics.contains("qun_request_duration_seconds_count 3"),
         "{metrics}"
     );
+    // The embedded store's group commits: at least the new group (with its
+    // creator) and the message were submitted, and each submission's time
+    // to durability is in the histogram.
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from {metrics}"))
+    };
+    let submissions = value("qun_store_submissions_total");
+    assert!(submissions >= 2, "{metrics}");
+    assert!(value("qun_store_commits_total") >= 1, "{metrics}");
+    assert!(value("qun_store_commits_total") <= submissions, "{metrics}");
+    assert!(value("qun_store_writes_total") >= submissions, "{metrics}");
+    assert!(
+        metrics.contains("# TYPE qun_store_durable_seconds histogram"),
+        "{metrics}"
+    );
+    assert_eq!(value("qun_store_durable_seconds_count"), submissions);
     server.stop().await;
 }
 
