@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::cpu;
 use crate::report::{Latency, Report, histogram, merge};
-use crate::server_metrics::{self, Buckets};
+use crate::server_metrics::{self, Scrape};
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
 use crate::{Cli, HistoryMode, Scenario, now_us, random_u64, source_ip};
 
@@ -335,29 +335,39 @@ fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
     })
 }
 
-/// The server's request histogram, when `--metrics-url` was given.
-async fn server_requests(ctx: &Ctx<'_>) -> anyhow::Result<Option<Buckets>> {
+/// The server's histograms, when `--metrics-url` was given.
+async fn server_requests(ctx: &Ctx<'_>) -> anyhow::Result<Option<Scrape>> {
     match &ctx.cli.metrics_url {
         Some(url) => Ok(Some(server_metrics::scrape(url).await?)),
         None => Ok(None),
     }
 }
 
-/// Adds the server's own request latency over the measured phase (bucket
-/// bounds: "at most") to a report.
-fn add_server_share(r: &mut Report, before: Option<Buckets>, after: Option<Buckets>) {
+/// Adds the server's own request latency over the measured phase, and the
+/// embedded store's time to durability within it (bucket bounds: "at
+/// most"), to a report.
+fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape>) {
     let (Some(before), Some(after)) = (before, after) else {
         return;
     };
-    let run = after.since(&before);
+    let run = after.requests.since(&before.requests);
     r.counts.insert("server_requests".into(), run.count());
-    for (name, q) in [
-        ("server_request_p50_ms_at_most", 0.5),
-        ("server_request_p99_ms_at_most", 0.99),
-        ("server_request_p999_ms_at_most", 0.999),
-    ] {
+    let store = match (&after.store, &before.store) {
+        (Some(after), Some(before)) => Some(after.since(before)),
+        _ => None,
+    };
+    if let Some(store) = &store {
+        r.counts
+            .insert("server_store_submissions".into(), store.count());
+    }
+    for (what, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
         if let Some(ms) = run.quantile_bound_ms(q) {
-            r.figures.insert(name.into(), ms);
+            r.figures
+                .insert(format!("server_request_{what}_ms_at_most"), ms);
+        }
+        if let Some(ms) = store.as_ref().and_then(|s| s.quantile_bound_ms(q)) {
+            r.figures
+                .insert(format!("server_store_durable_{what}_ms_at_most"), ms);
         }
     }
 }

@@ -1,16 +1,41 @@
-//! The server's own account of request latency: its
-//! `qun_request_duration_seconds` histogram, read from `/metrics` before and
-//! after the measured phase. End-to-end latency (what members measure)
-//! includes the load generator, which shares this machine's cores; the
-//! difference of the two scrapes is the server's share alone.
+//! The server's own account of latency: its `qun_request_duration_seconds`
+//! histogram, and with the embedded store `qun_store_durable_seconds`, read
+//! from `/metrics` before and after the measured phase. End-to-end latency
+//! (what members measure) includes the load generator, which shares this
+//! machine's cores; the difference of the two scrapes is the server's share
+//! alone, and the store's within it.
 
 use std::net::SocketAddr;
 
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// The histogram's name in the exposition format.
+/// The request histogram's buckets in the exposition format.
 const NAME: &str = "qun_request_duration_seconds_bucket";
+/// The embedded store's time-to-durability histogram's buckets.
+const STORE: &str = "qun_store_durable_seconds_bucket";
+
+/// One read of the server's `/metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Scrape {
+    /// Request latency.
+    pub(crate) requests: Buckets,
+    /// Submission to durable, when the server runs the embedded store.
+    pub(crate) store: Option<Buckets>,
+}
+
+impl Scrape {
+    /// Reads both histograms out of a `/metrics` page.
+    ///
+    /// # Errors
+    /// The page has no request histogram, or an unreadable bucket line.
+    pub(crate) fn parse(page: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            requests: Buckets::parse(page)?,
+            store: Buckets::parse_named(page, STORE)?,
+        })
+    }
+}
 
 /// Cumulative bucket counts: (upper bound in seconds, requests at most that
 /// long), ascending, the last bound infinite.
@@ -23,9 +48,19 @@ impl Buckets {
     /// # Errors
     /// The page has no `qun_request_duration_seconds` histogram.
     pub(crate) fn parse(page: &str) -> anyhow::Result<Self> {
+        Self::parse_named(page, NAME)?
+            .with_context(|| "the server's /metrics has no qun_request_duration_seconds histogram")
+    }
+
+    /// Parses the histogram whose bucket lines start with `name`, if the
+    /// page has it.
+    ///
+    /// # Errors
+    /// A bucket line that does not read as one.
+    fn parse_named(page: &str, name: &str) -> anyhow::Result<Option<Self>> {
         let mut out = Vec::new();
         for line in page.lines() {
-            let Some(rest) = line.strip_prefix(NAME) else {
+            let Some(rest) = line.strip_prefix(name) else {
                 continue;
             };
             let parsed = rest
@@ -44,10 +79,7 @@ impl Buckets {
                 None => bail!("unreadable metrics line: {line}"),
             }
         }
-        if out.is_empty() {
-            bail!("the server's /metrics has no qun_request_duration_seconds histogram");
-        }
-        Ok(Self(out))
+        Ok((!out.is_empty()).then_some(Self(out)))
     }
 
     /// What was observed since `before` (same buckets).
@@ -83,12 +115,12 @@ impl Buckets {
     }
 }
 
-/// Reads the histogram from `url` (`http://127.0.0.1:PORT/metrics`).
+/// Reads the histograms from `url` (`http://127.0.0.1:PORT/metrics`).
 ///
 /// # Errors
 /// Not an `http://` URL of a loopback address, the server cannot be
-/// reached, or its page has no histogram.
-pub(crate) async fn scrape(url: &str) -> anyhow::Result<Buckets> {
+/// reached, or its page has no request histogram.
+pub(crate) async fn scrape(url: &str) -> anyhow::Result<Scrape> {
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("--metrics-url must be http://…, not {url}"))?;
@@ -107,7 +139,7 @@ pub(crate) async fn scrape(url: &str) -> anyhow::Result<Buckets> {
     let mut page = String::new();
     stream.read_to_string(&mut page).await?;
     let body = page.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Buckets::parse(body)
+    Scrape::parse(body)
 }
 
 #[cfg(test)]
@@ -135,6 +167,21 @@ mod tests {
         assert_eq!(run.quantile_bound_ms(0.999), Some(100.0));
         let slow = Buckets::parse(&page([0, 0, 0, 5])).unwrap();
         assert_eq!(slow.quantile_bound_ms(0.5), None, "beyond the last bound");
+    }
+
+    #[test]
+    fn the_store_histogram_is_read_when_the_page_has_it() {
+        let requests_only = Scrape::parse(&page([1, 2, 3, 4])).unwrap();
+        assert_eq!(requests_only.store, None, "a cluster store has none");
+        let both = format!(
+            "{}{STORE}{{le=\"0.005\"}} 7\n{STORE}{{le=\"+Inf\"}} 9\n",
+            page([1, 2, 3, 4])
+        );
+        let scraped = Scrape::parse(&both).unwrap();
+        assert_eq!(scraped.requests.count(), 4);
+        let store = scraped.store.unwrap();
+        assert_eq!(store.count(), 9);
+        assert_eq!(store.quantile_bound_ms(0.5), Some(5.0));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 struct Server {
     url: String,
+    metrics: String,
     quic: String,
     pin: String,
     dir: tempfile::TempDir,
@@ -28,12 +29,14 @@ async fn server() -> Server {
     };
     let listeners = Listeners::bind(&config).await.unwrap();
     let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
+    let metrics = format!("http://{}/metrics", listeners.http_addr().unwrap());
     let quic = format!("quic://{}", listeners.quic_addr().unwrap());
     let pin = listeners.quic_fingerprint().to_string();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(qun_gateway::run(config, listeners, shutdown.clone()));
     Server {
         url,
+        metrics,
         quic,
         pin,
         dir,
@@ -111,6 +114,8 @@ async fn fanout_and_flash_sale_measure_and_check() {
         &s,
         &s.url,
         &[
+            "--metrics-url",
+            &s.metrics,
             "flash-sale",
             "--members",
             "12",
@@ -128,6 +133,18 @@ async fn fanout_and_flash_sale_measure_and_check() {
     // The winners' latency apart: exactly the five who joined.
     assert_eq!(r["winners_latency"]["count"], 5, "{r}");
     assert_eq!(r["latency"]["count"], 12, "{r}");
+    // The server's own view, from /metrics: every join it answered, and
+    // the store's time to durability of at least the five winners' writes.
+    assert!(
+        r["counts"]["server_requests"].as_u64().unwrap() >= 12,
+        "{r}"
+    );
+    assert!(
+        r["counts"]["server_store_submissions"].as_u64().unwrap() >= 5,
+        "{r}"
+    );
+    let store_p99 = r["figures"]["server_store_durable_p99_ms_at_most"].as_f64();
+    assert!(store_p99.unwrap() > 0.0, "{r}");
 
     // The same over QUIC, with the certificate pinned.
     let (out, r) = loadtest(
