@@ -42,7 +42,7 @@ pub struct Metrics {
     pub connections_limit: u64,
     /// History page reads of a coalescing store (the cluster store).
     pub page_reads: Option<Arc<qun_storage::CoalescingStats>>,
-    /// Group commits of the embedded store.
+    /// Group commits of the store and each submission's time to durability.
     pub commits: Option<Arc<CommitStats>>,
     /// Time from a request frame read to its answer handed to the
     /// connection's writer (`qun_request_duration_seconds`).
@@ -282,19 +282,19 @@ impl Metrics {
             put(
                 "qun_store_commits_total",
                 "counter",
-                "Group commits of the embedded store: one atomic batch and one journal fsync each.",
+                "Group commits of the store (embedded: one atomic batch and one journal fsync; cluster: one round of batches).",
                 commits.commits(),
             );
             put(
                 "qun_store_submissions_total",
                 "counter",
-                "Submissions the embedded store made durable (a part per partition when one names several shops).",
+                "Submissions the store made durable (embedded: a part per partition when one names several shops).",
                 commits.submissions(),
             );
             put(
                 "qun_store_writes_total",
                 "counter",
-                "Keys the embedded store wrote or removed.",
+                "Keys the embedded store wrote or removed; statements the cluster store wrote.",
                 commits.writes(),
             );
         }
@@ -310,8 +310,8 @@ impl Metrics {
                 &mut out,
                 commits.durable_latency(),
                 "qun_store_durable_seconds",
-                "Time from a submission to the embedded store until its journal is synced: \
-                 queueing behind other commits, the memtable inserts and the fsync.",
+                "Time from a submission to the store until it is durable (embedded: the journal \
+                 synced; cluster: its batch acknowledged), queueing behind other commits included.",
             );
         }
         out

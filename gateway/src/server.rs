@@ -129,7 +129,7 @@ pub enum ServerError {
 pub struct StoreCounters {
     /// History page reads of the cluster store, shared or sent.
     pub page_reads: Option<Arc<CoalescingStats>>,
-    /// Group commits of the embedded store.
+    /// Group commits and time to durability, of either store.
     pub commits: Option<Arc<CommitStats>>,
 }
 
@@ -143,10 +143,12 @@ pub struct StoreCounters {
 /// [`ServerError::Config`] for unusable cluster settings.
 pub async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, StoreCounters), ServerError> {
     if config.uses_scylla() {
-        let store = Coalescing::new(ScyllaStore::connect(config.scylla()?).await?);
+        let cluster = ScyllaStore::connect(config.scylla()?).await?;
+        let commits = Some(cluster.commit_stats());
+        let store = Coalescing::new(cluster);
         let counters = StoreCounters {
             page_reads: Some(store.stats()),
-            commits: None,
+            commits,
         };
         return Ok((Arc::new(store), counters));
     }

@@ -163,6 +163,9 @@ async fn chat_history_and_resume_survive_a_restart_on_a_live_cluster() {
     assert!(buyer.join(g).await.unwrap().already_member);
     assert_eq!(buyer.send(g, "after restart", None).await.unwrap().seq, 41);
     assert!(server.metric("qun_store_page_queries_total").await > 0);
+    // The send after the restart was made durable through the writer task.
+    assert!(server.metric("qun_store_submissions_total").await > 0);
+    assert!(server.metric("qun_store_durable_seconds_count").await > 0);
     server.stop().await;
 
     let admin = scylla_store::session(&config).await.unwrap();

@@ -1,5 +1,5 @@
 //! The server's own account of latency: its `qun_request_duration_seconds`
-//! histogram, and with the embedded store `qun_store_durable_seconds`, read
+//! and `qun_store_durable_seconds` histograms, read
 //! from `/metrics` before and after the measured phase. End-to-end latency
 //! (what members measure) includes the load generator, which shares this
 //! machine's cores; the difference of the two scrapes is the server's share
@@ -20,7 +20,7 @@ const STORE: &str = "qun_store_durable_seconds_bucket";
 pub(crate) struct Scrape {
     /// Request latency.
     pub(crate) requests: Buckets,
-    /// Submission to durable, when the server runs the embedded store.
+    /// Submission to durable (absent from servers older than the metric).
     pub(crate) store: Option<Buckets>,
 }
 
@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn the_store_histogram_is_read_when_the_page_has_it() {
         let requests_only = Scrape::parse(&page([1, 2, 3, 4])).unwrap();
-        assert_eq!(requests_only.store, None, "a cluster store has none");
+        assert_eq!(requests_only.store, None, "an older server has none");
         let both = format!(
             "{}{STORE}{{le=\"0.005\"}} 7\n{STORE}{{le=\"+Inf\"}} 9\n",
             page([1, 2, 3, 4])

@@ -1,4 +1,4 @@
-//! Counters of the store's write path, read by the server's `/metrics`.
+//! Counters of the stores' write paths, read by the server's `/metrics`.
 //!
 //! Everything here is plain atomics, bumped with relaxed increments by the
 //! threads that do the work and read whenever the page is rendered: no
@@ -61,13 +61,16 @@ impl LatencyHistogram {
     }
 }
 
-/// What the embedded store's writer threads have made durable.
+/// What a store's writers have made durable.
 ///
-/// A *commit* is one group commit of one partition: one atomic batch and
-/// one journal fsync, however many submissions it carries. The latency is
-/// per submission (per partition's part of one), from
-/// [`Store::submit`](crate::Store::submit) to the journal being synced:
-/// queueing behind other commits, the memtable inserts and the fsync.
+/// In the embedded store a *commit* is one group commit of one partition:
+/// one atomic batch and one journal fsync, however many submissions it
+/// carries; *writes* are keys. In the cluster store a commit is one round
+/// of the writer task (batches of many groups written concurrently), and
+/// writes are statements. The latency is per submission (in the embedded
+/// store, per partition's part of one), from
+/// [`Store::submit`](crate::Store::submit) to durable: queueing behind
+/// other commits included.
 #[derive(Debug, Default)]
 pub struct CommitStats {
     commits: AtomicU64,
@@ -87,7 +90,7 @@ impl CommitStats {
         self.submissions.load(Relaxed)
     }
 
-    /// Keys written or removed by those submissions.
+    /// Keys (embedded) or statements (cluster) those submissions wrote.
     pub fn writes(&self) -> u64 {
         self.writes.load(Relaxed)
     }

@@ -83,6 +83,7 @@ use crate::records::{
     GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
     ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
+use crate::stats::CommitStats;
 use crate::{BoxFuture, Due, DurableCallback, FeedbackDay, ReachUse, StorageError, Store, WriteOp};
 
 /// How the clustered store connects and writes.
@@ -236,6 +237,7 @@ struct Inner {
     poisoned: Arc<AtomicBool>,
     closed: AtomicBool,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stats: Arc<CommitStats>,
 }
 
 /// The prepared reads.
@@ -416,6 +418,7 @@ impl ScyllaStore {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let poisoned = Arc::new(AtomicBool::new(false));
         let buckets = Arc::new(DashMap::new());
+        let stats = Arc::new(CommitStats::default());
         let writer = tokio::spawn(
             Writer {
                 sink: CqlSink {
@@ -427,6 +430,7 @@ impl ScyllaStore {
                 retry_window: config.write_retry_window,
                 poisoned: poisoned.clone(),
                 buckets: buckets.clone(),
+                stats: stats.clone(),
             }
             .run(rx),
         );
@@ -445,8 +449,17 @@ impl ScyllaStore {
                 poisoned,
                 closed: AtomicBool::new(false),
                 writer: Mutex::new(Some(writer)),
+                stats,
             }),
         })
+    }
+
+    /// What the writer task has made durable so far: rounds, submissions,
+    /// statements, and each submission's time to durability (from
+    /// [`Store::submit`] to the cluster's acknowledgement of its batch).
+    /// The server shows them at `/metrics`.
+    pub fn commit_stats(&self) -> Arc<CommitStats> {
+        self.inner.stats.clone()
     }
 
     fn enqueue(&self, job: Job) -> Result<(), StorageError> {
@@ -616,6 +629,7 @@ impl Store for ScyllaStore {
             lane: statements::lane(&ops),
             statements: out,
             done,
+            submitted: std::time::Instant::now(),
         })
     }
 

@@ -21,15 +21,18 @@ use tokio::sync::mpsc;
 
 use super::exec_err;
 use super::statements::{self, Lane, Shape, Statement};
+use crate::stats::CommitStats;
 use crate::{DurableCallback, StorageError};
 
 /// What the store hands its writer task.
 pub(crate) enum Job {
-    /// A submission: its statements, its lane and its callback.
+    /// A submission: its statements, its lane, its callback and when it
+    /// was submitted.
     Write {
         statements: Vec<Statement>,
         lane: Lane,
         done: DurableCallback,
+        submitted: Instant,
     },
     /// Report once everything before it is durable.
     Flush(DurableCallback),
@@ -55,6 +58,9 @@ pub(crate) struct Writer<S> {
     pub(crate) retry_window: Duration,
     pub(crate) poisoned: Arc<AtomicBool>,
     pub(crate) buckets: Arc<DashMap<u64, Vec<u64>>>,
+    /// Rounds, submissions and statements acknowledged, and each
+    /// submission's time to durability.
+    pub(crate) stats: Arc<CommitStats>,
 }
 
 /// Most statements in one batch (ScyllaDB and Cassandra warn on larger).
@@ -66,28 +72,31 @@ impl<S: BatchSink> Writer<S> {
         // A round's writes and its callbacks, kept apart: callbacks are not
         // `Sync`, and the writes are borrowed across awaits.
         let mut writes: Vec<(Lane, Vec<Statement>)> = Vec::with_capacity(self.max_batch);
-        let mut dones: Vec<DurableCallback> = Vec::with_capacity(self.max_batch);
+        // When each submission came (`None` for a flush).
+        let mut dones: Vec<(DurableCallback, Option<Instant>)> = Vec::with_capacity(self.max_batch);
         let mut stop = false;
         while !stop {
-            let take = |job: Job,
-                        writes: &mut Vec<(Lane, Vec<Statement>)>,
-                        dones: &mut Vec<DurableCallback>| match job {
-                Job::Write {
-                    statements,
-                    lane,
-                    done,
-                } => {
-                    writes.push((lane, statements));
-                    dones.push(done);
-                    true
-                }
-                Job::Flush(done) => {
-                    writes.push((Lane::Shop, Vec::new()));
-                    dones.push(done);
-                    true
-                }
-                Job::Stop => false,
-            };
+            let take =
+                |job: Job,
+                 writes: &mut Vec<(Lane, Vec<Statement>)>,
+                 dones: &mut Vec<(DurableCallback, Option<Instant>)>| match job {
+                    Job::Write {
+                        statements,
+                        lane,
+                        done,
+                        submitted,
+                    } => {
+                        writes.push((lane, statements));
+                        dones.push((done, Some(submitted)));
+                        true
+                    }
+                    Job::Flush(done) => {
+                        writes.push((Lane::Shop, Vec::new()));
+                        dones.push((done, None));
+                        true
+                    }
+                    Job::Stop => false,
+                };
             match rx.recv().await {
                 None => break,
                 Some(job) => {
@@ -127,6 +136,7 @@ impl<S: BatchSink> Writer<S> {
             // Buckets registered by acknowledged submissions need no more
             // registering.
             let acknowledged = failed.as_ref().map_or(writes.len(), |(at, _)| *at);
+            self.count(&writes[..acknowledged], &dones[..acknowledged]);
             for (_, statements) in &writes[..acknowledged] {
                 for (g, b) in statements.iter().filter_map(Statement::registered_bucket) {
                     let mut known = self.buckets.entry(g).or_default();
@@ -136,7 +146,7 @@ impl<S: BatchSink> Writer<S> {
                 }
             }
             writes.clear();
-            for (i, done) in dones.drain(..).enumerate() {
+            for (i, (done, _)) in dones.drain(..).enumerate() {
                 done(match &failed {
                     Some((at, e)) if i == *at => Err(e.duplicate()),
                     Some((at, _)) if i > *at => Err(StorageError::Poisoned),
@@ -145,6 +155,30 @@ impl<S: BatchSink> Writer<S> {
             }
         }
         tracing::debug!("scylla store writer stopped");
+    }
+
+    /// Counts the acknowledged submissions of a round in [`CommitStats`]:
+    /// the round, its submissions, their statements and each one's time to
+    /// durability. Flushes are not submissions.
+    fn count(
+        &self,
+        writes: &[(Lane, Vec<Statement>)],
+        dones: &[(DurableCallback, Option<Instant>)],
+    ) {
+        let durable = Instant::now();
+        let mut submissions = 0;
+        let mut statements = 0;
+        for ((_, written), (_, submitted)) in writes.iter().zip(dones) {
+            if let Some(submitted) = submitted {
+                submissions += 1;
+                statements += written.len();
+                self.stats
+                    .durable_after(durable.saturating_duration_since(*submitted));
+            }
+        }
+        if submissions > 0 {
+            self.stats.committed(submissions, statements);
+        }
     }
 
     /// Writes one round. Returns the first failed submission (in submission

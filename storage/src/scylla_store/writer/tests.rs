@@ -72,6 +72,7 @@ fn job(ops: Vec<WriteOp>, new_bucket: bool) -> (Job, Done) {
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
+            submitted: std::time::Instant::now(),
         },
         rx,
     )
@@ -79,6 +80,7 @@ fn job(ops: Vec<WriteOp>, new_bucket: bool) -> (Job, Done) {
 
 struct Run {
     sink: Arc<SinkDouble>,
+    stats: Arc<CommitStats>,
     poisoned: Arc<AtomicBool>,
     buckets: Arc<DashMap<u64, Vec<u64>>>,
     results: Vec<Result<(), StorageError>>,
@@ -97,6 +99,7 @@ async fn run(sink: Arc<SinkDouble>, retry_window: Duration, jobs: Vec<Vec<WriteO
     tx.try_send(Job::Stop).unwrap();
     let poisoned = Arc::new(AtomicBool::new(false));
     let buckets = Arc::new(DashMap::new());
+    let stats = Arc::new(CommitStats::default());
     Writer {
         sink: sink.clone(),
         max_batch: 64,
@@ -104,6 +107,7 @@ async fn run(sink: Arc<SinkDouble>, retry_window: Duration, jobs: Vec<Vec<WriteO
         retry_window,
         poisoned: poisoned.clone(),
         buckets: buckets.clone(),
+        stats: stats.clone(),
     }
     .run(rx)
     .await;
@@ -113,6 +117,7 @@ async fn run(sink: Arc<SinkDouble>, retry_window: Duration, jobs: Vec<Vec<WriteO
     }
     Run {
         sink,
+        stats,
         poisoned,
         buckets,
         results,
@@ -146,6 +151,10 @@ async fn a_round_writes_each_group_in_order_and_merges_its_consecutive_submissio
         "one batch per group, in submission order"
     );
     assert!(!r.poisoned.load(Ordering::SeqCst));
+    // One round, five submissions, each timed.
+    assert_eq!((r.stats.commits(), r.stats.submissions()), (1, 5));
+    assert!(r.stats.writes() >= 5, "{}", r.stats.writes());
+    assert_eq!(r.stats.durable_latency().counts().sum::<u64>(), 5);
 }
 
 #[tokio::test]
@@ -195,6 +204,9 @@ async fn a_failure_acknowledges_what_came_before_and_refuses_everything_after() 
         "a failed submission's bucket is not registered"
     );
     assert_eq!(r.buckets.get(&1).unwrap().clone(), [0]);
+    // Only the acknowledged submission counts as durable.
+    assert_eq!(r.stats.submissions(), 1);
+    assert_eq!(r.stats.durable_latency().counts().sum::<u64>(), 1);
 }
 
 #[tokio::test]
