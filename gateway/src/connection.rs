@@ -35,6 +35,7 @@ use tracing::Instrument as _;
 
 use crate::error::RequestError;
 use crate::metrics::Metrics;
+use crate::request_kind::RequestKind;
 use crate::server::Shared;
 use crate::transport::{FrameSink, Inbound, Lane, close};
 use crate::websocket;
@@ -174,19 +175,23 @@ pub(crate) fn run(
 /// flight, not an answer body.
 type Pending = futures_util::future::BoxFuture<'static, Bytes>;
 
-/// A waiting answer with the time its request was read, for
+/// A waiting answer with its request's kind and the time it was read, for
 /// `qun_request_duration_seconds`.
 struct Timed {
     answer: Pending,
+    kind: RequestKind,
     read_at: Instant,
 }
 
 impl Future for Timed {
-    type Output = (Bytes, Instant);
+    type Output = (Bytes, RequestKind, Instant);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let read_at = self.read_at;
-        self.answer.as_mut().poll(cx).map(|frame| (frame, read_at))
+        let (kind, read_at) = (self.kind, self.read_at);
+        self.answer
+            .as_mut()
+            .poll(cx)
+            .map(|frame| (frame, kind, read_at))
     }
 }
 
@@ -269,7 +274,7 @@ impl Session {
                     tracing::debug!("idle timeout");
                     break Some((IDLE_CLOSE_CODE, "idle timeout".into()));
                 }
-                Some(Some((frame, read_at))) = OptionFuture::from(in_flight.as_mut().map(|f| f.next())),
+                Some(Some((frame, kind, read_at))) = OptionFuture::from(in_flight.as_mut().map(|f| f.next())),
                     if in_flight.is_some() =>
                 {
                     if in_flight.as_ref().is_some_and(FuturesUnordered::is_empty) {
@@ -278,7 +283,7 @@ impl Session {
                     if !self.reply(Reply::Frame(frame)).await {
                         break None;
                     }
-                    shared.metrics.request_duration.observe(read_at.elapsed());
+                    shared.metrics.request_duration.observe(kind, read_at.elapsed());
                 }
                 incoming = source.next(),
                     if in_flight.as_ref().map_or(0, FuturesUnordered::len) < shared.config.max_in_flight =>
@@ -296,9 +301,9 @@ impl Session {
                     });
                     match step {
                         Step::Continue => {}
-                        Step::Wait(answer, read_at) => in_flight
+                        Step::Wait(answer, kind, read_at) => in_flight
                             .get_or_insert_with(FuturesUnordered::new)
-                            .push(Timed { answer, read_at }),
+                            .push(Timed { answer, kind, read_at }),
                         Step::Close(code, reason) => break Some((code, reason)),
                         Step::Gone => break None,
                     }
@@ -308,7 +313,7 @@ impl Session {
         // Acknowledge what was accepted before stopping: those messages are
         // being made durable and the sender is owed its ack.
         let mut in_flight = in_flight.unwrap_or_default();
-        while let Some((frame, _)) = in_flight.next().await {
+        while let Some((frame, _, _)) = in_flight.next().await {
             if !self.reply(Reply::Frame(frame)).await {
                 break;
             }
@@ -404,19 +409,19 @@ impl Session {
         let Some(who) = self.identity.clone() else {
             return self.hello(request_id, body).await;
         };
-        let kind = body_kind(&body);
-        let span = tracing::debug_span!("req", id = request_id, kind);
+        let kind = RequestKind::of(&body);
+        let span = tracing::debug_span!("req", id = request_id, kind = kind.name());
         match self.dispatch(&who, request_id, body).instrument(span).await {
             Dispatched::Done(result) => {
                 if self.answer(request_id, result).await {
                     let took = read_at.elapsed();
-                    self.shared.metrics.request_duration.observe(took);
+                    self.shared.metrics.request_duration.observe(kind, took);
                     Step::Continue
                 } else {
                     Step::Gone
                 }
             }
-            Dispatched::Wait(fut) => Step::Wait(fut, read_at),
+            Dispatched::Wait(fut) => Step::Wait(fut, kind, read_at),
         }
     }
 
@@ -842,67 +847,10 @@ enum Dispatched {
     Wait(Pending),
 }
 
-fn body_kind(body: &client_frame::Body) -> &'static str {
-    match body {
-        client_frame::Body::Hello(_) => "hello",
-        client_frame::Body::CreateGroup(_) => "create_group",
-        client_frame::Body::JoinGroup(_) => "join_group",
-        client_frame::Body::LeaveGroup(_) => "leave_group",
-        client_frame::Body::SendMessage(_) => "send_message",
-        client_frame::Body::FetchHistory(_) => "fetch_history",
-        client_frame::Body::Ping(_) => "ping",
-        client_frame::Body::Resume(_) => "resume",
-        client_frame::Body::FetchRange(_) => "fetch_range",
-        client_frame::Body::MarkRead(_) => "mark_read",
-        client_frame::Body::ListMyGroups(_) => "list_my_groups",
-        client_frame::Body::PostCard(_) => "post_card",
-        client_frame::Body::StartGroupBuy(_) => "start_group_buy",
-        client_frame::Body::JoinGroupBuy(_) => "join_group_buy",
-        client_frame::Body::LeaveGroupBuy(_) => "leave_group_buy",
-        client_frame::Body::IssueCoupon(_) => "issue_coupon",
-        client_frame::Body::ClaimCoupon(_) => "claim_coupon",
-        client_frame::Body::OpenPoll(_) => "open_poll",
-        client_frame::Body::Vote(_) => "vote",
-        client_frame::Body::GetCommerce(_) => "get_commerce",
-        client_frame::Body::EndCommerce(_) => "end_commerce",
-        client_frame::Body::MutePromotions(_) => "mute_promotions",
-        client_frame::Body::ReportMessage(_) => "report_message",
-        client_frame::Body::OpenCard(_) => "open_card",
-        client_frame::Body::GetReachQuota(_) => "get_reach_quota",
-        client_frame::Body::MuteMember(_) => "mute_member",
-        client_frame::Body::MuteAllBuyers(_) => "mute_all_buyers",
-        client_frame::Body::RemoveMember(_) => "remove_member",
-        client_frame::Body::RecallMessage(_) => "recall_message",
-        client_frame::Body::PromoteFaq(_) => "promote_faq",
-        client_frame::Body::RemoveFaq(_) => "remove_faq",
-        client_frame::Body::SetPin(_) => "set_pin",
-        client_frame::Body::ListFaq(_) => "list_faq",
-        client_frame::Body::PutAutoReply(_) => "put_auto_reply",
-        client_frame::Body::RemoveAutoReply(_) => "remove_auto_reply",
-        client_frame::Body::ListAutoReplies(_) => "list_auto_replies",
-        client_frame::Body::SetJoinPolicy(_) => "set_join_policy",
-        client_frame::Body::ListJoinRequests(_) => "list_join_requests",
-        client_frame::Body::DecideJoin(_) => "decide_join",
-        client_frame::Body::TagBuyer(_) => "tag_buyer",
-        client_frame::Body::GetBuyerTags(_) => "get_buyer_tags",
-        client_frame::Body::PushPromotion(_) => "push_promotion",
-        client_frame::Body::SchedulePush(_) => "schedule_push",
-        client_frame::Body::CancelSchedule(_) => "cancel_schedule",
-        client_frame::Body::ListSchedules(_) => "list_schedules",
-        client_frame::Body::GetTagPool(_) => "get_tag_pool",
-        client_frame::Body::CsOpen(_) => "cs_open",
-        client_frame::Body::CsTransfer(_) => "cs_transfer",
-        client_frame::Body::CsClose(_) => "cs_close",
-        client_frame::Body::CsQueue(_) => "cs_queue",
-        client_frame::Body::SetPresence(_) => "set_presence",
-        client_frame::Body::CsBlock(_) => "cs_block",
-    }
-}
-
 enum Step {
     Continue,
-    /// An answer that waits, and when its request was read.
-    Wait(Pending, Instant),
+    /// An answer that waits, its request's kind, and when it was read.
+    Wait(Pending, RequestKind, Instant),
     Close(u16, String),
     Gone,
 }

@@ -37,6 +37,7 @@ mod http;
 mod merchant_api;
 pub mod metrics;
 pub mod quic;
+pub mod request_kind;
 pub mod server;
 pub mod transport;
 mod websocket;

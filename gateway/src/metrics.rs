@@ -6,9 +6,12 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use qun_chat_core::{CoreStats, Groups};
 use qun_storage::stats::{BUCKET_BOUNDS_US, CommitStats, LatencyHistogram};
+
+use crate::request_kind::RequestKind;
 
 /// The gateway's own counters.
 #[derive(Debug, Default)]
@@ -45,26 +48,69 @@ pub struct Metrics {
     /// Group commits of the store and each submission's time to durability.
     pub commits: Option<Arc<CommitStats>>,
     /// Time from a request frame read to its answer handed to the
-    /// connection's writer (`qun_request_duration_seconds`).
-    pub request_duration: LatencyHistogram,
+    /// connection's writer, per kind of request
+    /// (`qun_request_duration_seconds{request="…"}`).
+    pub request_duration: RequestDurations,
 }
 
-/// Appends `h` to a text exposition page as a Prometheus histogram: its
-/// buckets cumulative, as Prometheus expects (`_bucket{le="0.005"}` counts
-/// everything up to 5 ms), then `_sum` in seconds and `_count`.
-fn render_histogram(out: &mut String, h: &LatencyHistogram, name: &str, help: &str) {
+/// A latency histogram per kind of request.
+#[derive(Debug)]
+pub struct RequestDurations([LatencyHistogram; RequestKind::COUNT]);
+
+impl Default for RequestDurations {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| LatencyHistogram::default()))
+    }
+}
+
+impl RequestDurations {
+    /// Records that a request of `kind` took `d`.
+    pub fn observe(&self, kind: RequestKind, d: Duration) {
+        self.0[kind.index()].observe(d);
+    }
+
+    /// The histogram of one kind.
+    pub fn of(&self, kind: RequestKind) -> &LatencyHistogram {
+        &self.0[kind.index()]
+    }
+}
+
+/// Appends the `# HELP` and `# TYPE` lines of a histogram.
+fn render_header(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+}
+
+/// Appends the series of `h` to a text exposition page, labelled with
+/// `labels` (`request="send_message",` or empty): its buckets cumulative, as
+/// Prometheus expects (`_bucket{le="0.005"}` counts everything up to 5 ms),
+/// then `_sum` in seconds and `_count`.
+fn render_series(out: &mut String, h: &LatencyHistogram, name: &str, labels: &str) {
     let mut cumulative = 0;
     let mut counts = h.counts();
     for (bound, n) in BUCKET_BOUNDS_US.iter().zip(counts.by_ref()) {
         cumulative += n;
         let le = *bound as f64 / 1e6;
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
     }
     cumulative += counts.sum::<u64>();
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
     let sum = h.sum_us() as f64 / 1e6;
-    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    let braces = labels.trim_end_matches(',');
+    let braces = if braces.is_empty() {
+        String::new()
+    } else {
+        format!("{{{braces}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_sum{braces} {sum}\n{name}_count{braces} {cumulative}"
+    );
+}
+
+/// Appends `h` as a histogram without labels.
+fn render_histogram(out: &mut String, h: &LatencyHistogram, name: &str, help: &str) {
+    render_header(out, name, help);
+    render_series(out, h, name, "");
 }
 
 impl Metrics {
@@ -298,13 +344,21 @@ impl Metrics {
                 commits.writes(),
             );
         }
-        render_histogram(
+        let name = "qun_request_duration_seconds";
+        render_header(
             &mut out,
-            &self.request_duration,
-            "qun_request_duration_seconds",
-            "Time from a request frame read to its answer handed to the connection's writer \
-             (sends: once durable; Hello not counted).",
+            name,
+            "Time from a request frame read to its answer handed to the connection's writer, \
+             per kind of request, each shown once it has been seen (sends: once durable; Hello \
+             not counted).",
         );
+        for &kind in RequestKind::ALL {
+            let h = self.request_duration.of(kind);
+            if h.counts().any(|n| n > 0) {
+                let labels = format!("request=\"{}\",", kind.name());
+                render_series(&mut out, h, name, &labels);
+            }
+        }
         if let Some(commits) = &self.commits {
             render_histogram(
                 &mut out,
@@ -321,7 +375,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn the_histogram_renders_cumulative_buckets_a_sum_and_a_count() {
@@ -339,5 +392,39 @@ mod tests {
         assert!(page.contains("t_bucket{le=\"+Inf\"} 3\n"), "{page}");
         assert!(page.contains("t_sum 3.008\n"), "{page}");
         assert!(page.contains("t_count 3\n"), "{page}");
+    }
+
+    #[test]
+    fn each_kind_of_request_is_its_own_series() {
+        let d = RequestDurations::default();
+        d.observe(RequestKind::SendMessage, Duration::from_millis(2));
+        d.observe(RequestKind::SendMessage, Duration::from_millis(40));
+        d.observe(RequestKind::JoinGroupBuy, Duration::from_millis(7));
+        assert_eq!(d.of(RequestKind::SendMessage).counts().sum::<u64>(), 2);
+        assert_eq!(d.of(RequestKind::JoinGroupBuy).counts().sum::<u64>(), 1);
+        assert_eq!(d.of(RequestKind::Vote).counts().sum::<u64>(), 0);
+        let mut page = String::new();
+        render_series(
+            &mut page,
+            d.of(RequestKind::SendMessage),
+            "t",
+            "request=\"send_message\",",
+        );
+        assert!(
+            page.contains("t_bucket{request=\"send_message\",le=\"0.0025\"} 1\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("t_bucket{request=\"send_message\",le=\"+Inf\"} 2\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("t_sum{request=\"send_message\"} 0.042\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("t_count{request=\"send_message\"} 2\n"),
+            "{page}"
+        );
     }
 }

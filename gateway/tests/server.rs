@@ -373,19 +373,21 @@ async fn health_and_metrics_over_http() {
         metrics.contains("# TYPE qun_deliveries_total counter"),
         "{metrics}"
     );
-    // Create, join and send (answered once durable); Hello is not counted.
+    // Create, join and send (answered once durable), each under its kind;
+    // Hello is not counted, and kinds not seen are not shown.
     assert!(
         metrics.contains("# TYPE qun_request_duration_seconds histogram"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("qun_request_duration_seconds_bucket{le=\"+Inf\"} 3"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("qun_request_duration_seconds_count 3"),
-        "{metrics}"
-    );
+    for kind in ["create_group", "join_group", "send_message"] {
+        let all =
+            format!("qun_request_duration_seconds_bucket{{request=\"{kind}\",le=\"+Inf\"}} 1");
+        assert!(metrics.contains(&all), "{all} in {metrics}");
+        let count = format!("qun_request_duration_seconds_count{{request=\"{kind}\"}} 1");
+        assert!(metrics.contains(&count), "{count} in {metrics}");
+    }
+    assert!(!metrics.contains("request=\"hello\""), "{metrics}");
+    assert!(!metrics.contains("request=\"vote\""), "{metrics}");
     // The embedded store's group commits: at least the new group (with its
     // creator) and the message were submitted, and each submission's time
     // to durability is in the histogram.

@@ -53,32 +53,42 @@ impl Buckets {
     }
 
     /// Parses the histogram whose bucket lines start with `name`, if the
-    /// page has it.
+    /// page has it. Series with other labels (the server's
+    /// `request="send_message"`) are added up bucket by bucket: the result
+    /// is over every series.
     ///
     /// # Errors
     /// A bucket line that does not read as one.
     fn parse_named(page: &str, name: &str) -> anyhow::Result<Option<Self>> {
-        let mut out = Vec::new();
+        let mut out: Vec<(f64, u64)> = Vec::new();
         for line in page.lines() {
             let Some(rest) = line.strip_prefix(name) else {
                 continue;
             };
             let parsed = rest
-                .strip_prefix("{le=\"")
-                .and_then(|r| r.split_once("\"} "))
-                .and_then(|(le, n)| {
+                .strip_prefix('{')
+                .and_then(|r| r.split_once("} "))
+                .and_then(|(labels, n)| {
+                    let le = labels
+                        .split(',')
+                        .find_map(|l| l.strip_prefix("le=\""))?
+                        .strip_suffix('"')?;
                     let le = if le == "+Inf" {
                         f64::INFINITY
                     } else {
                         le.parse().ok()?
                     };
-                    Some((le, n.trim().parse().ok()?))
+                    Some((le, n.trim().parse::<u64>().ok()?))
                 });
             match parsed {
-                Some(b) => out.push(b),
+                Some((le, n)) => match out.iter_mut().find(|(bound, _)| *bound == le) {
+                    Some((_, total)) => *total += n,
+                    None => out.push((le, n)),
+                },
                 None => bail!("unreadable metrics line: {line}"),
             }
         }
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
         Ok((!out.is_empty()).then_some(Self(out)))
     }
 
@@ -167,6 +177,24 @@ mod tests {
         assert_eq!(run.quantile_bound_ms(0.999), Some(100.0));
         let slow = Buckets::parse(&page([0, 0, 0, 5])).unwrap();
         assert_eq!(slow.quantile_bound_ms(0.5), None, "beyond the last bound");
+    }
+
+    #[test]
+    fn series_of_each_request_kind_are_added_up() {
+        let page = format!(
+            "{NAME}{{request=\"send_message\",le=\"0.001\"}} 3\n\
+             {NAME}{{request=\"send_message\",le=\"+Inf\"}} 4\n\
+             {NAME}{{request=\"join_group\",le=\"0.001\"}} 0\n\
+             {NAME}{{request=\"join_group\",le=\"+Inf\"}} 2\n"
+        );
+        let b = Buckets::parse(&page).unwrap();
+        assert_eq!(b.count(), 6);
+        assert_eq!(b.quantile_bound_ms(0.5), Some(1.0));
+        assert_eq!(
+            b.quantile_bound_ms(0.9),
+            None,
+            "beyond the last finite bound"
+        );
     }
 
     #[test]
