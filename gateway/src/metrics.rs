@@ -80,31 +80,27 @@ fn render_header(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
 }
 
-/// Appends the series of `h` to a text exposition page, labelled with
-/// `labels` (`request="send_message",` or empty): its buckets cumulative, as
-/// Prometheus expects (`_bucket{le="0.005"}` counts everything up to 5 ms),
-/// then `_sum` in seconds and `_count`.
-fn render_series(out: &mut String, h: &LatencyHistogram, name: &str, labels: &str) {
+/// Appends the series of `h` to a text exposition page, with `label`
+/// (`request="send_message"`, or empty for none): its buckets cumulative,
+/// as Prometheus expects (`_bucket{le="0.005"}` counts everything up to
+/// 5 ms), then `_sum` in seconds and `_count`.
+fn render_series(out: &mut String, h: &LatencyHistogram, name: &str, label: &str) {
+    let (lead, own) = if label.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (format!("{label},"), format!("{{{label}}}"))
+    };
     let mut cumulative = 0;
     let mut counts = h.counts();
     for (bound, n) in BUCKET_BOUNDS_US.iter().zip(counts.by_ref()) {
         cumulative += n;
         let le = *bound as f64 / 1e6;
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_bucket{{{lead}le=\"{le}\"}} {cumulative}");
     }
     cumulative += counts.sum::<u64>();
-    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_bucket{{{lead}le=\"+Inf\"}} {cumulative}");
     let sum = h.sum_us() as f64 / 1e6;
-    let braces = labels.trim_end_matches(',');
-    let braces = if braces.is_empty() {
-        String::new()
-    } else {
-        format!("{{{braces}}}")
-    };
-    let _ = writeln!(
-        out,
-        "{name}_sum{braces} {sum}\n{name}_count{braces} {cumulative}"
-    );
+    let _ = writeln!(out, "{name}_sum{own} {sum}\n{name}_count{own} {cumulative}");
 }
 
 /// Appends `h` as a histogram without labels.
@@ -354,9 +350,9 @@ impl Metrics {
         );
         for &kind in RequestKind::ALL {
             let h = self.request_duration.of(kind);
-            if h.counts().any(|n| n > 0) {
-                let labels = format!("request=\"{}\",", kind.name());
-                render_series(&mut out, h, name, &labels);
+            if h.count() > 0 {
+                let label = format!("request=\"{}\"", kind.name());
+                render_series(&mut out, h, name, &label);
             }
         }
         if let Some(commits) = &self.commits {
@@ -400,15 +396,15 @@ mod tests {
         d.observe(RequestKind::SendMessage, Duration::from_millis(2));
         d.observe(RequestKind::SendMessage, Duration::from_millis(40));
         d.observe(RequestKind::JoinGroupBuy, Duration::from_millis(7));
-        assert_eq!(d.of(RequestKind::SendMessage).counts().sum::<u64>(), 2);
-        assert_eq!(d.of(RequestKind::JoinGroupBuy).counts().sum::<u64>(), 1);
-        assert_eq!(d.of(RequestKind::Vote).counts().sum::<u64>(), 0);
+        assert_eq!(d.of(RequestKind::SendMessage).count(), 2);
+        assert_eq!(d.of(RequestKind::JoinGroupBuy).count(), 1);
+        assert_eq!(d.of(RequestKind::Vote).count(), 0);
         let mut page = String::new();
         render_series(
             &mut page,
             d.of(RequestKind::SendMessage),
             "t",
-            "request=\"send_message\",",
+            "request=\"send_message\"",
         );
         assert!(
             page.contains("t_bucket{request=\"send_message\",le=\"0.0025\"} 1\n"),

@@ -11,8 +11,8 @@
 //! let h = LatencyHistogram::default();
 //! h.observe(Duration::from_millis(3));
 //! h.observe(Duration::from_secs(9));
+//! assert_eq!(h.count(), 2);
 //! let counts: Vec<u64> = h.counts().collect();
-//! assert_eq!(counts.iter().sum::<u64>(), 2);
 //! // 3 ms falls in the bucket up to 5 ms; 9 s in the last, unbounded one.
 //! let five_ms = qun_storage::stats::BUCKET_BOUNDS_US.iter().position(|&b| b == 5_000);
 //! assert_eq!(counts[five_ms.unwrap()], 1);
@@ -53,6 +53,11 @@ impl LatencyHistogram {
     /// [`BUCKET_BOUNDS_US`] and then the bucket above them.
     pub fn counts(&self) -> impl Iterator<Item = u64> + '_ {
         self.buckets.iter().map(|b| b.load(Relaxed))
+    }
+
+    /// How many observations there are.
+    pub fn count(&self) -> u64 {
+        self.counts().sum()
     }
 
     /// The sum of every observation, in microseconds.

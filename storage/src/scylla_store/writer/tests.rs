@@ -154,7 +154,7 @@ async fn a_round_writes_each_group_in_order_and_merges_its_consecutive_submissio
     // One round, five submissions, each timed.
     assert_eq!((r.stats.commits(), r.stats.submissions()), (1, 5));
     assert!(r.stats.writes() >= 5, "{}", r.stats.writes());
-    assert_eq!(r.stats.durable_latency().counts().sum::<u64>(), 5);
+    assert_eq!(r.stats.durable_latency().count(), 5);
 }
 
 #[tokio::test]
@@ -206,7 +206,7 @@ async fn a_failure_acknowledges_what_came_before_and_refuses_everything_after() 
     assert_eq!(r.buckets.get(&1).unwrap().clone(), [0]);
     // Only the acknowledged submission counts as durable.
     assert_eq!(r.stats.submissions(), 1);
-    assert_eq!(r.stats.durable_latency().counts().sum::<u64>(), 1);
+    assert_eq!(r.stats.durable_latency().count(), 1);
 }
 
 #[tokio::test]
