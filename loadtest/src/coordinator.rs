@@ -343,9 +343,9 @@ async fn server_requests(ctx: &Ctx<'_>) -> anyhow::Result<Option<Scrape>> {
     }
 }
 
-/// Adds the server's own request latency over the measured phase, and the
-/// embedded store's time to durability within it (bucket bounds: "at
-/// most"), to a report.
+/// Adds the server's own request latency over the measured phase, and its
+/// store's time to durability within it (bucket bounds: "at most"), to a
+/// report.
 fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape>) {
     let (Some(before), Some(after)) = (before, after) else {
         return;

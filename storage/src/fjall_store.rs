@@ -476,17 +476,11 @@ fn write_loop(
                 "group commit"
             );
             r.map(|writes| {
-                let durable = Instant::now();
-                let mut submissions = 0;
-                for job in &jobs {
-                    if let Job::Write(_, _, submitted) = job {
-                        submissions += 1;
-                        stats.durable_after(durable.saturating_duration_since(*submitted));
-                    }
-                }
-                if submissions > 0 {
-                    stats.committed(submissions, writes);
-                }
+                let submitted = jobs.iter().filter_map(|job| match job {
+                    Job::Write(_, _, at) => Some(*at),
+                    Job::Flush(_) => None,
+                });
+                stats.committed(submitted, writes);
             })
         };
         if let Err(e) = &result {

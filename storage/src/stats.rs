@@ -20,7 +20,7 @@
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Upper bounds of [`LatencyHistogram`]'s buckets, in microseconds; a last
 /// bucket above them holds the rest.
@@ -105,15 +105,20 @@ impl CommitStats {
         &self.durable
     }
 
-    /// Counts one group commit of `submissions` carrying `writes` keys.
-    pub(crate) fn committed(&self, submissions: usize, writes: usize) {
-        self.commits.fetch_add(1, Relaxed);
-        self.submissions.fetch_add(submissions as u64, Relaxed);
-        self.writes.fetch_add(writes as u64, Relaxed);
-    }
-
-    /// Records how long one submission took to become durable.
-    pub(crate) fn durable_after(&self, d: Duration) {
-        self.durable.observe(d);
+    /// Counts one group commit, durable now, of the submissions made at
+    /// `submitted`, carrying `writes` keys or statements; a commit of no
+    /// submission (a flush alone) is not counted.
+    pub(crate) fn committed(&self, submitted: impl IntoIterator<Item = Instant>, writes: usize) {
+        let durable = Instant::now();
+        let mut submissions = 0u64;
+        for at in submitted {
+            submissions += 1;
+            self.durable.observe(durable.saturating_duration_since(at));
+        }
+        if submissions > 0 {
+            self.commits.fetch_add(1, Relaxed);
+            self.submissions.fetch_add(submissions, Relaxed);
+            self.writes.fetch_add(writes as u64, Relaxed);
+        }
     }
 }

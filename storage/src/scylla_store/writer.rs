@@ -165,20 +165,9 @@ impl<S: BatchSink> Writer<S> {
         writes: &[(Lane, Vec<Statement>)],
         dones: &[(DurableCallback, Option<Instant>)],
     ) {
-        let durable = Instant::now();
-        let mut submissions = 0;
-        let mut statements = 0;
-        for ((_, written), (_, submitted)) in writes.iter().zip(dones) {
-            if let Some(submitted) = submitted {
-                submissions += 1;
-                statements += written.len();
-                self.stats
-                    .durable_after(durable.saturating_duration_since(*submitted));
-            }
-        }
-        if submissions > 0 {
-            self.stats.committed(submissions, statements);
-        }
+        let statements = writes.iter().map(|(_, written)| written.len()).sum();
+        self.stats
+            .committed(dones.iter().filter_map(|(_, at)| *at), statements);
     }
 
     /// Writes one round. Returns the first failed submission (in submission
