@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The request histogram's buckets in the exposition format.
 const NAME: &str = "qun_request_duration_seconds_bucket";
-/// The embedded store's time-to-durability histogram's buckets.
+/// The store's time-to-durability histogram's buckets.
 const STORE: &str = "qun_store_durable_seconds_bucket";
 
 /// One read of the server's `/metrics`.
@@ -48,8 +48,15 @@ impl Buckets {
     /// # Errors
     /// The page has no `qun_request_duration_seconds` histogram.
     pub(crate) fn parse(page: &str) -> anyhow::Result<Self> {
-        Self::parse_named(page, NAME)?
-            .with_context(|| "the server's /metrics has no qun_request_duration_seconds histogram")
+        if let Some(b) = Self::parse_named(page, NAME)? {
+            return Ok(b);
+        }
+        // The server shows a kind of request once it has seen one: a
+        // server that has answered nothing yet has the histogram, empty.
+        if page.contains("# TYPE qun_request_duration_seconds histogram") {
+            return Ok(Self(Vec::new()));
+        }
+        bail!("the server's /metrics has no qun_request_duration_seconds histogram")
     }
 
     /// Parses the histogram whose bucket lines start with `name`, if the
@@ -94,11 +101,17 @@ impl Buckets {
 
     /// What was observed since `before` (same buckets).
     pub(crate) fn since(&self, before: &Self) -> Self {
+        let then = |le: f64| {
+            before
+                .0
+                .iter()
+                .find(|&&(bound, _)| bound == le)
+                .map_or(0, |&(_, n)| n)
+        };
         Self(
             self.0
                 .iter()
-                .zip(&before.0)
-                .map(|(&(le, now), &(_, then))| (le, now.saturating_sub(then)))
+                .map(|&(le, now)| (le, now.saturating_sub(then(le))))
                 .collect(),
         )
     }
@@ -210,6 +223,18 @@ mod tests {
         let store = scraped.store.unwrap();
         assert_eq!(store.count(), 9);
         assert_eq!(store.quantile_bound_ms(0.5), Some(5.0));
+    }
+
+    #[test]
+    fn a_server_that_answered_nothing_yet_has_an_empty_histogram() {
+        let fresh = "# HELP qun_request_duration_seconds t\n\
+                     # TYPE qun_request_duration_seconds histogram\n";
+        let before = Buckets::parse(fresh).unwrap();
+        assert_eq!(before.count(), 0);
+        let after = Buckets::parse(&page([5, 6, 7, 8])).unwrap();
+        let run = after.since(&before);
+        assert_eq!(run.count(), 8);
+        assert_eq!(run.quantile_bound_ms(0.5), Some(1.0));
     }
 
     #[test]

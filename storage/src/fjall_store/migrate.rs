@@ -29,8 +29,9 @@ pub(super) const OLD_MESSAGES: &str = "messages";
 const BATCH: usize = 10_000;
 
 /// Copies every message of the old `messages` keyspace of `db` (if it has
-/// one) into `messages` (today's `messages_v2`) under its new key, persists, and deletes the old
-/// keyspace. Returns how many messages were moved.
+/// one) into `messages` (today's `messages_v2`) under its new key,
+/// persists, and deletes the old keyspace. Returns how many messages were
+/// moved.
 ///
 /// # Errors
 /// [`StorageError::Corrupt`] when an old key is not 24 bytes (nothing is
