@@ -14,7 +14,7 @@
 //! ([`crate::reach`]), in the same batch as its message. A targeted push
 //! that matches no buyer is refused before it takes anything.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
@@ -31,8 +31,13 @@ use crate::{ChatError, Groups, Identity};
 /// Longest announcement, in bytes.
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 2_000;
 
-/// Buyers' tags read at once while resolving an audience.
-const TAG_READS_IN_FLIGHT: usize = 64;
+/// Buyers whose tags one store call reads while resolving an audience:
+/// large enough that a call's fixed cost is spread thin, small enough that
+/// one call does not hold a read thread for long.
+pub(crate) const TAG_READ_CHUNK: usize = 1024;
+
+/// Store calls outstanding while resolving an audience (one per core here).
+const TAG_CHUNKS_IN_FLIGHT: usize = 2;
 
 /// A checked push: what it carries and to whom.
 #[derive(Debug, Clone)]
@@ -288,6 +293,9 @@ impl Groups {
     }
 
     /// The buyers of the group whose tags in `shop` match `expr`, sorted.
+    ///
+    /// The tags are read [`TAG_READ_CHUNK`] buyers per store call. A buyer
+    /// without tags matches when `expr` matches no tags (`NOT vip`).
     async fn audience_of(
         &self,
         cell: &Arc<GroupCell>,
@@ -295,15 +303,30 @@ impl Groups {
         expr: &TagExpr,
     ) -> Result<Vec<String>, ChatError> {
         let buyers = cell.lock().buyer_ids();
-        let mut reads = futures_util::stream::iter(buyers)
-            .map(|user| async move {
-                let tags: BTreeSet<String> = self.tags_of(shop, &user).await?;
-                Ok::<_, ChatError>(expr.matches(&tags).then_some(user))
-            })
-            .buffer_unordered(TAG_READS_IN_FLIGHT);
+        let untagged_match = expr.matches(&BTreeSet::new());
+        let store = &self.inner().store;
+        let mut chunks = buyers.chunks(TAG_READ_CHUNK);
+        let mut reads = futures_util::stream::FuturesUnordered::new();
         let mut matched = Vec::new();
-        while let Some(found) = reads.next().await {
-            matched.extend(found?);
+        loop {
+            while reads.len() < TAG_CHUNKS_IN_FLIGHT {
+                let Some(chunk) = chunks.next() else { break };
+                reads.push(async move { (chunk, store.load_buyer_tags_of(shop, chunk).await) });
+            }
+            let Some((chunk, records)) = reads.next().await else {
+                break;
+            };
+            let mut tagged = HashSet::with_capacity(chunk.len());
+            for record in records? {
+                let tags: BTreeSet<String> = record.tags.into_iter().collect();
+                if expr.matches(&tags) {
+                    matched.push(record.user_id.clone());
+                }
+                tagged.insert(record.user_id);
+            }
+            if untagged_match {
+                matched.extend(chunk.iter().filter(|u| !tagged.contains(*u)).cloned());
+            }
         }
         matched.sort_unstable();
         Ok(matched)

@@ -166,6 +166,54 @@ async fn stored_targeted_pushes_stay_hidden_after_a_restart_and_late_joiners_are
     assert_eq!(m.kind, HIDDEN);
 }
 
+/// The audience is read in chunks of buyers (`TAG_READ_CHUNK`): a group
+/// larger than one chunk counts every match once, and a buyer who was never
+/// tagged matches an expression that no tags satisfy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audience_larger_than_one_tag_read_counts_every_match_once() {
+    let f = fixture().await;
+    let a = agent("a1", SHOP);
+    let g = create(&f.groups, &a, 0).await;
+    let ids: Vec<String> = (0..crate::push::TAG_READ_CHUNK + 300)
+        .map(|i| format!("b{i:05}"))
+        .collect();
+    let joins = ids.iter().enumerate().map(|(n, id)| {
+        let groups = &f.groups;
+        async move {
+            let b = buyer(id);
+            let (s, _) = sub(1_000 + n as u64, &b, OutboxLimits::default());
+            groups.join(&b, g, s, NOW).await.unwrap();
+        }
+    });
+    futures_util::future::join_all(joins).await;
+    // Every seventh is a VIP; every other of the rest has a tag, the others
+    // none at all.
+    let tagging = ids
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| n % 7 == 0 || n % 2 == 0)
+        .map(|(n, id)| {
+            let tag = if n % 7 == 0 { "vip" } else { "size:s" };
+            f.groups.tag_buyer(&a, id, vec![tag.into()], vec![], false)
+        });
+    for tagged in futures_util::future::join_all(tagging).await {
+        tagged.unwrap();
+    }
+    let vips = ids.len().div_ceil(7) as u32;
+    let pushed = f
+        .groups
+        .push_promotion(&a, push(g, announcement("VIP hour", "vip")), NOW)
+        .await
+        .unwrap();
+    assert_eq!(pushed.audience_size, vips);
+    let pushed = f
+        .groups
+        .push_promotion(&a, push(g, announcement("Welcome offer", "not vip")), NOW)
+        .await
+        .unwrap();
+    assert_eq!(pushed.audience_size, ids.len() as u32 - vips);
+}
+
 #[tokio::test]
 async fn bad_pushes_are_refused_and_take_no_quota() {
     let f = fixture().await;

@@ -363,6 +363,14 @@ impl<S: Store> Store for Coalescing<S> {
         self.inner.load_buyer_tags(shop_id, user_id)
     }
 
+    fn load_buyer_tags_of<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<BuyerTagsRecord>, StorageError>> {
+        self.inner.load_buyer_tags_of(shop_id, user_ids)
+    }
+
     fn load_cs_shop<'a>(
         &'a self,
         shop_id: &'a str,

@@ -775,6 +775,35 @@ pub async fn buyer_tags<H: Harness>(h: &mut H) {
         s.load_buyer_tags("s10", "u1").await.unwrap(),
         Some(tags("s10", "u1", &["vip"]))
     );
+
+    // Many at once: more buyers than one round of reads, every third with
+    // tags, beside buyers without any and another shop's tags.
+    let many: Vec<String> = (0..2 * crate::BUYER_TAG_READS_IN_FLIGHT + 22)
+        .map(|i| format!("m{i:03}"))
+        .collect();
+    let tagged: Vec<BuyerTagsRecord> = many
+        .iter()
+        .step_by(3)
+        .map(|u| tags("s1", u, &["size:m"]))
+        .collect();
+    s.write(tagged.iter().cloned().map(WriteOp::PutBuyerTags).collect())
+        .await
+        .unwrap();
+    s.write(vec![WriteOp::PutBuyerTags(tags("s10", "m001", &["vip"]))])
+        .await
+        .unwrap();
+    let mut asked = many.clone();
+    asked.extend(["u1".to_string(), "u2".to_string(), "nobody".to_string()]);
+    let mut found = s.load_buyer_tags_of("s1", &asked).await.unwrap();
+    found.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let mut expected = tagged;
+    expected.push(tags("s1", "u1", &["vip"]));
+    assert_eq!(found, expected);
+    assert_eq!(s.load_buyer_tags_of("s1", &[]).await.unwrap(), []);
+    assert_eq!(
+        s.load_buyer_tags_of("s10", &many[..3]).await.unwrap(),
+        [tags("s10", "m001", &["vip"])]
+    );
     s.close().await.unwrap();
 }
 

@@ -1251,6 +1251,27 @@ impl Store for FjallStore {
         self.read_shop(shop_id, move |t| decode_one(t, Table::BuyerTags, key))
     }
 
+    /// One read task for all of them, in key order, instead of a task per
+    /// buyer (about 5 µs each).
+    fn load_buyer_tags_of<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<BuyerTagsRecord>, StorageError>> {
+        let mut keys: Vec<Vec<u8>> = user_ids
+            .iter()
+            .map(|user| keys::product_key(shop_id, user))
+            .collect();
+        keys.sort_unstable();
+        self.read_shop(shop_id, move |t| {
+            let mut found = Vec::new();
+            for key in keys {
+                found.extend(decode_one(t, Table::BuyerTags, key)?);
+            }
+            Ok(found)
+        })
+    }
+
     fn load_cs_shop<'a>(
         &'a self,
         shop_id: &'a str,

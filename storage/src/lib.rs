@@ -65,6 +65,10 @@ use records::{
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Point reads [`Store::load_buyer_tags_of`] keeps outstanding when a store
+/// reads buyers one at a time.
+pub const BUYER_TAG_READS_IN_FLIGHT: usize = 64;
+
 /// Called once when a submission is durable (or has failed). It runs on a
 /// store thread: keep it short and never block in it.
 pub type DurableCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send + 'static>;
@@ -470,6 +474,42 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         shop_id: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>>;
+
+    /// The tags of many buyers of one shop in one call: a record for each
+    /// of `user_ids` (distinct, as a group's members are) that has tags, in
+    /// no particular order. A buyer without tags is left out, as
+    /// [`Store::load_buyer_tags`] returns `None` for them.
+    ///
+    /// A targeted push reads the tags of every buyer of its group this way.
+    /// This provided version reads them one at a time with
+    /// [`BUYER_TAG_READS_IN_FLIGHT`] reads outstanding; a store that can
+    /// read many keys in one pass overrides it.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`]; the first read that fails fails the
+    /// call.
+    fn load_buyer_tags_of<'a>(
+        &'a self,
+        shop_id: &'a str,
+        user_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<BuyerTagsRecord>, StorageError>> {
+        use futures_util::StreamExt as _;
+        Box::pin(async move {
+            let mut users = user_ids.iter();
+            let mut reads = futures_util::stream::FuturesUnordered::new();
+            let mut found = Vec::new();
+            loop {
+                while reads.len() < BUYER_TAG_READS_IN_FLIGHT {
+                    let Some(user) = users.next() else { break };
+                    reads.push(self.load_buyer_tags(shop_id, user));
+                }
+                match reads.next().await {
+                    Some(read) => found.extend(read?),
+                    None => return Ok(found),
+                }
+            }
+        })
+    }
 
     /// Every scheduled push of every group, ascending group and schedule
     /// id: read once at start-up.

@@ -372,3 +372,41 @@ async fn coalescing_passes_the_storage_contract() {
     }
     crate::contract::run_all(|| Wrapped(tempfile::tempdir().unwrap())).await;
 }
+
+/// The double does not override `Store::load_buyer_tags_of`, so it runs the
+/// trait's provided version (point reads, several outstanding), which the
+/// cluster store uses; it must find what the embedded store's one-pass
+/// override finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_many_buyers_tags_one_by_one_finds_what_one_pass_finds() {
+    let f = fixture();
+    let users: Vec<String> = (0..3 * crate::BUYER_TAG_READS_IN_FLIGHT)
+        .map(|i| format!("b{i:04}"))
+        .collect();
+    let tagged: Vec<BuyerTagsRecord> = users
+        .iter()
+        .step_by(5)
+        .map(|u| BuyerTagsRecord {
+            shop_id: "shop".into(),
+            user_id: u.clone(),
+            tags: vec!["vip".into()],
+        })
+        .collect();
+    f.store
+        .write(tagged.iter().cloned().map(WriteOp::PutBuyerTags).collect())
+        .await
+        .unwrap();
+    let by_user = |mut r: Vec<BuyerTagsRecord>| {
+        r.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        r
+    };
+    let provided = f.store.inner().load_buyer_tags_of("shop", &users).await;
+    let one_pass = f
+        .store
+        .inner()
+        .real
+        .load_buyer_tags_of("shop", &users)
+        .await;
+    assert_eq!(by_user(provided.unwrap()), tagged);
+    assert_eq!(by_user(one_pass.unwrap()), tagged);
+}
