@@ -316,13 +316,16 @@ impl Groups {
             let Some((chunk, records)) = reads.next().await else {
                 break;
             };
-            let mut tagged = HashSet::with_capacity(chunk.len());
+            // Who of the chunk has tags: only needed when the untagged match.
+            let mut tagged = HashSet::new();
             for record in records? {
                 let tags: BTreeSet<String> = record.tags.into_iter().collect();
                 if expr.matches(&tags) {
                     matched.push(record.user_id.clone());
                 }
-                tagged.insert(record.user_id);
+                if untagged_match {
+                    tagged.insert(record.user_id);
+                }
             }
             if untagged_match {
                 matched.extend(chunk.iter().filter(|u| !tagged.contains(*u)).cloned());
