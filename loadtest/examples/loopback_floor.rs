@@ -48,6 +48,8 @@ const FRAME: usize = 72;
 const QUEUE: usize = 256;
 /// Frames written by one `writev` at most.
 const BATCH: usize = 64;
+/// How long the parent waits for the next member connection.
+const CONNECT_WITHIN: Duration = Duration::from_secs(60);
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -126,7 +128,13 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
     let mut queues: Vec<Vec<mpsc::Sender<Bytes>>> = vec![Vec::new(); args.groups];
     let mut writers = Vec::with_capacity(total);
     for k in 0..total {
-        let (stream, _) = listener.accept().await?;
+        // A member process that cannot connect (it exits with its error)
+        // must not leave this one waiting for ever.
+        let (stream, _) = tokio::time::timeout(CONNECT_WITHIN, listener.accept())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("only {k} of {total} connected within {CONNECT_WITHIN:?}")
+            })??;
         stream.set_nodelay(true)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         queues[k % args.groups].push(tx);
@@ -138,7 +146,8 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
     eprintln!("loopback_floor: producing for {} s", args.duration);
 
     let cpu_before = cpu_sample();
-    let started = Instant::now() + Duration::from_millis(100);
+    let sampled = Instant::now();
+    let started = sampled + Duration::from_millis(100);
     let until = started + Duration::from_secs(args.duration);
     let producers: Vec<_> = queues
         .into_iter()
@@ -156,7 +165,7 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
         dropped += d;
     }
     let cpu_after = cpu_sample();
-    let elapsed = started.elapsed();
+    let wall = sampled.elapsed().as_secs_f64();
     for w in writers {
         w.await??;
     }
@@ -197,7 +206,6 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
         latency.max() as f64 / 1000.0,
     );
     if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        let wall = elapsed.as_secs_f64().min(secs + 0.2);
         println!(
             "machine busy {:.0}%  this process {:.2} cores",
             100.0 * (b.busy - a.busy) as f64 / (b.total - a.total).max(1) as f64,
