@@ -902,7 +902,7 @@ fn write_loop(
                         continue;
                     }
                     Next::Reply(Reply::Close { code, reason }) => {
-                        metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+                        metrics.frames_out.add(written);
                         // Boxed, as the shutdown below: once per connection,
                         // and inline they would make every writer task bigger.
                         Box::pin(sink.close(code, reason)).await;
@@ -910,7 +910,7 @@ fn write_loop(
                         return;
                     }
                     Next::Reply(Reply::End) => {
-                        metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+                        metrics.frames_out.add(written);
                         let _ = sink.flush().await;
                         break 'writing;
                     }
@@ -926,7 +926,7 @@ fn write_loop(
                 }
                 next = outbox.try_next().ok();
             }
-            metrics.frames_out.fetch_add(written, Ordering::Relaxed);
+            metrics.frames_out.add(written);
             if sink.flush().await.is_err() {
                 outbox.close();
                 return;

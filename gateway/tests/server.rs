@@ -387,6 +387,15 @@ async fn health_and_metrics_over_http() {
         assert!(metrics.contains(&count), "{count} in {metrics}");
     }
     assert!(!metrics.contains("request=\"hello\""), "{metrics}");
+    // Every request so far (Hello, create, join, send) was answered, so at
+    // least as many frames went out as came in, whichever writer thread
+    // counted them.
+    let (frames_in, frames_out) = (
+        server.metric("qun_frames_in_total").await,
+        server.metric("qun_frames_out_total").await,
+    );
+    assert!(frames_in >= 4, "{frames_in}");
+    assert!(frames_out >= frames_in, "{frames_out} out, {frames_in} in");
     assert!(!metrics.contains("request=\"vote\""), "{metrics}");
     // The embedded store's group commits: at least the new group (with its
     // creator) and the message were submitted, and each submission's time
