@@ -182,7 +182,10 @@ pub(crate) async fn accept(
         max: max_message,
         ended: false,
     };
-    let writer = WsWriter::new(write);
+    let writer = WsWriter {
+        half: write,
+        pending: Vec::new(),
+    };
     Ok((reader, writer))
 }
 
@@ -630,87 +633,51 @@ impl OutFrame {
 
 /// The writing half of a WebSocket connection: frames fed are written in
 /// one vectored write at the next flush.
-///
-/// Most flushes carry one frame (a member of a busy group gets a push every
-/// few milliseconds, each on its own), so the first frame waits in a field
-/// of its own and is written from two slices on the stack: a push costs no
-/// allocation. Only the frames after it go to a list.
 #[derive(Debug)]
 pub(crate) struct WsWriter {
     half: OwnedWriteHalf,
-    /// The first frame fed since the last flush.
-    first: Option<OutFrame>,
-    /// The frames fed after `first` since the last flush.
-    more: Vec<OutFrame>,
+    /// Frames fed since the last flush.
+    pending: Vec<OutFrame>,
 }
 
 impl WsWriter {
-    /// A writer with nothing pending.
-    fn new(half: OwnedWriteHalf) -> Self {
-        Self {
-            half,
-            first: None,
-            more: Vec::new(),
-        }
-    }
-
-    /// Queues a frame for the next flush.
-    fn queue(&mut self, frame: OutFrame) {
-        if self.first.is_none() {
-            self.first = Some(frame);
-        } else {
-            self.more.push(frame);
-        }
-    }
-
     /// Writes every pending frame.
     async fn write_pending(&mut self) -> io::Result<()> {
-        let Some(first) = self.first.take() else {
+        if self.pending.is_empty() {
             return Ok(());
-        };
-        if self.more.is_empty() {
-            let mut slices = [IoSlice::new(first.head()), IoSlice::new(&first.payload)];
-            return write_all_vectored(&mut self.half, &mut slices).await;
         }
         // Taken, so an idle connection holds no frame list.
-        let more = std::mem::take(&mut self.more);
-        let mut slices = Vec::with_capacity((1 + more.len()) * 2);
-        for f in std::iter::once(&first).chain(&more) {
+        let frames = std::mem::take(&mut self.pending);
+        let mut slices = Vec::with_capacity(frames.len() * 2);
+        for f in &frames {
             slices.push(IoSlice::new(f.head()));
             if !f.payload.is_empty() {
                 slices.push(IoSlice::new(&f.payload));
             }
         }
-        write_all_vectored(&mut self.half, &mut slices).await
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = self.half.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
     }
 
     /// Writes the pending frames and a close frame, then ends the sending
     /// direction of the socket.
     async fn close_with(&mut self, code: u16, reason: &str) {
-        self.queue(OutFrame::close(code, reason));
+        self.pending.push(OutFrame::close(code, reason));
         let _ = self.write_pending().await;
         let _ = self.half.shutdown().await;
     }
 }
 
-/// Writes all of `slices`, however the socket splits it.
-async fn write_all_vectored(
-    half: &mut OwnedWriteHalf,
-    mut rest: &mut [IoSlice<'_>],
-) -> io::Result<()> {
-    while !rest.is_empty() {
-        let n = half.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(())
-}
-
 impl FrameSink for WsWriter {
     async fn feed(&mut self, _lane: Lane, frame: Bytes) -> io::Result<()> {
-        self.queue(OutFrame::new(OP_BINARY, frame));
+        self.pending.push(OutFrame::new(OP_BINARY, frame));
         Ok(())
     }
 
@@ -719,7 +686,7 @@ impl FrameSink for WsWriter {
     }
 
     async fn pong(&mut self, payload: Bytes) -> io::Result<()> {
-        self.queue(OutFrame::new(OP_PONG, payload));
+        self.pending.push(OutFrame::new(OP_PONG, payload));
         Ok(())
     }
 
@@ -966,32 +933,16 @@ mod tests {
             .await
             .unwrap();
         writer.flush().await.unwrap();
-        assert!(writer.first.is_none());
-        assert_eq!(writer.more.capacity(), 0);
+        assert_eq!(writer.pending.capacity(), 0);
         assert_eq!(
             client.next().await.unwrap().unwrap(),
             Message::Pong(Bytes::from_static(b"are you there"))
         );
-        assert_eq!(
-            client.next().await.unwrap().unwrap(),
-            Message::Binary(big.clone())
-        );
+        assert_eq!(client.next().await.unwrap().unwrap(), Message::Binary(big));
         assert_eq!(
             client.next().await.unwrap().unwrap(),
             Message::Binary(Bytes::from_static(b"ok"))
         );
-
-        // One frame alone, the usual push, and one with nothing in it.
-        writer.feed(Lane::Push, big.clone()).await.unwrap();
-        writer.flush().await.unwrap();
-        assert_eq!(client.next().await.unwrap().unwrap(), Message::Binary(big));
-        writer.pong(Bytes::new()).await.unwrap();
-        writer.flush().await.unwrap();
-        assert_eq!(
-            client.next().await.unwrap().unwrap(),
-            Message::Pong(Bytes::new())
-        );
-        writer.flush().await.unwrap();
 
         writer.close(1008, "no Hello in time".into()).await;
         match client.next().await.unwrap().unwrap() {
