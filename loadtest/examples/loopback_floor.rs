@@ -158,6 +158,18 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
             tokio::spawn(produce(members, started + phase, until, args.rate))
         })
         .collect();
+    // A bar over the producing time (hidden when stderr is not a terminal).
+    let bar = indicatif::ProgressBar::new(args.duration * 10);
+    let ticking = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                bar.inc(1);
+            }
+        })
+    };
     let (mut produced, mut dropped) = (0u64, 0u64);
     for p in producers {
         let (n, d) = p.await?;
@@ -166,6 +178,8 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
     }
     let cpu_after = cpu_sample();
     let wall = sampled.elapsed().as_secs_f64();
+    ticking.abort();
+    bar.finish_and_clear();
     for w in writers {
         w.await??;
     }

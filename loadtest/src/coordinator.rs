@@ -146,6 +146,63 @@ async fn loopback_server(url: &str) -> anyhow::Result<IpAddr> {
     }
 }
 
+/// The progress of a measured phase, on stderr: a bar that fills over the
+/// phase's length when it is bounded in time, else a spinner with the time
+/// so far. Like the connecting bar, it is hidden when stderr is not a
+/// terminal, and cleared when dropped.
+struct Phase {
+    bar: ProgressBar,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Phase {
+    /// How often a phase's display moves.
+    const TICK: Duration = Duration::from_millis(200);
+
+    /// A phase that lasts `length`.
+    fn timed(what: &str, length: Duration) -> Self {
+        let bar = ProgressBar::new(u64::try_from(length.as_millis()).unwrap_or(u64::MAX));
+        bar.set_style(
+            ProgressStyle::with_template("{msg} {bar:40} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("{what} for {length:?}"));
+        let started = Instant::now();
+        let shown = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                shown.set_position(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
+                tokio::time::sleep(Self::TICK).await;
+            }
+        });
+        Self {
+            bar,
+            ticker: Some(ticker),
+        }
+    }
+
+    /// A phase that ends when its work does.
+    fn open_ended(what: &str) -> Self {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(Self::TICK);
+        Self { bar, ticker: None }
+    }
+}
+
+impl Drop for Phase {
+    fn drop(&mut self) {
+        if let Some(ticker) = self.ticker.take() {
+            ticker.abort();
+        }
+        self.bar.finish_and_clear();
+    }
+}
+
 /// The server's resident memory, from `/proc/PID/status`, in bytes.
 fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -475,6 +532,7 @@ async fn fanout(
     let started = Instant::now();
     let cpu_before = cpu::sample(ctx.cli.server_pid);
     eprintln!("posting for {duration:?}...");
+    let phase = Phase::timed("posting", duration);
     let count = senders.len();
     let posting: Vec<_> = senders
         .into_iter()
@@ -498,8 +556,11 @@ async fn fanout(
     }
     let posting_took = started.elapsed();
     let cpu_after = cpu::sample(ctx.cli.server_pid);
+    drop(phase);
     workers.say(&CoordinatorLine::End(ends.clone())).await?;
+    let draining = Phase::open_ended("members reading the last messages");
     let results = workers.results().await?;
+    drop(draining);
     let took = started.elapsed();
     let server_after = server_requests(ctx).await?;
     workers.stop().await;
@@ -604,7 +665,9 @@ async fn flash_sale(
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
     let cpu_before = cpu::sample(ctx.cli.server_pid);
+    let joining = Phase::open_ended("joining");
     let results = workers.results().await?;
+    drop(joining);
     let took = started.elapsed();
     let cpu_after = cpu::sample(ctx.cli.server_pid);
     let server_after = server_requests(ctx).await?;
@@ -658,7 +721,9 @@ async fn history(
 ) -> anyhow::Result<Report> {
     let group = create_groups(agent, 1, clients + 10).await?[0];
     eprintln!("posting {messages} messages of history...");
+    let posting = Phase::open_ended("posting history");
     let (_, last_seq, _) = drive_count(agent.clone(), group, messages as u64).await;
+    drop(posting);
     let task = match mode {
         HistoryMode::Backfill => Task::Backfill { group, page: 50 },
         HistoryMode::Resume => Task::ResumeStorm {
@@ -671,7 +736,12 @@ async fn history(
     let (connected, failed, _) = workers.ready().await?;
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
+    let storm = Phase::open_ended(match mode {
+        HistoryMode::Backfill => "paging back",
+        HistoryMode::Resume => "resuming",
+    });
     let results = workers.results().await?;
+    drop(storm);
     let took = started.elapsed();
     workers.stop().await;
     let t = fold(&results)?;
