@@ -12,22 +12,9 @@ use std::io;
 
 use bytes::Bytes;
 
-/// Close codes, the same numbers on both transports: the WebSocket close
-/// status, or the QUIC application error code of the connection close.
-pub mod close {
-    /// Normal closure.
-    pub const NORMAL: u16 = 1000;
-    /// The server is shutting down (after `GoingAway`).
-    pub const GOING_AWAY: u16 = 1001;
-    /// Unsupported protocol version, or the transport's protocol broken.
-    pub const PROTOCOL: u16 = 1002;
-    /// Policy: no or bad `Hello`, token refused.
-    pub const POLICY: u16 = 1008;
-    /// A frame over `max_frame_bytes`.
-    pub const TOO_LARGE: u16 = 1009;
-    /// Nothing heard from the client for `idle_timeout_ms`.
-    pub const IDLE: u16 = 4000;
-}
+/// Close codes, the same numbers on both transports (defined in
+/// `qun-proto`, shared with the client library).
+pub use qun_proto::close;
 
 /// One item read from a transport.
 #[derive(Debug, PartialEq, Eq)]

@@ -69,6 +69,24 @@ pub mod ws_opcode {
     pub const PONG: u8 = 0xA;
 }
 
+/// Close codes, the same numbers on both transports: the WebSocket close
+/// status, or the QUIC application error code of the connection close.
+/// The server and the client library both use them.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down (after `GoingAway`).
+    pub const GOING_AWAY: u16 = 1001;
+    /// Unsupported protocol version, or the transport's protocol broken.
+    pub const PROTOCOL: u16 = 1002;
+    /// Policy: no or bad `Hello`, token refused.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the server's `max_frame_bytes`.
+    pub const TOO_LARGE: u16 = 1009;
+    /// Nothing heard from the client for the server's `idle_timeout_ms`.
+    pub const IDLE: u16 = 4000;
+}
+
 /// Bytes that are not a frame of the expected kind.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

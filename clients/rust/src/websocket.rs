@@ -25,6 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use futures_util::StreamExt as _;
+use qun_proto::close;
 use qun_proto::ws_opcode::{
     BINARY as OP_BINARY, CLOSE as OP_CLOSE, CONTINUATION as OP_CONTINUATION, PING as OP_PING,
     PONG as OP_PONG, TEXT as OP_TEXT,
@@ -49,11 +50,6 @@ const READ_CHUNK: usize = 8 * 1024;
 const WRITE_BATCH: usize = 64;
 /// Frames the caller may queue before [`crate::Client`] calls wait.
 const OUT_QUEUE: usize = 256;
-
-/// Status of the client's own close frame: normal closure.
-const CLOSE_NORMAL: u16 = 1000;
-/// Status of the client's close frame when the server broke the protocol.
-const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 
 /// Connects to `url` (`ws://host:port/path`), from `local_ip` if given, and
 /// upgrades the connection.
@@ -198,11 +194,11 @@ async fn write_loop(
                 Some(Control::Pong(payload)) => put_frame(&mut bytes, OP_PONG, &payload),
                 Some(Control::Close(code)) => break code,
                 // The reader is gone: the connection is over.
-                None => break CLOSE_NORMAL,
+                None => break close::NORMAL,
             },
             n = out.recv_many(&mut batch, WRITE_BATCH) => {
                 if n == 0 {
-                    break CLOSE_NORMAL; // the caller is gone
+                    break close::NORMAL; // the caller is gone
                 }
                 for item in batch.drain(..) {
                     match item {
@@ -357,7 +353,7 @@ impl Reader {
                 Ok(Taken::Missing(n)) => n,
                 Err(why) => {
                     tracing::debug!(%why, "closing a connection that broke the WebSocket protocol");
-                    return Some(self.end(None, CLOSE_PROTOCOL_ERROR));
+                    return Some(self.end(None, close::PROTOCOL));
                 }
             };
             // Room for the rest of a frame whose header has come (a history
@@ -368,7 +364,7 @@ impl Reader {
                 self.buf.reserve(want);
             }
             match self.half.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Some(self.end(None, CLOSE_NORMAL)),
+                Ok(0) | Err(_) => return Some(self.end(None, close::NORMAL)),
                 Ok(_) => {}
             }
         }
@@ -426,7 +422,7 @@ impl Reader {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
                         (code, String::from_utf8_lossy(&payload[2..]).into_owned())
                     });
-                    let code = how.as_ref().map_or(CLOSE_NORMAL, |(c, _)| *c);
+                    let code = how.as_ref().map_or(close::NORMAL, |(c, _)| *c);
                     return Ok(Taken::Item(self.end(how, code)));
                 }
                 _ => {} // a pong
