@@ -725,7 +725,11 @@ async fn history(
     let (_, last_seq, _) = drive_count(agent.clone(), group, messages as u64).await;
     drop(posting);
     let task = match mode {
-        HistoryMode::Backfill => Task::Backfill { group, page: 50 },
+        HistoryMode::Backfill => Task::Backfill {
+            group,
+            page: 50,
+            last_seq,
+        },
         HistoryMode::Resume => Task::ResumeStorm {
             group,
             last_seq,
@@ -772,6 +776,11 @@ async fn history(
     r.counts.insert("clients_failed".into(), failed as u64);
     r.counts.insert("lost".into(), t.lost);
     r.checks.insert("nothing_lost".into(), t.lost == 0);
+    if mode == HistoryMode::Backfill {
+        // A seq on two pages: the pages overlap.
+        r.counts.insert("duplicates".into(), t.duplicates);
+        r.checks.insert("no_duplicates".into(), t.duplicates == 0);
+    }
     r.checks.insert("all_clients_connected".into(), failed == 0);
     Ok(r)
 }

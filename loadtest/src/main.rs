@@ -116,8 +116,8 @@ pub(crate) enum Scenario {
         within: humantime::Duration,
     },
     /// C clients of one group of P messages: `backfill` pages the whole
-    /// history at once; `resume` reconnects all at once and resumes from
-    /// `behind` messages back.
+    /// history at once (each must get every seq once); `resume` reconnects
+    /// all at once and resumes from `behind` messages back.
     History {
         #[arg(long, default_value_t = 1_000)]
         clients: usize,

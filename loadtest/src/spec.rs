@@ -60,6 +60,9 @@ pub(crate) enum Task {
         group: u64,
         /// Messages per page.
         page: u32,
+        /// The newest seq when the history was posted: every seq from 1 to
+        /// it must come back, once.
+        last_seq: u64,
     },
     /// Join the group; on "go" drop the connection, reconnect and resume
     /// from `last_seq - behind`, until caught up to `last_seq`.

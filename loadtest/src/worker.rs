@@ -2,7 +2,7 @@
 //! `--per-worker` connections, so no process nears the descriptor limit),
 //! reports progress, waits for "go", measures, and reports.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -289,7 +289,15 @@ async fn member(
                 Err(e) => fail(&mut r, &e.to_string()),
             }
         }
-        Task::Backfill { group, page } => {
+        Task::Backfill {
+            group,
+            page,
+            last_seq,
+        } => {
+            // Every seq of the posted history, 1 to `last_seq`, must come
+            // back once; later ones (members joining meanwhile) are not
+            // counted.
+            let mut seen = HashSet::new();
             let mut before = 0;
             loop {
                 let t = Instant::now();
@@ -297,6 +305,11 @@ async fn member(
                     Ok(p) => {
                         h.push(micros(t.elapsed()));
                         r.ops += 1;
+                        for m in &p.messages {
+                            if m.seq <= last_seq && !seen.insert(m.seq) {
+                                r.duplicates += 1;
+                            }
+                        }
                         match p.messages.first() {
                             Some(m) if p.has_more => before = m.seq,
                             _ => break,
@@ -308,6 +321,7 @@ async fn member(
                     }
                 }
             }
+            r.lost += last_seq.saturating_sub(seen.len() as u64);
         }
         Task::ResumeStorm {
             group,
@@ -326,13 +340,13 @@ async fn member(
                 fail(&mut r, "resume");
                 return (r, h, Some(fresh));
             }
-            let mut seen: HashMap<u64, ()> = HashMap::new();
+            let mut seen = HashSet::new();
             let caught_up = tokio::time::timeout(DRAIN, async {
                 while let Some(event) = fresh.next_event().await {
                     if let Event::Message(m) = event
                         && m.group_id == group
                     {
-                        seen.insert(m.seq, ());
+                        seen.insert(m.seq);
                         if m.seq >= last_seq {
                             return true;
                         }

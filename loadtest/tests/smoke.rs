@@ -172,6 +172,55 @@ async fn fanout_and_flash_sale_measure_and_check() {
     s.task.await.unwrap().unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_and_a_history_backfill() {
+    let s = server().await;
+    let pid = std::process::id().to_string();
+    // 10 idle connections over 3 worker processes, 2 groups; the server's
+    // memory is read from this test's process.
+    let (out, r) = loadtest(
+        &s,
+        &s.url,
+        &[
+            "--server-pid",
+            &pid,
+            "connections",
+            "--count",
+            "10",
+            "--groups",
+            "2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["counts"]["connected"], 10, "{r}");
+    assert_eq!(r["counts"]["failed"], 0, "{r}");
+    assert_eq!(r["checks"]["all_connected"], true, "{r}");
+    assert!(
+        r["figures"]["server_rss_mib"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(r["figures"]["connections_per_sec"].as_f64().unwrap() > 0.0);
+
+    // 5 clients page back through 120 messages, 50 a page: each reads
+    // every seq once, over at least three pages.
+    let (out, r) = loadtest(
+        &s,
+        &s.url,
+        &["history", "--clients", "5", "--messages", "120"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["scenario"], "history backfill", "{r}");
+    assert_eq!(r["counts"]["lost"], 0, "{r}");
+    assert_eq!(r["counts"]["duplicates"], 0, "{r}");
+    assert_eq!(r["checks"]["nothing_lost"], true, "{r}");
+    assert_eq!(r["checks"]["no_duplicates"], true, "{r}");
+    assert!(r["latency"]["count"].as_u64().unwrap() >= 5 * 3, "{r}");
+    s.shutdown.cancel();
+    s.task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn only_loopback_targets_and_a_real_token_key() {
     let s = server().await;
