@@ -358,18 +358,19 @@ struct Totals {
     gaps: u64,
     counts: BTreeMap<String, u64>,
     latency: Latency,
-    /// Flash sale: the joins that won a slot (none for other scenarios).
-    winners_latency: Option<Latency>,
+    /// A part of the operation (`WorkerResult::part_latency`), if the
+    /// scenario measures one.
+    part_latency: Option<Latency>,
 }
 
 fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
     let mut h = histogram();
-    let mut won = histogram();
+    let mut part = histogram();
     let mut counts = BTreeMap::new();
     let (mut ops, mut lost, mut duplicates, mut gaps) = (0, 0, 0, 0);
     for r in results {
         merge(&mut h, &r.latency)?;
-        merge(&mut won, &r.winners_latency)?;
+        merge(&mut part, &r.part_latency)?;
         ops += r.ops;
         lost += r.lost;
         duplicates += r.duplicates;
@@ -388,7 +389,7 @@ fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
         gaps,
         counts,
         latency: Latency::of(&h),
-        winners_latency: (!won.is_empty()).then(|| Latency::of(&won)),
+        part_latency: (!part.is_empty()).then(|| Latency::of(&part)),
     })
 }
 
@@ -439,7 +440,7 @@ fn report(scenario: &str, params: &[(&str, String)]) -> Report {
             .collect(),
         figures: BTreeMap::new(),
         latency: None,
-        winners_latency: None,
+        parts: BTreeMap::new(),
         counts: BTreeMap::new(),
         checks: BTreeMap::new(),
         elapsed_ms: 0.0,
@@ -601,6 +602,9 @@ async fn fanout(
         t.ops as f64 / took.as_secs_f64(),
     );
     r.latency = Some(t.latency);
+    if let Some(l) = t.part_latency {
+        r.parts.insert("after_sequencing_latency".into(), l);
+    }
     r.counts = t.counts;
     r.counts
         .insert("members_connected".into(), connected as u64);
@@ -690,7 +694,9 @@ async fn flash_sale(
     r.figures
         .insert("joins_per_sec".into(), t.ops as f64 / took.as_secs_f64());
     r.latency = Some(t.latency);
-    r.winners_latency = t.winners_latency;
+    if let Some(l) = t.part_latency {
+        r.parts.insert("winners_latency".into(), l);
+    }
     r.counts = t.counts;
     r.counts
         .insert("members_connected".into(), connected as u64);

@@ -77,10 +77,13 @@ pub(crate) struct Report {
     pub(crate) figures: BTreeMap<String, f64>,
     /// Latency of the measured operation.
     pub(crate) latency: Option<Latency>,
-    /// Flash sale: latency of the joins that won a slot, the ones that
-    /// wait for durability.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) winners_latency: Option<Latency>,
+    /// Latency of a part of the operation, by name: a flash sale's
+    /// `winners_latency` (the joins that won a slot, the ones that wait
+    /// for durability), a fan-out's `after_sequencing_latency` (from the
+    /// server's sequencing of a message to the member, to the
+    /// millisecond: the rest of `latency` is the sender's side).
+    #[serde(flatten)]
+    pub(crate) parts: BTreeMap<String, Latency>,
     /// Counts by name (answers, errors).
     pub(crate) counts: BTreeMap<String, u64>,
     /// Checks that must hold (exactly K joined, nothing lost…).
@@ -104,7 +107,7 @@ impl Report {
             Duration::from_secs_f64(self.elapsed_ms / 1000.0)
         );
         let row = |out: &mut String, k: &str, v: String| {
-            out.push_str(&format!("  {k:<28} {v}\n"));
+            out.push_str(&format!("  {k:<30} {v}\n"));
         };
         for (k, v) in &self.params {
             row(&mut out, k, v.clone());
@@ -121,8 +124,12 @@ impl Report {
         if let Some(l) = &self.latency {
             row(&mut out, "latency (ms)", percentiles(l));
         }
-        if let Some(l) = &self.winners_latency {
-            row(&mut out, "winners latency (ms)", percentiles(l));
+        for (k, l) in &self.parts {
+            row(
+                &mut out,
+                &format!("{} (ms)", k.replace('_', " ")),
+                percentiles(l),
+            );
         }
         for (k, v) in &self.counts {
             row(&mut out, k, v.to_string());
@@ -161,7 +168,7 @@ mod tests {
             params: BTreeMap::new(),
             figures: BTreeMap::new(),
             latency: None,
-            winners_latency: None,
+            parts: BTreeMap::new(),
             counts: BTreeMap::new(),
             checks: BTreeMap::from([("exactly_slots_joined".into(), true)]),
             elapsed_ms: 1.0,

@@ -123,13 +123,15 @@ pub(crate) struct WorkerResult {
     pub(crate) results: BTreeMap<String, u64>,
     /// Errors by kind.
     pub(crate) errors: BTreeMap<String, u64>,
-    /// Flash sale: latencies of the joins that won a slot alone, encoded
-    /// as `latency` (empty for other scenarios). Winners wait for their
-    /// entry to be durable; the others are answered from memory.
+    /// The latency of a part of the operation, encoded as `latency`
+    /// (empty when the scenario has none). Flash sale: the joins that won
+    /// a slot alone (winners wait for their entry to be durable; the
+    /// others are answered from memory). Fan-out: from the server's
+    /// sequencing of a message (its `ts_ms`) to the member.
     #[serde(default)]
-    pub(crate) winners_latency: String,
-    /// A member's raw winner samples (µs), folded into `winners_latency`
-    /// by its worker; never sent.
+    pub(crate) part_latency: String,
+    /// A member's raw samples of the part (µs), folded into
+    /// `part_latency` by its worker; never sent.
     #[serde(skip)]
-    pub(crate) won_us: Vec<u64>,
+    pub(crate) part_us: Vec<u64>,
 }

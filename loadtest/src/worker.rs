@@ -157,7 +157,7 @@ async fn measure(
         .collect();
     let mut total = WorkerResult::default();
     let mut latency = histogram();
-    let mut won = histogram();
+    let mut part = histogram();
     let mut kept = Vec::new();
     for t in tasks {
         let Ok((r, samples, client)) = t.await else {
@@ -177,14 +177,14 @@ async fn measure(
         for us in samples {
             let _ = latency.record(us.max(1));
         }
-        for us in r.won_us {
-            let _ = won.record(us.max(1));
+        for us in r.part_us {
+            let _ = part.record(us.max(1));
         }
         kept.extend(client);
     }
     total.latency = encode(&latency);
-    if !won.is_empty() {
-        total.winners_latency = encode(&won);
+    if !part.is_empty() {
+        total.part_latency = encode(&part);
     }
     (total, kept)
 }
@@ -246,7 +246,12 @@ async fn member(
                 match event {
                     Some(Event::Message(m)) if m.group_id == group => {
                         if let Ok(sent) = m.text.parse::<u64>() {
-                            h.push(now_us().saturating_sub(sent));
+                            let now = now_us();
+                            h.push(now.saturating_sub(sent));
+                            // The server's clock is this machine's (loopback
+                            // only), to the millisecond.
+                            r.part_us
+                                .push(now.saturating_sub(m.ts_ms.saturating_mul(1000)));
                         }
                         last = last.max(m.seq);
                         r.ops += 1;
@@ -276,7 +281,7 @@ async fn member(
                     let us = micros(t.elapsed());
                     h.push(us);
                     if a.result() == qun_client::proto::CommerceResult::Joined {
-                        r.won_us.push(us);
+                        r.part_us.push(us);
                     }
                     let name = a
                         .result()

@@ -105,6 +105,14 @@ async fn fanout_and_flash_sale_measure_and_check() {
     assert_eq!(r["counts"]["deliveries"].as_u64().unwrap(), posted * 5);
     assert_eq!(r["checks"]["nothing_lost"], true);
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    // The part after the server sequenced each message: one sample per
+    // delivery, and (to the server's millisecond) no longer than the whole.
+    let after = &r["after_sequencing_latency"];
+    assert_eq!(after["count"], r["counts"]["deliveries"], "{r}");
+    assert!(
+        after["max_ms"].as_f64().unwrap() <= r["latency"]["max_ms"].as_f64().unwrap() + 1.0,
+        "{r}"
+    );
     // How busy the machine and the server were while posting.
     let busy = r["figures"]["machine_busy_percent"].as_f64().unwrap();
     assert!(busy > 0.0 && busy <= 100.0, "{r}");
