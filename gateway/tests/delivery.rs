@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestServer, code, messages, next_event, no_rate_limits};
-use qun_client::{Client, ClientError, ClientOptions, Event, FullBuffer};
+use qun_client::{Client, ClientError, ClientOptions, Event, FullBuffer, Reading};
 use qun_proto::{ErrorCode, v1};
 
 /// Options for a client that never pings on its own.
@@ -225,6 +225,32 @@ async fn a_retried_send_posts_once_across_reconnects_and_restarts() {
 
 #[tokio::test]
 async fn a_stalled_phone_never_slows_the_group_and_catches_up_completely() {
+    // The phone buffers 4 events, then stops reading its socket.
+    stalled_phone_catches_up(ClientOptions {
+        event_buffer: 4,
+        heartbeat: None,
+        full_buffer: FullBuffer::Backpressure,
+        ..ClientOptions::default()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_reading_on_demand_stalls_like_a_phone_and_catches_up_completely() {
+    // Read on demand, a client that does not call `next_event` does not
+    // read its socket at all.
+    stalled_phone_catches_up(ClientOptions {
+        heartbeat: None,
+        reading: Reading::OnDemand,
+        ..ClientOptions::default()
+    })
+    .await;
+}
+
+/// A phone (`stalled`, with `options`) stops reading while 10,000 large
+/// messages are posted: the group does not wait for it, its outbox stays
+/// bounded, and once it reads again it ends with every message once.
+async fn stalled_phone_catches_up(options: ClientOptions) {
     const TOTAL: u64 = 10_000;
     const OUTBOX_BYTES: usize = 1024 * 1024;
     // Sends in flight at once: one group commit publishes at most this many
@@ -238,20 +264,7 @@ async fn a_stalled_phone_never_slows_the_group_and_catches_up_completely() {
     })
     .await;
     let (agent, g) = server.agent_with_group("Flash sale", 0).await;
-    // The stalled phone buffers 4 events, then stops reading its socket.
-    let mut stalled = server
-        .client_with(
-            "slow",
-            "buyer",
-            None,
-            ClientOptions {
-                event_buffer: 4,
-                heartbeat: None,
-                full_buffer: FullBuffer::Backpressure,
-                ..ClientOptions::default()
-            },
-        )
-        .await;
+    let mut stalled = server.client_with("slow", "buyer", None, options).await;
     stalled.join(g).await.unwrap();
     let mut fast = server.client("fast", "buyer", None).await;
     fast.join(g).await.unwrap();
@@ -299,6 +312,17 @@ async fn a_stalled_phone_never_slows_the_group_and_catches_up_completely() {
 
 #[tokio::test]
 async fn a_client_that_never_reads_events_still_gets_its_answers_and_then_resumes() {
+    never_reads_events_then_resumes(Reading::Background).await;
+}
+
+#[tokio::test]
+async fn read_on_demand_a_request_keeps_a_bounded_number_of_pushes_then_resumes() {
+    never_reads_events_then_resumes(Reading::OnDemand).await;
+}
+
+/// A client with room for 8 events makes a request behind 100 pushes it
+/// has not read: it gets its answer, and then every push once, in order.
+async fn never_reads_events_then_resumes(reading: Reading) {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let (agent, g) = server.agent_with_group("Busy", 0).await;
@@ -309,6 +333,7 @@ async fn a_client_that_never_reads_events_still_gets_its_answers_and_then_resume
             None,
             ClientOptions {
                 event_buffer: 8,
+                reading,
                 ..ClientOptions::default()
             },
         )
@@ -319,9 +344,63 @@ async fn a_client_that_never_reads_events_still_gets_its_answers_and_then_resume
     let page = buyer.history(g, 0, 10).await.unwrap();
     assert_eq!(page.messages.last().unwrap().seq, 100);
     // Reading now: the dropped pushes are recovered, each once, in order.
-    let seqs = collect_through(&mut buyer, g, 100).await;
+    let mut out_of_sync = false;
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&100) {
+        match next_event(&mut buyer).await {
+            Event::Message(m) if m.group_id == g => seqs.push(m.seq),
+            Event::OutOfSync { dropped } => out_of_sync = dropped > 0,
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
     assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+    // Over the buffer, pushes were dropped and the client resumed.
+    assert!(out_of_sync);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn read_on_demand_requests_keep_the_pushes_they_read_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (agent, g) = server.agent_with_group("Busy", 0).await;
+    let mut buyer = server
+        .client_with(
+            "ann",
+            "buyer",
+            None,
+            ClientOptions {
+                reading: Reading::OnDemand,
+                ..ClientOptions::default()
+            },
+        )
+        .await;
+    buyer.join(g).await.unwrap();
+    // Nothing reads the socket but the requests: each reads up to its own
+    // answer and keeps the pushes that came before it.
+    post_n(&agent, g, 30, "first").await;
+    let page = buyer.history(g, 0, 10).await.unwrap();
+    assert_eq!(page.messages.last().unwrap().seq, 30);
+    post_n(&agent, g, 30, "second").await;
+    buyer.ping().await.unwrap();
+    assert!(buyer.clock_offset_ms().is_some());
+    post_n(&agent, g, 30, "third").await;
+    // Every push once, in order: the kept ones, then those still unread.
+    let seqs = collect_through(&mut buyer, g, 90).await;
+    assert_eq!(seqs, (1..=90).collect::<Vec<_>>());
+    assert_eq!(buyer.sequencer_stats(), (0, 0));
+    // The server goes away: the last event says so, then nothing, and a
+    // request is refused as closed rather than left waiting.
+    server.stop().await;
+    loop {
+        match next_event(&mut buyer).await {
+            Event::Closed { .. } => break,
+            Event::GoingAway { .. } => {}
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert!(buyer.next_event().await.is_none());
+    assert!(matches!(buyer.ping().await, Err(ClientError::Closed)));
 }
 
 #[tokio::test]

@@ -20,6 +20,14 @@
 //! - A gap larger than the server's cap is reported as [`Event::Gap`]; page
 //!   it with [`Client::fetch_range`].
 //!
+//! # Who reads the socket
+//! By default a task of the client's own reads the socket all the time and
+//! hands each push over to the caller's task ([`Reading::Background`]). A
+//! program that spends its life in [`Client::next_event`], such as a bot
+//! or the load generator's members, can have the socket read in its own
+//! task instead ([`Reading::OnDemand`]): one task and one wake-up per push
+//! instead of two.
+//!
 //! # Example
 //! ```no_run
 //! # async fn f(token: &str) -> Result<(), qun_client::ClientError> {
@@ -43,6 +51,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ClientFrame, ErrorCode, ServerFrame, decode_server_frame, encode_client_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -98,6 +107,51 @@ pub struct ClientOptions {
     /// load generator can spread connections over several source
     /// addresses and not run out of ephemeral ports. `None`: any.
     pub local_ip: Option<std::net::IpAddr>,
+    /// Who reads the socket: a task of the client's own (the default) or
+    /// the caller's task, on demand.
+    pub reading: Reading,
+}
+
+/// Who reads a [`Client`]'s socket.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), qun_client::ClientError> {
+/// use qun_client::{Client, ClientOptions, Event, Reading};
+///
+/// // A bot that follows many groups: every push is read and decoded in the
+/// // task that calls `next_event`, with no hand-over between tasks.
+/// let options = ClientOptions { reading: Reading::OnDemand, ..ClientOptions::default() };
+/// let mut client = Client::connect_with("ws://127.0.0.1:7700/ws", "TOKEN", options).await?;
+/// while let Some(event) = client.next_event().await {
+///     if let Event::Message(m) = event {
+///         println!("{}: {}", m.sender_name, m.text);
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reading {
+    /// A task of the client's own reads the socket all the time: answers
+    /// reach requests whatever the caller is doing, and pushes wait in a
+    /// buffer of [`ClientOptions::event_buffer`] for [`Client::next_event`]
+    /// ([`ClientOptions::full_buffer`] says what happens when it is full).
+    /// Each push is handed from that task to the caller's.
+    #[default]
+    Background,
+    /// No task: the socket is read in the caller's task, and only while
+    /// [`Client::next_event`] or a request is waiting. A push is read,
+    /// decoded and returned by the same `next_event` call, which costs the
+    /// least CPU per push (the load generator reads this way). A request
+    /// reads until its own answer comes, keeping the pushes it reads on
+    /// the way, in order, for `next_event`: up to `event_buffer` of them,
+    /// then it counts the rest in an `OutOfSync`, after which `next_event`
+    /// resumes (as [`FullBuffer::DropAndResume`]). A caller that stops
+    /// calling `next_event` and makes no request stops reading: the socket
+    /// backs up and the server treats the connection as a slow phone (it
+    /// drops pushes beyond its queue and says `OutOfSync`). `full_buffer`
+    /// does not apply.
+    OnDemand,
 }
 
 /// What a [`Client`] does when its event buffer is full.
@@ -124,6 +178,7 @@ impl Default for ClientOptions {
             cert_sha256: None,
             insecure_dev_cert: false,
             local_ip: None,
+            reading: Reading::Background,
         }
     }
 }
@@ -298,6 +353,9 @@ type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 struct Link {
     out: mpsc::Sender<Outbound>,
     waiters: Waiters,
+    /// The socket's incoming side when it is read on demand
+    /// ([`Reading::OnDemand`]); `None` when the reader task has it.
+    inbox: Option<Arc<Inbox>>,
     next_id: AtomicU64,
     /// Server clock minus local clock, in ms, from the last pong.
     clock_offset: AtomicI64,
@@ -333,6 +391,40 @@ impl Link {
         lock(&self.waiters).remove(&request_id);
     }
 
+    /// Waits up to `timeout` for the answer to request `request_id`; when
+    /// the socket is read on demand, reads it meanwhile.
+    async fn answer(
+        &self,
+        request_id: u64,
+        rx: oneshot::Receiver<ServerFrame>,
+        timeout: Duration,
+    ) -> Result<ServerFrame, ClientError> {
+        let wait = async {
+            let Some(inbox) = &self.inbox else {
+                return rx.await.map_err(|_| ClientError::Closed);
+            };
+            tokio::pin!(rx);
+            loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut rx => return answer.map_err(|_| ClientError::Closed),
+                    read = inbox.read_one(&self.waiters) => match read {
+                        Some(event) => inbox.keep(event),
+                        None if inbox.ended() => return Err(ClientError::Closed),
+                        None => {}
+                    },
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.forget(request_id);
+                Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+
     async fn ping(&self, timeout: Duration) -> Result<u64, ClientError> {
         let sent = now_ms();
         let (id, rx) = self
@@ -340,14 +432,7 @@ impl Link {
                 client_time_ms: u64::try_from(sent).unwrap_or(0),
             }))
             .await?;
-        let frame = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(frame)) => frame,
-            Ok(Err(_)) => return Err(ClientError::Closed),
-            Err(_) => {
-                self.forget(id);
-                return Err(ClientError::Timeout(timeout));
-            }
-        };
+        let frame = self.answer(id, rx, timeout).await?;
         match answer_body(frame)? {
             Body::Pong(p) => {
                 let received = now_ms();
@@ -360,6 +445,211 @@ impl Link {
             other => Err(unexpected(&other)),
         }
     }
+}
+
+/// The reader task of [`Reading::Background`]: reads the socket until it
+/// ends, hands answers to their requests and pushes to `events`.
+async fn read_in_background(
+    mut stream: BoxStream<'static, Incoming>,
+    waiters: Waiters,
+    events: mpsc::Sender<Event>,
+    full_buffer: FullBuffer,
+) {
+    let mut dropped = 0u64;
+    let closed = loop {
+        let next = if dropped > 0 {
+            // Report the drop as soon as the caller makes room.
+            tokio::select! {
+                permit = events.reserve() => {
+                    let Ok(permit) = permit else { break None };
+                    permit.send(Event::OutOfSync { dropped });
+                    dropped = 0;
+                    continue;
+                }
+                next = stream.next() => next,
+            }
+        } else {
+            stream.next().await
+        };
+        let bytes = match next {
+            Some(Incoming::Frame(b)) => b,
+            Some(Incoming::Closed(how)) => break how,
+            None => break None,
+        };
+        let Some(event) = route(&bytes, &waiters) else {
+            continue;
+        };
+        match full_buffer {
+            // The socket backs up like a stalled phone's; answers wait
+            // behind the pushes.
+            FullBuffer::Backpressure => {
+                if events.send(event).await.is_err() {
+                    break None;
+                }
+            }
+            // Keep reading so answers always get through; drop pushes the
+            // caller has no room for and say so, as the server does, so
+            // that `next_event` resumes.
+            FullBuffer::DropAndResume => {
+                if dropped > 0 {
+                    dropped += 1;
+                    continue;
+                }
+                match events.try_send(event) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => dropped = 1,
+                    Err(mpsc::error::TrySendError::Closed(_)) => break None,
+                }
+            }
+        }
+    };
+    lock(&waiters).clear();
+    let _ = events.send(closed_event(closed)).await;
+}
+
+/// The incoming side of a connection read on demand ([`Reading::OnDemand`]):
+/// whoever waits (`next_event`, or a request for its answer) reads it, one
+/// at a time, holding `incoming`.
+struct Inbox {
+    incoming: tokio::sync::Mutex<BoxStream<'static, Incoming>>,
+    /// Pushes a request read while it waited for its answer, in order, for
+    /// `next_event`. Only a holder of `incoming` adds to it, so whoever
+    /// holds `incoming` next finds them before anything still unread.
+    /// Bounded by `limit`, as [`FullBuffer::DropAndResume`]: beyond it,
+    /// pushes are counted in an `OutOfSync` at the back instead.
+    kept: Mutex<VecDeque<Event>>,
+    limit: usize,
+    /// The connection's end has been read (and `Event::Closed` made).
+    ended: AtomicBool,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("ended", &self.ended())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbox {
+    fn new(incoming: BoxStream<'static, Incoming>, limit: usize) -> Self {
+        Self {
+            incoming: tokio::sync::Mutex::new(incoming),
+            kept: Mutex::new(VecDeque::new()),
+            limit: limit.max(1),
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Reads one item off the socket: an answer goes to its waiter, a push
+    /// is returned. `None` for an answer, a frame of no interest, or (once
+    /// [`Inbox::ended`]) nothing left to read. Cancel-safe: an item is
+    /// either taken whole or left in the stream.
+    async fn read_one(&self, waiters: &Waiters) -> Option<Event> {
+        let mut incoming = self.incoming.lock().await;
+        self.read_held(&mut incoming, waiters).await
+    }
+
+    /// [`Inbox::read_one`] with `incoming` held.
+    async fn read_held(
+        &self,
+        incoming: &mut BoxStream<'static, Incoming>,
+        waiters: &Waiters,
+    ) -> Option<Event> {
+        if self.ended() {
+            return None;
+        }
+        match incoming.next().await {
+            Some(Incoming::Frame(bytes)) => route(&bytes, waiters),
+            end => {
+                // No answer is coming any more: waiting requests get
+                // `Closed`.
+                lock(waiters).clear();
+                self.ended.store(true, Ordering::Release);
+                Some(closed_event(match end {
+                    Some(Incoming::Closed(how)) => how,
+                    _ => None,
+                }))
+            }
+        }
+    }
+
+    /// Keeps a push read by a request for `next_event`; beyond `limit`,
+    /// only counts it, in an `OutOfSync` after which `next_event` resumes
+    /// (the connection's end is always kept).
+    fn keep(&self, event: Event) {
+        let mut kept = lock(&self.kept);
+        if kept.len() < self.limit || matches!(event, Event::Closed { .. }) {
+            kept.push_back(event);
+        } else if let Some(Event::OutOfSync { dropped }) = kept.back_mut() {
+            *dropped += 1;
+        } else {
+            kept.push_back(Event::OutOfSync { dropped: 1 });
+        }
+    }
+
+    /// The next push: a kept one first, else one read now. `None` once the
+    /// connection's end has been returned. A request of another task
+    /// waiting meanwhile gets its answer from this read.
+    async fn next(&self, waiters: &Waiters) -> Option<Event> {
+        let mut incoming = self.incoming.lock().await;
+        loop {
+            if let Some(event) = lock(&self.kept).pop_front() {
+                return Some(event);
+            }
+            if self.ended() {
+                return None;
+            }
+            if let Some(event) = self.read_held(&mut incoming, waiters).await {
+                return Some(event);
+            }
+        }
+    }
+}
+
+/// One frame from the server: an answer is handed to the request waiting
+/// for it (`None`); a push becomes its event; anything else is `None`.
+fn route(bytes: &[u8], waiters: &Waiters) -> Option<Event> {
+    let frame = decode_server_frame(bytes).ok()?;
+    if frame.request_id != 0 {
+        let waiter = lock(waiters).remove(&frame.request_id);
+        if let Some(w) = waiter {
+            let _ = w.send(frame);
+            return None;
+        }
+    }
+    Some(match frame.body? {
+        Body::Message(m) => Event::Message(m),
+        Body::OutOfSync(o) => Event::OutOfSync { dropped: o.dropped },
+        Body::ReadState(r) => Event::ReadState(r),
+        Body::Left(l) => Event::Removed {
+            group_id: l.group_id,
+        },
+        Body::JoinDecided(d) => Event::JoinDecided {
+            group_id: d.group_id,
+            approved: d.approved,
+        },
+        Body::CsSession(s) => Event::CsSession(s),
+        Body::GoingAway(g) => Event::GoingAway {
+            reason: g.reason,
+            reconnect_after_ms: g.reconnect_after_ms,
+        },
+        Body::Error(e) => Event::Error {
+            code: e.code,
+            message: e.message,
+        },
+        _ => return None,
+    })
+}
+
+/// The last event of a connection, from how the server closed it.
+fn closed_event(how: Option<(u16, String)>) -> Event {
+    let (code, reason) = how.map_or((None, String::new()), |(c, r)| (Some(c), r));
+    Event::Closed { code, reason }
 }
 
 fn answer_body(frame: ServerFrame) -> Result<Body, ClientError> {
@@ -382,7 +672,9 @@ fn answer_body(frame: ServerFrame) -> Result<Body, ClientError> {
 #[derive(Debug)]
 pub struct Client {
     link: Arc<Link>,
-    events: mpsc::Receiver<Event>,
+    /// Pushes from the reader task ([`Reading::Background`]); `None` when
+    /// the socket is read on demand (`link.inbox`).
+    events: Option<mpsc::Receiver<Event>>,
     /// Pushes read off the channel while waiting for an answer, not yet
     /// through the sequencer.
     held: VecDeque<Event>,
@@ -467,104 +759,36 @@ impl Client {
     async fn open(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
         let transport::Opened {
             out: out_tx,
-            incoming: mut stream,
+            incoming: stream,
             quic,
         } = transport::open(url, options).await?;
-        let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
         let waiters: Waiters = Arc::default();
-        let reader_waiters = waiters.clone();
-        let full_buffer = options.full_buffer;
-        tokio::spawn(async move {
-            let mut dropped = 0u64;
-            let closed = loop {
-                let next = if dropped > 0 {
-                    // Report the drop as soon as the caller makes room.
-                    tokio::select! {
-                        permit = ev_tx.reserve() => {
-                            let Ok(permit) = permit else { break None };
-                            permit.send(Event::OutOfSync { dropped });
-                            dropped = 0;
-                            continue;
-                        }
-                        next = stream.next() => next,
-                    }
-                } else {
-                    stream.next().await
-                };
-                let bytes = match next {
-                    Some(Incoming::Frame(b)) => b,
-                    Some(Incoming::Closed(how)) => break how,
-                    None => break None,
-                };
-                let Ok(frame) = decode_server_frame(&bytes) else {
-                    continue;
-                };
-                if frame.request_id != 0 {
-                    let waiter = lock(&reader_waiters).remove(&frame.request_id);
-                    if let Some(w) = waiter {
-                        let _ = w.send(frame);
-                        continue;
-                    }
-                }
-                let event = match frame.body {
-                    Some(Body::Message(m)) => Event::Message(m),
-                    Some(Body::OutOfSync(o)) => Event::OutOfSync { dropped: o.dropped },
-                    Some(Body::ReadState(r)) => Event::ReadState(r),
-                    Some(Body::Left(l)) => Event::Removed {
-                        group_id: l.group_id,
-                    },
-                    Some(Body::JoinDecided(d)) => Event::JoinDecided {
-                        group_id: d.group_id,
-                        approved: d.approved,
-                    },
-                    Some(Body::CsSession(s)) => Event::CsSession(s),
-                    Some(Body::GoingAway(g)) => Event::GoingAway {
-                        reason: g.reason,
-                        reconnect_after_ms: g.reconnect_after_ms,
-                    },
-                    Some(Body::Error(e)) => Event::Error {
-                        code: e.code,
-                        message: e.message,
-                    },
-                    _ => continue,
-                };
-                match full_buffer {
-                    // The socket backs up like a stalled phone's; answers
-                    // wait behind the pushes.
-                    FullBuffer::Backpressure => {
-                        if ev_tx.send(event).await.is_err() {
-                            break None;
-                        }
-                    }
-                    // Keep reading so answers always get through; drop pushes
-                    // the caller has no room for and say so, as the server
-                    // does, so that `next_event` resumes.
-                    FullBuffer::DropAndResume => {
-                        if dropped > 0 {
-                            dropped += 1;
-                            continue;
-                        }
-                        match ev_tx.try_send(event) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(_)) => dropped = 1,
-                            Err(mpsc::error::TrySendError::Closed(_)) => break None,
-                        }
-                    }
-                }
-            };
-            lock(&reader_waiters).clear();
-            let (code, reason) = closed.map_or((None, String::new()), |(c, r)| (Some(c), r));
-            let _ = ev_tx.send(Event::Closed { code, reason }).await;
-        });
+        let (events, inbox) = match options.reading {
+            Reading::Background => {
+                let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
+                tokio::spawn(read_in_background(
+                    stream,
+                    waiters.clone(),
+                    ev_tx,
+                    options.full_buffer,
+                ));
+                (Some(ev_rx), None)
+            }
+            Reading::OnDemand => (
+                None,
+                Some(Arc::new(Inbox::new(stream, options.event_buffer))),
+            ),
+        };
         Ok(Self {
             link: Arc::new(Link {
                 out: out_tx,
                 waiters,
+                inbox,
                 next_id: AtomicU64::new(1),
                 clock_offset: AtomicI64::new(0),
                 has_offset: AtomicBool::new(false),
             }),
-            events: ev_rx,
+            events,
             held: VecDeque::new(),
             ready: VecDeque::new(),
             sequencer: Mutex::default(),
@@ -592,20 +816,17 @@ impl Client {
     /// [`ClientError::Timeout`].
     pub async fn request(&self, body: client_frame::Body) -> Result<Body, ClientError> {
         let (request_id, rx) = self.link.send(body).await?;
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(frame)) => answer_body(frame),
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => {
-                self.link.forget(request_id);
-                Err(ClientError::Timeout(self.timeout))
-            }
-        }
+        answer_body(self.link.answer(request_id, rx, self.timeout).await?)
     }
 
     /// Like [`Client::request`], but keeps reading pushes while it waits
     /// (holding them for [`Client::next_event`]), so that a full event
-    /// buffer can never stand between the client and its answer.
+    /// buffer can never stand between the client and its answer. (Read on
+    /// demand, every request does this.)
     async fn request_reading(&mut self, body: client_frame::Body) -> Result<Body, ClientError> {
+        let Some(events) = self.events.as_mut() else {
+            return self.request(body).await;
+        };
         let (request_id, rx) = self.link.send(body).await?;
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
@@ -619,7 +840,7 @@ impl Client {
                         Err(_) => Err(ClientError::Closed),
                     };
                 }
-                ev = self.events.recv(), if events_open => match ev {
+                ev = events.recv(), if events_open => match ev {
                     Some(ev) => self.held.push_back(ev),
                     None => events_open = false,
                 },
@@ -683,7 +904,8 @@ impl Client {
     /// dropped and a jump is filled by fetching the missing range first.
     /// On `OutOfSync` every followed group is resumed before the event is
     /// returned, so the messages that follow it continue where the client
-    /// was.
+    /// was. Read on demand ([`Reading::OnDemand`]), this is what reads the
+    /// socket.
     pub async fn next_event(&mut self) -> Option<Event> {
         loop {
             if let Some(ev) = self.ready.pop_front() {
@@ -691,7 +913,11 @@ impl Client {
             }
             let ev = match self.held.pop_front() {
                 Some(ev) => ev,
-                None => self.events.recv().await?,
+                None => match (&mut self.events, &self.link.inbox) {
+                    (Some(events), _) => events.recv().await?,
+                    (None, Some(inbox)) => inbox.next(&self.link.waiters).await?,
+                    (None, None) => return None,
+                },
             };
             match ev {
                 Event::Message(m) => {
@@ -961,7 +1187,7 @@ impl Client {
     /// # Errors
     /// [`ClientError`]; codes include `NOT_MEMBER`, `TEXT_TOO_LONG`,
     /// `REPLY_TO_UNKNOWN`, `RATE_LIMITED` and `SLOW_MODE` (see
-    /// [`ClientError::retry_after_ms`]).
+    /// [`ClientError::RateLimited`] and its `retry_after_ms`).
     pub async fn send(
         &self,
         group_id: u64,

@@ -6,7 +6,9 @@
 //! is kept short:
 //!
 //! - One task owns the read half (`TcpStream::into_split`, no lock shared
-//!   with the writer) and reads into one buffer without zero-filling it.
+//!   with the writer) and reads into one buffer without zero-filling it:
+//!   the client's reader task, or the caller's own with
+//!   [`Reading::OnDemand`](crate::Reading::OnDemand).
 //! - A whole binary frame is cut out of that buffer as `Bytes` (no copy),
 //!   and the client decodes it straight away.
 //! - Pings are answered, and the server's close frame is echoed, by the
