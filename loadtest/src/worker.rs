@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use qun_client::{Client, ClientOptions, Event};
+use qun_client::{Client, ClientOptions, Event, Reading};
 use qun_gateway::auth::TokenKey;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::watch;
@@ -38,6 +38,9 @@ pub(crate) async fn run(spec_json: &str) -> anyhow::Result<()> {
         cert_sha256: spec.cert_sha256.clone(),
         insecure_dev_cert: spec.insecure_dev_cert,
         local_ip: spec.source_ip,
+        // Each push read and decoded in the member's own task: no
+        // hand-over from a reader task per delivery.
+        reading: Reading::OnDemand,
         event_buffer: 65_536,
         timeout: Duration::from_secs(60),
         ..ClientOptions::default()
