@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use qun_client::{Client, ClientOptions, Event, Reading};
 use qun_gateway::auth::TokenKey;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::report::{encode, histogram};
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
@@ -150,14 +150,33 @@ async fn measure(
     ends: watch::Receiver<Option<BTreeMap<u64, u64>>>,
 ) -> Measured {
     let key = Arc::new(key);
+    // Each member is told the end of the run (its group's last seq) on a
+    // channel of its own: waiting on one shared channel took its lock at
+    // every delivery.
+    let mut ends_to_tell = Vec::with_capacity(clients.len());
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|(i, client)| {
-            let (spec, key, options, ends) =
-                (spec.clone(), key.clone(), options.clone(), ends.clone());
-            tokio::spawn(async move { member(spec, &key, options, i, client, ends).await })
+            let (end_tx, end) = oneshot::channel();
+            if let Task::Fanout { groups } = &spec.task {
+                ends_to_tell.push((groups[i % groups.len()], end_tx));
+            }
+            let (spec, key, options) = (spec.clone(), key.clone(), options.clone());
+            tokio::spawn(async move { member(spec, &key, options, i, client, end).await })
         })
         .collect();
+    tokio::spawn(async move {
+        let mut ends = ends;
+        // Without an end (the coordinator went away), dropping the senders
+        // stops the members.
+        let Ok(ends) = ends.wait_for(Option::is_some).await else {
+            return;
+        };
+        let ends = ends.clone().unwrap_or_default();
+        for (group, tx) in ends_to_tell {
+            let _ = tx.send(ends.get(&group).copied().unwrap_or(0));
+        }
+    });
     let mut total = WorkerResult::default();
     let mut latency = histogram();
     let mut part = histogram();
@@ -199,7 +218,7 @@ async fn member(
     options: ClientOptions,
     i: usize,
     mut client: Client,
-    mut ends: watch::Receiver<Option<BTreeMap<u64, u64>>>,
+    end: oneshot::Receiver<u64>,
 ) -> (WorkerResult, Vec<u64>, Option<Client>) {
     let mut r = WorkerResult::default();
     // Raw samples, folded into the worker's one histogram at the end: a
@@ -212,12 +231,12 @@ async fn member(
         Task::Fanout { ref groups } => {
             let group = groups[i % groups.len()];
             let mut last = 0u64;
+            // The group's last seq, once the coordinator has said the run
+            // is over.
+            let mut target: Option<u64> = None;
             let mut deadline: Option<tokio::time::Instant> = None;
+            tokio::pin!(end);
             loop {
-                let target = ends
-                    .borrow()
-                    .as_ref()
-                    .map(|e| e.get(&group).copied().unwrap_or(0));
                 if let Some(t) = target {
                     if last >= t {
                         break;
@@ -239,11 +258,12 @@ async fn member(
                         Err(_) => continue,
                     },
                     None => tokio::select! {
-                        changed = ends.changed() => {
-                            if changed.is_err() { break; }
-                            continue;
-                        }
+                        biased;
                         event = client.next_event() => event,
+                        told = &mut end => match told {
+                            Ok(last_seq) => { target = Some(last_seq); continue; }
+                            Err(_) => break,
+                        }
                     },
                 };
                 match event {
