@@ -320,25 +320,32 @@ async fn read_on_demand_a_request_keeps_a_bounded_number_of_pushes_then_resumes(
     never_reads_events_then_resumes(Reading::OnDemand).await;
 }
 
+/// A server with an agent's group, and buyer `ann` joined to it on a
+/// connection with `options`: (server, agent, group, buyer).
+async fn busy_group_with_a_buyer(
+    dir: &std::path::Path,
+    options: ClientOptions,
+) -> (TestServer, Client, u64, Client) {
+    let server = TestServer::start(dir).await;
+    let (agent, g) = server.agent_with_group("Busy", 0).await;
+    let buyer = server.client_with("ann", "buyer", None, options).await;
+    buyer.join(g).await.unwrap();
+    (server, agent, g, buyer)
+}
+
 /// A client with room for 8 events makes a request behind 100 pushes it
 /// has not read: it gets its answer, and then every push once, in order.
 async fn never_reads_events_then_resumes(reading: Reading) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let (agent, g) = server.agent_with_group("Busy", 0).await;
-    let mut buyer = server
-        .client_with(
-            "ann",
-            "buyer",
-            None,
-            ClientOptions {
-                event_buffer: 8,
-                reading,
-                ..ClientOptions::default()
-            },
-        )
-        .await;
-    buyer.join(g).await.unwrap();
+    let (server, agent, g, mut buyer) = busy_group_with_a_buyer(
+        dir.path(),
+        ClientOptions {
+            event_buffer: 8,
+            reading,
+            ..ClientOptions::default()
+        },
+    )
+    .await;
     // Far more pushes than its buffer, none read; requests still answer.
     post_n(&agent, g, 100, "promo").await;
     let page = buyer.history(g, 0, 10).await.unwrap();
@@ -362,20 +369,14 @@ async fn never_reads_events_then_resumes(reading: Reading) {
 #[tokio::test]
 async fn read_on_demand_requests_keep_the_pushes_they_read_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let (agent, g) = server.agent_with_group("Busy", 0).await;
-    let mut buyer = server
-        .client_with(
-            "ann",
-            "buyer",
-            None,
-            ClientOptions {
-                reading: Reading::OnDemand,
-                ..ClientOptions::default()
-            },
-        )
-        .await;
-    buyer.join(g).await.unwrap();
+    let (server, agent, g, mut buyer) = busy_group_with_a_buyer(
+        dir.path(),
+        ClientOptions {
+            reading: Reading::OnDemand,
+            ..ClientOptions::default()
+        },
+    )
+    .await;
     // Nothing reads the socket but the requests: each reads up to its own
     // answer and keeps the pushes that came before it.
     post_n(&agent, g, 30, "first").await;
