@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use futures_util_lite::drive_window;
+use posting::drive_window;
 use indicatif::{ProgressBar, ProgressStyle};
 use qun_client::{Client, ClientOptions, proto};
 use qun_gateway::auth::TokenKey;
@@ -805,16 +805,24 @@ fn phase_of(k: usize, count: usize, rate: f64) -> Duration {
 /// Posts exactly `n` messages with `WINDOW` in flight; returns (posted,
 /// last seq, errors).
 async fn drive_count(client: Arc<Client>, group: u64, n: u64) -> (u64, u64, u64) {
-    futures_util_lite::post_n(client, group, n, WINDOW).await
+    posting::post_n(client, group, n, WINDOW).await
 }
 
-/// Small helpers for keeping a window of sends in flight.
-mod futures_util_lite {
+/// Keeping a window of sends in flight, from the task that paces them.
+///
+/// The sends are futures polled by that one task, not tasks of their own:
+/// an ack wakes the task that also sleeps until the next send is due, so a
+/// send costs one task and no spawn (the coordinator paces thousands a
+/// second on the cores the server and the members share).
+mod posting {
+    use std::future::Future;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use futures_util::StreamExt as _;
+    use futures_util::stream::FuturesUnordered;
     use qun_client::Client;
-    use tokio::task::JoinSet;
+    use qun_client::proto::SendAck;
 
     use crate::now_us;
 
@@ -830,25 +838,32 @@ mod futures_util_lite {
     ) -> (u64, u64, u64) {
         let started = Instant::now() + phase;
         tokio::time::sleep_until(started.into()).await;
-        let mut set = JoinSet::new();
-        let (mut posted, mut last, mut errors) = (0u64, 0u64, 0u64);
+        let mut in_flight = FuturesUnordered::new();
+        let mut tally = Tally::default();
         let mut sent = 0u64;
         while started.elapsed() < duration {
             if rate > 0.0 {
                 let due = started + Duration::from_secs_f64(sent as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
+                let sleep = tokio::time::sleep_until(due.into());
+                tokio::pin!(sleep);
+                // Acks are taken while waiting for the next send's time.
+                loop {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        Some(r) = in_flight.next(), if !in_flight.is_empty() => tally.add(r),
+                    }
+                }
             }
-            while set.len() >= window {
-                collect(set.join_next().await, &mut posted, &mut last, &mut errors);
+            while in_flight.len() >= window {
+                tally.add_next(&mut in_flight).await;
             }
-            let c = client.clone();
-            set.spawn(async move { c.send(group, &now_us().to_string(), None).await });
+            in_flight.push(send_now(&client, group));
             sent += 1;
         }
-        while let Some(r) = set.join_next().await {
-            collect(Some(r), &mut posted, &mut last, &mut errors);
+        while !in_flight.is_empty() {
+            tally.add_next(&mut in_flight).await;
         }
-        (posted, last, errors)
+        tally.into_parts()
     }
 
     /// Posts exactly `n` messages, `window` in flight.
@@ -858,32 +873,61 @@ mod futures_util_lite {
         n: u64,
         window: usize,
     ) -> (u64, u64, u64) {
-        let mut set = JoinSet::new();
-        let (mut posted, mut last, mut errors) = (0u64, 0u64, 0u64);
+        let mut in_flight = FuturesUnordered::new();
+        let mut tally = Tally::default();
         for _ in 0..n {
-            while set.len() >= window {
-                collect(set.join_next().await, &mut posted, &mut last, &mut errors);
+            while in_flight.len() >= window {
+                tally.add_next(&mut in_flight).await;
             }
-            let c = client.clone();
-            set.spawn(async move { c.send(group, &now_us().to_string(), None).await });
+            in_flight.push(send_now(&client, group));
         }
-        while let Some(r) = set.join_next().await {
-            collect(Some(r), &mut posted, &mut last, &mut errors);
+        while !in_flight.is_empty() {
+            tally.add_next(&mut in_flight).await;
         }
-        (posted, last, errors)
+        tally.into_parts()
     }
 
-    type Sent =
-        Result<Result<qun_client::proto::SendAck, qun_client::ClientError>, tokio::task::JoinError>;
+    /// One send whose text is the time it is first polled, when it goes
+    /// out (µs since the epoch): the members measure from it.
+    fn send_now(
+        client: &Arc<Client>,
+        group: u64,
+    ) -> impl Future<Output = Result<SendAck, qun_client::ClientError>> + use<> {
+        let c = client.clone();
+        async move { c.send(group, &now_us().to_string(), None).await }
+    }
 
-    fn collect(r: Option<Sent>, posted: &mut u64, last: &mut u64, errors: &mut u64) {
-        match r {
-            Some(Ok(Ok(ack))) => {
-                *posted += 1;
-                *last = (*last).max(ack.seq);
+    /// Sends acked, the newest seq, sends failed.
+    #[derive(Default)]
+    struct Tally {
+        posted: u64,
+        last: u64,
+        errors: u64,
+    }
+
+    impl Tally {
+        fn add(&mut self, r: Result<SendAck, qun_client::ClientError>) {
+            match r {
+                Ok(ack) => {
+                    self.posted += 1;
+                    self.last = self.last.max(ack.seq);
+                }
+                Err(_) => self.errors += 1,
             }
-            Some(_) => *errors += 1,
-            None => {}
+        }
+
+        /// Waits for the next send in `in_flight` to end and counts it.
+        async fn add_next<F>(&mut self, in_flight: &mut FuturesUnordered<F>)
+        where
+            F: Future<Output = Result<SendAck, qun_client::ClientError>>,
+        {
+            if let Some(r) = in_flight.next().await {
+                self.add(r);
+            }
+        }
+
+        fn into_parts(self) -> (u64, u64, u64) {
+            (self.posted, self.last, self.errors)
         }
     }
 }
