@@ -1,6 +1,6 @@
 //! Durable appends through the embedded store's group commit.
 //!
-//! `cargo bench -p qun-storage --bench group_commit [-- APPENDS GROUPS IN_FLIGHT TEXT_BYTES [PARTITIONS]]`
+//! `cargo bench -p qun-storage --bench group_commit [-- APPENDS GROUPS IN_FLIGHT TEXT_BYTES [PARTITIONS [KEYS]]]`
 //!
 //! Opens the real fjall store (fsync on, as in production) in a temporary
 //! folder and appends APPENDS messages round-robin over GROUPS groups, each
@@ -13,6 +13,10 @@
 //! store's partition count: each partition has its own journal and writer
 //! thread. Every group is of its own shop, so the groups spread over the
 //! partitions as a server's many shops do.
+//!
+//! KEYS is what each submission writes: 3 (the default) a real send as
+//! above; 1 the message alone, with no client message id and no read mark
+//! (what an append costs the store by itself, for comparison).
 //!
 //! Prints durable appends per second, the append-to-durable latency
 //! percentiles, and how many appends each group commit carried (the
@@ -45,14 +49,29 @@ fn main() {
     let partitions = args
         .get(4)
         .map_or_else(|| FjallConfig::new(".").partitions, |p| *p as usize);
+    let whole_send = args.get(5).is_none_or(|k| *k != 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(appends, groups, in_flight, text_bytes, partitions));
+    runtime.block_on(run(
+        appends,
+        groups,
+        in_flight,
+        text_bytes,
+        partitions,
+        whole_send,
+    ));
 }
 
-async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, partitions: usize) {
+async fn run(
+    appends: u64,
+    groups: u64,
+    in_flight: u64,
+    text_bytes: usize,
+    partitions: usize,
+    whole_send: bool,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = FjallConfig::new(dir.path());
     config.partitions = partitions;
@@ -94,25 +113,29 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, parti
         let group_id = 1 + n % groups;
         let seq = 1 + n / groups;
         let sender = format!("buyer-{}", n % 997);
-        let ops = vec![
-            WriteOp::AppendMessage(MessageRecord {
-                group_id,
-                seq,
-                sender_id: sender.clone(),
-                sender_name: "Buyer".into(),
-                sender_role: 1,
-                kind: 1,
-                text: text.clone(),
-                ts_ms: 1_700_000_000_000 + n,
-                client_msg_id: format!("c-{n}"),
-                ..Default::default()
-            }),
-            WriteOp::PutReadMark {
+        let mut ops = vec![WriteOp::AppendMessage(MessageRecord {
+            group_id,
+            seq,
+            sender_id: sender.clone(),
+            sender_name: "Buyer".into(),
+            sender_role: 1,
+            kind: 1,
+            text: text.clone(),
+            ts_ms: 1_700_000_000_000 + n,
+            client_msg_id: if whole_send {
+                format!("c-{n}")
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        })];
+        if whole_send {
+            ops.push(WriteOp::PutReadMark {
                 group_id,
                 user_id: sender,
                 seq,
-            },
-        ];
+            });
+        }
         let submitted = Instant::now();
         let latencies = latencies.clone();
         let done = done.clone();
@@ -136,8 +159,9 @@ async fn run(appends: u64, groups: u64, in_flight: u64, text_bytes: usize, parti
     let h = latencies.lock().unwrap().clone();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes} partitions={}",
-        store.partitions()
+        "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes} partitions={} keys={}",
+        store.partitions(),
+        if whole_send { "send (3)" } else { "message (1)" }
     );
     println!(
         "  elapsed {:.2} s, {:.0} durable appends/s",
