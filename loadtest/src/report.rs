@@ -107,7 +107,7 @@ impl Report {
             Duration::from_secs_f64(self.elapsed_ms / 1000.0)
         );
         let row = |out: &mut String, k: &str, v: String| {
-            out.push_str(&format!("  {k:<30} {v}\n"));
+            out.push_str(&format!("  {k:<32} {v}\n"));
         };
         for (k, v) in &self.params {
             row(&mut out, k, v.clone());
