@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use posting::drive_window;
 use indicatif::{ProgressBar, ProgressStyle};
+use posting::drive_window;
 use qun_client::{Client, ClientOptions, proto};
 use qun_gateway::auth::TokenKey;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};

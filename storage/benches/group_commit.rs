@@ -55,12 +55,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(run(
-        appends,
-        groups,
-        in_flight,
-        text_bytes,
-        partitions,
-        whole_send,
+        appends, groups, in_flight, text_bytes, partitions, whole_send,
     ));
 }
 
@@ -161,7 +156,11 @@ async fn run(
     println!(
         "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes} partitions={} keys={}",
         store.partitions(),
-        if whole_send { "send (3)" } else { "message (1)" }
+        if whole_send {
+            "send (3)"
+        } else {
+            "message (1)"
+        }
     );
     println!(
         "  elapsed {:.2} s, {:.0} durable appends/s",
