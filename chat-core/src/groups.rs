@@ -119,6 +119,9 @@ pub struct CoreStats {
     pub groups_created: AtomicU64,
     /// Sends answered with the original ack because they were retries.
     pub duplicate_sends: AtomicU64,
+    /// Sends whose id was looked up in the store's index of earlier ids
+    /// (not in the group's window, not marked a first attempt).
+    pub sent_index_reads: AtomicU64,
     /// Buyers' messages refused by the per-user rate or slow mode.
     pub sends_rate_limited: AtomicU64,
     /// Group resumes served.
@@ -167,6 +170,11 @@ pub struct NewMessage {
     pub reply_to: u64,
     /// The sender's own id for the message.
     pub client_msg_id: String,
+    /// The sender made the id up for this send and never sent it before:
+    /// it is checked only against the group's window of recent ids, not
+    /// the store's index of every earlier one (see
+    /// [`Groups::submit_post`]).
+    pub first_attempt: bool,
 }
 
 /// A message that has its seq and is being written.
@@ -788,7 +796,9 @@ impl Groups {
     /// original seq and time with `duplicate` set, and nothing is posted.
     /// Recent ids are answered from memory, older ones from the store's
     /// index, so this holds across restarts. A retry is answered before any
-    /// rate limit applies.
+    /// rate limit applies. A send marked `first_attempt` skips the store's
+    /// index (one read, once the group's window no longer reaches back to
+    /// its first message): its id is new by the sender's word.
     ///
     /// # Errors
     /// `TextEmpty`, `TextTooLong`, `TextNotUtf8`, `InvalidArgument` (a
@@ -804,6 +814,7 @@ impl Groups {
         crate::permissions::require(who, crate::permissions::Operation::SendMessage)?;
         let text = validate_text(&msg.text)?;
         let client_msg_id = msg.client_msg_id;
+        let first_attempt = msg.first_attempt;
         if client_msg_id.is_empty()
             || client_msg_id.len() > 64
             || client_msg_id.chars().any(char::is_control)
@@ -841,9 +852,13 @@ impl Groups {
                 }
                 (g.sent.floor(), g.visible_seq())
             };
-            if floor <= checked_through {
+            if first_attempt || floor <= checked_through {
                 break;
             }
+            self.inner
+                .stats
+                .sent_index_reads
+                .fetch_add(1, Ordering::Relaxed);
             if let Some(found) = self
                 .inner
                 .store
@@ -874,10 +889,11 @@ impl Groups {
                 // The same id arrived on another connection meanwhile.
                 return Ok(Some(sent));
             }
-            if g.sent.floor() > checked_through {
+            if !first_attempt && g.sent.floor() > checked_through {
                 // More than a whole window of messages was published while
                 // the index was read: refuse rather than risk posting a
-                // retry twice. The client retries with the same id.
+                // retry twice. The client retries with the same id. (A
+                // first attempt has no earlier copy to miss.)
                 return Err(ChatError::Storage(StorageError::Overloaded));
             }
             // After the retry check: a retry of a message posted before

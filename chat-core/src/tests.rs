@@ -89,6 +89,7 @@ pub(crate) fn with_id(group_id: u64, s: &str, client_msg_id: &str) -> NewMessage
         text: Bytes::copy_from_slice(s.as_bytes()),
         reply_to: 0,
         client_msg_id: client_msg_id.into(),
+        first_attempt: false,
     }
 }
 

@@ -668,6 +668,7 @@ impl Session {
                     text: m.text,
                     reply_to: m.reply_to,
                     client_msg_id: m.client_msg_id,
+                    first_attempt: m.first_attempt,
                 };
                 match self.shared.groups.submit_post(who, msg, now_ms()).await {
                     // The seq is taken; wait for durability without holding

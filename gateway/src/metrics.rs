@@ -275,6 +275,12 @@ impl Metrics {
             core.duplicate_sends.load(Relaxed),
         );
         put(
+            "qun_sent_index_reads_total",
+            "counter",
+            "Sends whose client message id was looked up in the store's index of earlier ids.",
+            core.sent_index_reads.load(Relaxed),
+        );
+        put(
             "qun_sends_rate_limited_total",
             "counter",
             "Buyer messages refused by the per-user rate or slow mode.",

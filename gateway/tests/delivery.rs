@@ -215,11 +215,78 @@ async fn a_retried_send_posts_once_across_reconnects_and_restarts() {
         .send_message(v1::SendMessage {
             group_id: g,
             text: "no id".into(),
-            reply_to: 0,
             client_msg_id: String::new(),
+            ..Default::default()
         })
         .await;
     assert_eq!(code(no_id), ErrorCode::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_first_attempt_is_checked_against_recent_ids_only() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two ids per group in memory: the window soon stops reaching back.
+    let server = TestServer::start_with(dir.path(), |c| {
+        no_rate_limits(c);
+        c.sent_window = 2;
+    })
+    .await;
+    let (_agent, g) = server.agent_with_group("Window", 0).await;
+    let buyer = server.client("ann", "buyer", None).await;
+    buyer.join(g).await.unwrap();
+    let old = buyer
+        .send_with_id(g, "old", None, "ann-0001")
+        .await
+        .unwrap();
+    // Fresh ids (`send`) are first attempts: none is looked up in the
+    // store's index, though the window has long left the first message.
+    for n in 0..5 {
+        buyer.send(g, &format!("new {n}"), None).await.unwrap();
+    }
+    assert_eq!(server.metric("qun_sent_index_reads_total").await, 0);
+    // A retry of the old message is found in the index: posted once.
+    let retry = buyer
+        .send_with_id(g, "old", None, "ann-0001")
+        .await
+        .unwrap();
+    assert_eq!((retry.seq, retry.duplicate), (old.seq, true));
+    assert_eq!(server.metric("qun_sent_index_reads_total").await, 1);
+    // An id that may have been sent before is looked up too, new or not.
+    let recent = buyer
+        .send_with_id(g, "recent", None, "ann-0002")
+        .await
+        .unwrap();
+    assert!(!recent.duplicate);
+    assert_eq!(server.metric("qun_sent_index_reads_total").await, 2);
+    // A recent id is caught in memory even when marked a first attempt.
+    let first_again = buyer
+        .send_message(v1::SendMessage {
+            group_id: g,
+            text: "recent".into(),
+            client_msg_id: "ann-0002".into(),
+            first_attempt: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((first_again.seq, first_again.duplicate), (recent.seq, true));
+    // An old id wrongly marked a first attempt is not looked up: the
+    // sender's word is taken, and the message is posted again (the
+    // protocol tells clients to mark only fresh ids).
+    let wrongly_first = buyer
+        .send_message(v1::SendMessage {
+            group_id: g,
+            text: "old".into(),
+            client_msg_id: "ann-0001".into(),
+            first_attempt: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!wrongly_first.duplicate);
+    assert!(wrongly_first.seq > recent.seq);
+    assert_eq!(server.metric("qun_sent_index_reads_total").await, 2);
     server.stop().await;
 }
 

@@ -1194,13 +1194,23 @@ impl Client {
         text: &str,
         reply_to: Option<u64>,
     ) -> Result<v1::SendAck, ClientError> {
-        self.send_with_id(group_id, text, reply_to, &new_client_msg_id())
-            .await
+        // A fresh id, sent once: a first attempt, which the server need not
+        // look up among every earlier id of the group.
+        self.send_message(v1::SendMessage {
+            group_id,
+            text: Bytes::copy_from_slice(text.as_bytes()),
+            reply_to: reply_to.unwrap_or(0),
+            client_msg_id: new_client_msg_id(),
+            first_attempt: true,
+        })
+        .await
     }
 
     /// Posts a text message with the caller's client message id. Sending
     /// again with the same id (on this or a new connection, even after a
-    /// server restart) returns the original ack with `duplicate` set.
+    /// server restart) returns the original ack with `duplicate` set. The
+    /// id may have been sent before, so the server checks it against every
+    /// earlier message (`first_attempt` is false).
     ///
     /// # Errors
     /// As for [`Client::send`].
@@ -1216,6 +1226,7 @@ impl Client {
             text: Bytes::copy_from_slice(text.as_bytes()),
             reply_to: reply_to.unwrap_or(0),
             client_msg_id: client_msg_id.to_string(),
+            first_attempt: false,
         })
         .await
     }
