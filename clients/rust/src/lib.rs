@@ -8,9 +8,10 @@
 //! order. Tests, the load tester and `qun-cli` all use it.
 //!
 //! # Nothing lost, nothing doubled
-//! - Every [`Client::send`] carries a fresh client message id; retrying with
-//!   the same id ([`Client::send_with_id`]) after a timeout or a reconnect
-//!   returns the original seq and posts nothing.
+//! - Every [`Client::send`] carries a fresh client message id, marked as a
+//!   first attempt; retrying with the same id ([`Client::send_with_id`])
+//!   after a timeout or a reconnect returns the original seq and posts
+//!   nothing.
 //! - [`Client::next_event`] passes every group's messages through a
 //!   [`Sequencer`]: duplicates are dropped, and a jump in seqs is filled by
 //!   fetching the missing range before going on.
