@@ -259,15 +259,17 @@ async fn a_first_attempt_is_checked_against_recent_ids_only() {
         .unwrap();
     assert!(!recent.duplicate);
     assert_eq!(server.metric("qun_sent_index_reads_total").await, 2);
+    // `text` sent as a first attempt with `id`.
+    let first_try = |text: &'static str, id: &str| v1::SendMessage {
+        group_id: g,
+        text: text.into(),
+        client_msg_id: id.into(),
+        first_attempt: true,
+        ..Default::default()
+    };
     // A recent id is caught in memory even when marked a first attempt.
     let first_again = buyer
-        .send_message(v1::SendMessage {
-            group_id: g,
-            text: "recent".into(),
-            client_msg_id: "ann-0002".into(),
-            first_attempt: true,
-            ..Default::default()
-        })
+        .send_message(first_try("recent", "ann-0002"))
         .await
         .unwrap();
     assert_eq!((first_again.seq, first_again.duplicate), (recent.seq, true));
@@ -275,13 +277,7 @@ async fn a_first_attempt_is_checked_against_recent_ids_only() {
     // sender's word is taken, and the message is posted again (the
     // protocol tells clients to mark only fresh ids).
     let wrongly_first = buyer
-        .send_message(v1::SendMessage {
-            group_id: g,
-            text: "old".into(),
-            client_msg_id: "ann-0001".into(),
-            first_attempt: true,
-            ..Default::default()
-        })
+        .send_message(first_try("old", "ann-0001"))
         .await
         .unwrap();
     assert!(!wrongly_first.duplicate);
