@@ -15,8 +15,9 @@
 //! partitions as a server's many shops do.
 //!
 //! KEYS is what each submission writes: 3 (the default) a real send as
-//! above; 1 the message alone, with no client message id and no read mark
-//! (what an append costs the store by itself, for comparison).
+//! above; 2 the message and its idempotency entry, without the read mark;
+//! 1 the message alone, with no client message id and no read mark (what
+//! an append costs the store by itself, for comparison).
 //!
 //! Prints durable appends per second, the append-to-durable latency
 //! percentiles, and how many appends each group commit carried (the
@@ -49,13 +50,13 @@ fn main() {
     let partitions = args
         .get(4)
         .map_or_else(|| FjallConfig::new(".").partitions, |p| *p as usize);
-    let whole_send = args.get(5).is_none_or(|k| *k != 1);
+    let keys = args.get(5).copied().unwrap_or(3).clamp(1, 3);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(run(
-        appends, groups, in_flight, text_bytes, partitions, whole_send,
+        appends, groups, in_flight, text_bytes, partitions, keys,
     ));
 }
 
@@ -65,7 +66,7 @@ async fn run(
     in_flight: u64,
     text_bytes: usize,
     partitions: usize,
-    whole_send: bool,
+    keys: u64,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = FjallConfig::new(dir.path());
@@ -117,14 +118,14 @@ async fn run(
             kind: 1,
             text: text.clone(),
             ts_ms: 1_700_000_000_000 + n,
-            client_msg_id: if whole_send {
+            client_msg_id: if keys >= 2 {
                 format!("c-{n}")
             } else {
                 String::new()
             },
             ..Default::default()
         })];
-        if whole_send {
+        if keys == 3 {
             ops.push(WriteOp::PutReadMark {
                 group_id,
                 user_id: sender,
@@ -156,10 +157,10 @@ async fn run(
     println!(
         "group_commit appends={appends} groups={groups} in_flight={in_flight} text_bytes={text_bytes} partitions={} keys={}",
         store.partitions(),
-        if whole_send {
-            "send (3)"
-        } else {
-            "message (1)"
+        match keys {
+            3 => "send (3)",
+            2 => "message and idempotency entry (2)",
+            _ => "message (1)",
         }
     );
     println!(
