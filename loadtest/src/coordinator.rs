@@ -418,6 +418,14 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
         r.counts
             .insert("server_store_submissions".into(), store.count());
     }
+    if let (Some(after), Some(before)) = (after.sent_index_reads, before.sent_index_reads) {
+        // Sends that cost a store read to rule out a retry; the Rust
+        // client's first attempts cost none.
+        r.counts.insert(
+            "server_sent_index_reads".into(),
+            after.saturating_sub(before),
+        );
+    }
     for (what, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
         if let Some(ms) = run.quantile_bound_ms(q) {
             r.figures

@@ -1,5 +1,6 @@
 //! The server's own account of latency: its `qun_request_duration_seconds`
-//! and `qun_store_durable_seconds` histograms, read
+//! and `qun_store_durable_seconds` histograms (and the count of sends that
+//! cost a store read, `qun_sent_index_reads_total`), read
 //! from `/metrics` before and after the measured phase. End-to-end latency
 //! (what members measure) includes the load generator, which shares this
 //! machine's cores; the difference of the two scrapes is the server's share
@@ -14,6 +15,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const NAME: &str = "qun_request_duration_seconds_bucket";
 /// The store's time-to-durability histogram's buckets.
 const STORE: &str = "qun_store_durable_seconds_bucket";
+/// Sends whose client message id the server looked up in its store.
+const SENT_INDEX_READS: &str = "qun_sent_index_reads_total";
 
 /// One read of the server's `/metrics`.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +25,9 @@ pub(crate) struct Scrape {
     pub(crate) requests: Buckets,
     /// Submission to durable (absent from servers older than the metric).
     pub(crate) store: Option<Buckets>,
+    /// Sends whose id was looked up in the store's index of earlier ids
+    /// (absent from servers older than the counter).
+    pub(crate) sent_index_reads: Option<u64>,
 }
 
 impl Scrape {
@@ -33,8 +39,21 @@ impl Scrape {
         Ok(Self {
             requests: Buckets::parse(page)?,
             store: Buckets::parse_named(page, STORE)?,
+            sent_index_reads: counter(page, SENT_INDEX_READS),
         })
     }
+}
+
+/// The value of the unlabelled counter `name` on a `/metrics` page.
+fn counter(page: &str, name: &str) -> Option<u64> {
+    page.lines().find_map(|line| {
+        let (n, value) = line.split_once(' ')?;
+        if n == name {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
 }
 
 /// Cumulative bucket counts: (upper bound in seconds, requests at most that
@@ -190,6 +209,18 @@ mod tests {
         assert_eq!(run.quantile_bound_ms(0.999), Some(100.0));
         let slow = Buckets::parse(&page([0, 0, 0, 5])).unwrap();
         assert_eq!(slow.quantile_bound_ms(0.5), None, "beyond the last bound");
+    }
+
+    #[test]
+    fn the_sent_index_reads_are_read_when_the_server_counts_them() {
+        let with = format!(
+            "{}# TYPE qun_sent_index_reads_total counter\nqun_sent_index_reads_total 42\n\
+             qun_sent_index_reads_total_other 7\n",
+            page([1, 1, 1, 1])
+        );
+        assert_eq!(Scrape::parse(&with).unwrap().sent_index_reads, Some(42));
+        let without = page([1, 1, 1, 1]);
+        assert_eq!(Scrape::parse(&without).unwrap().sent_index_reads, None);
     }
 
     #[test]

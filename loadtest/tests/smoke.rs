@@ -153,6 +153,8 @@ async fn fanout_and_flash_sale_measure_and_check() {
     );
     let store_p99 = r["figures"]["server_store_durable_p99_ms_at_most"].as_f64();
     assert!(store_p99.unwrap() > 0.0, "{r}");
+    // Joins send no message, so no client message id was looked up.
+    assert_eq!(r["counts"]["server_sent_index_reads"], 0, "{r}");
 
     // The same over QUIC, with the certificate pinned.
     let (out, r) = loadtest(
