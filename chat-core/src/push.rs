@@ -305,6 +305,9 @@ impl Groups {
         let buyers = cell.lock().buyer_ids();
         let untagged_match = expr.matches(&BTreeSet::new());
         let store = &self.inner().store;
+        // A refill loop rather than `buffer_unordered`: its closure over
+        // borrowed chunks makes the request's future lose `Send` (rustc:
+        // "implementation of `FnOnce` is not general enough").
         let mut chunks = buyers.chunks(TAG_READ_CHUNK);
         let mut reads = futures_util::stream::FuturesUnordered::new();
         let mut matched = Vec::new();

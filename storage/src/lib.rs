@@ -494,6 +494,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         user_ids: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<BuyerTagsRecord>, StorageError>> {
         use futures_util::StreamExt as _;
+        // A refill loop rather than `buffer_unordered`: a closure mapping
+        // borrowed ids to futures inside a boxed `Send` future trips rustc
+        // ("implementation of `FnOnce` is not general enough").
         Box::pin(async move {
             let mut users = user_ids.iter();
             let mut reads = futures_util::stream::FuturesUnordered::new();
