@@ -862,15 +862,11 @@ mod posting {
                     }
                 }
             }
-            while in_flight.len() >= window {
-                tally.add_next(&mut in_flight).await;
-            }
+            tally.settle(&mut in_flight, window.saturating_sub(1)).await;
             in_flight.push(send_now(&client, group));
             sent += 1;
         }
-        while !in_flight.is_empty() {
-            tally.add_next(&mut in_flight).await;
-        }
+        tally.settle(&mut in_flight, 0).await;
         tally.into_parts()
     }
 
@@ -884,14 +880,10 @@ mod posting {
         let mut in_flight = FuturesUnordered::new();
         let mut tally = Tally::default();
         for _ in 0..n {
-            while in_flight.len() >= window {
-                tally.add_next(&mut in_flight).await;
-            }
+            tally.settle(&mut in_flight, window.saturating_sub(1)).await;
             in_flight.push(send_now(&client, group));
         }
-        while !in_flight.is_empty() {
-            tally.add_next(&mut in_flight).await;
-        }
+        tally.settle(&mut in_flight, 0).await;
         tally.into_parts()
     }
 
@@ -924,13 +916,16 @@ mod posting {
             }
         }
 
-        /// Waits for the next send in `in_flight` to end and counts it.
-        async fn add_next<F>(&mut self, in_flight: &mut FuturesUnordered<F>)
+        /// Counts sends of `in_flight` as they end until at most
+        /// `at_most` are left.
+        async fn settle<F>(&mut self, in_flight: &mut FuturesUnordered<F>, at_most: usize)
         where
             F: Future<Output = Result<SendAck, qun_client::ClientError>>,
         {
-            if let Some(r) = in_flight.next().await {
-                self.add(r);
+            while in_flight.len() > at_most {
+                if let Some(r) = in_flight.next().await {
+                    self.add(r);
+                }
             }
         }
 
