@@ -705,7 +705,7 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
             WriteOp::PutProduct(p) => {
                 out.record(
                     Table::Products,
-                    keys::product_key(&p.shop_id, &p.product_id),
+                    keys::shop_key(&p.shop_id, &p.product_id),
                     p,
                 );
             }
@@ -754,7 +754,7 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
                 }
             }
             WriteOp::PutBuyerTags(t) => {
-                let key = keys::product_key(&t.shop_id, &t.user_id);
+                let key = keys::shop_key(&t.shop_id, &t.user_id);
                 if t.tags.is_empty() {
                     out.remove(Table::BuyerTags, key);
                 } else {
@@ -774,12 +774,12 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
             WriteOp::PutAutoReply(r) => {
                 out.record(
                     Table::AutoReplies,
-                    keys::product_key(&r.shop_id, &r.rule_id),
+                    keys::shop_key(&r.shop_id, &r.rule_id),
                     r,
                 );
             }
             WriteOp::RemoveAutoReply { shop_id, rule_id } => {
-                out.remove(Table::AutoReplies, keys::product_key(shop_id, rule_id));
+                out.remove(Table::AutoReplies, keys::shop_key(shop_id, rule_id));
             }
             WriteOp::PutFaq(f) => {
                 out.record(Table::Faq, keys::object_key(f.group_id, f.faq_id), f);
@@ -788,11 +788,7 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
                 out.record(Table::CsShops, r.shop_id.as_bytes(), r);
             }
             WriteOp::PutCsBuyer(r) => {
-                out.record(
-                    Table::CsBuyers,
-                    keys::product_key(&r.shop_id, &r.buyer_id),
-                    r,
-                );
+                out.record(Table::CsBuyers, keys::shop_key(&r.shop_id, &r.buyer_id), r);
             }
             WriteOp::PutSchedule(r) => {
                 out.record(
@@ -1161,7 +1157,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
         product_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ProductRecord>, StorageError>> {
-        let key = keys::product_key(shop_id, product_id);
+        let key = keys::shop_key(shop_id, product_id);
         self.read_shop(shop_id, move |t| decode_one(t, Table::Products, key))
     }
 
@@ -1247,7 +1243,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BuyerTagsRecord>, StorageError>> {
-        let key = keys::product_key(shop_id, user_id);
+        let key = keys::shop_key(shop_id, user_id);
         self.read_shop(shop_id, move |t| decode_one(t, Table::BuyerTags, key))
     }
 
@@ -1260,7 +1256,7 @@ impl Store for FjallStore {
     ) -> BoxFuture<'a, Result<Vec<BuyerTagsRecord>, StorageError>> {
         let mut keys: Vec<Vec<u8>> = user_ids
             .iter()
-            .map(|user| keys::product_key(shop_id, user))
+            .map(|user| keys::shop_key(shop_id, user))
             .collect();
         keys.sort_unstable();
         self.read_shop(shop_id, move |t| {
@@ -1285,7 +1281,7 @@ impl Store for FjallStore {
         shop_id: &'a str,
         buyer_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CsBuyerRecord>, StorageError>> {
-        let key = keys::product_key(shop_id, buyer_id);
+        let key = keys::shop_key(shop_id, buyer_id);
         self.read_shop(shop_id, move |t| decode_one(t, Table::CsBuyers, key))
     }
 

@@ -81,18 +81,20 @@ pub fn entry_key(group_id: u64, object_id: u64, user_id: &str) -> Vec<u8> {
     key
 }
 
-/// `shop_id | 0x00 | product_id`.
-pub fn product_key(shop_id: &str, product_id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(shop_id.len() + 1 + product_id.len());
+/// `shop_id | 0x00 | id`: a row of one shop, keyed by its own id within
+/// the shop (a product, a buyer's tags, an auto-reply rule, a
+/// customer-service buyer).
+pub fn shop_key(shop_id: &str, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(shop_id.len() + 1 + id.len());
     key.extend_from_slice(shop_id.as_bytes());
     key.push(0);
-    key.extend_from_slice(product_id.as_bytes());
+    key.extend_from_slice(id.as_bytes());
     key
 }
 
 /// `shop_id | 0x00 | product_id | 0x00`: the prefix of a product's cards.
 pub fn card_prefix(shop_id: &str, product_id: &str) -> Vec<u8> {
-    let mut key = product_key(shop_id, product_id);
+    let mut key = shop_key(shop_id, product_id);
     key.push(0);
     key
 }
@@ -172,7 +174,7 @@ mod tests {
         let p = card_prefix("shop", "sku-1");
         assert!(card_key("shop", "sku-1", 7).starts_with(&p));
         assert!(!card_key("shop", "sku-10", 7).starts_with(&p));
-        assert_ne!(product_key("ab", "c"), product_key("a", "bc"));
+        assert_ne!(shop_key("ab", "c"), shop_key("a", "bc"));
     }
 
     #[test]
