@@ -914,10 +914,10 @@ impl Client {
             }
             let ev = match self.held.pop_front() {
                 Some(ev) => ev,
-                None => match (&mut self.events, &self.link.inbox) {
-                    (Some(events), _) => events.recv().await?,
-                    (None, Some(inbox)) => inbox.next(&self.link.waiters).await?,
-                    (None, None) => return None,
+                // Without the reader task's channel, the socket is read here.
+                None => match &mut self.events {
+                    Some(events) => events.recv().await?,
+                    None => self.link.inbox.as_ref()?.next(&self.link.waiters).await?,
                 },
             };
             match ev {
