@@ -311,6 +311,11 @@ impl Workers {
         Ok((connected, failed, started.elapsed()))
     }
 
+    /// The worker processes' PIDs, for their CPU time.
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(Child::id).collect()
+    }
+
     async fn say(&mut self, line: &CoordinatorLine) -> anyhow::Result<()> {
         let mut text = serde_json::to_string(line)?;
         text.push('\n');
@@ -539,7 +544,7 @@ async fn fanout(
     let server_before = server_requests(ctx).await?;
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
-    let cpu_before = cpu::sample(ctx.cli.server_pid);
+    let cpu_before = cpu::sample(ctx.cli.server_pid, &workers.pids());
     eprintln!("posting for {duration:?}...");
     let phase = Phase::timed("posting", duration);
     let count = senders.len();
@@ -564,7 +569,7 @@ async fn fanout(
         *e = (*e).max(last);
     }
     let posting_took = started.elapsed();
-    let cpu_after = cpu::sample(ctx.cli.server_pid);
+    let cpu_after = cpu::sample(ctx.cli.server_pid, &workers.pids());
     drop(phase);
     workers.say(&CoordinatorLine::End(ends.clone())).await?;
     let draining = Phase::open_ended("members reading the last messages");
@@ -628,7 +633,7 @@ async fn fanout(
     r.checks
         .insert("nothing_lost".into(), t.lost == 0 && t.ops >= expected);
     add_server_share(&mut r, server_before, server_after);
-    cpu::report(&mut r, cpu_before, cpu_after);
+    cpu::report(&mut r, &cpu_before, &cpu_after);
     Ok(r)
 }
 
@@ -676,12 +681,12 @@ async fn flash_sale(
     eprintln!("{connected} members joining within {within:?}...");
     workers.say(&CoordinatorLine::Go).await?;
     let started = Instant::now();
-    let cpu_before = cpu::sample(ctx.cli.server_pid);
+    let cpu_before = cpu::sample(ctx.cli.server_pid, &workers.pids());
     let joining = Phase::open_ended("joining");
     let results = workers.results().await?;
     drop(joining);
     let took = started.elapsed();
-    let cpu_after = cpu::sample(ctx.cli.server_pid);
+    let cpu_after = cpu::sample(ctx.cli.server_pid, &workers.pids());
     let server_after = server_requests(ctx).await?;
     workers.stop().await;
     let t = fold(&results)?;
@@ -721,7 +726,7 @@ async fn flash_sale(
         r.counts.get("joined").copied().unwrap_or(0) == u64::from(joined),
     );
     add_server_share(&mut r, server_before, server_after);
-    cpu::report(&mut r, cpu_before, cpu_after);
+    cpu::report(&mut r, &cpu_before, &cpu_after);
     Ok(r)
 }
 

@@ -1,28 +1,55 @@
-//! How busy the machine, and the server, were during a measured phase.
+//! How busy the machine, the server and the load generator were during a
+//! measured phase.
 //!
 //! On one machine the load generator and the server share the cores. When
 //! every core is busy, latency is mostly queueing for a core, whatever the
-//! server does; a report that says so is read correctly. Both figures come
-//! from `/proc` (Linux), read before and after the phase:
+//! server does; a report that says so, and says who used the cores, is read
+//! correctly. The figures come from `/proc` (Linux), read before and after
+//! the phase:
 //!
 //! - `machine_busy_percent`: the share of all cores' time not idle (nor
 //!   waiting for I/O), from `/proc/stat`.
-//! - `server_cores`: the server's CPU time over the wall time, from
-//!   `/proc/PID/stat` (with `--server-pid`); 1.0 is one core kept busy.
+//! - `machine_user_cores`, `machine_system_cores`, `machine_softirq_cores`:
+//!   the same busy time split by where it went, in cores (1.0 is one core
+//!   kept busy): programs, the kernel on their behalf (system calls), and
+//!   interrupt work. Over loopback, most of the last is the kernel's
+//!   receive path of every TCP segment, which runs outside any process.
+//! - `server_cores` (with `server_user_cores` and `server_system_cores`):
+//!   the server's CPU time over the wall time, from `/proc/PID/stat` (with
+//!   `--server-pid`).
+//! - `loadgen_cores`: the same for the load generator itself, this process
+//!   and its worker processes together. What the members cost here is what
+//!   phones on other machines would not take from the server.
 
 use crate::report::Report;
 
 /// One reading of the counters, in clock ticks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Sample {
-    /// All cores: (busy, total) ticks, and the number of cores.
-    machine: Option<(u64, u64, u64)>,
-    /// The server's user plus system ticks.
-    server: Option<u64>,
+    machine: Option<MachineTicks>,
+    /// The server's (user, system) ticks.
+    server: Option<(u64, u64)>,
+    /// Each load-generator process's user plus system ticks, by PID.
+    loadgen: Vec<(u32, u64)>,
 }
 
-/// Reads the counters now; what cannot be read is left out.
-pub(crate) fn sample(server_pid: Option<u32>) -> Sample {
+/// All cores' ticks from the first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct MachineTicks {
+    /// User and nice.
+    user: u64,
+    system: u64,
+    /// Hard and soft interrupts.
+    softirq: u64,
+    /// Busy in all: everything but idle and iowait (steal included).
+    busy: u64,
+    total: u64,
+    cores: u64,
+}
+
+/// Reads the counters now; what cannot be read is left out. `loadgen` are
+/// the load generator's worker processes (this process is always read).
+pub(crate) fn sample(server_pid: Option<u32>, loadgen: &[u32]) -> Sample {
     let machine = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| machine_ticks(&s));
@@ -31,36 +58,72 @@ pub(crate) fn sample(server_pid: Option<u32>) -> Sample {
             .ok()
             .and_then(|s| process_ticks(&s))
     });
-    Sample { machine, server }
+    let loadgen = std::iter::once(std::process::id())
+        .chain(loadgen.iter().copied())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (user, system) = process_ticks(&stat)?;
+            Some((pid, user + system))
+        })
+        .collect();
+    Sample {
+        machine,
+        server,
+        loadgen,
+    }
 }
 
 /// Adds the figures for the phase between `before` and `after`.
-pub(crate) fn report(r: &mut Report, before: Sample, after: Sample) {
-    let (Some((busy0, total0, cores)), Some((busy1, total1, _))) = (before.machine, after.machine)
-    else {
+pub(crate) fn report(r: &mut Report, before: &Sample, after: &Sample) {
+    let (Some(m0), Some(m1)) = (before.machine, after.machine) else {
         return;
     };
-    let total = total1.saturating_sub(total0);
-    if total == 0 || cores == 0 {
+    let total = m1.total.saturating_sub(m0.total);
+    if total == 0 || m0.cores == 0 {
         return;
     }
-    let busy = busy1.saturating_sub(busy0);
+    // The wall time, in ticks of one core.
+    let wall = total as f64 / m0.cores as f64;
+    let cores = |t0: u64, t1: u64| t1.saturating_sub(t0) as f64 / wall;
+    let busy = m1.busy.saturating_sub(m0.busy);
     r.figures.insert(
         "machine_busy_percent".into(),
         100.0 * busy as f64 / total as f64,
     );
-    if let (Some(s0), Some(s1)) = (before.server, after.server) {
-        // The wall time, in ticks of one core.
-        let wall = total as f64 / cores as f64;
+    r.figures
+        .insert("machine_user_cores".into(), cores(m0.user, m1.user));
+    r.figures
+        .insert("machine_system_cores".into(), cores(m0.system, m1.system));
+    r.figures.insert(
+        "machine_softirq_cores".into(),
+        cores(m0.softirq, m1.softirq),
+    );
+    if let (Some((u0, s0)), Some((u1, s1))) = (before.server, after.server) {
         r.figures
-            .insert("server_cores".into(), s1.saturating_sub(s0) as f64 / wall);
+            .insert("server_cores".into(), cores(u0 + s0, u1 + s1));
+        r.figures.insert("server_user_cores".into(), cores(u0, u1));
+        r.figures
+            .insert("server_system_cores".into(), cores(s0, s1));
+    }
+    // Only the processes read both times: one that ended in between is
+    // left out rather than counted from zero.
+    let used: u64 = after
+        .loadgen
+        .iter()
+        .filter_map(|(pid, t1)| {
+            let (_, t0) = before.loadgen.iter().find(|(p, _)| p == pid)?;
+            Some(t1.saturating_sub(*t0))
+        })
+        .sum();
+    if !after.loadgen.is_empty() {
+        r.figures.insert("loadgen_cores".into(), used as f64 / wall);
     }
 }
 
-/// (busy, total, cores) from the text of `/proc/stat`: its first line sums
-/// every core's user, nice, system, idle, iowait, irq, softirq and steal
-/// ticks; idle and iowait are not busy.
-fn machine_ticks(stat: &str) -> Option<(u64, u64, u64)> {
+/// The first line of `/proc/stat`, which sums every core's user, nice,
+/// system, idle, iowait, irq, softirq and steal ticks; and the number of
+/// cores. Idle and iowait are not busy.
+fn machine_ticks(stat: &str) -> Option<MachineTicks> {
     let mut lines = stat.lines();
     let first = lines.next()?.strip_prefix("cpu ")?;
     let ticks: Vec<u64> = first
@@ -76,19 +139,25 @@ fn machine_ticks(stat: &str) -> Option<(u64, u64, u64)> {
     let cores = lines
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .count() as u64;
-    Some((total - idle - iowait, total, cores))
+    Some(MachineTicks {
+        user: user + nice,
+        system,
+        softirq: irq + softirq,
+        busy: total - idle - iowait,
+        total,
+        cores,
+    })
 }
 
-/// User plus system ticks from the text of `/proc/PID/stat`. The fields
-/// are counted after the name's closing parenthesis: a name may hold
-/// spaces.
-fn process_ticks(stat: &str) -> Option<u64> {
+/// (user, system) ticks from the text of `/proc/PID/stat`. The fields are
+/// counted after the name's closing parenthesis: a name may hold spaces.
+fn process_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // After the name: state is field 3, utime 14 and stime 15.
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 #[cfg(test)]
@@ -102,7 +171,17 @@ mod tests {
                     cpu1 50 3 25 400 20 1 1 0 0 0\n\
                     intr 12345\n";
         // total 1,000; busy = 1,000 - 800 - 40.
-        assert_eq!(machine_ticks(stat), Some((160, 1000, 2)));
+        assert_eq!(
+            machine_ticks(stat),
+            Some(MachineTicks {
+                user: 105,
+                system: 50,
+                softirq: 5,
+                busy: 160,
+                total: 1000,
+                cores: 2,
+            })
+        );
         assert_eq!(machine_ticks("intr 1\n"), None);
     }
 
@@ -110,29 +189,52 @@ mod tests {
     fn process_ticks_are_counted_after_the_name() {
         // A name with spaces and a parenthesis; utime 1234, stime 567.
         let stat = "4242 (qun (test) x) S 1 4242 4242 0 -1 4194560 1 0 0 0 1234 567 0 0 20 0 4";
-        assert_eq!(process_ticks(stat), Some(1801));
+        assert_eq!(process_ticks(stat), Some((1234, 567)));
         assert_eq!(process_ticks("garbage"), None);
+    }
+
+    fn machine(user: u64, system: u64, softirq: u64, busy: u64, total: u64) -> MachineTicks {
+        MachineTicks {
+            user,
+            system,
+            softirq,
+            busy,
+            total,
+            cores: 2,
+        }
     }
 
     #[test]
     fn the_report_gets_the_phase_between_two_samples() {
         let before = Sample {
-            machine: Some((100, 1000, 2)),
-            server: Some(50),
+            machine: Some(machine(50, 40, 10, 100, 1000)),
+            server: Some((20, 30)),
+            loadgen: vec![(1, 10), (2, 5), (3, 7)],
         };
         let after = Sample {
-            machine: Some((850, 2000, 2)),
-            server: Some(450),
+            machine: Some(machine(350, 290, 210, 850, 2000)),
+            server: Some((120, 330)),
+            // Process 3 ended during the phase; process 4 was not there
+            // before it.
+            loadgen: vec![(1, 60), (2, 105), (4, 900)],
         };
         let mut r = Report::default();
-        report(&mut r, before, after);
+        report(&mut r, &before, &after);
         // 750 of 1,000 ticks busy; 1,000 ticks over 2 cores is 500 of wall
-        // time, in which the server used 400.
-        assert_eq!(r.figures.get("machine_busy_percent"), Some(&75.0));
-        assert_eq!(r.figures.get("server_cores"), Some(&0.8));
+        // time, in which the server used 400 (100 user, 300 system).
+        let f = |k: &str| r.figures.get(k).copied();
+        assert_eq!(f("machine_busy_percent"), Some(75.0));
+        assert_eq!(f("machine_user_cores"), Some(0.6));
+        assert_eq!(f("machine_system_cores"), Some(0.5));
+        assert_eq!(f("machine_softirq_cores"), Some(0.4));
+        assert_eq!(f("server_cores"), Some(0.8));
+        assert_eq!(f("server_user_cores"), Some(0.2));
+        assert_eq!(f("server_system_cores"), Some(0.6));
+        // Processes 1 and 2 only: 50 + 100 ticks.
+        assert_eq!(f("loadgen_cores"), Some(0.3));
         // Nothing read, nothing reported.
         let mut empty = Report::default();
-        report(&mut empty, Sample::default(), Sample::default());
+        report(&mut empty, &Sample::default(), &Sample::default());
         assert!(empty.figures.is_empty());
     }
 }

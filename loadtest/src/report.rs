@@ -113,7 +113,14 @@ impl Report {
             row(&mut out, k, v.clone());
         }
         for (k, v) in &self.figures {
-            row(&mut out, k, format!("{v:.1}"));
+            // Cores are fractions of two or so: a tenth is too coarse to
+            // tell the processes sharing a machine apart.
+            let shown = if k.ends_with("_cores") {
+                format!("{v:.2}")
+            } else {
+                format!("{v:.1}")
+            };
+            row(&mut out, k, shown);
         }
         let percentiles = |l: &Latency| {
             format!(
@@ -174,6 +181,11 @@ mod tests {
             elapsed_ms: 1.0,
         };
         assert!(r.passed());
+        r.figures.insert("server_cores".into(), 0.456);
+        r.figures.insert("deliveries_per_sec".into(), 1234.56);
+        let table = r.table();
+        assert!(table.contains(" 0.46\n"), "{table}");
+        assert!(table.contains(" 1234.6\n"), "{table}");
         r.checks.insert("nothing_lost".into(), false);
         assert!(!r.passed());
         assert!(r.table().contains("FAILED"));

@@ -117,6 +117,21 @@ async fn fanout_and_flash_sale_measure_and_check() {
     let busy = r["figures"]["machine_busy_percent"].as_f64().unwrap();
     assert!(busy > 0.0 && busy <= 100.0, "{r}");
     assert!(r["figures"]["server_cores"].as_f64().unwrap() >= 0.0, "{r}");
+    // Who used the cores: the split of the machine's busy time adds up to
+    // no more than all of it, and the load generator (this test's
+    // coordinator and its three workers) is counted on its own.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let split: f64 = ["user", "system", "softirq"]
+        .iter()
+        .map(|k| r["figures"][format!("machine_{k}_cores")].as_f64().unwrap())
+        .sum();
+    assert!(split <= busy / 100.0 * cores + 1e-9, "{r}");
+    let loadgen = r["figures"]["loadgen_cores"].as_f64().unwrap();
+    assert!((0.0..=cores).contains(&loadgen), "{r}");
+    let server_parts = r["figures"]["server_user_cores"].as_f64().unwrap()
+        + r["figures"]["server_system_cores"].as_f64().unwrap();
+    let server = r["figures"]["server_cores"].as_f64().unwrap();
+    assert!((server_parts - server).abs() < 1e-9, "{r}");
 
     let (out, r) = loadtest(
         &s,
