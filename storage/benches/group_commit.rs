@@ -119,7 +119,13 @@ async fn run(
             text: text.clone(),
             ts_ms: 1_700_000_000_000 + n,
             client_msg_id: if keys >= 2 {
-                format!("c-{n}")
+                // As the Rust client makes them (128 random bits, hex), so
+                // the idempotency key is as long as a real one and lands
+                // where a real one would: spread over the keyspace.
+                format!(
+                    "{:032x}",
+                    (n as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+                )
             } else {
                 String::new()
             },
