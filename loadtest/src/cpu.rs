@@ -53,18 +53,10 @@ pub(crate) fn sample(server_pid: Option<u32>, loadgen: &[u32]) -> Sample {
     let machine = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| machine_ticks(&s));
-    let server = server_pid.and_then(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| process_ticks(&s))
-    });
+    let server = server_pid.and_then(read_process_ticks);
     let loadgen = std::iter::once(std::process::id())
         .chain(loadgen.iter().copied())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let (user, system) = process_ticks(&stat)?;
-            Some((pid, user + system))
-        })
+        .filter_map(|pid| read_process_ticks(pid).map(|(user, system)| (pid, user + system)))
         .collect();
     Sample {
         machine,
@@ -147,6 +139,12 @@ fn machine_ticks(stat: &str) -> Option<MachineTicks> {
         total,
         cores,
     })
+}
+
+/// (user, system) ticks of process `pid`, if it can be read.
+fn read_process_ticks(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    process_ticks(&stat)
 }
 
 /// (user, system) ticks from the text of `/proc/PID/stat`. The fields are
