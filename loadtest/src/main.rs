@@ -51,7 +51,9 @@ pub(crate) struct Cli {
     /// Also write the report as JSON to this file.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
-    /// The server's PID, to read its memory (`/proc/PID/status`).
+    /// The server's PID, to read its memory (`/proc/PID/status`) and its
+    /// CPU time (`/proc/PID/stat`: `server_cores` and its user and system
+    /// parts in fan-out and flash-sale reports).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
     /// The server's `/metrics` (`http://127.0.0.1:7780/metrics`): fan-out
