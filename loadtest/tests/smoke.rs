@@ -67,6 +67,14 @@ async fn loadtest(s: &Server, url: &str, args: &[&str]) -> (Output, serde_json::
     (out, report)
 }
 
+/// Runs `qun-loadtest` as [`loadtest`] does and returns its report, after
+/// checking that the run passed.
+async fn passing(s: &Server, url: &str, args: &[&str]) -> serde_json::Value {
+    let (out, report) = loadtest(s, url, args).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    report
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -77,7 +85,7 @@ async fn fanout_and_flash_sale_measure_and_check() {
     // 2 groups × 5 members over 3 worker processes (4 connections each).
     // The server runs in this test's process.
     let pid = std::process::id().to_string();
-    let (out, r) = loadtest(
+    let r = passing(
         &s,
         &s.url,
         &[
@@ -95,7 +103,6 @@ async fn fanout_and_flash_sale_measure_and_check() {
         ],
     )
     .await;
-    assert!(out.status.success(), "{}", stderr(&out));
     let posted = r["counts"]["messages_posted"].as_u64().unwrap();
     assert!(posted > 0, "{r}");
     assert_eq!(
@@ -133,7 +140,7 @@ async fn fanout_and_flash_sale_measure_and_check() {
     let server = r["figures"]["server_cores"].as_f64().unwrap();
     assert!((server_parts - server).abs() < 1e-9, "{r}");
 
-    let (out, r) = loadtest(
+    let r = passing(
         &s,
         &s.url,
         &[
@@ -149,7 +156,6 @@ async fn fanout_and_flash_sale_measure_and_check() {
         ],
     )
     .await;
-    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(r["counts"]["group_buy_joined"], 5, "{r}");
     assert_eq!(r["counts"]["sold_out"], 7, "{r}");
     assert_eq!(r["checks"]["exactly_slots_joined"], true);
@@ -172,7 +178,7 @@ async fn fanout_and_flash_sale_measure_and_check() {
     assert_eq!(r["counts"]["server_sent_index_reads"], 0, "{r}");
 
     // The same over QUIC, with the certificate pinned.
-    let (out, r) = loadtest(
+    let r = passing(
         &s,
         &s.quic,
         &[
@@ -190,7 +196,6 @@ async fn fanout_and_flash_sale_measure_and_check() {
         ],
     )
     .await;
-    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(r["transport"], "quic");
     assert_eq!(r["checks"]["nothing_lost"], true, "{r}");
     s.shutdown.cancel();
@@ -203,7 +208,7 @@ async fn idle_connections_and_a_history_backfill() {
     let pid = std::process::id().to_string();
     // 10 idle connections over 3 worker processes, 2 groups; the server's
     // memory is read from this test's process.
-    let (out, r) = loadtest(
+    let r = passing(
         &s,
         &s.url,
         &[
@@ -217,7 +222,6 @@ async fn idle_connections_and_a_history_backfill() {
         ],
     )
     .await;
-    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(r["counts"]["connected"], 10, "{r}");
     assert_eq!(r["counts"]["failed"], 0, "{r}");
     assert_eq!(r["checks"]["all_connected"], true, "{r}");
@@ -229,13 +233,12 @@ async fn idle_connections_and_a_history_backfill() {
 
     // 5 clients page back through 120 messages, 50 a page: each reads
     // every seq once, over at least three pages.
-    let (out, r) = loadtest(
+    let r = passing(
         &s,
         &s.url,
         &["history", "--clients", "5", "--messages", "120"],
     )
     .await;
-    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(r["scenario"], "history backfill", "{r}");
     assert_eq!(r["counts"]["lost"], 0, "{r}");
     assert_eq!(r["counts"]["duplicates"], 0, "{r}");
