@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::cpu;
 use crate::report::{Latency, Report, histogram, merge};
+use crate::scheduling::Scheduling;
 use crate::server_metrics::{self, Scrape};
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
 use crate::{Cli, HistoryMode, Scenario, now_us, random_u64, source_ip};
@@ -112,6 +113,9 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
         Scenario::Worker { .. } => bail!("worker is not a scenario"),
     };
     transport.clone_into(&mut report.transport);
+    report
+        .params
+        .insert("scheduling".into(), cli.scheduling.to_string());
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -223,6 +227,8 @@ struct Workers {
     stdins: Vec<ChildStdin>,
     lines: mpsc::UnboundedReceiver<(usize, WorkerLine)>,
     total: usize,
+    /// The policy every worker must report it runs under.
+    scheduling: Scheduling,
 }
 
 impl Workers {
@@ -273,6 +279,7 @@ impl Workers {
             stdins,
             lines,
             total,
+            scheduling: ctx.cli.scheduling,
         })
     }
 
@@ -297,7 +304,18 @@ impl Workers {
                 WorkerLine::Ready {
                     connected: c,
                     failed: f,
+                    scheduling,
                 } => {
+                    // The policy is inherited, not set by the worker: a
+                    // difference means the report would describe another
+                    // setup than the one measured.
+                    if scheduling != Some(self.scheduling) {
+                        bail!(
+                            "worker {w} runs under scheduling {}, not {} (--scheduling)",
+                            scheduling.map_or("unknown".to_string(), |s| s.to_string()),
+                            self.scheduling
+                        );
+                    }
                     ready += 1;
                     connected += c;
                     failed += f;

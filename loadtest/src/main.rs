@@ -16,6 +16,7 @@
 mod coordinator;
 mod cpu;
 mod report;
+mod scheduling;
 mod server_metrics;
 mod spec;
 mod worker;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use qun_gateway::auth::TokenKey;
+use scheduling::Scheduling;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -76,6 +78,13 @@ pub(crate) struct Cli {
     /// Upper bound on the whole run; it stops by itself after this.
     #[arg(long, default_value = "10m", global = true)]
     timeout: humantime::Duration,
+    /// How the load generator's threads are scheduled. `batch`
+    /// (`SCHED_BATCH`): the same share of the CPU, but a member woken by a
+    /// delivery does not preempt the server in the middle of its fan-out,
+    /// as with the clients on other machines. `normal`: as any process
+    /// (docs/benchmarks.md compares the two).
+    #[arg(long, value_enum, default_value_t = Scheduling::Batch, global = true)]
+    scheduling: Scheduling,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -187,6 +196,14 @@ pub(crate) fn source_ip(cli_sources: u8, server: IpAddr, w: usize) -> Option<IpA
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any other thread exists, so that all of them, and the worker
+    // processes, inherit it. A worker keeps what its coordinator gave it.
+    if !matches!(cli.scenario, Scenario::Worker { .. })
+        && let Err(e) = cli.scheduling.apply()
+    {
+        eprintln!("qun-loadtest: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::scheduling::Scheduling;
+
 /// One worker's share of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct WorkerSpec {
@@ -87,6 +89,10 @@ pub(crate) enum WorkerLine {
         connected: usize,
         /// Members that could not connect or join.
         failed: usize,
+        /// The scheduling policy the worker runs under, as inherited from
+        /// the coordinator; `None` when it is not one of ours or cannot be
+        /// read.
+        scheduling: Option<Scheduling>,
     },
     /// The measured phase is over.
     Result(WorkerResult),

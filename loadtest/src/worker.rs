@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::{oneshot, watch};
 
 use crate::report::{encode, histogram};
+use crate::scheduling::Scheduling;
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
 use crate::{member_token, now_us, random_u64};
 
@@ -51,6 +52,7 @@ pub(crate) async fn run(spec_json: &str) -> anyhow::Result<()> {
     say(&WorkerLine::Ready {
         connected,
         failed: spec.count - connected,
+        scheduling: Scheduling::of_this_thread().ok(),
     });
     let clients: Vec<(usize, Client)> = clients
         .into_iter()

@@ -112,6 +112,9 @@ async fn fanout_and_flash_sale_measure_and_check() {
     assert_eq!(r["counts"]["deliveries"].as_u64().unwrap(), posted * 5);
     assert_eq!(r["checks"]["nothing_lost"], true);
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    // By default the load generator runs under SCHED_BATCH, and every
+    // worker said it inherited it (or the run would have failed).
+    assert_eq!(r["params"]["scheduling"], "batch", "{r}");
     // The part after the server sequenced each message: one sample per
     // delivery, and (to the server's millisecond) no longer than the whole.
     let after = &r["after_sequencing_latency"];
@@ -214,6 +217,8 @@ async fn idle_connections_and_a_history_backfill() {
         &[
             "--server-pid",
             &pid,
+            "--scheduling",
+            "normal",
             "connections",
             "--count",
             "10",
@@ -225,6 +230,7 @@ async fn idle_connections_and_a_history_backfill() {
     assert_eq!(r["counts"]["connected"], 10, "{r}");
     assert_eq!(r["counts"]["failed"], 0, "{r}");
     assert_eq!(r["checks"]["all_connected"], true, "{r}");
+    assert_eq!(r["params"]["scheduling"], "normal", "{r}");
     assert!(
         r["figures"]["server_rss_mib"].as_f64().unwrap() > 0.0,
         "{r}"
