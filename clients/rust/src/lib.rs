@@ -51,8 +51,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
-use futures_util::stream::BoxStream;
 use qun_proto::v1::{self, client_frame, server_frame::Body};
 use qun_proto::{ClientFrame, ErrorCode, ServerFrame, decode_server_frame, encode_client_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -71,7 +69,7 @@ mod websocket;
 
 pub use push::Push;
 pub use sequencer::{Sequencer, Step};
-use transport::{Incoming, Outbound};
+use transport::{Frames, Incoming, Outbound};
 
 /// The largest server frame the client accepts (a full history page of
 /// 4 KiB messages fits easily).
@@ -451,7 +449,7 @@ impl Link {
 /// The reader task of [`Reading::Background`]: reads the socket until it
 /// ends, hands answers to their requests and pushes to `events`.
 async fn read_in_background(
-    mut stream: BoxStream<'static, Incoming>,
+    mut stream: Frames,
     waiters: Waiters,
     events: mpsc::Sender<Event>,
     full_buffer: FullBuffer,
@@ -512,7 +510,7 @@ async fn read_in_background(
 /// whoever waits (`next_event`, or a request for its answer) reads it, one
 /// at a time, holding `incoming`.
 struct Inbox {
-    incoming: tokio::sync::Mutex<BoxStream<'static, Incoming>>,
+    incoming: tokio::sync::Mutex<Frames>,
     /// Pushes a request read while it waited for its answer, in order, for
     /// `next_event`. Only a holder of `incoming` adds to it, so whoever
     /// holds `incoming` next finds them before anything still unread.
@@ -533,7 +531,7 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
-    fn new(incoming: BoxStream<'static, Incoming>, limit: usize) -> Self {
+    fn new(incoming: Frames, limit: usize) -> Self {
         Self {
             incoming: tokio::sync::Mutex::new(incoming),
             kept: Mutex::new(VecDeque::new()),
@@ -551,16 +549,21 @@ impl Inbox {
     /// [`Inbox::ended`]) nothing left to read. Cancel-safe: an item is
     /// either taken whole or left in the stream.
     async fn read_one(&self, waiters: &Waiters) -> Option<Event> {
-        let mut incoming = self.incoming.lock().await;
+        let mut incoming = self.hold().await;
         self.read_held(&mut incoming, waiters).await
     }
 
+    /// Takes `incoming`: at once when no one else holds it (the common
+    /// case, one reader), which skips the async lock's wait queue.
+    async fn hold(&self) -> tokio::sync::MutexGuard<'_, Frames> {
+        match self.incoming.try_lock() {
+            Ok(held) => held,
+            Err(_) => self.incoming.lock().await,
+        }
+    }
+
     /// [`Inbox::read_one`] with `incoming` held.
-    async fn read_held(
-        &self,
-        incoming: &mut BoxStream<'static, Incoming>,
-        waiters: &Waiters,
-    ) -> Option<Event> {
+    async fn read_held(&self, incoming: &mut Frames, waiters: &Waiters) -> Option<Event> {
         if self.ended() {
             return None;
         }
@@ -597,7 +600,7 @@ impl Inbox {
     /// connection's end has been returned. A request of another task
     /// waiting meanwhile gets its answer from this read.
     async fn next(&self, waiters: &Waiters) -> Option<Event> {
-        let mut incoming = self.incoming.lock().await;
+        let mut incoming = self.hold().await;
         loop {
             if let Some(event) = lock(&self.kept).pop_front() {
                 return Some(event);

@@ -40,10 +40,42 @@ pub(crate) enum Incoming {
     Closed(Option<(u16, String)>),
 }
 
+/// The server's frames as they arrive, whoever reads them: the client's
+/// reader task, or the caller's own with
+/// [`Reading::OnDemand`](crate::Reading::OnDemand).
+pub(crate) enum Frames {
+    /// A WebSocket, read straight from its reader: for a member of a busy
+    /// group this is called once per push, so no stream adapter or dynamic
+    /// call sits between the caller and the socket.
+    WebSocket(crate::websocket::Reader),
+    /// QUIC's answers and pushes streams, merged.
+    Quic(BoxStream<'static, Incoming>),
+}
+
+impl Frames {
+    /// The next item; `None` after the connection's end was returned.
+    /// Cancel-safe: an item is either returned whole or left unread.
+    pub(crate) async fn next(&mut self) -> Option<Incoming> {
+        match self {
+            Frames::WebSocket(reader) => reader.next().await,
+            Frames::Quic(stream) => stream.next().await,
+        }
+    }
+}
+
+impl std::fmt::Debug for Frames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Frames::WebSocket(_) => "Frames::WebSocket",
+            Frames::Quic(_) => "Frames::Quic",
+        })
+    }
+}
+
 /// An open connection, before `Hello`.
 pub(crate) struct Opened {
     pub(crate) out: mpsc::Sender<Outbound>,
-    pub(crate) incoming: BoxStream<'static, Incoming>,
+    pub(crate) incoming: Frames,
     /// The QUIC endpoint, kept to move the connection to a new socket.
     pub(crate) quic: Option<quinn::Endpoint>,
 }
@@ -251,9 +283,11 @@ async fn open_quic(authority: &str, options: &ClientOptions) -> Result<Opened, S
             _ => Incoming::Closed(None),
         }
     });
-    let incoming = futures_util::stream::select(frames(answers), pushes)
-        .chain(closed)
-        .boxed();
+    let incoming = Frames::Quic(
+        futures_util::stream::select(frames(answers), pushes)
+            .chain(closed)
+            .boxed(),
+    );
     Ok(Opened {
         out,
         incoming,

@@ -26,7 +26,6 @@
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
-use futures_util::StreamExt as _;
 use qun_proto::close;
 use qun_proto::ws_opcode::{
     BINARY as OP_BINARY, CLOSE as OP_CLOSE, CONTINUATION as OP_CONTINUATION, PING as OP_PING,
@@ -39,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::transport::{Incoming, Opened, Outbound};
+use crate::transport::{Frames, Incoming, Opened, Outbound};
 
 /// The longest upgrade response head the client reads.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
@@ -91,12 +90,7 @@ pub(crate) async fn connect(url: &str, local_ip: Option<IpAddr>) -> Result<Opene
     // Pongs and the close echo: a few at most are ever pending.
     let (control, control_rx) = mpsc::channel::<Control>(8);
     tokio::spawn(write_loop(write, out_rx, control_rx));
-    let reader = Reader::new(read, leftover, control);
-    let incoming = futures_util::stream::unfold(reader, |mut r| async move {
-        let item = r.next().await?;
-        Some((item, r))
-    })
-    .boxed();
+    let incoming = Frames::WebSocket(Reader::new(read, leftover, control));
     Ok(Opened {
         out,
         incoming,
@@ -321,7 +315,7 @@ enum Taken {
 
 /// The read half of the connection, turning the server's frames into
 /// [`Incoming`] items.
-struct Reader {
+pub(crate) struct Reader {
     half: OwnedReadHalf,
     /// Bytes read and not yet taken as frames.
     buf: BytesMut,
@@ -345,7 +339,9 @@ impl Reader {
     }
 
     /// The next item; `None` after the connection's end was returned.
-    async fn next(&mut self) -> Option<Incoming> {
+    /// Cancel-safe: its only wait is the socket read, which takes nothing
+    /// when cancelled, and every frame taken is returned at once.
+    pub(crate) async fn next(&mut self) -> Option<Incoming> {
         loop {
             if self.ended {
                 return None;
