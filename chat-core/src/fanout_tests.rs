@@ -196,10 +196,21 @@ async fn handed_over_fan_out_runs_only_on_the_workers_turns_and_in_order() {
     for (_, o) in &subs {
         assert!(drain(o).0.is_empty());
     }
+    // The time on the queue is measured, from the queueing to the turn (a
+    // lower bound only: the clock cannot run backwards).
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
     assert!(f.groups.fan_out_turn(), "the group was queued");
+    let wait = &f.groups.stats().fanout_wait;
+    assert_eq!(wait.count(), 1);
+    assert!(wait.sum_us() >= 30_000, "waited {} µs", wait.sum_us());
     for (_, o) in &subs {
         let (m, dropped) = drain(o);
         assert_eq!((seqs(&m), dropped), (vec![1, 2, 3], 0));
     }
     assert!(!f.groups.fan_out_turn(), "queued once, done in one turn");
+    assert_eq!(
+        f.groups.stats().fanout_wait.count(),
+        1,
+        "one turn, one wait"
+    );
 }

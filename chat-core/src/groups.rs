@@ -141,6 +141,11 @@ pub struct CoreStats {
     pub deadlines_resolved: AtomicU64,
     /// Fan-out turns taken from the queue (big groups' fan-out, cut up).
     pub fanout_turns: AtomicU64,
+    /// How long each of those turns waited on the fan-out queue: from the
+    /// group's going on it (a commit left subscribers to push to, or its
+    /// previous turn did not finish) to the turn. Under load this is where
+    /// a message waits between being durable and being pushed.
+    pub fanout_wait: qun_storage::stats::LatencyHistogram,
     /// Occurrences of scheduled pushes that posted.
     pub scheduled_fired: AtomicU64,
     /// Occurrences of scheduled pushes skipped (quota, product, audience,
@@ -335,11 +340,12 @@ impl Groups {
     /// queue, which goes to the back if it still has work; `false` when
     /// the queue is empty. See [`Groups::run_fan_out`].
     pub fn fan_out_turn(&self) -> bool {
-        let Some(cell) = self.inner.fanout.pop() else {
+        let Some((cell, queued_at)) = self.inner.fanout.pop() else {
             return false;
         };
         let stats = &self.inner.stats;
         stats.fanout_turns.fetch_add(1, Ordering::Relaxed);
+        stats.fanout_wait.observe(queued_at.elapsed());
         let mut g = cell.lock();
         if g.fan_out(self.inner.config.fanout_budget, stats) {
             g.fanout_queued = false;
@@ -1197,24 +1203,28 @@ fn validate_text(text: &[u8]) -> Result<String, ChatError> {
 /// they get their next turn.
 #[derive(Debug, Default)]
 pub(crate) struct FanoutQueue {
-    groups: std::sync::Mutex<std::collections::VecDeque<Arc<GroupCell>>>,
+    /// Each group with when it was queued ([`CoreStats::fanout_wait`]).
+    groups: std::sync::Mutex<std::collections::VecDeque<(Arc<GroupCell>, std::time::Instant)>>,
     /// Told when a group is queued.
     ready: tokio::sync::Notify,
 }
 
 impl FanoutQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Arc<GroupCell>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(Arc<GroupCell>, std::time::Instant)>>
+    {
         self.groups
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn push(&self, cell: Arc<GroupCell>) {
-        self.lock().push_back(cell);
+        self.lock().push_back((cell, std::time::Instant::now()));
         self.ready.notify_one();
     }
 
-    fn pop(&self) -> Option<Arc<GroupCell>> {
+    fn pop(&self) -> Option<(Arc<GroupCell>, std::time::Instant)> {
         self.lock().pop_front()
     }
 }

@@ -401,6 +401,13 @@ impl Metrics {
                 render_series(&mut out, h, name, &label);
             }
         }
+        render_histogram(
+            &mut out,
+            &core.fanout_wait,
+            "qun_fanout_wait_seconds",
+            "Time a group waited on the fan-out queue for its turn, from a commit that left \
+             subscribers to push to (or its previous turn) to the turn.",
+        );
         if let Some(commits) = &self.commits {
             render_histogram(
                 &mut out,

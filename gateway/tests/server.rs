@@ -358,9 +358,17 @@ async fn graceful_shutdown_closes_sockets_with_1001() {
 async fn health_and_metrics_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let (agent, g) = server.agent_with_group("Metrics", 0).await;
+    let (mut agent, g) = server.agent_with_group("Metrics", 0).await;
     agent.join(g).await.unwrap();
     agent.send(g, "counted", None).await.unwrap();
+    // Its push has come back: the fan-out turn that pushed it is done.
+    loop {
+        match agent.next_event().await {
+            Some(Event::Message(m)) if m.text == "counted" => break,
+            Some(_) => {}
+            None => panic!("the connection ended before the push"),
+        }
+    }
     let health = server.http_get("/healthz").await;
     assert!(
         health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
@@ -416,6 +424,15 @@ async fn health_and_metrics_over_http() {
         "{metrics}"
     );
     assert_eq!(value("qun_store_durable_seconds_count"), submissions);
+    // The message waited on the fan-out queue for its turn; each turn's
+    // wait is in the histogram.
+    assert!(
+        metrics.contains("# TYPE qun_fanout_wait_seconds histogram"),
+        "{metrics}"
+    );
+    let turns = value("qun_fanout_turns_total");
+    assert!(turns >= 1, "{metrics}");
+    assert_eq!(value("qun_fanout_wait_seconds_count"), turns, "{metrics}");
     server.stop().await;
 }
 
