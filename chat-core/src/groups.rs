@@ -1201,30 +1201,25 @@ fn validate_text(text: &[u8]) -> Result<String, ChatError> {
 
 /// Groups with fan-out work left (see `GroupState::fan_out`), in the order
 /// they get their next turn.
+///
+/// Lock-free: every commit that leaves subscribers to push to, and every
+/// turn, goes through it, for every shop on the server. A group is on it
+/// at most once (`fanout_queued`), so it holds at most one entry per group.
 #[derive(Debug, Default)]
 pub(crate) struct FanoutQueue {
     /// Each group with when it was queued ([`CoreStats::fanout_wait`]).
-    groups: std::sync::Mutex<std::collections::VecDeque<(Arc<GroupCell>, std::time::Instant)>>,
+    groups: crossbeam_queue::SegQueue<(Arc<GroupCell>, std::time::Instant)>,
     /// Told when a group is queued.
     ready: tokio::sync::Notify,
 }
 
 impl FanoutQueue {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(Arc<GroupCell>, std::time::Instant)>>
-    {
-        self.groups
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn push(&self, cell: Arc<GroupCell>) {
-        self.lock().push_back((cell, std::time::Instant::now()));
+        self.groups.push((cell, std::time::Instant::now()));
         self.ready.notify_one();
     }
 
     fn pop(&self) -> Option<(Arc<GroupCell>, std::time::Instant)> {
-        self.lock().pop_front()
+        self.groups.pop()
     }
 }
