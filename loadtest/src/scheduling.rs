@@ -37,14 +37,19 @@ pub(crate) enum Scheduling {
 /// Why the policy could not be set or read.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SchedulingError {
-    /// The system call failed.
-    #[error("could not {what} the scheduling policy: {source} (run with --scheduling normal)")]
-    System {
-        /// `set` or `read`.
-        what: &'static str,
+    /// The kernel refused the policy (a sandbox that forbids
+    /// `sched_setscheduler`, for one).
+    #[error("could not run under {policy} scheduling: {source}{hint}",
+        hint = if *policy == Scheduling::Batch { " (--scheduling normal runs without it)" } else { "" })]
+    Set {
+        /// The policy asked for.
+        policy: Scheduling,
         /// The OS error.
         source: uapi::Errno,
     },
+    /// The policy could not be read.
+    #[error("could not read the scheduling policy: {0}")]
+    Read(uapi::Errno),
     /// The thread runs under a policy that is neither of ours (a real-time
     /// or idle policy set from outside, with `chrt`).
     #[error("the load generator runs under scheduling policy {0}, neither batch nor normal")]
@@ -64,14 +69,14 @@ impl Scheduling {
     /// starts from then on inherit it. Call it before the runtime starts.
     ///
     /// # Errors
-    /// [`SchedulingError::System`] when the kernel refuses (it does not for
+    /// [`SchedulingError::Set`] when the kernel refuses (it does not for
     /// an unprivileged thread moving between these two policies).
     pub(crate) fn apply(self) -> Result<(), SchedulingError> {
         let param = c::sched_param { sched_priority: 0 };
         uapi::sched_setscheduler(0, self.policy(), &param)
             .map(|_| ())
-            .map_err(|source| SchedulingError::System {
-                what: "set",
+            .map_err(|source| SchedulingError::Set {
+                policy: self,
                 source,
             })
     }
@@ -79,13 +84,11 @@ impl Scheduling {
     /// The policy the calling thread runs under.
     ///
     /// # Errors
-    /// [`SchedulingError::System`] when it cannot be read;
+    /// [`SchedulingError::Read`] when it cannot be read;
     /// [`SchedulingError::Other`] for a policy that is not one of ours.
     pub(crate) fn of_this_thread() -> Result<Self, SchedulingError> {
-        let policy = uapi::sched_getscheduler(0).map_err(|source| SchedulingError::System {
-            what: "read",
-            source,
-        })? & !c::SCHED_RESET_ON_FORK;
+        let policy =
+            uapi::sched_getscheduler(0).map_err(SchedulingError::Read)? & !c::SCHED_RESET_ON_FORK;
         match policy {
             c::SCHED_BATCH => Ok(Scheduling::Batch),
             c::SCHED_OTHER => Ok(Scheduling::Normal),
@@ -110,6 +113,27 @@ mod tests {
     /// Each policy set on a thread is the one read back, and a thread
     /// started afterwards inherits it. Run on a thread of its own, so the
     /// test harness's threads keep theirs.
+    #[test]
+    fn a_refusal_says_what_to_do_when_there_is_something_to_do() {
+        let refused = |policy| {
+            SchedulingError::Set {
+                policy,
+                source: uapi::Errno(c::EPERM),
+            }
+            .to_string()
+        };
+        let batch = refused(Scheduling::Batch);
+        assert!(
+            batch.contains("batch") && batch.contains("--scheduling normal"),
+            "{batch}"
+        );
+        let normal = refused(Scheduling::Normal);
+        assert!(
+            normal.contains("normal") && !normal.contains("--scheduling"),
+            "{normal}"
+        );
+    }
+
     #[test]
     fn a_policy_set_is_read_back_and_inherited() {
         std::thread::spawn(|| {
