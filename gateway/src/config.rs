@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Most runtime worker threads `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 256;
+
 /// Everything `qun serve` can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,6 +61,11 @@ pub struct Config {
     /// and writer thread (1 to 64; 0: one per core). A folder keeps the
     /// count it was created with.
     pub store_partitions: usize,
+    /// Threads that run connections, requests and fan-out (the async
+    /// runtime's workers), 1 to [`MAX_WORKER_THREADS`]; 0: one per core.
+    /// On a machine shared with other busy processes fewer than the cores
+    /// can deliver sooner (docs/benchmarks.md, "ninth stop").
+    pub worker_threads: usize,
     /// `max_members` of a group created without one.
     pub default_max_members: u32,
     /// Largest `max_members` a group may have.
@@ -152,6 +160,7 @@ impl Default for Config {
             token_key: String::new(),
             fsync: true,
             store_partitions: 0,
+            worker_threads: 0,
             default_max_members: 5_000,
             max_members_limit: 100_000,
             recent_ring: 256,
@@ -336,6 +345,11 @@ impl Config {
             return bad(format!(
                 "store_partitions must be 0 (one per core) to {}",
                 qun_storage::MAX_PARTITIONS
+            ));
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return bad(format!(
+                "worker_threads must be 0 (one per core) to {MAX_WORKER_THREADS}"
             ));
         }
         if self.recent_ring < 50 {
@@ -546,6 +560,7 @@ mod tests {
             ("scylla_consistency = \"serial\"", "scylla_consistency"),
             ("scylla_replication = \"dc1\"", "scylla_replication"),
             ("store_partitions = 65", "store_partitions"),
+            ("worker_threads = 257", "worker_threads"),
         ] {
             std::fs::write(&file, text).unwrap();
             let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err();

@@ -44,6 +44,9 @@ pub struct Metrics {
     /// Connections admitted at most: `max_connections`, or fewer when the
     /// descriptor limit does not allow it.
     pub connections_limit: u64,
+    /// Threads of the async runtime that serves connections
+    /// (`worker_threads`, or one per core).
+    pub runtime_workers: u64,
     /// History page reads of a coalescing store (the cluster store).
     pub page_reads: Option<Arc<qun_storage::CoalescingStats>>,
     /// Group commits of the store and each submission's time to durability.
@@ -177,6 +180,12 @@ impl Metrics {
             "gauge",
             "Connections admitted at most (max_connections, lowered to fit the descriptor limit).",
             self.connections_limit,
+        );
+        put(
+            "qun_runtime_workers",
+            "gauge",
+            "Threads of the async runtime serving connections, requests and fan-out (worker_threads).",
+            self.runtime_workers,
         );
         put(
             "qun_fd_limit",

@@ -270,6 +270,7 @@ pub async fn run(
             commits: counters.commits,
             fd_limit: fds.limit,
             connections_limit: fds.connections as u64,
+            runtime_workers: tokio::runtime::Handle::current().metrics().num_workers() as u64,
             ..Metrics::default()
         },
         shutdown: shutdown.clone(),
@@ -287,6 +288,7 @@ pub async fn run(
         cert_sha256 = %listeners.quic.fingerprint,
         data_dir = %shared.config.data_dir.display(),
         storage = %shared.config.storage,
+        worker_threads = shared.metrics.runtime_workers,
         "qun serving"
     );
 
@@ -302,10 +304,10 @@ pub async fn run(
     let sweeper = tokio::spawn(forget_idle_senders(shared.clone()));
     let ticker = tokio::spawn(commerce_ticks(shared.clone()));
     // Big groups' fan-out, in turns (see `Groups::run_fan_out`): one
-    // worker per core; they run until the store closes, so pushes reach
-    // connections during the shutdown grace.
+    // worker per runtime thread; they run until the store closes, so pushes
+    // reach connections during the shutdown grace.
     let fanout_stop = CancellationToken::new();
-    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let workers = shared.metrics.runtime_workers as usize;
     let fanout: Vec<_> = (0..workers)
         .map(|_| {
             let (shared, stop) = (shared.clone(), fanout_stop.clone());

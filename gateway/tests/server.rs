@@ -545,3 +545,57 @@ fn the_default_log_keeps_the_storage_engine_quiet() {
     assert!(!log.contains("lsm_tree"), "{log}");
     assert!(!log.contains(" fjall::"), "{log}");
 }
+
+/// `worker_threads` sizes the runtime that serves connections: the binary
+/// started with `QUN_WORKER_THREADS=3` (more than this machine's cores, so
+/// the default cannot pass for it) says so in its log and at `/metrics`.
+#[test]
+fn the_runtime_has_the_configured_worker_threads() {
+    use std::io::{BufRead, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let asked = cores + 1;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qun"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--quic-listen", "127.0.0.1:0"])
+        .env("QUN_WORKER_THREADS", asked.to_string())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut listening = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut listening)
+        .unwrap();
+    let http = listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .unwrap_or_else(|| panic!("no http address in {listening:?}"))
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&http).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut metrics = String::new();
+    s.read_to_string(&mut metrics).unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{log}");
+    assert!(
+        metrics.contains(&format!("\nqun_runtime_workers {asked}\n")),
+        "{metrics}"
+    );
+    assert!(log.contains(&format!("worker_threads={asked}")), "{log}");
+}

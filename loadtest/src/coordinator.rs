@@ -449,6 +449,11 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
             after.saturating_sub(before),
         );
     }
+    if let Some(workers) = after.runtime_workers {
+        // How the server was set up is part of what was measured.
+        r.params
+            .insert("server_worker_threads".into(), workers.to_string());
+    }
     for (what, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
         if let Some(ms) = run.quantile_bound_ms(q) {
             r.figures

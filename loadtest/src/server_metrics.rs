@@ -1,6 +1,7 @@
 //! The server's own account of latency: its `qun_request_duration_seconds`
 //! and `qun_store_durable_seconds` histograms (and the count of sends that
-//! cost a store read, `qun_sent_index_reads_total`), read
+//! cost a store read, `qun_sent_index_reads_total`, and the runtime's
+//! threads, `qun_runtime_workers`), read
 //! from `/metrics` before and after the measured phase. End-to-end latency
 //! (what members measure) includes the load generator, which shares this
 //! machine's cores; the difference of the two scrapes is the server's share
@@ -17,6 +18,8 @@ const NAME: &str = "qun_request_duration_seconds_bucket";
 const STORE: &str = "qun_store_durable_seconds_bucket";
 /// Sends whose client message id the server looked up in its store.
 const SENT_INDEX_READS: &str = "qun_sent_index_reads_total";
+/// Threads of the server's async runtime (its `worker_threads`).
+const RUNTIME_WORKERS: &str = "qun_runtime_workers";
 
 /// One read of the server's `/metrics`.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +31,9 @@ pub(crate) struct Scrape {
     /// Sends whose id was looked up in the store's index of earlier ids
     /// (absent from servers older than the counter).
     pub(crate) sent_index_reads: Option<u64>,
+    /// Threads of the server's async runtime (absent from servers older
+    /// than the gauge).
+    pub(crate) runtime_workers: Option<u64>,
 }
 
 impl Scrape {
@@ -40,6 +46,7 @@ impl Scrape {
             requests: Buckets::parse(page)?,
             store: Buckets::parse_named(page, STORE)?,
             sent_index_reads: counter(page, SENT_INDEX_READS),
+            runtime_workers: counter(page, RUNTIME_WORKERS),
         })
     }
 }

@@ -179,6 +179,8 @@ async fn fanout_and_flash_sale_measure_and_check() {
     assert!(store_p99.unwrap() > 0.0, "{r}");
     // Joins send no message, so no client message id was looked up.
     assert_eq!(r["counts"]["server_sent_index_reads"], 0, "{r}");
+    // The server runs on this test's runtime: two worker threads.
+    assert_eq!(r["params"]["server_worker_threads"], "2", "{r}");
 
     // The same over QUIC, with the certificate pinned.
     let r = passing(
