@@ -503,6 +503,62 @@ fn the_binary_exits_64_on_a_bad_config_and_prints_usable_tokens() {
     );
 }
 
+/// The `qun` binary serving a fresh data folder on ephemeral ports, with
+/// `env` set and `RUST_LOG` unset, and the `listening` line it printed.
+struct Binary {
+    child: std::process::Child,
+    listening: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    fn start(env: &[(&str, String)]) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qun"))
+            .args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .args(["--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--quic-listen", "127.0.0.1:0"])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut listening = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut listening)
+            .unwrap();
+        assert!(listening.contains("listening"), "{listening:?}");
+        Self {
+            child,
+            listening,
+            _dir: dir,
+        }
+    }
+
+    /// Signals it as a supervisor would, checks that it exited cleanly and
+    /// returns its log.
+    fn stop(mut self) -> String {
+        use std::io::Read;
+        let killed = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let mut log = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        assert!(self.child.wait().unwrap().success(), "{log}");
+        log
+    }
+}
+
 /// At the default log level the server's own start-up lines are there and
 /// the storage engine's per-keyspace chatter (dozens of lines per
 /// partition) is not. The test signals the moment the `listening` line is
@@ -510,89 +566,33 @@ fn the_binary_exits_64_on_a_bad_config_and_prints_usable_tokens() {
 /// (it was not, once in 25 runs, before the handlers were installed first).
 #[test]
 fn the_default_log_keeps_the_storage_engine_quiet() {
-    use std::io::{BufRead, Read};
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qun"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .args(["--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .args(["--quic-listen", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut listening = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut listening)
-        .unwrap();
-    assert!(listening.contains("listening"), "{listening:?}");
-    let pid = child.id().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "{log}");
+    let log = Binary::start(&[]).stop();
     assert!(log.contains("embedded store open"), "{log}");
     assert!(!log.contains("lsm_tree"), "{log}");
     assert!(!log.contains(" fjall::"), "{log}");
 }
 
 /// `worker_threads` sizes the runtime that serves connections: the binary
-/// started with `QUN_WORKER_THREADS=3` (more than this machine's cores, so
+/// started with `QUN_WORKER_THREADS` one above this machine's cores (so
 /// the default cannot pass for it) says so in its log and at `/metrics`.
 #[test]
 fn the_runtime_has_the_configured_worker_threads() {
-    use std::io::{BufRead, Read, Write};
-    let dir = tempfile::tempdir().unwrap();
+    use std::io::{Read, Write};
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let asked = cores + 1;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qun"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .args(["--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .args(["--quic-listen", "127.0.0.1:0"])
-        .env("QUN_WORKER_THREADS", asked.to_string())
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut listening = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut listening)
-        .unwrap();
-    let http = listening
+    let server = Binary::start(&[("QUN_WORKER_THREADS", asked.to_string())]);
+    let http = server
+        .listening
         .split_whitespace()
         .find_map(|w| w.strip_prefix("http="))
-        .unwrap_or_else(|| panic!("no http address in {listening:?}"))
+        .unwrap_or_else(|| panic!("no http address in {:?}", server.listening))
         .to_string();
     let mut s = std::net::TcpStream::connect(&http).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
         .unwrap();
     let mut metrics = String::new();
     s.read_to_string(&mut metrics).unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "{log}");
+    let log = server.stop();
     assert!(
         metrics.contains(&format!("\nqun_runtime_workers {asked}\n")),
         "{metrics}"
