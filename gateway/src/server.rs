@@ -258,6 +258,8 @@ pub async fn run(
             "deadlines and scheduled pushes due while stopped were handled"
         );
     }
+    // The runtime this runs on (`worker_threads`, or one per core).
+    let runtime_workers = tokio::runtime::Handle::current().metrics().num_workers();
     let shared = Arc::new(Shared {
         outbox_limits: OutboxLimits {
             max_frames: config.outbox_max_frames,
@@ -270,7 +272,7 @@ pub async fn run(
             commits: counters.commits,
             fd_limit: fds.limit,
             connections_limit: fds.connections as u64,
-            runtime_workers: tokio::runtime::Handle::current().metrics().num_workers() as u64,
+            runtime_workers: runtime_workers as u64,
             ..Metrics::default()
         },
         shutdown: shutdown.clone(),
@@ -307,8 +309,7 @@ pub async fn run(
     // worker per runtime thread; they run until the store closes, so pushes
     // reach connections during the shutdown grace.
     let fanout_stop = CancellationToken::new();
-    let workers = shared.metrics.runtime_workers as usize;
-    let fanout: Vec<_> = (0..workers)
+    let fanout: Vec<_> = (0..runtime_workers)
         .map(|_| {
             let (shared, stop) = (shared.clone(), fanout_stop.clone());
             tokio::spawn(async move { shared.groups.run_fan_out(stop.cancelled_owned()).await })
