@@ -977,6 +977,12 @@ impl Store for ScyllaStore {
         })
     }
 
+    // `load_buyer_tags_of` keeps the provided version on purpose: one
+    // partition per (shop, buyer) means `user_id IN (…)` would be a
+    // multi-partition read, which makes one coordinator wait for every
+    // replica involved and answer at the pace of the slowest. Point reads,
+    // `BUYER_TAG_READS_IN_FLIGHT` at a time, go token-aware straight to a
+    // replica of each partition and spread over the cluster.
     fn load_buyer_tags<'a>(
         &'a self,
         shop_id: &'a str,
