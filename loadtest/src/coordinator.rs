@@ -424,9 +424,9 @@ async fn server_requests(ctx: &Ctx<'_>) -> anyhow::Result<Option<Scrape>> {
     }
 }
 
-/// Adds the server's own request latency over the measured phase, and its
-/// store's time to durability within it (bucket bounds: "at most"), to a
-/// report.
+/// Adds the server's own request latency over the measured phase, its
+/// store's time to durability within it, and the fan-out queue's wait
+/// (bucket bounds: "at most"), to a report.
 fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape>) {
     let (Some(before), Some(after)) = (before, after) else {
         return;
@@ -440,6 +440,13 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
     if let Some(store) = &store {
         r.counts
             .insert("server_store_submissions".into(), store.count());
+    }
+    let fanout_wait = match (&after.fanout_wait, &before.fanout_wait) {
+        (Some(after), Some(before)) => Some(after.since(before)),
+        _ => None,
+    };
+    if let Some(wait) = &fanout_wait {
+        r.counts.insert("server_fanout_turns".into(), wait.count());
     }
     if let (Some(after), Some(before)) = (after.sent_index_reads, before.sent_index_reads) {
         // Sends that cost a store read to rule out a retry; the Rust
@@ -462,6 +469,10 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
         if let Some(ms) = store.as_ref().and_then(|s| s.quantile_bound_ms(q)) {
             r.figures
                 .insert(format!("server_store_durable_{what}_ms_at_most"), ms);
+        }
+        if let Some(ms) = fanout_wait.as_ref().and_then(|w| w.quantile_bound_ms(q)) {
+            r.figures
+                .insert(format!("server_fanout_wait_{what}_ms_at_most"), ms);
         }
     }
 }

@@ -61,8 +61,9 @@ pub(crate) struct Cli {
     /// The server's `/metrics` (`http://127.0.0.1:7780/metrics`): fan-out
     /// and flash-sale runs then also report the server's own request
     /// latency (`server_request_p50_ms` ≤ …), apart from the load
-    /// generator's share, and its store's time to durability
-    /// (`server_store_durable_p99_ms` ≤ …).
+    /// generator's share, its store's time to durability
+    /// (`server_store_durable_p99_ms` ≤ …), and how long groups waited on
+    /// the fan-out queue for their turn (`server_fanout_wait_p99_ms` ≤ …).
     #[arg(long, global = true)]
     metrics_url: Option<String>,
     /// Most connections per worker process. More, smaller workers keep up

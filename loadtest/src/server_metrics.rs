@@ -1,5 +1,6 @@
-//! The server's own account of latency: its `qun_request_duration_seconds`
-//! and `qun_store_durable_seconds` histograms (and the count of sends that
+//! The server's own account of latency: its `qun_request_duration_seconds`,
+//! `qun_store_durable_seconds` and `qun_fanout_wait_seconds` histograms
+//! (and the count of sends that
 //! cost a store read, `qun_sent_index_reads_total`, and the runtime's
 //! threads, `qun_runtime_workers`), read
 //! from `/metrics` before and after the measured phase. End-to-end latency
@@ -16,6 +17,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const NAME: &str = "qun_request_duration_seconds_bucket";
 /// The store's time-to-durability histogram's buckets.
 const STORE: &str = "qun_store_durable_seconds_bucket";
+/// The fan-out queue's wait histogram's buckets: from a commit (or a
+/// group's previous turn) to the group's fan-out turn.
+const FANOUT_WAIT: &str = "qun_fanout_wait_seconds_bucket";
 /// Sends whose client message id the server looked up in its store.
 const SENT_INDEX_READS: &str = "qun_sent_index_reads_total";
 /// Threads of the server's async runtime (its `worker_threads`).
@@ -28,6 +32,9 @@ pub(crate) struct Scrape {
     pub(crate) requests: Buckets,
     /// Submission to durable (absent from servers older than the metric).
     pub(crate) store: Option<Buckets>,
+    /// Fan-out turns' wait on the queue (absent from servers older than
+    /// the metric).
+    pub(crate) fanout_wait: Option<Buckets>,
     /// Sends whose id was looked up in the store's index of earlier ids
     /// (absent from servers older than the counter).
     pub(crate) sent_index_reads: Option<u64>,
@@ -37,7 +44,7 @@ pub(crate) struct Scrape {
 }
 
 impl Scrape {
-    /// Reads both histograms out of a `/metrics` page.
+    /// Reads the histograms and counters out of a `/metrics` page.
     ///
     /// # Errors
     /// The page has no request histogram, or an unreadable bucket line.
@@ -45,6 +52,7 @@ impl Scrape {
         Ok(Self {
             requests: Buckets::parse(page)?,
             store: Buckets::parse_named(page, STORE)?,
+            fanout_wait: Buckets::parse_named(page, FANOUT_WAIT)?,
             sent_index_reads: counter(page, SENT_INDEX_READS),
             runtime_workers: counter(page, RUNTIME_WORKERS),
         })
@@ -261,6 +269,25 @@ mod tests {
         let store = scraped.store.unwrap();
         assert_eq!(store.count(), 9);
         assert_eq!(store.quantile_bound_ms(0.5), Some(5.0));
+    }
+
+    #[test]
+    fn the_fanout_wait_histogram_is_read_apart_from_the_others() {
+        let older = Scrape::parse(&page([1, 2, 3, 4])).unwrap();
+        assert_eq!(older.fanout_wait, None, "an older server has none");
+        let page = format!(
+            "{}{FANOUT_WAIT}{{le=\"0.001\"}} 3\n{FANOUT_WAIT}{{le=\"0.025\"}} 10\n\
+             {FANOUT_WAIT}{{le=\"+Inf\"}} 10\n{STORE}{{le=\"+Inf\"}} 2\n",
+            page([1, 2, 3, 4])
+        );
+        let scraped = Scrape::parse(&page).unwrap();
+        let wait = scraped.fanout_wait.unwrap();
+        assert_eq!(wait.count(), 10);
+        assert_eq!(wait.quantile_bound_ms(0.3), Some(1.0));
+        assert_eq!(wait.quantile_bound_ms(0.99), Some(25.0));
+        // Neither mixed into the requests nor into the store.
+        assert_eq!(scraped.requests.count(), 4);
+        assert_eq!(scraped.store.unwrap().count(), 2);
     }
 
     #[test]

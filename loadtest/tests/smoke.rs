@@ -91,6 +91,8 @@ async fn fanout_and_flash_sale_measure_and_check() {
         &[
             "--server-pid",
             &pid,
+            "--metrics-url",
+            &s.metrics,
             "fanout",
             "--groups",
             "2",
@@ -111,6 +113,13 @@ async fn fanout_and_flash_sale_measure_and_check() {
     );
     assert_eq!(r["counts"]["deliveries"].as_u64().unwrap(), posted * 5);
     assert_eq!(r["checks"]["nothing_lost"], true);
+    // The server's fan-out queue, from /metrics: each message posted in the
+    // phase left its group with members to push to, so there was at least
+    // one turn, and each turn's wait was observed.
+    let turns = r["counts"]["server_fanout_turns"].as_u64().unwrap();
+    assert!(turns >= 1, "{r}");
+    let wait_p99 = r["figures"]["server_fanout_wait_p99_ms_at_most"].as_f64();
+    assert!(wait_p99.unwrap() > 0.0, "{r}");
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
     // By default the load generator runs under SCHED_BATCH, and every
     // worker said it inherited it (or the run would have failed).
