@@ -110,7 +110,9 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
             mode,
             behind,
         } => history(&ctx, &agent, clients, messages, mode, behind).await?,
-        Scenario::Worker { .. } => bail!("worker is not a scenario"),
+        Scenario::Worker { .. } | Scenario::Compare { .. } => {
+            bail!("worker and compare are not scenarios")
+        }
     };
     transport.clone_into(&mut report.transport);
     report

@@ -5,7 +5,8 @@
 //! connection), `fanout` (groups × members × senders: deliveries/s and
 //! end-to-end latency, with lost, duplicate and out-of-order counts),
 //! `flash-sale` (members pressing join on one group-buy: exactly K must
-//! win), `history` (backfill and resume storms).
+//! win), `history` (backfill and resume storms). `compare` runs one of them
+//! against fresh servers of several variants, interleaved.
 //!
 //! Members run in worker processes (this binary, `worker` subcommand) of at
 //! most `--per-worker` connections each, connecting from several loopback
@@ -13,6 +14,7 @@
 //! ephemeral ports of one address do not run out. Every run is bounded by
 //! `--timeout` and stops by itself. See docs/benchmarks.md.
 
+mod compare;
 mod coordinator;
 mod cpu;
 mod report;
@@ -140,6 +142,30 @@ pub(crate) enum Scenario {
         #[arg(long, default_value_t = 200)]
         behind: u64,
     },
+    /// Run a scenario (after `--`) against a fresh `qun serve` of each
+    /// variant in turn, round after round, so that variants are compared in
+    /// interleaved runs; ends with a table of every run (`--json`: every
+    /// report in one file). Each run's server gets its own data directory
+    /// and free loopback ports; `--scheduling`, `--per-worker`, `--sources`
+    /// and `--timeout` go to every run.
+    Compare {
+        /// Runs of each variant, alternating.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// `LABEL` or `LABEL=NAME=VALUE …`: the server's environment for
+        /// this variant (`"one=QUN_WORKER_THREADS=1"`); `QUN_BIN=PATH` runs
+        /// another `qun` binary (an older build). Repeat for each variant.
+        #[arg(long = "variant", required = true)]
+        variants: Vec<String>,
+        /// The `qun` binary of variants without `QUN_BIN` (default: the
+        /// `qun` next to this binary, as `cargo build` leaves it).
+        #[arg(long)]
+        server: Option<PathBuf>,
+        /// The scenario and its options, after `--`: `-- fanout --groups
+        /// 100 --members 50 --rate 60 --duration 15s`.
+        #[arg(last = true, required = true)]
+        scenario: Vec<String>,
+    },
     /// (internal) Run a share of the members; driven over stdin/stdout.
     #[command(hide = true)]
     Worker {
@@ -199,8 +225,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any other thread exists, so that all of them, and the worker
     // processes, inherit it. A worker keeps what its coordinator gave it.
-    if !matches!(cli.scenario, Scenario::Worker { .. })
-        && let Err(e) = cli.scheduling.apply()
+    // Not `compare` either: its servers must run as any process, and each
+    // run it starts applies the policy to itself.
+    if !matches!(
+        cli.scenario,
+        Scenario::Worker { .. } | Scenario::Compare { .. }
+    ) && let Err(e) = cli.scheduling.apply()
     {
         eprintln!("qun-loadtest: {e}");
         return ExitCode::FAILURE;
@@ -228,6 +258,21 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Scenario::Compare {
+        rounds,
+        variants,
+        server,
+        scenario,
+    } = &cli.scenario
+    {
+        return runtime.block_on(compare(
+            &cli,
+            *rounds,
+            variants,
+            server.as_deref(),
+            scenario,
+        ));
+    }
     let timeout: Duration = cli.timeout.into();
     match runtime.block_on(async { tokio::time::timeout(timeout, coordinator::run(&cli)).await }) {
         Ok(Ok(report)) => {
@@ -245,6 +290,43 @@ fn main() -> ExitCode {
         }
         Err(_) => {
             eprintln!("qun-loadtest: stopped after --timeout {}", cli.timeout);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `qun-loadtest compare`: every round and variant, then the table.
+async fn compare(
+    cli: &Cli,
+    rounds: u32,
+    variants: &[String],
+    server: Option<&std::path::Path>,
+    scenario: &[String],
+) -> ExitCode {
+    let result = async {
+        let default_server = match server {
+            Some(path) => path.to_path_buf(),
+            None => std::env::current_exe()?.with_file_name("qun"),
+        };
+        let variants = variants
+            .iter()
+            .map(|v| compare::Variant::parse(v, &default_server))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let comparison = compare::run(cli, rounds, variants, scenario.to_vec()).await?;
+        if let Some(path) = &cli.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&comparison)?)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        }
+        anyhow::Ok(comparison)
+    }
+    .await;
+    match result {
+        Ok(comparison) => {
+            print!("{}", comparison.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qun-loadtest compare: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -290,3 +290,130 @@ async fn only_loopback_targets_and_a_real_token_key() {
     s.shutdown.cancel();
     s.task.await.unwrap().unwrap();
 }
+
+/// The `qun` binary `compare` starts: the one `cargo test --workspace`
+/// builds for the gateway's own tests, next to `qun-loadtest`. Testing this
+/// package alone may not have built it, so then it is built here.
+fn qun_binary() -> std::path::PathBuf {
+    let loadtest = std::path::Path::new(env!("CARGO_BIN_EXE_qun-loadtest"));
+    let qun = loadtest.with_file_name("qun");
+    if !qun.is_file() {
+        let release = loadtest.parent().is_some_and(|d| d.ends_with("release"));
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "qun-gateway", "--bin", "qun"])
+            .args(release.then_some("--release"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build -p qun-gateway failed");
+    }
+    assert!(qun.is_file(), "no {} after building it", qun.display());
+    qun
+}
+
+/// Directories in `dir` whose name starts with `qun-compare-`.
+fn compare_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("qun-compare-"))
+        })
+        .collect()
+}
+
+#[test]
+fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
+    let qun = qun_binary();
+    // Each run's data directory goes under TMPDIR: this one, to look in.
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("comparison.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
+        .env("TMPDIR", tmp.path())
+        .args(["--per-worker", "4", "--sources", "2", "--timeout", "60s"])
+        .arg("--json")
+        .arg(&json)
+        .arg("compare")
+        .arg("--server")
+        .arg(&qun)
+        .args(["--rounds", "2", "--variant", "a", "--variant"])
+        .arg("b=QUN_WORKER_THREADS=1 QUN_OUTBOX_MAX_FRAMES=512")
+        .args(["--", "fanout", "--groups", "1", "--members", "3"])
+        .args(["--rate", "10", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = c["runs"].as_array().unwrap();
+    let order: Vec<(u64, &str)> = runs
+        .iter()
+        .map(|r| (r["round"].as_u64().unwrap(), r["variant"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        order,
+        [(1, "a"), (1, "b"), (2, "a"), (2, "b")],
+        "interleaved"
+    );
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    for run in runs {
+        let r = &run["report"];
+        assert_eq!(r["scenario"], "fanout", "{r}");
+        assert_eq!(r["checks"]["nothing_lost"], true, "{r}");
+        assert!(r["counts"]["deliveries"].as_u64().unwrap() > 0, "{r}");
+        // The server's own figures came with it: compare passed
+        // --metrics-url and --server-pid to every run.
+        assert!(r["counts"]["server_requests"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["figures"]["server_cores"].as_f64().is_some(), "{r}");
+        // Each variant's environment reached its server, and only its own.
+        let threads = match run["variant"].as_str().unwrap() {
+            "b" => 1,
+            _ => cores,
+        };
+        assert_eq!(
+            r["params"]["server_worker_threads"],
+            threads.to_string(),
+            "{run}"
+        );
+    }
+    // Every run that passed cleaned up after itself.
+    assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("2 round(s) of 2 variant(s)"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("  b ")).count(), 2);
+}
+
+#[test]
+fn compare_names_the_variant_whose_server_would_not_start_and_keeps_its_log() {
+    let qun = qun_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |variant: &str, scenario: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
+            .env("TMPDIR", tmp.path())
+            .arg("compare")
+            .arg("--server")
+            .arg(&qun)
+            .args(["--rounds", "1", "--variant", variant, "--"])
+            .args(scenario)
+            .output()
+            .unwrap()
+    };
+    let out = run(
+        "huge=QUN_WORKER_THREADS=100000",
+        &["fanout", "--duration", "1s"],
+    );
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("variant huge"), "{e}");
+    assert!(e.contains("worker_threads must be"), "{e}");
+    let kept = compare_dirs(tmp.path());
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        e.contains(&kept[0].join("server.log").display().to_string()),
+        "{e}"
+    );
+    // Options a run sets itself are refused before any server starts.
+    let out = run("a", &["fanout", "--url", "ws://127.0.0.1:1/ws"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("sets --url"), "{}", stderr(&out));
+    assert_eq!(compare_dirs(tmp.path()).len(), 1, "no new run started");
+}

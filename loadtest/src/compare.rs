@@ -1,0 +1,466 @@
+//! `qun-loadtest compare`: one scenario against fresh servers of several
+//! variants, run after run, interleaved.
+//!
+//! This machine is shared: the same build runs markedly faster at one hour
+//! than at another (docs/benchmarks.md, "Machine"), so two builds or two
+//! settings are only compared in runs that alternate. `compare` does that
+//! by itself. For each round, for each variant in the order given, it
+//!
+//! 1. starts the variant's `qun serve` on a fresh data directory and free
+//!    loopback ports, with the variant's environment (`QUN_WORKER_THREADS=1`,
+//!    …; `QUN_BIN=PATH` picks another binary, such as an older build);
+//! 2. waits for its `/metrics`, then runs this same binary's scenario against
+//!    it with `--server-pid` and `--metrics-url` set, so every report carries
+//!    the server's CPU and its own latency figures;
+//! 3. stops the server (SIGTERM, then SIGKILL after its grace) and removes
+//!    the data directory, or keeps it, and says where, when the run failed.
+//!
+//! ```sh
+//! qun-loadtest compare --rounds 3 \
+//!     --variant "one=QUN_WORKER_THREADS=1" --variant "two=QUN_WORKER_THREADS=2" \
+//!     -- fanout --groups 100 --members 50 --rate 60 --duration 15s
+//! ```
+//!
+//! It ends with a table of every run, variant by variant: latency p50, p99
+//! and max, messages lost, the scenario's rate (deliveries, joins, pages,
+//! messages caught up or connections per second) and the server's cores;
+//! with `--json` it writes all the reports in one file. WebSocket only; each run is bounded by
+//! `--timeout`, server start and stop by [`SERVER_START`] and
+//! [`SERVER_STOP`].
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use crate::Cli;
+
+/// The longest a server may take to answer on `/metrics` after it starts.
+pub(crate) const SERVER_START: Duration = Duration::from_secs(30);
+/// The longest a server may take to exit after SIGTERM before it is killed
+/// (its own shutdown grace is 10 s by default).
+pub(crate) const SERVER_STOP: Duration = Duration::from_secs(20);
+
+/// The rate each scenario reports, the first found shown as "per sec".
+const PER_SEC: &[&str] = &[
+    "deliveries_per_sec",
+    "joins_per_sec",
+    "pages_per_sec",
+    "messages_caught_up_per_sec",
+    "connections_per_sec",
+];
+
+/// Options the runs set themselves, refused among the scenario's arguments.
+const SET_BY_COMPARE: &[&str] = &[
+    "--url",
+    "--data-dir",
+    "--server-pid",
+    "--metrics-url",
+    "--json",
+];
+
+/// One way to run the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Variant {
+    /// The name in the report.
+    pub(crate) label: String,
+    /// The `qun` binary.
+    pub(crate) server: PathBuf,
+    /// Environment set for the server, in order.
+    pub(crate) env: Vec<(String, String)>,
+}
+
+impl Variant {
+    /// Reads `LABEL` or `LABEL=NAME=VALUE NAME=VALUE …`. `QUN_BIN=PATH`
+    /// replaces `default_server` instead of going into the environment.
+    ///
+    /// # Errors
+    /// An empty label or one with spaces, or a setting that is not
+    /// `NAME=VALUE` with a name.
+    pub(crate) fn parse(spec: &str, default_server: &Path) -> anyhow::Result<Self> {
+        let (label, settings) = spec.split_once('=').unwrap_or((spec, ""));
+        if label.is_empty() || label.contains(char::is_whitespace) {
+            bail!(
+                "variant {spec:?}: give it a label without spaces first, as in \
+                 \"one=QUN_WORKER_THREADS=1\""
+            );
+        }
+        let mut variant = Self {
+            label: label.to_string(),
+            server: default_server.to_path_buf(),
+            env: Vec::new(),
+        };
+        for setting in settings.split_whitespace() {
+            match setting.split_once('=') {
+                Some(("QUN_BIN", path)) if !path.is_empty() => variant.server = path.into(),
+                Some((name, value)) if !name.is_empty() => {
+                    variant.env.push((name.to_string(), value.to_string()));
+                }
+                _ => bail!(
+                    "variant {label:?}: {setting:?} is not NAME=VALUE (settings are separated \
+                     by spaces)"
+                ),
+            }
+        }
+        Ok(variant)
+    }
+}
+
+/// One run's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Run {
+    /// 1-based.
+    pub(crate) round: u32,
+    /// The variant's label.
+    pub(crate) variant: String,
+    /// The run's data directory: removed after a run that passed.
+    pub(crate) data_dir: PathBuf,
+    /// The scenario's report as it wrote it (`--json`).
+    pub(crate) report: serde_json::Value,
+}
+
+/// Everything `compare` ran.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Comparison {
+    /// Rounds asked for.
+    pub(crate) rounds: u32,
+    /// The variants, in the order each round ran them.
+    pub(crate) variants: Vec<Variant>,
+    /// The scenario's arguments.
+    pub(crate) scenario: Vec<String>,
+    /// Every run, in the order they ran.
+    pub(crate) runs: Vec<Run>,
+}
+
+/// Checks the scenario's arguments: a scenario that talks to a server, and
+/// none of the options each run sets itself.
+///
+/// # Errors
+/// No scenario, `compare` or `worker` as the scenario, or an option from
+/// [`SET_BY_COMPARE`].
+pub(crate) fn check_scenario(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        None => bail!("name the scenario after `--`, as in `-- fanout --groups 100`"),
+        Some("compare" | "worker") => bail!("compare runs a scenario, not {:?}", args[0]),
+        Some(_) => {}
+    }
+    if let Some(taken) = args.iter().find(|a| {
+        SET_BY_COMPARE
+            .iter()
+            .any(|o| a.as_str() == *o || a.starts_with(&format!("{o}=")))
+    }) {
+        bail!("compare sets {taken} for each run itself; leave it out of the scenario");
+    }
+    Ok(())
+}
+
+/// Runs every round and variant; the failing run's error names its data
+/// directory, which is kept.
+///
+/// # Errors
+/// A variant's binary is missing, a server does not start or exits early,
+/// or a run fails (its exit status or a failed check).
+pub(crate) async fn run(
+    cli: &Cli,
+    rounds: u32,
+    variants: Vec<Variant>,
+    scenario: Vec<String>,
+) -> anyhow::Result<Comparison> {
+    check_scenario(&scenario)?;
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if variants.is_empty() {
+        bail!("give at least one --variant");
+    }
+    for v in &variants {
+        if !v.server.is_file() {
+            bail!(
+                "variant {:?}: no qun binary at {} (build it with `cargo build --release -p \
+                 qun-gateway`, or pass --server or QUN_BIN=PATH)",
+                v.label,
+                v.server.display()
+            );
+        }
+    }
+    let exe = std::env::current_exe().context("finding qun-loadtest's own binary")?;
+    let mut comparison = Comparison {
+        rounds,
+        variants: variants.clone(),
+        scenario: scenario.clone(),
+        runs: Vec::new(),
+    };
+    let total = rounds as usize * variants.len();
+    for round in 1..=rounds {
+        for variant in &variants {
+            eprintln!(
+                "qun-loadtest compare: run {} of {total}: round {round}, variant {}",
+                comparison.runs.len() + 1,
+                variant.label
+            );
+            let run = one_run(cli, &exe, round, variant, &scenario)
+                .await
+                .with_context(|| format!("round {round}, variant {}", variant.label))?;
+            comparison.runs.push(run);
+        }
+    }
+    Ok(comparison)
+}
+
+/// Starts the variant's server, runs the scenario against it, stops it.
+async fn one_run(
+    cli: &Cli,
+    exe: &Path,
+    round: u32,
+    variant: &Variant,
+    scenario: &[String],
+) -> anyhow::Result<Run> {
+    let dir = std::env::temp_dir().join(format!(
+        "qun-compare-{}-{round}-{}",
+        std::process::id(),
+        variant.label
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ws = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
+    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
+    let quic = SocketAddr::from((Ipv4Addr::LOCALHOST, free_udp_port()?));
+    let log = std::fs::File::create(dir.join("server.log")).context("creating server.log")?;
+    let mut server = tokio::process::Command::new(&variant.server)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&dir)
+        .envs(variant.env.iter().map(|(k, v)| (k, v)))
+        // Last, so that a variant cannot move the server off the ports the
+        // run talks to.
+        .env("QUN_WS_LISTEN", ws.to_string())
+        .env("QUN_HTTP_LISTEN", http.to_string())
+        .env("QUN_QUIC_LISTEN", quic.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("sharing server.log")?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", variant.server.display()))?;
+    let pid = server.id().context("the server exited at once")?;
+    let metrics = format!("http://{http}/metrics");
+    let outcome = async {
+        wait_ready(&mut server, &metrics, &dir).await?;
+        let json = dir.join("report.json");
+        let status = tokio::process::Command::new(exe)
+            .arg("--url")
+            .arg(format!("ws://{ws}/ws"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--server-pid")
+            .arg(pid.to_string())
+            .arg("--metrics-url")
+            .arg(&metrics)
+            .arg("--json")
+            .arg(&json)
+            .arg("--scheduling")
+            .arg(cli.scheduling.to_string())
+            .arg("--per-worker")
+            .arg(cli.per_worker.to_string())
+            .arg("--sources")
+            .arg(cli.sources.to_string())
+            .arg("--timeout")
+            .arg(cli.timeout.to_string())
+            .args(scenario)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .context("running the scenario")?;
+        let report = std::fs::read(&json)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match (status.success(), report) {
+            (true, Some(report)) => Ok(report),
+            (true, None) => bail!("the scenario wrote no report to {}", json.display()),
+            (false, _) => bail!(
+                "the scenario failed ({status}); the server's log and data are kept in {}",
+                dir.display()
+            ),
+        }
+    }
+    .await;
+    stop(&mut server, pid).await;
+    let report = outcome?;
+    // Only a run that passed is cleaned up; a failed one is kept to read.
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Run {
+        round,
+        variant: variant.label.clone(),
+        data_dir: dir,
+        report,
+    })
+}
+
+/// Waits until the server answers on `/metrics`.
+async fn wait_ready(
+    server: &mut tokio::process::Child,
+    metrics: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = server.try_wait().context("watching the server")? {
+            bail!(
+                "the server exited before it served ({status}): {}",
+                log_tail(dir)
+            );
+        }
+        if crate::server_metrics::scrape(metrics).await.is_ok() {
+            return Ok(());
+        }
+        if started.elapsed() > SERVER_START {
+            bail!(
+                "the server did not answer on {metrics} within {SERVER_START:?}: {}",
+                log_tail(dir)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks the server to stop, and kills it if it has not within
+/// [`SERVER_STOP`].
+async fn stop(server: &mut tokio::process::Child, pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = uapi::kill(pid, uapi::c::SIGTERM);
+    }
+    if tokio::time::timeout(SERVER_STOP, server.wait())
+        .await
+        .is_err()
+    {
+        let _ = server.kill().await;
+    }
+}
+
+/// The last lines of a run's server log, for an error message.
+fn log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    format!(
+        "its log ({}) ends:\n{tail}",
+        dir.join("server.log").display()
+    )
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("finding a free TCP port")?
+        .local_addr()?
+        .port())
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("finding a free UDP port")?
+        .local_addr()?
+        .port())
+}
+
+impl Comparison {
+    /// Every run as a row, variant by variant, for people.
+    pub(crate) fn table(&self) -> String {
+        let mut out = format!(
+            "qun-loadtest compare: {} round(s) of {} variant(s), interleaved: {}\n",
+            self.rounds,
+            self.variants.len(),
+            self.scenario.join(" ")
+        );
+        out.push_str(&format!(
+            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8}\n",
+            "variant", "round", "p50 ms", "p99 ms", "max ms", "lost", "per sec", "server"
+        ));
+        for variant in &self.variants {
+            for run in self.runs.iter().filter(|r| r.variant == variant.label) {
+                let r = &run.report;
+                let num = |v: &serde_json::Value, digits: usize| {
+                    v.as_f64()
+                        .map_or_else(|| "-".to_string(), |x| format!("{x:.digits$}"))
+                };
+                let per_sec = PER_SEC
+                    .iter()
+                    .map(|k| &r["figures"][*k])
+                    .find(|v| !v.is_null())
+                    .unwrap_or(&serde_json::Value::Null);
+                out.push_str(&format!(
+                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8}\n",
+                    variant.label,
+                    run.round,
+                    num(&r["latency"]["p50_ms"], 1),
+                    num(&r["latency"]["p99_ms"], 1),
+                    num(&r["latency"]["max_ms"], 1),
+                    r["counts"]["lost"]
+                        .as_u64()
+                        .map_or_else(|| "-".to_string(), |n| n.to_string()),
+                    num(per_sec, 0),
+                    num(&r["figures"]["server_cores"], 2),
+                ));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_is_a_label_and_settings() {
+        let qun = Path::new("/opt/qun");
+        let v = Variant::parse("one=QUN_WORKER_THREADS=1 QUN_FSYNC=false", qun).unwrap();
+        assert_eq!(v.label, "one");
+        assert_eq!(v.server, qun);
+        assert_eq!(
+            v.env,
+            [
+                ("QUN_WORKER_THREADS".to_string(), "1".to_string()),
+                ("QUN_FSYNC".to_string(), "false".to_string())
+            ]
+        );
+        let bare = Variant::parse("default", qun).unwrap();
+        assert_eq!((bare.label.as_str(), bare.env.len()), ("default", 0));
+        let older = Variant::parse("before=QUN_BIN=/tmp/qun-old", qun).unwrap();
+        assert_eq!(older.server, Path::new("/tmp/qun-old"));
+        assert!(older.env.is_empty(), "QUN_BIN picks the binary only");
+    }
+
+    #[test]
+    fn a_variant_without_a_label_or_with_a_bare_word_is_refused() {
+        let qun = Path::new("/opt/qun");
+        for bad in [
+            "",
+            "=QUN_WORKER_THREADS=1",
+            "one two",
+            "one=QUN_FSYNC",
+            "one==1",
+        ] {
+            let e = Variant::parse(bad, qun).unwrap_err().to_string();
+            assert!(e.contains("variant"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_scenario_must_be_one_and_leave_the_server_options_alone() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        check_scenario(&args(&["fanout", "--groups", "2"])).unwrap();
+        for (bad, says) in [
+            (args(&[]), "name the scenario"),
+            (args(&["compare"]), "not \"compare\""),
+            (args(&["worker", "--spec", "x"]), "not \"worker\""),
+            (args(&["fanout", "--url", "ws://127.0.0.1:1/ws"]), "--url"),
+            (args(&["fanout", "--json=out.json"]), "--json=out.json"),
+        ] {
+            let e = check_scenario(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+}
