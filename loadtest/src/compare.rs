@@ -78,14 +78,17 @@ impl Variant {
     /// replaces `default_server` instead of going into the environment.
     ///
     /// # Errors
-    /// An empty label or one with spaces, or a setting that is not
-    /// `NAME=VALUE` with a name.
+    /// A label that is empty, starts with `.` or has anything but ASCII
+    /// letters, digits, `-`, `_` and `.`; a setting that is not
+    /// `NAME=VALUE` with a name; `QUN_BIN=` without a path.
     pub(crate) fn parse(spec: &str, default_server: &Path) -> anyhow::Result<Self> {
         let (label, settings) = spec.split_once('=').unwrap_or((spec, ""));
-        if label.is_empty() || label.contains(char::is_whitespace) {
+        // The label names the run's data directory too.
+        let fits = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if label.is_empty() || !label.chars().all(fits) || label.starts_with('.') {
             bail!(
-                "variant {spec:?}: give it a label without spaces first, as in \
-                 \"one=QUN_WORKER_THREADS=1\""
+                "variant {spec:?}: give it a label of letters, digits, '-', '_' or '.' first, \
+                 as in \"one=QUN_WORKER_THREADS=1\""
             );
         }
         let mut variant = Self {
@@ -95,7 +98,8 @@ impl Variant {
         };
         for setting in settings.split_whitespace() {
             match setting.split_once('=') {
-                Some(("QUN_BIN", path)) if !path.is_empty() => variant.server = path.into(),
+                Some(("QUN_BIN", "")) => bail!("variant {label:?}: QUN_BIN= needs a path"),
+                Some(("QUN_BIN", path)) => variant.server = path.into(),
                 Some((name, value)) if !name.is_empty() => {
                     variant.env.push((name.to_string(), value.to_string()));
                 }
@@ -434,7 +438,7 @@ mod tests {
     }
 
     #[test]
-    fn a_variant_without_a_label_or_with_a_bare_word_is_refused() {
+    fn a_variant_needs_a_plain_label_and_whole_settings() {
         let qun = Path::new("/opt/qun");
         for bad in [
             "",
@@ -442,6 +446,9 @@ mod tests {
             "one two",
             "one=QUN_FSYNC",
             "one==1",
+            "../up",
+            "a/b=QUN_FSYNC=false",
+            "one=QUN_BIN=",
         ] {
             let e = Variant::parse(bad, qun).unwrap_err().to_string();
             assert!(e.contains("variant"), "{bad:?}: {e}");
