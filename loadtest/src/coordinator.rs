@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -70,6 +70,7 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
         server_ip,
         run_id: run_id.clone(),
         options,
+        first_failure: Arc::default(),
     };
     let transport = if cli.url.starts_with("quic://") {
         "quic"
@@ -115,6 +116,7 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
         }
     };
     transport.clone_into(&mut report.transport);
+    report.first_failure = ctx.first_failure.get().cloned();
     report
         .params
         .insert("scheduling".into(), cli.scheduling.to_string());
@@ -131,6 +133,9 @@ struct Ctx<'a> {
     server_ip: IpAddr,
     run_id: String,
     options: ClientOptions,
+    /// Why the first member that could not connect or join failed, as
+    /// its worker reported it (with what to do, when that is known).
+    first_failure: Arc<OnceLock<String>>,
 }
 
 /// The server's address, refusing anything but loopback.
@@ -231,6 +236,8 @@ struct Workers {
     total: usize,
     /// The policy every worker must report it runs under.
     scheduling: Scheduling,
+    /// [`Ctx::first_failure`].
+    first_failure: Arc<OnceLock<String>>,
 }
 
 impl Workers {
@@ -282,6 +289,7 @@ impl Workers {
             lines,
             total,
             scheduling: ctx.cli.scheduling,
+            first_failure: ctx.first_failure.clone(),
         })
     }
 
@@ -307,7 +315,11 @@ impl Workers {
                     connected: c,
                     failed: f,
                     scheduling,
+                    first_failure,
                 } => {
+                    if let Some(why) = first_failure {
+                        let _ = self.first_failure.set(with_remedy(why));
+                    }
                     // The policy is inherited, not set by the worker: a
                     // difference means the report would describe another
                     // setup than the one measured.
@@ -418,6 +430,20 @@ fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
     })
 }
 
+/// A member's failure to connect, with what to do about it when the cause
+/// is known: a server at its connection limit answers the WebSocket upgrade
+/// with HTTP 503.
+fn with_remedy(why: String) -> String {
+    if why.contains("503") {
+        format!(
+            "{why} (the server is at its max_connections: start it with \
+             QUN_MAX_CONNECTIONS above the members of the run)"
+        )
+    } else {
+        why
+    }
+}
+
 /// The server's histograms, when `--metrics-url` was given.
 async fn server_requests(ctx: &Ctx<'_>) -> anyhow::Result<Option<Scrape>> {
     match &ctx.cli.metrics_url {
@@ -492,6 +518,7 @@ fn report(scenario: &str, params: &[(&str, String)]) -> Report {
         parts: BTreeMap::new(),
         counts: BTreeMap::new(),
         checks: BTreeMap::new(),
+        first_failure: None,
         elapsed_ms: 0.0,
     }
 }

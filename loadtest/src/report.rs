@@ -88,6 +88,10 @@ pub(crate) struct Report {
     pub(crate) counts: BTreeMap<String, u64>,
     /// Checks that must hold (exactly K joined, nothing lost…).
     pub(crate) checks: BTreeMap<String, bool>,
+    /// Why the first member that could not connect or join failed, when
+    /// one did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) first_failure: Option<String>,
     /// How long the measured phase took.
     pub(crate) elapsed_ms: f64,
 }
@@ -144,6 +148,9 @@ impl Report {
         for (k, ok) in &self.checks {
             row(&mut out, k, if *ok { "ok".into() } else { "FAILED".into() });
         }
+        if let Some(why) = &self.first_failure {
+            row(&mut out, "first failure", why.clone());
+        }
         out
     }
 }
@@ -178,6 +185,7 @@ mod tests {
             parts: BTreeMap::new(),
             counts: BTreeMap::new(),
             checks: BTreeMap::from([("exactly_slots_joined".into(), true)]),
+            first_failure: None,
             elapsed_ms: 1.0,
         };
         assert!(r.passed());

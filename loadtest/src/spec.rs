@@ -93,6 +93,9 @@ pub(crate) enum WorkerLine {
         /// the coordinator; `None` when it is not one of ours or cannot be
         /// read.
         scheduling: Option<Scheduling>,
+        /// Why the first member that failed could not connect or join.
+        #[serde(default)]
+        first_failure: Option<String>,
     },
     /// The measured phase is over.
     Result(WorkerResult),

@@ -47,12 +47,13 @@ pub(crate) async fn run(spec_json: &str) -> anyhow::Result<()> {
         ..ClientOptions::default()
     };
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let clients = connect_all(&spec, &key, &options).await;
+    let (clients, first_failure) = connect_all(&spec, &key, &options).await;
     let connected = clients.iter().filter(|c| c.is_some()).count();
     say(&WorkerLine::Ready {
         connected,
         failed: spec.count - connected,
         scheduling: Scheduling::of_this_thread().ok(),
+        first_failure,
     });
     let clients: Vec<(usize, Client)> = clients
         .into_iter()
@@ -112,12 +113,16 @@ fn group_of(task: &Task, i: usize) -> u64 {
     }
 }
 
+/// Connects and joins every member of this worker, [`CONNECT_CONCURRENCY`]
+/// at a time: a client for each that made it, and why the first that did
+/// not failed.
 async fn connect_all(
     spec: &WorkerSpec,
     key: &TokenKey,
     options: &ClientOptions,
-) -> Vec<Option<Client>> {
+) -> (Vec<Option<Client>>, Option<String>) {
     let mut out = Vec::with_capacity(spec.count);
+    let mut first_failure = None;
     let indices: Vec<usize> = (spec.first..spec.first + spec.count).collect();
     for chunk in indices.chunks(CONNECT_CONCURRENCY) {
         let batch: Vec<_> = chunk
@@ -127,18 +132,32 @@ async fn connect_all(
                 let (url, options) = (spec.url.clone(), options.clone());
                 let group = group_of(&spec.task, i);
                 tokio::spawn(async move {
-                    let c = Client::connect_with(&url, &token, options).await.ok()?;
-                    c.join(group).await.ok()?;
-                    Some(c)
+                    let c = Client::connect_with(&url, &token, options)
+                        .await
+                        .map_err(|e| format!("connecting: {e}"))?;
+                    c.join(group)
+                        .await
+                        .map_err(|e| format!("joining group {group}: {e}"))?;
+                    Ok::<_, String>(c)
                 })
             })
             .collect();
         for t in batch {
-            out.push(t.await.ok().flatten());
+            match t.await {
+                Ok(Ok(c)) => out.push(Some(c)),
+                Ok(Err(why)) => {
+                    first_failure.get_or_insert(why);
+                    out.push(None);
+                }
+                Err(e) => {
+                    first_failure.get_or_insert(format!("the member's task failed: {e}"));
+                    out.push(None);
+                }
+            }
         }
         say(&WorkerLine::Progress(out.len()));
     }
-    out
+    (out, first_failure)
 }
 
 type Measured = (WorkerResult, Vec<Client>);

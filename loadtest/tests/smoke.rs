@@ -18,15 +18,22 @@ struct Server {
 }
 
 async fn server() -> Server {
+    server_with(|_| {}).await
+}
+
+/// A server on ephemeral loopback ports, its configuration changed by
+/// `set` first.
+async fn server_with(set: impl FnOnce(&mut Config)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     qun_gateway::auth::TokenKey::load_or_create(dir.path()).unwrap();
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.path().to_path_buf(),
         ws_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         quic_listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
+    set(&mut config);
     let listeners = Listeners::bind(&config).await.unwrap();
     let url = format!("ws://{}/ws", listeners.ws_addr().unwrap());
     let metrics = format!("http://{}/metrics", listeners.http_addr().unwrap());
@@ -241,6 +248,7 @@ async fn idle_connections_and_a_history_backfill() {
     assert_eq!(r["counts"]["connected"], 10, "{r}");
     assert_eq!(r["counts"]["failed"], 0, "{r}");
     assert_eq!(r["checks"]["all_connected"], true, "{r}");
+    assert!(r.get("first_failure").is_none(), "nobody failed: {r}");
     assert_eq!(r["params"]["scheduling"], "normal", "{r}");
     assert!(
         r["figures"]["server_rss_mib"].as_f64().unwrap() > 0.0,
@@ -262,6 +270,29 @@ async fn idle_connections_and_a_history_backfill() {
     assert_eq!(r["checks"]["nothing_lost"], true, "{r}");
     assert_eq!(r["checks"]["no_duplicates"], true, "{r}");
     assert!(r["latency"]["count"].as_u64().unwrap() >= 5 * 3, "{r}");
+    s.shutdown.cancel();
+    s.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_turned_away_are_counted_and_the_first_reason_is_told() {
+    // Room for the coordinator's agent and two members, not five.
+    let s = server_with(|c| c.max_connections = 3).await;
+    let (out, r) = loadtest(&s, &s.url, &["connections", "--count", "5"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a check failed: {}",
+        stderr(&out)
+    );
+    assert_eq!(r["counts"]["connected"], 2, "{r}");
+    assert_eq!(r["counts"]["failed"], 3, "{r}");
+    assert_eq!(r["checks"]["all_connected"], false, "{r}");
+    let why = r["first_failure"].as_str().unwrap();
+    assert!(why.contains("HTTP 503"), "{why}");
+    assert!(why.contains("QUN_MAX_CONNECTIONS"), "what to do: {why}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("first failure"), "{table}");
     s.shutdown.cancel();
     s.task.await.unwrap().unwrap();
 }
