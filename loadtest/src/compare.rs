@@ -60,7 +60,19 @@ const SET_BY_COMPARE: &[&str] = &[
     "--server-pid",
     "--metrics-url",
     "--json",
+    "--cert-fingerprint",
 ];
+
+/// Which of the server's listeners the runs use.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Transport {
+    /// WebSocket (`ws://`).
+    Ws,
+    /// QUIC (`quic://`), the server's development certificate pinned by
+    /// the SHA-256 it logs at start.
+    Quic,
+}
 
 /// One way to run the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -131,6 +143,8 @@ pub(crate) struct Run {
 pub(crate) struct Comparison {
     /// Rounds asked for.
     pub(crate) rounds: u32,
+    /// The listener every run used.
+    pub(crate) transport: Transport,
     /// The variants, in the order each round ran them.
     pub(crate) variants: Vec<Variant>,
     /// The scenario's arguments.
@@ -170,6 +184,7 @@ pub(crate) fn check_scenario(args: &[String]) -> anyhow::Result<()> {
 pub(crate) async fn run(
     cli: &Cli,
     rounds: u32,
+    transport: Transport,
     variants: Vec<Variant>,
     scenario: Vec<String>,
 ) -> anyhow::Result<Comparison> {
@@ -193,6 +208,7 @@ pub(crate) async fn run(
     let exe = std::env::current_exe().context("finding qun-loadtest's own binary")?;
     let mut comparison = Comparison {
         rounds,
+        transport,
         variants: variants.clone(),
         scenario: scenario.clone(),
         runs: Vec::new(),
@@ -205,7 +221,7 @@ pub(crate) async fn run(
                 comparison.runs.len() + 1,
                 variant.label
             );
-            let run = one_run(cli, &exe, round, variant, &scenario)
+            let run = one_run(cli, &exe, round, transport, variant, &scenario)
                 .await
                 .with_context(|| format!("round {round}, variant {}", variant.label))?;
             comparison.runs.push(run);
@@ -219,6 +235,7 @@ async fn one_run(
     cli: &Cli,
     exe: &Path,
     round: u32,
+    transport: Transport,
     variant: &Variant,
     scenario: &[String],
 ) -> anyhow::Result<Run> {
@@ -253,9 +270,25 @@ async fn one_run(
     let outcome = async {
         wait_ready(&mut server, &metrics, &dir).await?;
         let json = dir.join("report.json");
-        let status = tokio::process::Command::new(exe)
-            .arg("--url")
-            .arg(format!("ws://{ws}/ws"))
+        let mut command = tokio::process::Command::new(exe);
+        match transport {
+            Transport::Ws => command.arg("--url").arg(format!("ws://{ws}/ws")),
+            Transport::Quic => {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                let pin = cert_sha256(&log).with_context(|| {
+                    format!(
+                        "the server logged no cert_sha256= to pin: {}",
+                        log_tail(&dir)
+                    )
+                })?;
+                command
+                    .arg("--url")
+                    .arg(format!("quic://{quic}"))
+                    .arg("--cert-fingerprint")
+                    .arg(pin)
+            }
+        };
+        let status = command
             .arg("--data-dir")
             .arg(&dir)
             .arg("--server-pid")
@@ -355,6 +388,13 @@ fn log_tail(dir: &Path) -> String {
     )
 }
 
+/// The certificate hash a server logs at start (`cert_sha256=HEX`).
+fn cert_sha256(log: &str) -> Option<&str> {
+    let (_, rest) = log.split_once("cert_sha256=")?;
+    let hex = rest.split(|c: char| !c.is_ascii_hexdigit()).next()?;
+    (hex.len() == 64).then_some(hex)
+}
+
 fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .context("finding a free TCP port")?
@@ -373,9 +413,13 @@ impl Comparison {
     /// Every run as a row, variant by variant, for people.
     pub(crate) fn table(&self) -> String {
         let mut out = format!(
-            "qun-loadtest compare: {} round(s) of {} variant(s), interleaved: {}\n",
+            "qun-loadtest compare: {} round(s) of {} variant(s) over {}, interleaved: {}\n",
             self.rounds,
             self.variants.len(),
+            match self.transport {
+                Transport::Ws => "ws",
+                Transport::Quic => "quic",
+            },
             self.scenario.join(" ")
         );
         out.push_str(&format!(
@@ -453,6 +497,15 @@ mod tests {
             let e = Variant::parse(bad, qun).unwrap_err().to_string();
             assert!(e.contains("variant"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_certificate_to_pin_is_read_from_the_server_log() {
+        let hex = "f2ebf29e194b8a1ad4ff65097465b1fe39dcd9f44b28d23b93273f2972b7b5e3";
+        let log = format!("created a certificate\nqun listening ws=… cert_sha256={hex}\nmore");
+        assert_eq!(cert_sha256(&log), Some(hex));
+        assert_eq!(cert_sha256("qun listening ws=…"), None);
+        assert_eq!(cert_sha256("cert_sha256=abc"), None, "not a whole hash");
     }
 
     #[test]

@@ -152,6 +152,9 @@ pub(crate) enum Scenario {
         /// Runs of each variant, alternating.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// The server's listener the runs use.
+        #[arg(long, value_enum, default_value_t = compare::Transport::Ws)]
+        transport: compare::Transport,
         /// `LABEL` or `LABEL=NAME=VALUE …`: the server's environment for
         /// this variant (`"one=QUN_WORKER_THREADS=1"`); `QUN_BIN=PATH` runs
         /// another `qun` binary (an older build). Repeat for each variant.
@@ -260,6 +263,7 @@ fn main() -> ExitCode {
     }
     if let Scenario::Compare {
         rounds,
+        transport,
         variants,
         server,
         scenario,
@@ -267,7 +271,7 @@ fn main() -> ExitCode {
     {
         return runtime.block_on(compare(
             &cli,
-            *rounds,
+            (*rounds, *transport),
             variants,
             server.as_deref(),
             scenario,
@@ -298,7 +302,7 @@ fn main() -> ExitCode {
 /// `qun-loadtest compare`: every round and variant, then the table.
 async fn compare(
     cli: &Cli,
-    rounds: u32,
+    (rounds, transport): (u32, compare::Transport),
     variants: &[String],
     server: Option<&std::path::Path>,
     scenario: &[String],
@@ -312,7 +316,7 @@ async fn compare(
             .iter()
             .map(|v| compare::Variant::parse(v, &default_server))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let comparison = compare::run(cli, rounds, variants, scenario.to_vec()).await?;
+        let comparison = compare::run(cli, rounds, transport, variants, scenario.to_vec()).await?;
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_vec_pretty(&comparison)?)
                 .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;

@@ -414,6 +414,32 @@ fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
 }
 
 #[test]
+fn compare_runs_over_quic_with_the_servers_certificate_pinned() {
+    let qun = qun_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("comparison.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
+        .env("TMPDIR", tmp.path())
+        .args(["--per-worker", "4", "--sources", "2", "--timeout", "60s"])
+        .arg("--json")
+        .arg(&json)
+        .args(["compare", "--transport", "quic", "--rounds", "1"])
+        .arg("--server")
+        .arg(&qun)
+        .args(["--variant", "only", "--", "history", "--clients", "3"])
+        .args(["--messages", "40"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(c["transport"], "quic", "{c}");
+    let r = &c["runs"][0]["report"];
+    assert_eq!(r["transport"], "quic", "{r}");
+    assert_eq!(r["checks"]["nothing_lost"], true, "{r}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("over quic"));
+}
+
+#[test]
 fn compare_names_the_variant_whose_server_would_not_start_and_keeps_its_log() {
     let qun = qun_binary();
     let tmp = tempfile::tempdir().unwrap();
