@@ -353,28 +353,58 @@ fn compare_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-#[test]
-fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
-    let qun = qun_binary();
-    // Each run's data directory goes under TMPDIR: this one, to look in.
-    let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("comparison.json");
+/// Runs `qun-loadtest compare` against the real `qun` with the runs' data
+/// directories under `tmp` (as TMPDIR) and the small-run options; returns
+/// its output and the comparison it wrote (`Null` if none).
+fn compare(tmp: &std::path::Path, args: &[&str], scenario: &[&str]) -> (Output, serde_json::Value) {
+    let json = tmp.join("comparison.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
-        .env("TMPDIR", tmp.path())
+        .env("TMPDIR", tmp)
         .args(["--per-worker", "4", "--sources", "2", "--timeout", "60s"])
         .arg("--json")
         .arg(&json)
         .arg("compare")
         .arg("--server")
-        .arg(&qun)
-        .args(["--rounds", "2", "--variant", "a", "--variant"])
-        .arg("b=QUN_WORKER_THREADS=1 QUN_OUTBOX_MAX_FRAMES=512")
-        .args(["--", "fanout", "--groups", "1", "--members", "3"])
-        .args(["--rate", "10", "--duration", "1s"])
+        .arg(qun_binary())
+        .args(args)
+        .arg("--")
+        .args(scenario)
         .output()
         .unwrap();
+    let comparison = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out, comparison)
+}
+
+#[test]
+fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
+    // Each run's data directory goes under this TMPDIR, to look in.
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, c) = compare(
+        tmp.path(),
+        &[
+            "--rounds",
+            "2",
+            "--variant",
+            "a",
+            "--variant",
+            "b=QUN_WORKER_THREADS=1 QUN_OUTBOX_MAX_FRAMES=512",
+        ],
+        &[
+            "fanout",
+            "--groups",
+            "1",
+            "--members",
+            "3",
+            "--rate",
+            "10",
+            "--duration",
+            "1s",
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = c["runs"].as_array().unwrap();
     let order: Vec<(u64, &str)> = runs
         .iter()
@@ -415,23 +445,13 @@ fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
 
 #[test]
 fn compare_runs_over_quic_with_the_servers_certificate_pinned() {
-    let qun = qun_binary();
     let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("comparison.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
-        .env("TMPDIR", tmp.path())
-        .args(["--per-worker", "4", "--sources", "2", "--timeout", "60s"])
-        .arg("--json")
-        .arg(&json)
-        .args(["compare", "--transport", "quic", "--rounds", "1"])
-        .arg("--server")
-        .arg(&qun)
-        .args(["--variant", "only", "--", "history", "--clients", "3"])
-        .args(["--messages", "40"])
-        .output()
-        .unwrap();
+    let (out, c) = compare(
+        tmp.path(),
+        &["--transport", "quic", "--rounds", "1", "--variant", "only"],
+        &["history", "--clients", "3", "--messages", "40"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(c["transport"], "quic", "{c}");
     let r = &c["runs"][0]["report"];
     assert_eq!(r["transport"], "quic", "{r}");
@@ -441,24 +461,19 @@ fn compare_runs_over_quic_with_the_servers_certificate_pinned() {
 
 #[test]
 fn compare_names_the_variant_whose_server_would_not_start_and_keeps_its_log() {
-    let qun = qun_binary();
     let tmp = tempfile::tempdir().unwrap();
-    let run = |variant: &str, scenario: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_qun-loadtest"))
-            .env("TMPDIR", tmp.path())
-            .arg("compare")
-            .arg("--server")
-            .arg(&qun)
-            .args(["--rounds", "1", "--variant", variant, "--"])
-            .args(scenario)
-            .output()
-            .unwrap()
-    };
-    let out = run(
-        "huge=QUN_WORKER_THREADS=100000",
+    let (out, c) = compare(
+        tmp.path(),
+        &[
+            "--rounds",
+            "1",
+            "--variant",
+            "huge=QUN_WORKER_THREADS=100000",
+        ],
         &["fanout", "--duration", "1s"],
     );
     assert!(!out.status.success());
+    assert_eq!(c, serde_json::Value::Null, "no comparison is written");
     let e = stderr(&out);
     assert!(e.contains("variant huge"), "{e}");
     assert!(e.contains("worker_threads must be"), "{e}");
@@ -469,7 +484,11 @@ fn compare_names_the_variant_whose_server_would_not_start_and_keeps_its_log() {
         "{e}"
     );
     // Options a run sets itself are refused before any server starts.
-    let out = run("a", &["fanout", "--url", "ws://127.0.0.1:1/ws"]);
+    let (out, _) = compare(
+        tmp.path(),
+        &["--rounds", "1", "--variant", "a"],
+        &["fanout", "--url", "ws://127.0.0.1:1/ws"],
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("sets --url"), "{}", stderr(&out));
     assert_eq!(compare_dirs(tmp.path()).len(), 1, "no new run started");
