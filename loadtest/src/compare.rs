@@ -21,12 +21,14 @@
 //!     -- fanout --groups 100 --members 50 --rate 60 --duration 15s
 //! ```
 //!
-//! It ends with a table of every run, variant by variant: latency p50, p99
-//! and max, messages lost, the scenario's rate (deliveries, joins, pages,
-//! messages caught up or connections per second) and the server's cores;
-//! with `--json` it writes all the reports in one file. WebSocket only; each run is bounded by
-//! `--timeout`, server start and stop by [`SERVER_START`] and
-//! [`SERVER_STOP`].
+//! It ends with a table of every run, variant by variant (latency p50, p99
+//! and max, messages lost, the scenario's rate: deliveries, joins, pages,
+//! messages caught up or connections per second, and the server's cores)
+//! and each variant's median p50 and p99; with `--json` it writes all the
+//! reports in one file. Runs go over WebSocket, or over QUIC with
+//! `--transport quic` (the server's development certificate pinned by the
+//! hash it logs). Each run is bounded by `--timeout`, server start and stop
+//! by [`SERVER_START`] and [`SERVER_STOP`].
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -453,7 +455,37 @@ impl Comparison {
                 ));
             }
         }
+        // The median of each variant's runs, the figure to compare by when
+        // one run of a series was disturbed.
+        for variant in &self.variants {
+            let of = |key: &str| {
+                median(
+                    self.runs
+                        .iter()
+                        .filter(|r| r.variant == variant.label)
+                        .filter_map(|r| r.report["latency"][key].as_f64())
+                        .collect(),
+                )
+            };
+            if let (Some(p50), Some(p99)) = (of("p50_ms"), of("p99_ms")) {
+                out.push_str(&format!(
+                    "  {:<14} median of its runs: p50 {p50:.1} ms, p99 {p99:.1} ms\n",
+                    variant.label
+                ));
+            }
+        }
         out
+    }
+}
+
+/// The middle value (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
 
@@ -497,6 +529,63 @@ mod tests {
             let e = Variant::parse(bad, qun).unwrap_err().to_string();
             assert!(e.contains("variant"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_table_has_every_run_and_each_variants_median() {
+        let run = |round, variant: &str, p50: f64, p99: f64| Run {
+            round,
+            variant: variant.into(),
+            data_dir: PathBuf::new(),
+            report: serde_json::json!({
+                "latency": {"p50_ms": p50, "p99_ms": p99, "max_ms": p99 + 1.0},
+                "counts": {"lost": 0},
+                "figures": {"deliveries_per_sec": 297_000.4, "server_cores": 0.951},
+            }),
+        };
+        let variant = |label: &str| Variant {
+            label: label.into(),
+            server: PathBuf::from("/opt/qun"),
+            env: Vec::new(),
+        };
+        let c = Comparison {
+            rounds: 3,
+            transport: Transport::Ws,
+            variants: vec![variant("one"), variant("two")],
+            scenario: vec!["fanout".into()],
+            runs: vec![
+                run(1, "one", 40.0, 130.0),
+                run(1, "two", 60.0, 200.0),
+                run(2, "one", 44.0, 110.0),
+                run(2, "two", 62.0, 210.0),
+                run(3, "one", 42.0, 500.0),
+                run(3, "two", 64.0, 190.0),
+            ],
+        };
+        let table = c.table();
+        assert!(
+            table.contains("3 round(s) of 2 variant(s) over ws"),
+            "{table}"
+        );
+        // Variant by variant: the three runs of "one" before those of "two".
+        let rows: Vec<&str> = table.lines().filter(|l| l.contains("297000")).collect();
+        assert_eq!(rows.len(), 6, "{table}");
+        assert!(
+            rows[..3].iter().all(|r| r.trim_start().starts_with("one")),
+            "{table}"
+        );
+        assert!(
+            rows[0].contains("130.0") && rows[0].contains("0.95"),
+            "{table}"
+        );
+        // One disturbed run (p99 500) does not move the median.
+        assert!(
+            table.contains("one            median of its runs: p50 42.0 ms, p99 130.0 ms"),
+            "{table}"
+        );
+        assert!(table.contains("p50 62.0 ms, p99 200.0 ms"), "{table}");
+        assert_eq!(median(vec![3.0, 1.0]), Some(2.0));
+        assert_eq!(median(Vec::new()), None);
     }
 
     #[test]

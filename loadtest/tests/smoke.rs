@@ -440,7 +440,9 @@ fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
     assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("2 round(s) of 2 variant(s)"), "{table}");
-    assert_eq!(table.lines().filter(|l| l.starts_with("  b ")).count(), 2);
+    let b: Vec<&str> = table.lines().filter(|l| l.starts_with("  b ")).collect();
+    assert_eq!(b.len(), 3, "two runs and the median: {table}");
+    assert!(b[2].contains("median of its runs"), "{table}");
 }
 
 #[test]
