@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::cpu;
 use crate::report::{Latency, Report, histogram, merge};
 use crate::scheduling::Scheduling;
-use crate::server_metrics::{self, Scrape};
+use crate::server_metrics::{self, Buckets, Scrape};
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
 use crate::{Cli, HistoryMode, Scenario, now_us, random_u64, source_ip};
 
@@ -461,18 +461,16 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
     };
     let run = after.requests.since(&before.requests);
     r.counts.insert("server_requests".into(), run.count());
-    let store = match (&after.store, &before.store) {
-        (Some(after), Some(before)) => Some(after.since(before)),
-        _ => None,
+    // Histograms an older server lacks are left out.
+    let since = |after: &Option<Buckets>, before: &Option<Buckets>| {
+        Some(after.as_ref()?.since(before.as_ref()?))
     };
+    let store = since(&after.store, &before.store);
     if let Some(store) = &store {
         r.counts
             .insert("server_store_submissions".into(), store.count());
     }
-    let fanout_wait = match (&after.fanout_wait, &before.fanout_wait) {
-        (Some(after), Some(before)) => Some(after.since(before)),
-        _ => None,
-    };
+    let fanout_wait = since(&after.fanout_wait, &before.fanout_wait);
     if let Some(wait) = &fanout_wait {
         r.counts.insert("server_fanout_turns".into(), wait.count());
     }
