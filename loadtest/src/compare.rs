@@ -30,7 +30,6 @@
 //! hash it logs). Each run is bounded by `--timeout`, server start and stop
 //! by [`SERVER_START`] and [`SERVER_STOP`].
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -247,20 +246,17 @@ async fn one_run(
         variant.label
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ws = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
-    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
-    let quic = SocketAddr::from((Ipv4Addr::LOCALHOST, free_udp_port()?));
     let log = std::fs::File::create(dir.join("server.log")).context("creating server.log")?;
     let mut server = tokio::process::Command::new(&variant.server)
         .arg("serve")
         .arg("--data-dir")
         .arg(&dir)
         .envs(variant.env.iter().map(|(k, v)| (k, v)))
-        // Last, so that a variant cannot move the server off the ports the
-        // run talks to.
-        .env("QUN_WS_LISTEN", ws.to_string())
-        .env("QUN_HTTP_LISTEN", http.to_string())
-        .env("QUN_QUIC_LISTEN", quic.to_string())
+        // Last, so that a variant cannot move the server off loopback; the
+        // kernel picks free ports, and the server says which.
+        .env("QUN_WS_LISTEN", "127.0.0.1:0")
+        .env("QUN_HTTP_LISTEN", "127.0.0.1:0")
+        .env("QUN_QUIC_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("sharing server.log")?)
         .stderr(log)
@@ -268,27 +264,18 @@ async fn one_run(
         .spawn()
         .with_context(|| format!("starting {}", variant.server.display()))?;
     let pid = server.id().context("the server exited at once")?;
-    let metrics = format!("http://{http}/metrics");
     let outcome = async {
-        wait_ready(&mut server, &metrics, &dir).await?;
+        let listening = wait_ready(&mut server, &dir).await?;
+        let metrics = format!("http://{}/metrics", listening.http);
         let json = dir.join("report.json");
         let mut command = tokio::process::Command::new(exe);
         match transport {
-            Transport::Ws => command.arg("--url").arg(format!("ws://{ws}/ws")),
-            Transport::Quic => {
-                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                let pin = cert_sha256(&log).with_context(|| {
-                    format!(
-                        "the server logged no cert_sha256= to pin: {}",
-                        log_tail(&dir)
-                    )
-                })?;
-                command
-                    .arg("--url")
-                    .arg(format!("quic://{quic}"))
-                    .arg("--cert-fingerprint")
-                    .arg(pin)
-            }
+            Transport::Ws => command.arg("--url").arg(&listening.ws),
+            Transport::Quic => command
+                .arg("--url")
+                .arg(&listening.quic)
+                .arg("--cert-fingerprint")
+                .arg(&listening.cert_sha256),
         };
         let status = command
             .arg("--data-dir")
@@ -338,12 +325,9 @@ async fn one_run(
     })
 }
 
-/// Waits until the server answers on `/metrics`.
-async fn wait_ready(
-    server: &mut tokio::process::Child,
-    metrics: &str,
-    dir: &Path,
-) -> anyhow::Result<()> {
+/// Waits until the server has said where it listens and answers on its
+/// `/metrics` there.
+async fn wait_ready(server: &mut tokio::process::Child, dir: &Path) -> anyhow::Result<Listening> {
     let started = Instant::now();
     loop {
         if let Some(status) = server.try_wait().context("watching the server")? {
@@ -352,12 +336,17 @@ async fn wait_ready(
                 log_tail(dir)
             );
         }
-        if crate::server_metrics::scrape(metrics).await.is_ok() {
-            return Ok(());
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        if let Some(listening) = Listening::parse(&log) {
+            let metrics = format!("http://{}/metrics", listening.http);
+            if crate::server_metrics::scrape(&metrics).await.is_ok() {
+                return Ok(listening);
+            }
         }
         if started.elapsed() > SERVER_START {
             bail!(
-                "the server did not answer on {metrics} within {SERVER_START:?}: {}",
+                "the server did not say where it listens and answer on /metrics within \
+                 {SERVER_START:?}: {}",
                 log_tail(dir)
             );
         }
@@ -390,25 +379,41 @@ fn log_tail(dir: &Path) -> String {
     )
 }
 
-/// The certificate hash a server logs at start (`cert_sha256=HEX`).
-fn cert_sha256(log: &str) -> Option<&str> {
-    let (_, rest) = log.split_once("cert_sha256=")?;
-    let hex = rest.split(|c: char| !c.is_ascii_hexdigit()).next()?;
-    (hex.len() == 64).then_some(hex)
+/// Where a server listens, from the line `qun serve` prints once it has
+/// bound its sockets: `qun listening ws=ws://… http=ADDR quic=quic://…
+/// cert_sha256=HEX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listening {
+    /// `ws://ADDR/ws`.
+    ws: String,
+    /// `ADDR` of `/metrics`.
+    http: String,
+    /// `quic://ADDR`.
+    quic: String,
+    /// The QUIC certificate's SHA-256, to pin.
+    cert_sha256: String,
 }
 
-fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("finding a free TCP port")?
-        .local_addr()?
-        .port())
-}
-
-fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("finding a free UDP port")?
-        .local_addr()?
-        .port())
+impl Listening {
+    /// The first `qun listening` line of a log with every field, if any.
+    fn parse(log: &str) -> Option<Self> {
+        let line = log.lines().find(|l| l.starts_with("qun listening "))?;
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        let cert_sha256 = field("cert_sha256")?;
+        if cert_sha256.len() != 64 || !cert_sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(Self {
+            ws: field("ws")?,
+            http: field("http")?,
+            quic: field("quic")?,
+            cert_sha256,
+        })
+    }
 }
 
 impl Comparison {
@@ -589,12 +594,21 @@ mod tests {
     }
 
     #[test]
-    fn the_certificate_to_pin_is_read_from_the_server_log() {
+    fn the_addresses_and_certificate_are_read_from_the_server_log() {
         let hex = "f2ebf29e194b8a1ad4ff65097465b1fe39dcd9f44b28d23b93273f2972b7b5e3";
-        let log = format!("created a certificate\nqun listening ws=… cert_sha256={hex}\nmore");
-        assert_eq!(cert_sha256(&log), Some(hex));
-        assert_eq!(cert_sha256("qun listening ws=…"), None);
-        assert_eq!(cert_sha256("cert_sha256=abc"), None, "not a whole hash");
+        let line = format!(
+            "qun listening ws=ws://127.0.0.1:41001/ws http=127.0.0.1:41002 \
+             quic=quic://127.0.0.1:41003 cert_sha256={hex}"
+        );
+        let log = format!("created a certificate\n{line}\nmore");
+        let l = Listening::parse(&log).unwrap();
+        assert_eq!(l.cert_sha256, hex);
+        assert_eq!(l.ws, "ws://127.0.0.1:41001/ws");
+        assert_eq!(l.http, "127.0.0.1:41002");
+        assert_eq!(l.quic, "quic://127.0.0.1:41003");
+        assert_eq!(Listening::parse("qun listening ws=…"), None);
+        let short = line.replace(hex, "abc");
+        assert_eq!(Listening::parse(&short), None, "not a whole hash");
     }
 
     #[test]
