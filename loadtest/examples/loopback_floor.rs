@@ -25,7 +25,9 @@
 //! ```
 //!
 //! It prints deliveries/s, the latency percentiles, frames lost (queued to a
-//! full channel or not read) and how busy the machine was. Loopback only;
+//! full channel or not read) and how busy the machine was; `--json FILE`
+//! writes the same as a report `qun-loadtest compare --floor` reads, which
+//! runs this program beside each round of a fan-out comparison. Loopback only;
 //! bounded in time; every process stops by itself.
 
 use std::io::{BufRead, BufReader, IoSlice};
@@ -74,6 +76,12 @@ struct Args {
     /// wake-up per delivery).
     #[arg(long)]
     hop: bool,
+    /// Also write the figures as JSON to this file, shaped like a
+    /// `qun-loadtest` report (`latency.p99_ms`, `counts.lost`,
+    /// `figures.deliveries_per_sec`), as `qun-loadtest compare --floor`
+    /// reads them.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
     /// Internal: run as a member process connecting `--connections` to this
     /// address.
     #[arg(long, hide = true)]
@@ -203,6 +211,45 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
 
     let deliveries = produced * args.members as u64;
     let secs = args.duration as f64;
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let cpu = cpu_before.zip(cpu_after).map(|(a, b)| {
+        (
+            (b.busy - a.busy) as f64 / (b.total - a.total).max(1) as f64,
+            (b.own - a.own) as f64 / 100.0 / wall,
+        )
+    });
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "scenario": "floor",
+            "params": {
+                "groups": args.groups,
+                "members": args.members,
+                "rate": args.rate,
+                "duration_s": args.duration,
+                "workers": args.workers,
+                "hop": args.hop,
+            },
+            "latency": {
+                "p50_ms": ms(0.5),
+                "p99_ms": ms(0.99),
+                "p999_ms": ms(0.999),
+                "max_ms": latency.max() as f64 / 1000.0,
+            },
+            "counts": {
+                "expected": deliveries,
+                "received": received,
+                "dropped": dropped,
+                "lost": deliveries.saturating_sub(received),
+            },
+            "figures": {
+                "deliveries_per_sec": received as f64 / secs,
+                "machine_busy": cpu.map(|c| c.0),
+                "producer_cores": cpu.map(|c| c.1),
+            },
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
     println!(
         "groups {} × members {} at {} frames/s per group, {} s",
         args.groups, args.members, args.rate, args.duration
@@ -214,16 +261,15 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "latency ms: p50 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-        latency.value_at_quantile(0.5) as f64 / 1000.0,
-        latency.value_at_quantile(0.99) as f64 / 1000.0,
-        latency.value_at_quantile(0.999) as f64 / 1000.0,
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
         latency.max() as f64 / 1000.0,
     );
-    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+    if let Some((busy, own)) = cpu {
         println!(
-            "machine busy {:.0}%  this process {:.2} cores",
-            100.0 * (b.busy - a.busy) as f64 / (b.total - a.total).max(1) as f64,
-            (b.own - a.own) as f64 / 100.0 / wall,
+            "machine busy {:.0}%  this process {own:.2} cores",
+            100.0 * busy
         );
     }
     Ok(())

@@ -29,6 +29,15 @@
 //! `--transport quic` (the server's development certificate pinned by the
 //! hash it logs). Each run is bounded by `--timeout`, server start and stop
 //! by [`SERVER_START`] and [`SERVER_STOP`].
+//!
+//! With `--floor`, each round of a fan-out comparison also runs the loopback
+//! floor (`loadtest/examples/loopback_floor.rs`: the same writes and reads
+//! with no protocol, no store and no server logic) with the fan-out's
+//! groups, members, rate and duration. Its runs are the rows labelled
+//! `floor`, and every variant's run shows its p99 as a multiple of the floor
+//! of the same round (`× floor`): a figure that says how close Qun came to
+//! what the machine allowed at that moment, comparable between a fast hour
+//! and a slow one where the p99 alone is not.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -37,7 +46,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::Cli;
+use crate::{Cli, Scenario};
 
 /// The longest a server may take to answer on `/metrics` after it starts.
 pub(crate) const SERVER_START: Duration = Duration::from_secs(30);
@@ -139,6 +148,69 @@ pub(crate) struct Run {
     pub(crate) report: serde_json::Value,
 }
 
+/// The label of the loopback floor's runs (`--floor`).
+pub(crate) const FLOOR: &str = "floor";
+
+/// The loopback floor run beside each round of a fan-out comparison: the
+/// fan-out's pattern of writes with nothing of Qun in it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Floor {
+    /// The `loopback_floor` program.
+    pub(crate) program: PathBuf,
+    /// The fan-out's groups.
+    pub(crate) groups: usize,
+    /// The fan-out's members per group.
+    pub(crate) members: usize,
+    /// Frames a second per group: the fan-out's senders × their rate.
+    pub(crate) rate: f64,
+    /// The fan-out's duration in whole seconds, rounded up.
+    pub(crate) duration_s: u64,
+    /// Member processes: as many as the fan-out's workers.
+    pub(crate) workers: usize,
+}
+
+impl Floor {
+    /// The floor of the fan-out `scenario` (its arguments after `--`), for
+    /// a run that puts at most `per_worker` members in one process.
+    ///
+    /// # Errors
+    /// The scenario is not a valid `fanout`, or posts as fast as acks allow
+    /// (`--rate 0`): the floor has no acks to pace it.
+    pub(crate) fn of_fanout(
+        program: PathBuf,
+        scenario: &[String],
+        per_worker: usize,
+    ) -> anyhow::Result<Self> {
+        let cli = <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("qun-loadtest").chain(scenario.iter().map(String::as_str)),
+        )
+        .map_err(|e| anyhow::anyhow!("reading the scenario for --floor: {e}"))?;
+        let Scenario::Fanout {
+            groups,
+            members,
+            senders,
+            rate,
+            duration,
+        } = cli.scenario
+        else {
+            bail!("--floor goes with a fanout scenario: the floor makes a fan-out's writes");
+        };
+        if rate <= 0.0 || senders == 0 {
+            bail!("--floor needs the fan-out at a fixed --rate: the floor has no acks to pace it");
+        }
+        let duration: Duration = duration.into();
+        let total = groups * members;
+        Ok(Self {
+            program,
+            groups,
+            members,
+            rate: rate * senders as f64,
+            duration_s: duration.as_secs() + u64::from(duration.subsec_nanos() > 0),
+            workers: total.div_ceil(per_worker.max(1)).max(1),
+        })
+    }
+}
+
 /// Everything `compare` ran.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Comparison {
@@ -150,6 +222,9 @@ pub(crate) struct Comparison {
     pub(crate) variants: Vec<Variant>,
     /// The scenario's arguments.
     pub(crate) scenario: Vec<String>,
+    /// The loopback floor run in each round (`--floor`), whose runs are
+    /// labelled [`FLOOR`].
+    pub(crate) floor: Option<Floor>,
     /// Every run, in the order they ran.
     pub(crate) runs: Vec<Run>,
 }
@@ -176,18 +251,21 @@ pub(crate) fn check_scenario(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs every round and variant; the failing run's error names its data
-/// directory, which is kept.
+/// Runs every round and variant (and the floor, first in each round); the
+/// failing run's error names its data directory, which is kept.
 ///
 /// # Errors
-/// A variant's binary is missing, a server does not start or exits early,
-/// or a run fails (its exit status or a failed check).
+/// A variant's binary or the floor's program is missing, a variant is
+/// labelled `floor` beside `--floor`, the floor goes over QUIC, a server
+/// does not start or exits early, or a run fails (its exit status or a
+/// failed check).
 pub(crate) async fn run(
     cli: &Cli,
     rounds: u32,
     transport: Transport,
     variants: Vec<Variant>,
     scenario: Vec<String>,
+    floor: Option<Floor>,
 ) -> anyhow::Result<Comparison> {
     check_scenario(&scenario)?;
     if rounds == 0 {
@@ -195,6 +273,21 @@ pub(crate) async fn run(
     }
     if variants.is_empty() {
         bail!("give at least one --variant");
+    }
+    if let Some(floor) = &floor {
+        if transport == Transport::Quic {
+            bail!("the floor is TCP: compare it with WebSocket runs, not --transport quic");
+        }
+        if variants.iter().any(|v| v.label == FLOOR) {
+            bail!("the label {FLOOR:?} is the floor's runs; give the variant another");
+        }
+        if !floor.program.is_file() {
+            bail!(
+                "no loopback floor at {} (build it with `cargo build --release -p \
+                 qun-loadtest --example loopback_floor`, or pass --floor-program)",
+                floor.program.display()
+            );
+        }
     }
     for v in &variants {
         if !v.server.is_file() {
@@ -212,10 +305,21 @@ pub(crate) async fn run(
         transport,
         variants: variants.clone(),
         scenario: scenario.clone(),
+        floor: floor.clone(),
         runs: Vec::new(),
     };
-    let total = rounds as usize * variants.len();
+    let total = rounds as usize * (variants.len() + usize::from(floor.is_some()));
     for round in 1..=rounds {
+        if let Some(floor) = &floor {
+            eprintln!(
+                "qun-loadtest compare: run {} of {total}: round {round}, the loopback floor",
+                comparison.runs.len() + 1
+            );
+            let run = floor_run(cli, round, floor)
+                .await
+                .with_context(|| format!("round {round}, the loopback floor"))?;
+            comparison.runs.push(run);
+        }
         for variant in &variants {
             eprintln!(
                 "qun-loadtest compare: run {} of {total}: round {round}, variant {}",
@@ -320,6 +424,52 @@ async fn one_run(
     Ok(Run {
         round,
         variant: variant.label.clone(),
+        data_dir: dir,
+        report,
+    })
+}
+
+/// Runs the loopback floor once, bounded by `--timeout`.
+async fn floor_run(cli: &Cli, round: u32, floor: &Floor) -> anyhow::Result<Run> {
+    let dir = std::env::temp_dir().join(format!(
+        "qun-compare-{}-{round}-{FLOOR}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("report.json");
+    let mut program = tokio::process::Command::new(&floor.program);
+    program
+        .arg("--groups")
+        .arg(floor.groups.to_string())
+        .arg("--members")
+        .arg(floor.members.to_string())
+        .arg("--rate")
+        .arg(floor.rate.to_string())
+        .arg("--duration")
+        .arg(floor.duration_s.to_string())
+        .arg("--workers")
+        .arg(floor.workers.to_string())
+        .arg("--json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let timeout: Duration = cli.timeout.into();
+    let status = tokio::time::timeout(timeout, program.status())
+        .await
+        .map_err(|_| anyhow::anyhow!("the floor did not end within --timeout {}", cli.timeout))?
+        .with_context(|| format!("running {}", floor.program.display()))?;
+    let report = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let report = match (status.success(), report) {
+        (true, Some(report)) => report,
+        (true, None) => bail!("the floor wrote no report to {}", json.display()),
+        (false, _) => bail!("the floor failed ({status})"),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Run {
+        round,
+        variant: FLOOR.to_string(),
         data_dir: dir,
         report,
     })
@@ -430,11 +580,27 @@ impl Comparison {
             self.scenario.join(" ")
         );
         out.push_str(&format!(
-            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8}\n",
-            "variant", "round", "p50 ms", "p99 ms", "max ms", "lost", "per sec", "server"
+            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8}\n",
+            "variant",
+            "round",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "lost",
+            "per sec",
+            "server",
+            "× floor"
         ));
-        for variant in &self.variants {
-            for run in self.runs.iter().filter(|r| r.variant == variant.label) {
+        // The floor's p99 of a round, which that round's runs are set against.
+        let floor_p99 = |round: u32| {
+            self.runs
+                .iter()
+                .find(|r| r.round == round && r.variant == FLOOR)
+                .and_then(|r| r.report["latency"]["p99_ms"].as_f64())
+                .filter(|p99| *p99 > 0.0)
+        };
+        for label in self.labels() {
+            for run in self.runs.iter().filter(|r| r.variant == label) {
                 let r = &run.report;
                 let num = |v: &serde_json::Value, digits: usize| {
                     v.as_f64()
@@ -445,9 +611,13 @@ impl Comparison {
                     .map(|k| &r["figures"][*k])
                     .find(|v| !v.is_null())
                     .unwrap_or(&serde_json::Value::Null);
+                let times_floor = match (r["latency"]["p99_ms"].as_f64(), floor_p99(run.round)) {
+                    (Some(p99), Some(floor)) if label != FLOOR => format!("{:.2}", p99 / floor),
+                    _ => "-".to_string(),
+                };
                 out.push_str(&format!(
-                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8}\n",
-                    variant.label,
+                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8}\n",
+                    label,
                     run.round,
                     num(&r["latency"]["p50_ms"], 1),
                     num(&r["latency"]["p99_ms"], 1),
@@ -457,29 +627,46 @@ impl Comparison {
                         .map_or_else(|| "-".to_string(), |n| n.to_string()),
                     num(per_sec, 0),
                     num(&r["figures"]["server_cores"], 2),
+                    times_floor,
                 ));
             }
         }
         // The median of each variant's runs, the figure to compare by when
         // one run of a series was disturbed.
-        for variant in &self.variants {
+        for label in self.labels() {
+            let runs = || self.runs.iter().filter(move |r| r.variant == label);
             let of = |key: &str| {
                 median(
-                    self.runs
-                        .iter()
-                        .filter(|r| r.variant == variant.label)
+                    runs()
                         .filter_map(|r| r.report["latency"][key].as_f64())
                         .collect(),
                 )
             };
             if let (Some(p50), Some(p99)) = (of("p50_ms"), of("p99_ms")) {
                 out.push_str(&format!(
-                    "  {:<14} median of its runs: p50 {p50:.1} ms, p99 {p99:.1} ms\n",
-                    variant.label
+                    "  {label:<14} median of its runs: p50 {p50:.1} ms, p99 {p99:.1} ms"
                 ));
+                let ratios = runs()
+                    .filter(|_| label != FLOOR)
+                    .filter_map(|r| {
+                        Some(r.report["latency"]["p99_ms"].as_f64()? / floor_p99(r.round)?)
+                    })
+                    .collect();
+                if let Some(ratio) = median(ratios) {
+                    out.push_str(&format!(", p99 {ratio:.2} × the floor"));
+                }
+                out.push('\n');
             }
         }
         out
+    }
+
+    /// The variants' labels in the order given, then the floor's.
+    fn labels(&self) -> impl Iterator<Item = &str> {
+        self.variants
+            .iter()
+            .map(|v| v.label.as_str())
+            .chain(self.floor.is_some().then_some(FLOOR))
     }
 }
 
@@ -558,6 +745,7 @@ mod tests {
             transport: Transport::Ws,
             variants: vec![variant("one"), variant("two")],
             scenario: vec!["fanout".into()],
+            floor: None,
             runs: vec![
                 run(1, "one", 40.0, 130.0),
                 run(1, "two", 60.0, 200.0),
@@ -589,8 +777,114 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("p50 62.0 ms, p99 200.0 ms"), "{table}");
+        assert!(
+            !table.contains("× the floor"),
+            "no floor, no ratio: {table}"
+        );
         assert_eq!(median(vec![3.0, 1.0]), Some(2.0));
         assert_eq!(median(Vec::new()), None);
+
+        // With the floor: its rows come last, and each run's p99 is set
+        // against the floor of its own round, not another's.
+        let mut c = c;
+        c.floor = Some(
+            Floor::of_fanout(
+                PathBuf::from("/opt/floor"),
+                &["fanout".into(), "--rate".into(), "60".into()],
+                2_500,
+            )
+            .unwrap(),
+        );
+        c.runs.extend([
+            run(1, FLOOR, 10.0, 65.0),
+            run(2, FLOOR, 9.0, 55.0),
+            run(3, FLOOR, 30.0, 250.0),
+        ]);
+        let table = c.table();
+        let rows: Vec<&str> = table.lines().filter(|l| l.contains("297000")).collect();
+        assert_eq!(rows.len(), 9, "{table}");
+        assert!(
+            rows[6..]
+                .iter()
+                .all(|r| r.trim_start().starts_with("floor")),
+            "{table}"
+        );
+        // 130 / 65, 110 / 55, 500 / 250: "one" was twice the floor in every round.
+        assert!(rows[0].trim_end().ends_with("2.00"), "{table}");
+        assert!(rows[2].trim_end().ends_with("2.00"), "{table}");
+        assert!(rows[3].trim_end().ends_with("3.08"), "200 / 65: {table}");
+        assert!(
+            rows[6].trim_end().ends_with('-'),
+            "the floor against itself: {table}"
+        );
+        assert!(
+            table.contains(
+                "one            median of its runs: p50 42.0 ms, p99 130.0 ms, p99 2.00 × the floor"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("floor          median of its runs: p50 10.0 ms, p99 65.0 ms\n"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_floor_takes_the_fanouts_shape() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let floor = Floor::of_fanout(
+            PathBuf::from("/opt/floor"),
+            &args(&[
+                "fanout",
+                "--groups",
+                "1",
+                "--members",
+                "5000",
+                "--senders",
+                "3",
+                "--rate",
+                "20",
+                "--duration",
+                "15500ms",
+            ]),
+            2_000,
+        )
+        .unwrap();
+        assert_eq!(
+            floor,
+            Floor {
+                program: PathBuf::from("/opt/floor"),
+                groups: 1,
+                members: 5_000,
+                rate: 60.0,
+                duration_s: 16,
+                workers: 3,
+            }
+        );
+        // The fan-out's defaults, as the fan-out itself would take them.
+        let floor =
+            Floor::of_fanout(PathBuf::new(), &args(&["fanout", "--rate", "60"]), 2_500).unwrap();
+        assert_eq!(
+            (floor.groups, floor.members, floor.duration_s, floor.workers),
+            (100, 50, 10, 2)
+        );
+        for (bad, says) in [
+            (args(&["fanout"]), "fixed --rate"),
+            (
+                args(&["fanout", "--rate", "60", "--senders", "0"]),
+                "fixed --rate",
+            ),
+            (
+                args(&["flash-sale", "--members", "10"]),
+                "goes with a fanout",
+            ),
+            (args(&["fanout", "--rate", "fast"]), "reading the scenario"),
+        ] {
+            let e = Floor::of_fanout(PathBuf::new(), &bad, 2_500)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]

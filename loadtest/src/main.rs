@@ -164,6 +164,18 @@ pub(crate) enum Scenario {
         /// `qun` next to this binary, as `cargo build` leaves it).
         #[arg(long)]
         server: Option<PathBuf>,
+        /// Also run the loopback floor (the same writes and reads with
+        /// nothing of Qun in them) first in each round, with the fan-out's
+        /// groups, members, rate and duration; each run's p99 is then also
+        /// shown as a multiple of its round's floor. Fan-out at a fixed
+        /// `--rate`, over WebSocket, only.
+        #[arg(long)]
+        floor: bool,
+        /// The floor's program (default: `examples/loopback_floor` beside
+        /// this binary, as `cargo build --release -p qun-loadtest --example
+        /// loopback_floor` leaves it).
+        #[arg(long, requires = "floor")]
+        floor_program: Option<PathBuf>,
         /// The scenario and its options, after `--`: `-- fanout --groups
         /// 100 --members 50 --rate 60 --duration 15s`.
         #[arg(last = true, required = true)]
@@ -261,21 +273,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Scenario::Compare {
-        rounds,
-        transport,
-        variants,
-        server,
-        scenario,
-    } = &cli.scenario
-    {
-        return runtime.block_on(compare(
-            &cli,
-            (*rounds, *transport),
-            variants,
-            server.as_deref(),
-            scenario,
-        ));
+    if matches!(cli.scenario, Scenario::Compare { .. }) {
+        return runtime.block_on(compare(&cli));
     }
     let timeout: Duration = cli.timeout.into();
     match runtime.block_on(async { tokio::time::timeout(timeout, coordinator::run(&cli)).await }) {
@@ -300,23 +299,43 @@ fn main() -> ExitCode {
 }
 
 /// `qun-loadtest compare`: every round and variant, then the table.
-async fn compare(
-    cli: &Cli,
-    (rounds, transport): (u32, compare::Transport),
-    variants: &[String],
-    server: Option<&std::path::Path>,
-    scenario: &[String],
-) -> ExitCode {
+async fn compare(cli: &Cli) -> ExitCode {
+    let Scenario::Compare {
+        rounds,
+        transport,
+        variants,
+        server,
+        floor,
+        floor_program,
+        scenario,
+    } = &cli.scenario
+    else {
+        return ExitCode::FAILURE;
+    };
     let result = async {
+        let exe = std::env::current_exe()?;
         let default_server = match server {
-            Some(path) => path.to_path_buf(),
-            None => std::env::current_exe()?.with_file_name("qun"),
+            Some(path) => path.clone(),
+            None => exe.with_file_name("qun"),
         };
         let variants = variants
             .iter()
             .map(|v| compare::Variant::parse(v, &default_server))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let comparison = compare::run(cli, rounds, transport, variants, scenario.to_vec()).await?;
+        let floor = if *floor {
+            let program = floor_program
+                .clone()
+                .unwrap_or_else(|| exe.with_file_name("examples").join("loopback_floor"));
+            Some(compare::Floor::of_fanout(
+                program,
+                scenario,
+                cli.per_worker,
+            )?)
+        } else {
+            None
+        };
+        let comparison =
+            compare::run(cli, *rounds, *transport, variants, scenario.to_vec(), floor).await?;
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_vec_pretty(&comparison)?)
                 .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;

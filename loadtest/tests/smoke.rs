@@ -341,6 +341,26 @@ fn qun_binary() -> std::path::PathBuf {
     qun
 }
 
+/// The loopback floor `compare --floor` runs by default, built now: a
+/// test of one target does not build the package's examples, so the one
+/// there may be missing or older than this source.
+fn floor_program() -> std::path::PathBuf {
+    let loadtest = std::path::Path::new(env!("CARGO_BIN_EXE_qun-loadtest"));
+    let release = loadtest.parent().is_some_and(|d| d.ends_with("release"));
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-p", "qun-loadtest", "--example", "loopback_floor"])
+        .args(release.then_some("--release"))
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cargo build --example loopback_floor failed"
+    );
+    let floor = loadtest.with_file_name("examples").join("loopback_floor");
+    assert!(floor.is_file(), "no {} after building it", floor.display());
+    floor
+}
+
 /// Directories in `dir` whose name starts with `qun-compare-`.
 fn compare_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(dir)
@@ -443,6 +463,88 @@ fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
     let b: Vec<&str> = table.lines().filter(|l| l.starts_with("  b ")).collect();
     assert_eq!(b.len(), 3, "two runs and the median: {table}");
     assert!(b[2].contains("median of its runs"), "{table}");
+}
+
+#[test]
+fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let floor = floor_program();
+    let fanout = [
+        "fanout",
+        "--groups",
+        "2",
+        "--members",
+        "3",
+        "--senders",
+        "2",
+        "--rate",
+        "5",
+        "--duration",
+        "1s",
+    ];
+    let (out, c) = compare(
+        tmp.path(),
+        &[
+            "--rounds",
+            "1",
+            "--variant",
+            "a",
+            "--floor",
+            "--floor-program",
+            floor.to_str().unwrap(),
+        ],
+        &fanout,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let order: Vec<&str> = c["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["floor", "a"], "{c}");
+    // The floor took the fan-out's shape: 2 senders × 5 a second per group.
+    assert_eq!(c["floor"]["rate"], 10.0, "{c}");
+    let r = &c["runs"][0]["report"];
+    assert_eq!(r["scenario"], "floor", "{r}");
+    assert_eq!(r["params"]["groups"], 2, "{r}");
+    assert_eq!(r["params"]["members"], 3, "{r}");
+    // About 10 frames a second to 2 × 3 members for 1 s, every one read.
+    let received = r["counts"]["received"].as_u64().unwrap();
+    assert!((30..=90).contains(&received), "{r}");
+    assert_eq!(r["counts"]["lost"], 0, "{r}");
+    assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("× floor"), "{table}");
+    let a: Vec<&str> = table.lines().filter(|l| l.starts_with("  a ")).collect();
+    assert!(
+        a[0].trim_end().ends_with(|c: char| c.is_ascii_digit()),
+        "a's run has its multiple of the floor: {table}"
+    );
+    assert!(a[1].contains("× the floor"), "{table}");
+
+    // A floor that is not there is refused before any server starts.
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, c) = compare(
+        tmp.path(),
+        &[
+            "--variant",
+            "a",
+            "--floor",
+            "--floor-program",
+            "/nonexistent/loopback_floor",
+        ],
+        &fanout,
+    );
+    assert!(!out.status.success());
+    assert_eq!(c, serde_json::Value::Null);
+    let e = stderr(&out);
+    assert!(
+        e.contains("no loopback floor at /nonexistent/loopback_floor"),
+        "{e}"
+    );
+    assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
 }
 
 #[test]
