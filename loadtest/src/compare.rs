@@ -461,12 +461,13 @@ async fn floor_run(cli: &Cli, round: u32, floor: &Floor) -> anyhow::Result<Run> 
     let report = std::fs::read(&json)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    // The floor keeps nothing else there: its output went to this one's.
+    let _ = std::fs::remove_dir_all(&dir);
     let report = match (status.success(), report) {
         (true, Some(report)) => report,
-        (true, None) => bail!("the floor wrote no report to {}", json.display()),
-        (false, _) => bail!("the floor failed ({status})"),
+        (true, None) => bail!("the floor wrote no report"),
+        (false, _) => bail!("the floor failed ({status}); its output is above"),
     };
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(Run {
         round,
         variant: FLOOR.to_string(),
