@@ -404,9 +404,7 @@ async fn one_run(
             .status()
             .await
             .context("running the scenario")?;
-        let report = std::fs::read(&json)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let report = read_report(&json);
         match (status.success(), report) {
             (true, Some(report)) => Ok(report),
             (true, None) => bail!("the scenario wrote no report to {}", json.display()),
@@ -438,17 +436,16 @@ async fn floor_run(cli: &Cli, round: u32, floor: &Floor) -> anyhow::Result<Run> 
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = dir.join("report.json");
     let mut program = tokio::process::Command::new(&floor.program);
+    for (option, value) in [
+        ("--groups", floor.groups.to_string()),
+        ("--members", floor.members.to_string()),
+        ("--rate", floor.rate.to_string()),
+        ("--duration", floor.duration_s.to_string()),
+        ("--workers", floor.workers.to_string()),
+    ] {
+        program.arg(option).arg(value);
+    }
     program
-        .arg("--groups")
-        .arg(floor.groups.to_string())
-        .arg("--members")
-        .arg(floor.members.to_string())
-        .arg("--rate")
-        .arg(floor.rate.to_string())
-        .arg("--duration")
-        .arg(floor.duration_s.to_string())
-        .arg("--workers")
-        .arg(floor.workers.to_string())
         .arg("--json")
         .arg(&json)
         .stdin(Stdio::null())
@@ -458,9 +455,7 @@ async fn floor_run(cli: &Cli, round: u32, floor: &Floor) -> anyhow::Result<Run> 
         .await
         .map_err(|_| anyhow::anyhow!("the floor did not end within --timeout {}", cli.timeout))?
         .with_context(|| format!("running {}", floor.program.display()))?;
-    let report = std::fs::read(&json)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let report = read_report(&json);
     // The floor keeps nothing else there: its output went to this one's.
     let _ = std::fs::remove_dir_all(&dir);
     let report = match (status.success(), report) {
@@ -474,6 +469,11 @@ async fn floor_run(cli: &Cli, round: u32, floor: &Floor) -> anyhow::Result<Run> 
         data_dir: dir,
         report,
     })
+}
+
+/// The report a run wrote with `--json`, if it wrote a whole one.
+fn read_report(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// Waits until the server has said where it listens and answers on its
