@@ -111,7 +111,7 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
             mode,
             behind,
         } => history(&ctx, &agent, clients, messages, mode, behind).await?,
-        Scenario::Worker { .. } | Scenario::Compare { .. } => {
+        Scenario::Worker { .. } | Scenario::Compare(_) => {
             bail!("worker and compare are not scenarios")
         }
     };

@@ -148,45 +148,49 @@ pub(crate) enum Scenario {
     /// report in one file). Each run's server gets its own data directory
     /// and free loopback ports; `--scheduling`, `--per-worker`, `--sources`
     /// and `--timeout` go to every run.
-    Compare {
-        /// Runs of each variant, alternating.
-        #[arg(long, default_value_t = 3)]
-        rounds: u32,
-        /// The server's listener the runs use.
-        #[arg(long, value_enum, default_value_t = compare::Transport::Ws)]
-        transport: compare::Transport,
-        /// `LABEL` or `LABEL=NAME=VALUE …`: the server's environment for
-        /// this variant (`"one=QUN_WORKER_THREADS=1"`); `QUN_BIN=PATH` runs
-        /// another `qun` binary (an older build). Repeat for each variant.
-        #[arg(long = "variant", required = true)]
-        variants: Vec<String>,
-        /// The `qun` binary of variants without `QUN_BIN` (default: the
-        /// `qun` next to this binary, as `cargo build` leaves it).
-        #[arg(long)]
-        server: Option<PathBuf>,
-        /// Also run the loopback floor (the same writes and reads with
-        /// nothing of Qun in them) first in each round, with the fan-out's
-        /// groups, members, rate and duration; each run's p99 is then also
-        /// shown as a multiple of its round's floor. Fan-out at a fixed
-        /// `--rate`, over WebSocket, only.
-        #[arg(long)]
-        floor: bool,
-        /// The floor's program (default: `examples/loopback_floor` beside
-        /// this binary, as `cargo build --release -p qun-loadtest --example
-        /// loopback_floor` leaves it).
-        #[arg(long, requires = "floor")]
-        floor_program: Option<PathBuf>,
-        /// The scenario and its options, after `--`: `-- fanout --groups
-        /// 100 --members 50 --rate 60 --duration 15s`.
-        #[arg(last = true, required = true)]
-        scenario: Vec<String>,
-    },
+    Compare(CompareArgs),
     /// (internal) Run a share of the members; driven over stdin/stdout.
     #[command(hide = true)]
     Worker {
         #[arg(long)]
         spec: String,
     },
+}
+
+/// The options of `compare` (see [`Scenario::Compare`]).
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct CompareArgs {
+    /// Runs of each variant, alternating.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// The server's listener the runs use.
+    #[arg(long, value_enum, default_value_t = compare::Transport::Ws)]
+    transport: compare::Transport,
+    /// `LABEL` or `LABEL=NAME=VALUE …`: the server's environment for
+    /// this variant (`"one=QUN_WORKER_THREADS=1"`); `QUN_BIN=PATH` runs
+    /// another `qun` binary (an older build). Repeat for each variant.
+    #[arg(long = "variant", required = true)]
+    variants: Vec<String>,
+    /// The `qun` binary of variants without `QUN_BIN` (default: the
+    /// `qun` next to this binary, as `cargo build` leaves it).
+    #[arg(long)]
+    server: Option<PathBuf>,
+    /// Also run the loopback floor (the same writes and reads with
+    /// nothing of Qun in them) first in each round, with the fan-out's
+    /// groups, members, rate and duration; each run's p99 is then also
+    /// shown as a multiple of its round's floor. Fan-out at a fixed
+    /// `--rate`, over WebSocket, only.
+    #[arg(long)]
+    floor: bool,
+    /// The floor's program (default: `examples/loopback_floor` beside
+    /// this binary, as `cargo build --release -p qun-loadtest --example
+    /// loopback_floor` leaves it).
+    #[arg(long, requires = "floor")]
+    floor_program: Option<PathBuf>,
+    /// The scenario and its options, after `--`: `-- fanout --groups
+    /// 100 --members 50 --rate 60 --duration 15s`.
+    #[arg(last = true, required = true)]
+    scenario: Vec<String>,
 }
 
 /// What the history scenario storms.
@@ -242,10 +246,8 @@ fn main() -> ExitCode {
     // processes, inherit it. A worker keeps what its coordinator gave it.
     // Not `compare` either: its servers must run as any process, and each
     // run it starts applies the policy to itself.
-    if !matches!(
-        cli.scenario,
-        Scenario::Worker { .. } | Scenario::Compare { .. }
-    ) && let Err(e) = cli.scheduling.apply()
+    if !matches!(cli.scenario, Scenario::Worker { .. } | Scenario::Compare(_))
+        && let Err(e) = cli.scheduling.apply()
     {
         eprintln!("qun-loadtest: {e}");
         return ExitCode::FAILURE;
@@ -273,8 +275,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    if matches!(cli.scenario, Scenario::Compare { .. }) {
-        return runtime.block_on(compare(&cli));
+    if let Scenario::Compare(args) = &cli.scenario {
+        return runtime.block_on(compare(&cli, args));
     }
     let timeout: Duration = cli.timeout.into();
     match runtime.block_on(async { tokio::time::timeout(timeout, coordinator::run(&cli)).await }) {
@@ -299,8 +301,8 @@ fn main() -> ExitCode {
 }
 
 /// `qun-loadtest compare`: every round and variant, then the table.
-async fn compare(cli: &Cli) -> ExitCode {
-    let Scenario::Compare {
+async fn compare(cli: &Cli, args: &CompareArgs) -> ExitCode {
+    let CompareArgs {
         rounds,
         transport,
         variants,
@@ -308,10 +310,7 @@ async fn compare(cli: &Cli) -> ExitCode {
         floor,
         floor_program,
         scenario,
-    } = &cli.scenario
-    else {
-        return ExitCode::FAILURE;
-    };
+    } = args;
     let result = async {
         let exe = std::env::current_exe()?;
         let default_server = match server {
