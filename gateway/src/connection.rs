@@ -912,6 +912,9 @@ fn write_loop(
                     }
                     Next::Reply(Reply::End) => {
                         metrics.frames_out.add(written);
+                        if written > 0 {
+                            metrics.frame_batches.add(1);
+                        }
                         let _ = sink.flush().await;
                         break 'writing;
                     }
@@ -928,6 +931,9 @@ fn write_loop(
                 next = outbox.try_next().ok();
             }
             metrics.frames_out.add(written);
+            if written > 0 {
+                metrics.frame_batches.add(1);
+            }
             if sink.flush().await.is_err() {
                 outbox.close();
                 return;

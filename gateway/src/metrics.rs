@@ -29,6 +29,10 @@ pub struct Metrics {
     /// Frames written to clients: added to once per write of every
     /// connection, so on both cores at once.
     pub frames_out: StripedCounter,
+    /// Writes of frames to clients: one per flush of a connection's writer,
+    /// however many frames it held. `frames_out` over this is how many
+    /// frames a write carries; a busy server's writers find more waiting.
+    pub frame_batches: StripedCounter,
     /// Error frames sent.
     pub errors_sent: AtomicU64,
     /// Out-of-sync notices sent.
@@ -228,6 +232,12 @@ impl Metrics {
             "counter",
             "Frames written to clients.",
             self.frames_out.get(),
+        );
+        put(
+            "qun_frame_batches_total",
+            "counter",
+            "Writes of frames to clients, one per flush of a connection's writer (frames out / batches = frames per write).",
+            self.frame_batches.get(),
         );
         put(
             "qun_error_frames_total",

@@ -398,12 +398,20 @@ async fn health_and_metrics_over_http() {
     // Every request so far (Hello, create, join, send) was answered, so at
     // least as many frames went out as came in, whichever writer thread
     // counted them.
+    // The writes first: a write's frames are counted before it is.
+    let batches = server.metric("qun_frame_batches_total").await;
     let (frames_in, frames_out) = (
         server.metric("qun_frames_in_total").await,
         server.metric("qun_frames_out_total").await,
     );
     assert!(frames_in >= 4, "{frames_in}");
     assert!(frames_out >= frames_in, "{frames_out} out, {frames_in} in");
+    // Each write carries one frame or more: never more writes than frames,
+    // and some writes were made.
+    assert!(
+        (1..=frames_out).contains(&batches),
+        "{batches} writes of {frames_out} frames"
+    );
     assert!(!metrics.contains("request=\"vote\""), "{metrics}");
     // The embedded store's group commits: at least the new group (with its
     // creator) and the message were submitted, and each submission's time

@@ -482,6 +482,20 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
             after.saturating_sub(before),
         );
     }
+    if let (Some((frames, writes)), Some((frames_before, writes_before))) =
+        (after.frames_and_writes, before.frames_and_writes)
+    {
+        // Frames per write: under load a connection's writer finds several
+        // waiting and writes them with one system call.
+        let writes = writes.saturating_sub(writes_before);
+        r.counts.insert("server_writes".into(), writes);
+        if writes > 0 {
+            r.figures.insert(
+                "server_frames_per_write".into(),
+                frames.saturating_sub(frames_before) as f64 / writes as f64,
+            );
+        }
+    }
     if let Some(workers) = after.runtime_workers {
         // How the server was set up is part of what was measured.
         r.params

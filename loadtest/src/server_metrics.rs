@@ -1,8 +1,10 @@
 //! The server's own account of latency: its `qun_request_duration_seconds`,
 //! `qun_store_durable_seconds` and `qun_fanout_wait_seconds` histograms
 //! (and the count of sends that
-//! cost a store read, `qun_sent_index_reads_total`, and the runtime's
-//! threads, `qun_runtime_workers`), read
+//! cost a store read, `qun_sent_index_reads_total`, the runtime's
+//! threads, `qun_runtime_workers`, and the frames and writes of the
+//! connections' writers, `qun_frames_out_total` and
+//! `qun_frame_batches_total`), read
 //! from `/metrics` before and after the measured phase. End-to-end latency
 //! (what members measure) includes the load generator, which shares this
 //! machine's cores; the difference of the two scrapes is the server's share
@@ -24,6 +26,10 @@ const FANOUT_WAIT: &str = "qun_fanout_wait_seconds_bucket";
 const SENT_INDEX_READS: &str = "qun_sent_index_reads_total";
 /// Threads of the server's async runtime (its `worker_threads`).
 const RUNTIME_WORKERS: &str = "qun_runtime_workers";
+/// Frames the connections' writers wrote.
+const FRAMES_OUT: &str = "qun_frames_out_total";
+/// Writes they made, one per batch of frames.
+const FRAME_BATCHES: &str = "qun_frame_batches_total";
 
 /// One read of the server's `/metrics`.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +47,9 @@ pub(crate) struct Scrape {
     /// Threads of the server's async runtime (absent from servers older
     /// than the gauge).
     pub(crate) runtime_workers: Option<u64>,
+    /// Frames written to clients, and the writes that carried them
+    /// (absent from servers older than the batch counter).
+    pub(crate) frames_and_writes: Option<(u64, u64)>,
 }
 
 impl Scrape {
@@ -55,6 +64,7 @@ impl Scrape {
             fanout_wait: Buckets::parse_named(page, FANOUT_WAIT)?,
             sent_index_reads: counter(page, SENT_INDEX_READS),
             runtime_workers: counter(page, RUNTIME_WORKERS),
+            frames_and_writes: counter(page, FRAMES_OUT).zip(counter(page, FRAME_BATCHES)),
         })
     }
 }
@@ -224,6 +234,21 @@ mod tests {
         assert_eq!(run.quantile_bound_ms(0.999), Some(100.0));
         let slow = Buckets::parse(&page([0, 0, 0, 5])).unwrap();
         assert_eq!(slow.quantile_bound_ms(0.5), None, "beyond the last bound");
+    }
+
+    #[test]
+    fn frames_and_writes_are_read_only_together() {
+        let both = format!(
+            "{}qun_frames_out_total 30\nqun_frame_batches_total 12\n",
+            page([1, 1, 1, 1])
+        );
+        assert_eq!(
+            Scrape::parse(&both).unwrap().frames_and_writes,
+            Some((30, 12))
+        );
+        // A server from before the batch counter: no ratio to make.
+        let older = format!("{}qun_frames_out_total 30\n", page([1, 1, 1, 1]));
+        assert_eq!(Scrape::parse(&older).unwrap().frames_and_writes, None);
     }
 
     #[test]

@@ -127,6 +127,12 @@ async fn fanout_and_flash_sale_measure_and_check() {
     assert!(turns >= 1, "{r}");
     let wait_p99 = r["figures"]["server_fanout_wait_p99_ms_at_most"].as_f64();
     assert!(wait_p99.unwrap() > 0.0, "{r}");
+    // Its writers: every delivery was written in the phase (and the acks),
+    // in at least one write, each of one frame or more.
+    let writes = r["counts"]["server_writes"].as_u64().unwrap();
+    assert!(writes >= 1, "{r}");
+    let per_write = r["figures"]["server_frames_per_write"].as_f64().unwrap();
+    assert!(per_write >= 1.0, "{r}");
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
     // By default the load generator runs under SCHED_BATCH, and every
     // worker said it inherited it (or the run would have failed).
