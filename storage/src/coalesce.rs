@@ -264,6 +264,10 @@ impl<S: Store> Store for Coalescing<S> {
         self.inner.find_sent(group_id, sender_id, client_msg_id)
     }
 
+    fn replies_to(&self, group_id: u64, seq: u64) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
+        self.inner.replies_to(group_id, seq)
+    }
+
     fn load_read_marks(
         &self,
         group_id: u64,

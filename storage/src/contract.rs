@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::records::{
     AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
     GroupRecord, JoinRequestRecord, MemberFlagsRecord, MemberRecord, MessageRecord, ObjectRecord,
-    PinRecord, ProductRecord, ReportRecord, ScheduleRecord, SentRecord,
+    PinRecord, ProductRecord, QuoteRecord, ReportRecord, ScheduleRecord, SentRecord,
 };
 use crate::{FeedbackDay, ReachUse, Store, StoreExt, WriteOp, keys::BUCKET_SIZE};
 
@@ -39,6 +39,7 @@ pub async fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
     products_and_cards(&mut fresh()).await;
     reach_feedback_mutes_and_reports(&mut fresh()).await;
     rewritten_messages_and_member_flags(&mut fresh()).await;
+    replies_are_indexed_under_what_they_quote(&mut fresh()).await;
     faq_entries_and_pins(&mut fresh()).await;
     auto_reply_rules(&mut fresh()).await;
     join_requests(&mut fresh()).await;
@@ -547,6 +548,47 @@ pub async fn reach_feedback_mutes_and_reports<H: Harness>(h: &mut H) {
 /// A rewritten message replaces the stored one in place (and leaves the
 /// sent index alone); member flags are per user, removed when all zero, and
 /// outlive the member's removal. All of it survives a restart.
+/// A reply's append indexes it under the message it quotes, per group, in
+/// seq order, across a reopen; a rewrite adds nothing.
+pub async fn replies_are_indexed_under_what_they_quote<H: Harness>(h: &mut H) {
+    let s = h.open().await;
+    let reply = |group_id: u64, seq: u64, to: u64| MessageRecord {
+        reply_to: to,
+        quote: Some(QuoteRecord {
+            seq: to,
+            sender_id: "u1".into(),
+            sender_name: "Buyer".into(),
+            text: format!("message {to}"),
+            ..Default::default()
+        }),
+        ..msg(group_id, seq)
+    };
+    s.write(vec![
+        WriteOp::AppendMessage(msg(14, 1)),
+        WriteOp::AppendMessage(msg(14, 2)),
+        WriteOp::AppendMessage(reply(14, 3, 1)),
+        WriteOp::AppendMessage(reply(15, 3, 1)),
+    ])
+    .await
+    .unwrap();
+    s.write(vec![
+        WriteOp::AppendMessage(reply(14, 4, 2)),
+        WriteOp::AppendMessage(reply(14, 5, 1)),
+        WriteOp::RewriteMessage(reply(14, 3, 1)),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.replies_to(14, 1).await.unwrap(), [3, 5]);
+    assert_eq!(s.replies_to(14, 2).await.unwrap(), [4]);
+    assert!(s.replies_to(14, 3).await.unwrap().is_empty());
+    assert_eq!(s.replies_to(15, 1).await.unwrap(), [3], "groups do not mix");
+    assert!(s.replies_to(16, 1).await.unwrap().is_empty());
+    s.close().await.unwrap();
+    let s = h.open().await;
+    assert_eq!(s.replies_to(14, 1).await.unwrap(), [3, 5], "after reopen");
+    s.close().await.unwrap();
+}
+
 pub async fn rewritten_messages_and_member_flags<H: Harness>(h: &mut H) {
     let s = h.open().await;
     let mut first = msg(12, 1);

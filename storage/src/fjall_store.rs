@@ -406,6 +406,12 @@ fn open_tables(folder: &std::path::Path, of: usize) -> Result<Tables, StorageErr
         db,
     };
     migrate::messages_to_seq_keys(&tables.db, tables.get(Table::Messages), folder)?;
+    migrate::index_replies(
+        &tables.db,
+        tables.get(Table::Messages),
+        tables.get(Table::Replies),
+        folder,
+    )?;
     Ok(tables)
 }
 
@@ -534,6 +540,10 @@ tables! {
     /// moved here when opened (`migrate.rs`).
     Messages => "messages_v2",
     Sent => "sent",
+    /// `group_id | quoted seq | reply seq → []`: the reply index. Folders
+    /// from before 2026-12-03 have it built from their messages when
+    /// opened (`migrate.rs`).
+    Replies => "replies",
     ReadMarks => "read_marks",
     Objects => "objects",
     Entries => "entries",
@@ -662,6 +672,13 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
                         Table::Sent,
                         keys::sent_key(msg.group_id, &msg.sender_id, &msg.client_msg_id),
                         &sent,
+                    );
+                }
+                if msg.reply_to != 0 {
+                    out.insert(
+                        Table::Replies,
+                        keys::reply_key(msg.group_id, msg.reply_to, msg.seq),
+                        [],
                     );
                 }
             }
@@ -1100,6 +1117,22 @@ impl Store for FjallStore {
         self.read_group(group_id, move |t| decode_one(t, Table::Sent, key))
     }
 
+    fn replies_to(&self, group_id: u64, seq: u64) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
+        self.read_group(group_id, move |t| {
+            t.get(Table::Replies)
+                .prefix(keys::message_key(group_id, seq))
+                .map(|guard| {
+                    let k = guard.key().map_err(read_err)?;
+                    let reply: [u8; 8] = k
+                        .get(16..)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(|| StorageError::corrupt("replies", "key length"))?;
+                    Ok(u64::from_be_bytes(reply))
+                })
+                .collect()
+        })
+    }
+
     fn load_read_marks(
         &self,
         group_id: u64,
@@ -1474,6 +1507,9 @@ mod tests {
                 group_id: 5,
                 seq,
                 text: format!("old {seq}"),
+                // The second answers the first: a reply from before the
+                // reply index.
+                reply_to: u64::from(seq == 2),
                 ..Default::default()
             };
             old.insert(key, prost::Message::encode_to_vec(&msg))
@@ -1503,6 +1539,11 @@ mod tests {
             let before = store.messages_before(5, keys::BUCKET_SIZE + 1, 2).await;
             let got: Vec<_> = before.unwrap().iter().map(|m| m.seq).collect();
             assert_eq!(got, [3, keys::BUCKET_SIZE]);
+            assert_eq!(
+                store.replies_to(5, 1).await.unwrap(),
+                [2],
+                "a reply from before the reply index is indexed at open"
+            );
             // New messages go on after the moved ones.
             store
                 .write(vec![WriteOp::AppendMessage(MessageRecord {
@@ -1520,6 +1561,37 @@ mod tests {
             !db.keyspace_exists(migrate::OLD_MESSAGES),
             "the old keyspace is deleted once moved"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reply_index_left_half_built_is_built_again_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1);
+        let reply = |seq: u64| {
+            WriteOp::AppendMessage(MessageRecord {
+                group_id: 3,
+                seq,
+                reply_to: 1,
+                ..Default::default()
+            })
+        };
+        store.write(vec![reply(2), reply(3)]).await.unwrap();
+        store.close().await.unwrap();
+        // A crash in the middle of a build: one entry written, no mark.
+        {
+            let db = Database::builder(dir.path().join("p0")).open().unwrap();
+            let replies = db
+                .keyspace(Table::Replies.name(), KeyspaceCreateOptions::default)
+                .unwrap();
+            assert!(replies.contains_key(b"built").unwrap(), "the built index");
+            assert!(replies.contains_key(keys::reply_key(3, 1, 3)).unwrap());
+            replies.remove(keys::reply_key(3, 1, 3)).unwrap();
+            replies.remove(b"built").unwrap();
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let store = open(dir.path(), 1);
+        assert_eq!(store.replies_to(3, 1).await.unwrap(), [2, 3]);
+        store.close().await.unwrap();
     }
 
     #[tokio::test]

@@ -30,6 +30,15 @@ pub fn message_key(group_id: u64, seq: u64) -> [u8; 16] {
     key
 }
 
+/// `group_id | quoted seq | reply seq`, big-endian: a reply's entry in the
+/// reply index, under its quoted message's [`message_key`].
+pub fn reply_key(group_id: u64, quoted: u64, reply: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(&message_key(group_id, quoted));
+    key[16..].copy_from_slice(&reply.to_be_bytes());
+    key
+}
+
 /// `group_id | user_id`.
 pub fn member_key(group_id: u64, user_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(8 + user_id.len());

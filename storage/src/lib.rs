@@ -89,7 +89,9 @@ pub enum WriteOp {
         user_id: String,
     },
     /// Append one message at its seq. When it has a `client_msg_id`, the
-    /// sent index entry ([`Store::find_sent`]) is written with it, atomically.
+    /// sent index entry ([`Store::find_sent`]) is written with it, atomically;
+    /// when it is a reply (`reply_to` set), so is the reply index entry
+    /// ([`Store::replies_to`]).
     AppendMessage(MessageRecord),
     /// Set a member's read mark (the seq they have read up to).
     PutReadMark {
@@ -348,6 +350,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         sender_id: &'a str,
         client_msg_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>>;
+
+    /// The seqs of a group's replies to message `seq` (messages appended
+    /// with `reply_to = seq`, carrying a quote of it), ascending: what a
+    /// recall of `seq` has to scrub.
+    ///
+    /// # Errors
+    /// As for [`Store::load_group`].
+    fn replies_to(&self, group_id: u64, seq: u64) -> BoxFuture<'_, Result<Vec<u64>, StorageError>>;
 
     /// Every read mark of a group's members, as `(user_id, seq)`.
     ///

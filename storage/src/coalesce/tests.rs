@@ -83,6 +83,9 @@ impl Store for GatedStoreDouble {
     ) -> BoxFuture<'a, Result<Option<SentRecord>, StorageError>> {
         self.real.find_sent(g, s, c)
     }
+    fn replies_to(&self, g: u64, seq: u64) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
+        self.real.replies_to(g, seq)
+    }
     fn load_read_marks(&self, g: u64) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
         self.real.load_read_marks(g)
     }

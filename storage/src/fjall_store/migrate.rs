@@ -15,12 +15,20 @@
 //! that still has `messages` has it copied across at open, in batches, and
 //! is then deleted. The copy is idempotent: a crash midway leaves `messages`
 //! in place, and the next open copies it again and finishes.
+//!
+//! # The reply index
+//! Since 2026-12-03 a reply's append also writes `group | quoted | reply`
+//! to the keyspace `replies`, so that recalling a message finds the replies
+//! that quote it. A folder without a whole index has it built from its
+//! messages at open ([`index_replies`]).
 
 use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::StorageError;
+use crate::keys::reply_key;
+use crate::records::MessageRecord;
 
 /// The keyspace of messages in the old layout.
 pub(super) const OLD_MESSAGES: &str = "messages";
@@ -79,6 +87,61 @@ pub(super) fn messages_to_seq_keys(
         .map_err(|e| StorageError::backend("delete old messages", e))?;
     tracing::info!(moved, folder = %folder.display(), "messages moved");
     Ok(moved)
+}
+
+/// The key, in the reply index, that says the index is whole: shorter
+/// than any entry (24 bytes), so no group's listing meets it.
+const REPLIES_BUILT: &[u8] = b"built";
+
+/// Builds the reply index (`group | quoted | reply`) from the messages of a
+/// folder written before it existed, unless it is already whole; returns
+/// how many replies were indexed. A crash midway leaves the index without
+/// its mark, and the next open builds it again (the entries are the same).
+///
+/// # Errors
+/// [`StorageError::Corrupt`] when a message does not decode;
+/// [`StorageError::Backend`] when fjall cannot read or write.
+pub(super) fn index_replies(
+    db: &Database,
+    messages: &Keyspace,
+    replies: &Keyspace,
+    folder: &Path,
+) -> Result<u64, StorageError> {
+    if replies
+        .contains_key(REPLIES_BUILT)
+        .map_err(|e| StorageError::backend("read the reply index", e))?
+    {
+        return Ok(0);
+    }
+    let mut indexed = 0u64;
+    let mut batch = db.batch();
+    for guard in messages.iter() {
+        let value = guard
+            .value()
+            .map_err(|e| StorageError::backend("read messages", e))?;
+        let m: MessageRecord = prost::Message::decode(&value[..])
+            .map_err(|e| StorageError::corrupt("messages", e.to_string()))?;
+        if m.reply_to == 0 {
+            continue;
+        }
+        batch.insert(replies, reply_key(m.group_id, m.reply_to, m.seq), []);
+        indexed += 1;
+        if batch.len() >= BATCH {
+            std::mem::replace(&mut batch, db.batch())
+                .commit()
+                .map_err(|e| StorageError::backend("index replies", e))?;
+        }
+    }
+    batch.insert(replies, REPLIES_BUILT, []);
+    batch
+        .commit()
+        .map_err(|e| StorageError::backend("index replies", e))?;
+    db.persist(PersistMode::SyncAll)
+        .map_err(|e| StorageError::backend("persist journal", e))?;
+    if indexed > 0 {
+        tracing::info!(indexed, folder = %folder.display(), "replies indexed for recall");
+    }
+    Ok(indexed)
 }
 
 /// `group_id | bucket | seq` → `group_id | seq`.

@@ -252,6 +252,7 @@ struct Reads {
     before_in_bucket: PreparedStatement,
     after_in_bucket: PreparedStatement,
     sent: PreparedStatement,
+    replies: PreparedStatement,
     read_marks: PreparedStatement,
     objects: PreparedStatement,
     entries: PreparedStatement,
@@ -319,6 +320,10 @@ impl Reads {
             sent: p(format!(
                 "SELECT seq, ts_ms FROM {ks}.sent \
                  WHERE group_id = ? AND sender_id = ? AND client_msg_id = ?"
+            ))
+            .await?,
+            replies: p(format!(
+                "SELECT reply_seq FROM {ks}.replies WHERE group_id = ? AND quoted_seq = ?"
             ))
             .await?,
             read_marks: p(format!(
@@ -889,6 +894,19 @@ impl Store for ScyllaStore {
                 .records("products", &self.inner.reads.product, (shop_id, product_id))
                 .await?;
             Ok(found.pop())
+        })
+    }
+
+    fn replies_to(&self, group_id: u64, seq: u64) -> BoxFuture<'_, Result<Vec<u64>, StorageError>> {
+        Box::pin(async move {
+            let id = id64("group id", group_id)?;
+            let quoted = id64("seq", seq)?;
+            let rows: Vec<(i64,)> = self
+                .rows("replies", &self.inner.reads.replies, (id, quoted))
+                .await?;
+            rows.into_iter()
+                .map(|(r,)| unsigned("replies", r))
+                .collect()
         })
     }
 

@@ -73,10 +73,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "customer_service",
         cql: include_str!("../../cql/0009_customer_service.cql"),
     },
+    Migration {
+        version: 10,
+        name: "replies",
+        cql: include_str!("../../cql/0010_replies.cql"),
+    },
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 9;
+pub const SCHEMA_VERSION: i32 = 10;
 
 /// How the keyspace is replicated, as `qun migrate --replication` takes it.
 ///

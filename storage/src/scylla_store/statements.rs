@@ -29,6 +29,7 @@ pub(crate) enum Write {
     AppendMessage,
     PutMessageBucket,
     PutSent,
+    PutReply,
     PutReadMark,
     PutObject,
     PutDue,
@@ -60,7 +61,7 @@ pub(crate) enum Write {
 
 impl Write {
     /// Every write statement, in the order they are prepared.
-    pub(crate) const ALL: [Write; 37] = [
+    pub(crate) const ALL: [Write; 38] = [
         Write::PutGroup,
         Write::PutGroupId,
         Write::PutMember,
@@ -71,6 +72,7 @@ impl Write {
         Write::AppendMessage,
         Write::PutMessageBucket,
         Write::PutSent,
+        Write::PutReply,
         Write::PutReadMark,
         Write::PutObject,
         Write::PutDue,
@@ -116,6 +118,7 @@ impl Write {
             Write::AppendMessage => "messages",
             Write::PutMessageBucket => "message_buckets",
             Write::PutSent => "sent",
+            Write::PutReply => "replies",
             Write::PutObject => "objects",
             Write::PutDue | Write::DeleteDue => "due",
             Write::PutEntry | Write::DeleteEntry => "entries",
@@ -212,6 +215,9 @@ impl Write {
                 "INSERT INTO {ks}.{t} (group_id, sender_id, client_msg_id, seq, ts_ms) \
                  VALUES (?, ?, ?, ?, ?)"
             ),
+            Write::PutReply => {
+                format!("INSERT INTO {ks}.{t} (group_id, quoted_seq, reply_seq) VALUES (?, ?, ?)")
+            }
             Write::PutReadMark => {
                 format!("INSERT INTO {ks}.{t} (group_id, user_id, seq) VALUES (?, ?, ?)")
             }
@@ -243,6 +249,7 @@ impl Write {
     fn partition_values(self) -> usize {
         match self {
             Write::AppendMessage
+            | Write::PutReply
             | Write::PutProduct
             | Write::PutCard
             | Write::PutBuyerTags
@@ -491,12 +498,18 @@ pub(crate) fn statements(
                 push(
                     Write::PutSent,
                     vec![
-                        id,
+                        id.clone(),
                         text(&m.sender_id),
                         text(&m.client_msg_id),
-                        seq,
+                        seq.clone(),
                         bigint("ts_ms", m.ts_ms)?,
                     ],
+                );
+            }
+            if m.reply_to != 0 {
+                push(
+                    Write::PutReply,
+                    vec![id, bigint("quoted seq", m.reply_to)?, seq],
                 );
             }
         }
@@ -759,6 +772,12 @@ mod tests {
                 user_id: "u".into(),
             },
             message(1, 1, "c-1"),
+            WriteOp::AppendMessage(MessageRecord {
+                group_id: 1,
+                seq: 2,
+                reply_to: 1,
+                ..Default::default()
+            }),
             WriteOp::PutReadMark {
                 group_id: 1,
                 user_id: "u".into(),
@@ -864,6 +883,25 @@ mod tests {
         assert_eq!(
             writes(&all(&message(7, 3, ""), true)),
             [Write::AppendMessage, Write::PutMessageBucket]
+        );
+        // A reply is indexed under the message it quotes.
+        let WriteOp::AppendMessage(mut reply) = message(7, 9, "c-10") else {
+            unreachable!()
+        };
+        reply.reply_to = 4;
+        let s = all(&WriteOp::AppendMessage(reply), false);
+        assert_eq!(
+            writes(&s),
+            [Write::AppendMessage, Write::PutSent, Write::PutReply]
+        );
+        assert_eq!(
+            s[2].values,
+            [
+                CqlValue::BigInt(7),
+                CqlValue::BigInt(4),
+                CqlValue::BigInt(9)
+            ],
+            "partition (group, quoted seq), then the reply's seq"
         );
         let s = all(&message(7, BUCKET_SIZE + 2, ""), false);
         assert_eq!(
