@@ -411,7 +411,8 @@ pub(crate) struct GroupState {
     pub(crate) opened: HashSet<(u64, String)>,
     /// Members' mutes and bans.
     pub(crate) flags: HashMap<String, MemberFlagsRecord>,
-    /// Seqs whose recall was submitted, so a message is recalled once.
+    /// Seqs whose recall began, so a message is recalled once and a reply
+    /// sequenced while its recall runs carries no quote text.
     pub(crate) recalled: HashSet<u64>,
     /// FAQ entries by id.
     pub(crate) faq: std::collections::BTreeMap<u64, FaqRecord>,
@@ -949,11 +950,24 @@ impl GroupState {
         done && !ended
     }
 
-    /// A recall became visible: the ring shows the message as recalled too.
+    /// A recall became visible: the ring shows the message as recalled too,
+    /// and the replies that quote it without their quote's text.
     fn show_recalled(&mut self, seq: u64) {
-        if let Some(e) = self.recent.iter_mut().find(|e| e.seq() == seq) {
+        for e in self.recent.iter_mut() {
+            let shown = if e.seq() == seq {
+                recalled(&e.message)
+            } else if e
+                .message
+                .quote
+                .as_ref()
+                .is_some_and(|q| q.seq == seq && !q.recalled)
+            {
+                with_quote_scrubbed(&e.message)
+            } else {
+                continue;
+            };
             let audience = e.audience.take();
-            *e = Encoded::from_wire(recalled(&e.message));
+            *e = Encoded::from_wire(shown);
             e.audience = audience;
         }
     }
@@ -1028,21 +1042,42 @@ fn viewer_of<'a>(
 }
 
 fn quote_of(m: &v1::ChatMessage) -> QuoteRecord {
-    quote(m.seq, &m.sender_id, &m.sender_name, &m.text)
+    quote(m.seq, &m.sender_id, &m.sender_name, &m.text, m.recalled)
 }
 
-fn quote(seq: u64, sender_id: &str, sender_name: &str, text: &str) -> QuoteRecord {
+fn quote(seq: u64, sender_id: &str, sender_name: &str, text: &str, recalled: bool) -> QuoteRecord {
     QuoteRecord {
         seq,
         sender_id: sender_id.to_string(),
         sender_name: sender_name.to_string(),
-        text: text.chars().take(QUOTE_CHARS).collect(),
+        text: if recalled {
+            String::new()
+        } else {
+            text.chars().take(QUOTE_CHARS).collect()
+        },
+        recalled,
     }
 }
 
 /// A quote of a stored message.
 pub(crate) fn quote_of_record(m: &MessageRecord) -> QuoteRecord {
-    quote(m.seq, &m.sender_id, &m.sender_name, &m.text)
+    quote(m.seq, &m.sender_id, &m.sender_name, &m.text, m.recalled)
+}
+
+/// A quote of a recalled message: who and which, nothing of what it said.
+pub(crate) fn scrubbed(q: &mut QuoteRecord) {
+    q.text = String::new();
+    q.recalled = true;
+}
+
+/// A reply's wire message once the message it quotes is recalled.
+pub(crate) fn with_quote_scrubbed(m: &v1::ChatMessage) -> v1::ChatMessage {
+    let mut m = m.clone();
+    if let Some(q) = &mut m.quote {
+        q.text = String::new();
+        q.recalled = true;
+    }
+    m
 }
 
 /// A stored message as it goes on the wire.
@@ -1064,6 +1099,7 @@ pub(crate) fn to_wire(r: MessageRecord) -> v1::ChatMessage {
             sender_id: q.sender_id,
             sender_name: q.sender_name,
             text: q.text,
+            recalled: q.recalled,
         }),
         // chat-core wrote the body; one that does not decode is shown as
         // its summary text alone.

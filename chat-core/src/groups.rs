@@ -940,6 +940,14 @@ impl Groups {
         } else {
             None
         };
+        // The quote was taken before the lock: a recall of the quoted
+        // message may have begun since, and then the quote has no text.
+        let quote = quote.map(|mut q| {
+            if g.recalled.contains(&q.seq) {
+                crate::group::scrubbed(&mut q);
+            }
+            q
+        });
         let record = g.next_message(
             who,
             text,

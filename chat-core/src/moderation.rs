@@ -6,17 +6,29 @@
 //! staff recall any text message of their shop's groups. A recall is a
 //! message of its own on the group's stream (kind RECALL, naming the seq),
 //! written in the same batch as the original's rewrite, so live clients,
-//! history, resume and paging all show the original as recalled.
+//! history, resume and paging all show the original as recalled. Replies
+//! that quote it keep who they answered but lose the quote's text, in the
+//! store (found through its reply index) and in the group's ring.
 
 use qun_proto::v1::{self, server_frame::Body};
 use qun_storage::WriteOp;
 use qun_storage::records::{MemberFlagsRecord, MessageRecord};
 
-use crate::group::{GroupState, KIND_RECALL, KIND_TEXT};
+use futures_util::{StreamExt as _, TryStreamExt as _};
+
+use crate::group::{GroupCell, GroupState, KIND_RECALL, KIND_TEXT, scrubbed};
 use crate::groups::{Groups, durable, durable_channel};
 use crate::permissions::{Operation, require};
 use crate::reach::DAY_MS;
 use crate::{ChatError, Identity, Role};
+
+/// Replies rewritten per submission when a recall scrubs their quotes:
+/// a message quoted thousands of times is rewritten in batches that stay
+/// well within a cluster's batch limit.
+const SCRUB_BATCH: usize = 256;
+
+/// Replies read at once while a recall looks for their quotes.
+const READS_IN_FLIGHT: usize = 16;
 
 /// How long after sending a member may recall their own message.
 pub const RECALL_WINDOW_MS: u64 = 2 * 60 * 1000;
@@ -179,7 +191,9 @@ impl Groups {
     /// Recalls (撤回) a text message: its author within
     /// [`RECALL_WINDOW_MS`] of sending, or staff of the shop at any time.
     /// Posts a RECALL message naming it, in one batch with the original's
-    /// rewrite; returns the RECALL message's seq.
+    /// rewrite; returns the RECALL message's seq. The replies that quote it
+    /// lose the quote's text first ([`Groups::scrub_quotes_of`]), and replies
+    /// sequenced while the recall runs are made without it.
     ///
     /// # Errors
     /// `InvalidArgument` (no such visible message, not a text message,
@@ -235,11 +249,27 @@ impl Groups {
         if !who.role().is_staff() && now_ms.saturating_sub(original.ts_ms) > RECALL_WINDOW_MS {
             return invalid("messages can be recalled within 2 minutes of sending".into());
         }
-        let (seq_posted, rx) = {
+        {
             let mut g = cell.lock();
             g.refuse_if_failed()?;
+            // From here on a reply to it is sequenced without the quote's
+            // text (`post`), so none is missed while its replies are found.
             if original.recalled || !g.recalled.insert(seq) {
                 return invalid(format!("message {seq} was already recalled"));
+            }
+        }
+        let undo = |e: ChatError| {
+            cell.lock().recalled.remove(&seq);
+            Err(e)
+        };
+        if let Err(e) = self.scrub_quotes_of(&cell, group_id, seq).await {
+            return undo(e);
+        }
+        let (seq_posted, rx) = {
+            let mut g = cell.lock();
+            if let Err(e) = g.refuse_if_failed() {
+                drop(g);
+                return undo(e);
             }
             let rewrite = MessageRecord {
                 text: String::new(),
@@ -277,6 +307,62 @@ impl Groups {
         };
         durable(rx).await?;
         Ok(moderated(group_id, seq_posted))
+    }
+
+    /// Rewrites every stored reply that quotes message `seq` without the
+    /// quote's text, [`SCRUB_BATCH`] replies per submission, and waits until
+    /// they are durable. Called once `seq` is in the group's `recalled`
+    /// set, so every reply sequenced before that is in the store's reply
+    /// index once the store is flushed, and every one after it was made
+    /// without the text. A reply recalled itself meanwhile is left to its
+    /// own recall, which takes its quote away whole.
+    ///
+    /// # Errors
+    /// `Storage`: some replies may then be rewritten already; a retry of
+    /// the recall does the rest.
+    async fn scrub_quotes_of(
+        &self,
+        cell: &GroupCell,
+        group_id: u64,
+        seq: u64,
+    ) -> Result<(), ChatError> {
+        let store = &self.inner().store;
+        store.flush().await?;
+        let replies = store.replies_to(group_id, seq).await?;
+        for chunk in replies.chunks(SCRUB_BATCH) {
+            let read: Vec<Option<MessageRecord>> = futures_util::stream::iter(chunk.to_vec())
+                .map(|reply| {
+                    let store = store.clone();
+                    async move {
+                        let found = store.messages_after(group_id, reply - 1, 1).await?;
+                        Ok::<_, ChatError>(found.into_iter().find(|m| m.seq == reply))
+                    }
+                })
+                .buffered(READS_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            let rx = {
+                let g = cell.lock();
+                let ops: Vec<WriteOp> = read
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| !g.recalled.contains(&m.seq))
+                    .filter_map(|mut m| {
+                        let q = m.quote.as_mut().filter(|q| q.seq == seq && !q.recalled)?;
+                        scrubbed(q);
+                        Some(WriteOp::RewriteMessage(m))
+                    })
+                    .collect();
+                if ops.is_empty() {
+                    continue;
+                }
+                let (done, rx) = durable_channel();
+                store.submit(ops, done)?;
+                rx
+            };
+            durable(rx).await?;
+        }
+        Ok(())
     }
 
     fn submit_flags(

@@ -260,3 +260,144 @@ async fn only_staff_of_the_shop_moderate_and_only_buyers_are_moderated() {
     // Nothing changed: b1 is a member and can post.
     f.groups.post(&b, text(g, "still here"), NOW).await.unwrap();
 }
+
+/// Whether the message `seq` of `page` quotes `quoted` with its text gone.
+fn quote_scrubbed(page: &v1::HistoryPage, seq: u64, quoted: u64) -> bool {
+    let m = page.messages.iter().find(|m| m.seq == seq).unwrap();
+    let q = m.quote.as_ref().unwrap();
+    q.seq == quoted && q.recalled && q.text.is_empty() && q.sender_id == "b1"
+}
+
+#[tokio::test]
+async fn a_recall_takes_the_quoted_text_out_of_every_reply_in_memory_and_stored() {
+    // A ring of four: the first reply is only in the store by the time of
+    // the recall, the last one also in the ring.
+    let mut f = crate::tests::fixture_with(CoreConfig {
+        recent_ring: 4,
+        ..CoreConfig::default()
+    })
+    .await;
+    crate::tests::spawn_fan_out(&f.groups);
+    let a = agent("a1", SHOP);
+    let g = create(&f.groups, &a, 0).await;
+    let b = buyer("b1");
+    let (s, _o) = sub(2, &b, OutboxLimits::default());
+    f.groups.join(&b, g, s, NOW).await.unwrap();
+    let reply = |to: u64, s: &str| NewMessage {
+        reply_to: to,
+        ..text(g, s)
+    };
+    let secret = f
+        .groups
+        .post(&b, text(g, "call me on 138 0000 0000"), NOW)
+        .await
+        .unwrap()
+        .seq;
+    let other = f
+        .groups
+        .post(&b, text(g, "S or M?"), NOW)
+        .await
+        .unwrap()
+        .seq;
+    let old_reply = f
+        .groups
+        .post(&a, reply(secret, "we will call you"), NOW)
+        .await
+        .unwrap()
+        .seq;
+    for n in 0..6 {
+        f.groups
+            .post(&a, text(g, &format!("filler {n}")), NOW)
+            .await
+            .unwrap();
+    }
+    let unrelated = f
+        .groups
+        .post(&a, reply(other, "M fits EU 36"), NOW)
+        .await
+        .unwrap()
+        .seq;
+    let new_reply = f
+        .groups
+        .post(&a, reply(secret, "noted"), NOW)
+        .await
+        .unwrap()
+        .seq;
+    let page = f.groups.history(&b, g, 0, 50).await.unwrap();
+    assert!(
+        !quote_scrubbed(&page, old_reply, secret),
+        "before the recall the quote has its text"
+    );
+
+    f.groups.recall(&b, g, secret, NOW + 1_000).await.unwrap();
+    let check = |page: &v1::HistoryPage| {
+        assert!(quote_scrubbed(page, old_reply, secret), "{page:?}");
+        assert!(quote_scrubbed(page, new_reply, secret), "{page:?}");
+        let kept = page.messages.iter().find(|m| m.seq == unrelated).unwrap();
+        assert_eq!(kept.quote.as_ref().unwrap().text, "S or M?");
+        assert!(!kept.quote.as_ref().unwrap().recalled);
+        assert!(
+            page.messages.iter().all(|m| !m.text.contains("138")
+                && m.quote.as_ref().is_none_or(|q| !q.text.contains("138"))),
+            "{page:?}"
+        );
+    };
+    // The newest page, from the ring: the reply there lost its text too.
+    let newest = f.groups.history(&b, g, 0, 2).await.unwrap();
+    assert_eq!(newest.messages[0].seq, new_reply, "{newest:?}");
+    assert!(quote_scrubbed(&newest, new_reply, secret), "{newest:?}");
+    // Older pages come from the store, where the replies were rewritten.
+    check(&f.groups.history(&b, g, 0, 50).await.unwrap());
+    check(&f.groups.fetch_range(&b, g, 0, 50).await.unwrap());
+    // A reply made after the recall quotes it as recalled.
+    let late = f
+        .groups
+        .post(&a, reply(secret, "sorry, it was recalled"), NOW + 2_000)
+        .await
+        .unwrap()
+        .seq;
+    let page = f.groups.history(&b, g, 0, 50).await.unwrap();
+    assert!(quote_scrubbed(&page, late, secret), "{page:?}");
+    // And all of it from the store alone.
+    f.reopen(CoreConfig::default()).await;
+    let page = f.groups.history(&b, g, 0, 50).await.unwrap();
+    check(&page);
+    assert!(quote_scrubbed(&page, late, secret), "{page:?}");
+}
+
+#[tokio::test]
+async fn a_reply_recalled_first_stays_recalled_when_what_it_quotes_is_recalled() {
+    let f = fixture().await;
+    let a = agent("a1", SHOP);
+    let g = create(&f.groups, &a, 0).await;
+    let b = buyer("b1");
+    let (s, _o) = sub(2, &b, OutboxLimits::default());
+    f.groups.join(&b, g, s, NOW).await.unwrap();
+    let question = f
+        .groups
+        .post(&b, text(g, "question"), NOW)
+        .await
+        .unwrap()
+        .seq;
+    let answer = f
+        .groups
+        .post(
+            &a,
+            NewMessage {
+                reply_to: question,
+                ..text(g, "a wrong answer")
+            },
+            NOW,
+        )
+        .await
+        .unwrap()
+        .seq;
+    f.groups.recall(&a, g, answer, NOW + 1).await.unwrap();
+    f.groups.recall(&b, g, question, NOW + 2).await.unwrap();
+    let page = f.groups.history(&b, g, 0, 50).await.unwrap();
+    let m = page.messages.iter().find(|m| m.seq == answer).unwrap();
+    assert!(
+        m.recalled && m.text.is_empty() && m.quote.is_none(),
+        "{m:?}"
+    );
+}

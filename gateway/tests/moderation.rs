@@ -65,6 +65,50 @@ async fn staff_mute_remove_and_recall_and_every_member_sees_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recall_takes_the_quoted_text_out_of_the_replies_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (agent, g) = server.agent_with_group("Recalled quotes", 0).await;
+    let mut fan = server.client("fan", "buyer", None).await;
+    fan.join(g).await.unwrap();
+    let oops = fan
+        .send(g, "my address is 1 Long Road", None)
+        .await
+        .unwrap()
+        .seq;
+    let answer = agent
+        .send(g, "thanks, shipping there", Some(oops))
+        .await
+        .unwrap()
+        .seq;
+    let pushed = messages(&mut fan, 2).await;
+    assert_eq!(
+        pushed[1].quote.as_ref().unwrap().text,
+        "my address is 1 Long Road",
+        "live, before the recall, the reply quotes it"
+    );
+    fan.recall(g, oops).await.unwrap();
+    let recall = messages(&mut fan, 1).await;
+    assert_eq!(recall[0].recalls, oops);
+    let quoted = |page: &v1::HistoryPage| {
+        let reply = page.messages.iter().find(|m| m.seq == answer).unwrap();
+        assert_eq!(
+            reply.text, "thanks, shipping there",
+            "the reply itself stays"
+        );
+        reply.quote.clone().unwrap()
+    };
+    let q = quoted(&fan.history(g, 0, 10).await.unwrap());
+    assert!(q.recalled && q.text.is_empty() && q.seq == oops, "{q:?}");
+    // A reply to it now quotes it as recalled.
+    let late = agent.send(g, "ok", Some(oops)).await.unwrap().seq;
+    let page = fan.history(g, 0, 10).await.unwrap();
+    let late = page.messages.iter().find(|m| m.seq == late).unwrap();
+    assert!(late.quote.as_ref().unwrap().recalled, "{late:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_merchant_api_moderates_and_lists_reports() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;

@@ -86,9 +86,12 @@ pub struct QuoteRecord {
     /// Its sender's display name.
     #[prost(string, tag = "3")]
     pub sender_name: String,
-    /// The start of its text.
+    /// The start of its text; empty once the quoted message is recalled.
     #[prost(string, tag = "4")]
     pub text: String,
+    /// The quoted message was recalled (撤回): `text` is gone.
+    #[prost(bool, tag = "5")]
+    pub recalled: bool,
 }
 
 /// One message of a group's stream. Key: `group_id | bucket | seq`.

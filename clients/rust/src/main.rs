@@ -1433,7 +1433,10 @@ fn human(m: &proto::ChatMessage) -> String {
     let quote = m
         .quote
         .as_ref()
-        .map(|q| format!(" [re #{} {}: {}]", q.seq, q.sender_name, q.text))
+        .map(|q| match q.recalled {
+            true => format!(" [re #{} {}: (recalled)]", q.seq, q.sender_name),
+            false => format!(" [re #{} {}: {}]", q.seq, q.sender_name, q.text),
+        })
         .unwrap_or_default();
     format!(
         "#{} {} ({}){}: {}",
@@ -1450,5 +1453,38 @@ mod tests {
         assert_eq!(super::parse_at("2026-12-07T09:00:00+08:00").unwrap(), utc);
         assert_eq!(super::parse_at("2026-12-06T20:00:00-05:00").unwrap(), utc);
         assert!(super::parse_at("next monday").is_err());
+    }
+
+    #[test]
+    fn a_reply_to_a_recalled_message_says_so_instead_of_the_quote() {
+        let quote = |recalled: bool| super::proto::Quote {
+            seq: 3,
+            sender_name: "Ann".into(),
+            text: if recalled {
+                String::new()
+            } else {
+                "S or M?".into()
+            },
+            recalled,
+            ..Default::default()
+        };
+        let reply = |recalled| super::proto::ChatMessage {
+            seq: 4,
+            sender_name: "Bo".into(),
+            sender_id: "bo".into(),
+            kind: super::proto::MessageKind::Text as i32,
+            text: "M".into(),
+            reply_to: 3,
+            quote: Some(quote(recalled)),
+            ..Default::default()
+        };
+        assert_eq!(
+            super::human(&reply(false)),
+            "#4 Bo (bo) [re #3 Ann: S or M?]: M"
+        );
+        assert_eq!(
+            super::human(&reply(true)),
+            "#4 Bo (bo) [re #3 Ann: (recalled)]: M"
+        );
     }
 }
