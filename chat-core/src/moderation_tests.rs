@@ -278,51 +278,22 @@ async fn a_recall_takes_the_quoted_text_out_of_every_reply_in_memory_and_stored(
     })
     .await;
     crate::tests::spawn_fan_out(&f.groups);
-    let a = agent("a1", SHOP);
-    let g = create(&f.groups, &a, 0).await;
-    let b = buyer("b1");
-    let (s, _o) = sub(2, &b, OutboxLimits::default());
-    f.groups.join(&b, g, s, NOW).await.unwrap();
-    let reply = |to: u64, s: &str| NewMessage {
-        reply_to: to,
-        ..text(g, s)
+    let (a, b, g) = group_with_buyer(&f).await;
+    let post = async |who: &Identity, reply_to: u64, s: &str| {
+        let m = NewMessage {
+            reply_to,
+            ..text(g, s)
+        };
+        f.groups.post(who, m, NOW).await.unwrap().seq
     };
-    let secret = f
-        .groups
-        .post(&b, text(g, "call me on 138 0000 0000"), NOW)
-        .await
-        .unwrap()
-        .seq;
-    let other = f
-        .groups
-        .post(&b, text(g, "S or M?"), NOW)
-        .await
-        .unwrap()
-        .seq;
-    let old_reply = f
-        .groups
-        .post(&a, reply(secret, "we will call you"), NOW)
-        .await
-        .unwrap()
-        .seq;
+    let secret = post(&b, 0, "call me on 138 0000 0000").await;
+    let other = post(&b, 0, "S or M?").await;
+    let old_reply = post(&a, secret, "we will call you").await;
     for n in 0..6 {
-        f.groups
-            .post(&a, text(g, &format!("filler {n}")), NOW)
-            .await
-            .unwrap();
+        post(&a, 0, &format!("filler {n}")).await;
     }
-    let unrelated = f
-        .groups
-        .post(&a, reply(other, "M fits EU 36"), NOW)
-        .await
-        .unwrap()
-        .seq;
-    let new_reply = f
-        .groups
-        .post(&a, reply(secret, "noted"), NOW)
-        .await
-        .unwrap()
-        .seq;
+    let unrelated = post(&a, other, "M fits EU 36").await;
+    let new_reply = post(&a, secret, "noted").await;
     let page = f.groups.history(&b, g, 0, 50).await.unwrap();
     assert!(
         !quote_scrubbed(&page, old_reply, secret),
@@ -350,12 +321,7 @@ async fn a_recall_takes_the_quoted_text_out_of_every_reply_in_memory_and_stored(
     check(&f.groups.history(&b, g, 0, 50).await.unwrap());
     check(&f.groups.fetch_range(&b, g, 0, 50).await.unwrap());
     // A reply made after the recall quotes it as recalled.
-    let late = f
-        .groups
-        .post(&a, reply(secret, "sorry, it was recalled"), NOW + 2_000)
-        .await
-        .unwrap()
-        .seq;
+    let late = post(&a, secret, "sorry, it was recalled").await;
     let page = f.groups.history(&b, g, 0, 50).await.unwrap();
     assert!(quote_scrubbed(&page, late, secret), "{page:?}");
     // And all of it from the store alone.
@@ -368,36 +334,29 @@ async fn a_recall_takes_the_quoted_text_out_of_every_reply_in_memory_and_stored(
 #[tokio::test]
 async fn a_reply_recalled_first_stays_recalled_when_what_it_quotes_is_recalled() {
     let f = fixture().await;
-    let a = agent("a1", SHOP);
-    let g = create(&f.groups, &a, 0).await;
-    let b = buyer("b1");
-    let (s, _o) = sub(2, &b, OutboxLimits::default());
-    f.groups.join(&b, g, s, NOW).await.unwrap();
-    let question = f
-        .groups
-        .post(&b, text(g, "question"), NOW)
-        .await
-        .unwrap()
-        .seq;
-    let answer = f
-        .groups
-        .post(
-            &a,
-            NewMessage {
-                reply_to: question,
-                ..text(g, "a wrong answer")
-            },
-            NOW,
-        )
-        .await
-        .unwrap()
-        .seq;
+    let (a, b, g) = group_with_buyer(&f).await;
+    let question = f.groups.post(&b, text(g, "question"), NOW).await.unwrap();
+    let wrong = NewMessage {
+        reply_to: question.seq,
+        ..text(g, "a wrong answer")
+    };
+    let answer = f.groups.post(&a, wrong, NOW).await.unwrap().seq;
     f.groups.recall(&a, g, answer, NOW + 1).await.unwrap();
-    f.groups.recall(&b, g, question, NOW + 2).await.unwrap();
+    f.groups.recall(&b, g, question.seq, NOW + 2).await.unwrap();
     let page = f.groups.history(&b, g, 0, 50).await.unwrap();
     let m = page.messages.iter().find(|m| m.seq == answer).unwrap();
     assert!(
         m.recalled && m.text.is_empty() && m.quote.is_none(),
         "{m:?}"
     );
+}
+
+/// A group of [`SHOP`] made by agent `a1`, with buyer `b1` joined.
+async fn group_with_buyer(f: &crate::tests::Fixture) -> (Identity, Identity, u64) {
+    let a = agent("a1", SHOP);
+    let g = create(&f.groups, &a, 0).await;
+    let b = buyer("b1");
+    let (s, _o) = sub(2, &b, OutboxLimits::default());
+    f.groups.join(&b, g, s, NOW).await.unwrap();
+    (a, b, g)
 }
