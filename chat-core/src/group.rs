@@ -1050,11 +1050,8 @@ fn quote(seq: u64, sender_id: &str, sender_name: &str, text: &str, recalled: boo
         seq,
         sender_id: sender_id.to_string(),
         sender_name: sender_name.to_string(),
-        text: if recalled {
-            String::new()
-        } else {
-            text.chars().take(QUOTE_CHARS).collect()
-        },
+        // A recalled message's text is already gone.
+        text: text.chars().take(QUOTE_CHARS).collect(),
         recalled,
     }
 }

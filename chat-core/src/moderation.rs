@@ -341,10 +341,9 @@ impl Groups {
                 .buffered(READS_IN_FLIGHT)
                 .try_collect()
                 .await?;
-            let rx = {
+            let ops: Vec<WriteOp> = {
                 let g = cell.lock();
-                let ops: Vec<WriteOp> = read
-                    .into_iter()
+                read.into_iter()
                     .flatten()
                     .filter(|m| !g.recalled.contains(&m.seq))
                     .filter_map(|mut m| {
@@ -352,15 +351,13 @@ impl Groups {
                         scrubbed(q);
                         Some(WriteOp::RewriteMessage(m))
                     })
-                    .collect();
-                if ops.is_empty() {
-                    continue;
-                }
+                    .collect()
+            };
+            if !ops.is_empty() {
                 let (done, rx) = durable_channel();
                 store.submit(ops, done)?;
-                rx
-            };
-            durable(rx).await?;
+                durable(rx).await?;
+            }
         }
         Ok(())
     }
