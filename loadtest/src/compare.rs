@@ -23,7 +23,8 @@
 //!
 //! It ends with a table of every run, variant by variant (latency p50, p99
 //! and max, messages lost, the scenario's rate: deliveries, joins, pages,
-//! messages caught up or connections per second, and the server's cores)
+//! messages caught up or connections per second, the server's cores, and
+//! how many frames each of its connections' writes carried, `f/write`)
 //! and each variant's median p50 and p99; with `--json` it writes all the
 //! reports in one file. Runs go over WebSocket, or over QUIC with
 //! `--transport quic` (the server's development certificate pinned by the
@@ -581,7 +582,7 @@ impl Comparison {
             self.scenario.join(" ")
         );
         out.push_str(&format!(
-            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8}\n",
+            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8}\n",
             "variant",
             "round",
             "p50 ms",
@@ -590,6 +591,7 @@ impl Comparison {
             "lost",
             "per sec",
             "server",
+            "f/write",
             "× floor"
         ));
         // The floor's p99 of a round, which that round's runs are set against.
@@ -617,7 +619,7 @@ impl Comparison {
                     _ => "-".to_string(),
                 };
                 out.push_str(&format!(
-                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8}\n",
+                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8}\n",
                     label,
                     run.round,
                     num(&r["latency"]["p50_ms"], 1),
@@ -628,6 +630,9 @@ impl Comparison {
                         .map_or_else(|| "-".to_string(), |n| n.to_string()),
                     num(per_sec, 0),
                     num(&r["figures"]["server_cores"], 2),
+                    // Frames per write of the server's connections: on a
+                    // busy machine the writers batch (docs/benchmarks.md).
+                    num(&r["figures"]["server_frames_per_write"], 2),
                     times_floor,
                 ));
             }
@@ -733,7 +738,11 @@ mod tests {
             report: serde_json::json!({
                 "latency": {"p50_ms": p50, "p99_ms": p99, "max_ms": p99 + 1.0},
                 "counts": {"lost": 0},
-                "figures": {"deliveries_per_sec": 297_000.4, "server_cores": 0.951},
+                "figures": {
+                    "deliveries_per_sec": 297_000.4,
+                    "server_cores": 0.951,
+                    "server_frames_per_write": 2.594,
+                },
             }),
         };
         let variant = |label: &str| Variant {
@@ -769,7 +778,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            rows[0].contains("130.0") && rows[0].contains("0.95"),
+            rows[0].contains("130.0") && rows[0].contains("0.95") && rows[0].contains("2.59"),
             "{table}"
         );
         // One disturbed run (p99 500) does not move the median.
