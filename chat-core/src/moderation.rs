@@ -262,9 +262,10 @@ impl Groups {
             cell.lock().recalled.remove(&seq);
             Err(e)
         };
-        if let Err(e) = self.scrub_quotes_of(&cell, group_id, seq).await {
-            return undo(e);
-        }
+        let scrubbed = match self.scrub_quotes_of(&cell, group_id, seq).await {
+            Ok(n) => n,
+            Err(e) => return undo(e),
+        };
         let (seq_posted, rx) = {
             let mut g = cell.lock();
             if let Err(e) = g.refuse_if_failed() {
@@ -306,6 +307,13 @@ impl Groups {
             }
         };
         durable(rx).await?;
+        tracing::info!(
+            group_id,
+            seq,
+            by = who.user_id(),
+            replies_scrubbed = scrubbed,
+            "message recalled"
+        );
         Ok(moderated(group_id, seq_posted))
     }
 
@@ -315,7 +323,8 @@ impl Groups {
     /// set, so every reply sequenced before that is in the store's reply
     /// index once the store is flushed, and every one after it was made
     /// without the text. A reply recalled itself meanwhile is left to its
-    /// own recall, which takes its quote away whole.
+    /// own recall, which takes its quote away whole. Returns how many
+    /// replies it rewrote.
     ///
     /// # Errors
     /// `Storage`: some replies may then be rewritten already; a retry of
@@ -325,9 +334,10 @@ impl Groups {
         cell: &GroupCell,
         group_id: u64,
         seq: u64,
-    ) -> Result<(), ChatError> {
+    ) -> Result<usize, ChatError> {
         let store = &self.inner().store;
         store.flush().await?;
+        let mut rewritten = 0;
         let replies = store.replies_to(group_id, seq).await?;
         for chunk in replies.chunks(SCRUB_BATCH) {
             let read: Vec<Option<MessageRecord>> = futures_util::stream::iter(chunk.to_vec())
@@ -354,12 +364,13 @@ impl Groups {
                     .collect()
             };
             if !ops.is_empty() {
+                rewritten += ops.len();
                 let (done, rx) = durable_channel();
                 store.submit(ops, done)?;
                 durable(rx).await?;
             }
         }
-        Ok(())
+        Ok(rewritten)
     }
 
     fn submit_flags(
