@@ -113,12 +113,25 @@ pub(super) fn index_replies(
     {
         return Ok(0);
     }
-    let mut indexed = 0u64;
+    if !messages
+        .is_empty()
+        .map_err(|e| StorageError::backend("read messages", e))?
+    {
+        tracing::info!(
+            folder = %folder.display(),
+            "indexing replies by the message they quote; this runs once"
+        );
+    }
+    let (mut indexed, mut read) = (0u64, 0u64);
     let mut batch = db.batch();
     for guard in messages.iter() {
         let value = guard
             .value()
             .map_err(|e| StorageError::backend("read messages", e))?;
+        read += 1;
+        if read.is_multiple_of(1_000_000) {
+            tracing::info!(read, indexed, "indexing replies");
+        }
         let m: MessageRecord = prost::Message::decode(&value[..])
             .map_err(|e| StorageError::corrupt("messages", e.to_string()))?;
         if m.reply_to == 0 {
