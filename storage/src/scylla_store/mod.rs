@@ -607,7 +607,7 @@ pub(crate) fn row_err(op: &'static str, e: NextRowError) -> StorageError {
     }
 }
 
-fn prepare_err(op: &'static str, e: PrepareError) -> StorageError {
+pub(crate) fn prepare_err(op: &'static str, e: PrepareError) -> StorageError {
     match e {
         PrepareError::ConnectionPoolError(_) => StorageError::Unavailable {
             op,

@@ -12,8 +12,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use scylla::client::session::Session;
 
-use super::{exec_err, pager_err, row_err};
+use super::statements::id64;
+use super::{exec_err, pager_err, prepare_err, row_err};
 use crate::StorageError;
+use crate::records::MessageRecord;
 
 /// One versioned schema file.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +81,10 @@ pub const MIGRATIONS: &[Migration] = &[
         cql: include_str!("../../cql/0010_replies.cql"),
     },
 ];
+
+/// The version that adds the reply index (`replies`), which `migrate`
+/// fills from the messages of a keyspace made before it.
+const REPLY_INDEX: i32 = 10;
 
 /// The schema version this build reads and writes.
 pub const SCHEMA_VERSION: i32 = 10;
@@ -338,6 +344,12 @@ pub async fn migrate(
         for statement in render(m.cql, ks) {
             ddl(statement).await?;
         }
+        if m.version == REPLY_INDEX && from > 0 {
+            // A keyspace made before the index has replies it lacks. Filled
+            // before the version is recorded: a migration cut short fills
+            // it again (the rows are the same).
+            index_replies(session, ks).await?;
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -363,6 +375,58 @@ pub async fn migrate(
         to: SCHEMA_VERSION,
         applied,
     })
+}
+
+/// Writes the reply index entry (`replies`) of every reply in the
+/// keyspace's `messages`, reading the whole table once, and returns how
+/// many replies it indexed. Logs progress every million messages.
+///
+/// # Errors
+/// [`StorageError::Corrupt`] when a message does not decode; cluster errors
+/// as for [`schema_version`].
+pub(crate) async fn index_replies(session: &Session, ks: &str) -> Result<u64, StorageError> {
+    use futures_util::TryStreamExt as _;
+    const OP: &str = "index replies";
+    let insert = session
+        .prepare(format!(
+            "INSERT INTO {ks}.replies (group_id, quoted_seq, reply_seq) VALUES (?, ?, ?)"
+        ))
+        .await
+        .map_err(|e| prepare_err(OP, e))?;
+    tracing::info!(
+        keyspace = ks,
+        "indexing replies by the message they quote; this runs once"
+    );
+    let mut rows = session
+        .query_iter(format!("SELECT record FROM {ks}.messages"), ())
+        .await
+        .map_err(|e| pager_err(OP, e))?
+        .rows_stream::<(Vec<u8>,)>()
+        .map_err(|e| StorageError::backend(OP, e))?;
+    let (mut read, mut indexed) = (0u64, 0u64);
+    while let Some((record,)) = rows.try_next().await.map_err(|e| row_err(OP, e))? {
+        read += 1;
+        if read.is_multiple_of(1_000_000) {
+            tracing::info!(keyspace = ks, read, indexed, "indexing replies");
+        }
+        let m: MessageRecord = prost::Message::decode(&record[..])
+            .map_err(|e| StorageError::corrupt("messages", e.to_string()))?;
+        if m.reply_to == 0 {
+            continue;
+        }
+        let values = (
+            id64("group id", m.group_id)?,
+            id64("seq", m.reply_to)?,
+            id64("seq", m.seq)?,
+        );
+        session
+            .execute_unpaged(&insert, values)
+            .await
+            .map_err(|e| exec_err(OP, e))?;
+        indexed += 1;
+    }
+    tracing::info!(keyspace = ks, read, indexed, "replies indexed");
+    Ok(indexed)
 }
 
 #[cfg(test)]

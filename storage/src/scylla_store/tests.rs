@@ -6,6 +6,7 @@
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
+use crate::StoreExt as _;
 use crate::contract;
 
 fn live_nodes(test: &str) -> Option<Vec<String>> {
@@ -107,6 +108,49 @@ async fn migrate_is_idempotent_and_serve_refuses_a_missing_schema() {
     let store = ScyllaStore::connect(config.clone()).await.unwrap();
     store.close().await.unwrap();
     let admin = session(&config).await.unwrap();
+    drop_keyspace(&admin, &config.keyspace).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_to_the_reply_index_indexes_the_replies_already_stored() {
+    let Some(nodes) =
+        live_nodes("the_upgrade_to_the_reply_index_indexes_the_replies_already_stored")
+    else {
+        return;
+    };
+    let config = ScyllaConfig::new(nodes, test_keyspace());
+    migrate_with(&config, &replication()).await.unwrap();
+    let store = ScyllaStore::connect(config.clone()).await.unwrap();
+    let message = |seq: u64, reply_to: u64| {
+        WriteOp::AppendMessage(MessageRecord {
+            group_id: 9,
+            seq,
+            reply_to,
+            ..Default::default()
+        })
+    };
+    store
+        .write(vec![
+            message(1, 0),
+            message(2, 1),
+            message(3, 0),
+            message(4, 1),
+        ])
+        .await
+        .unwrap();
+    // As a keyspace from before version 10 has them: no index rows.
+    let admin = session(&config).await.unwrap();
+    admin
+        .query_unpaged(format!("TRUNCATE {}.replies", config.keyspace), ())
+        .await
+        .unwrap();
+    assert!(store.replies_to(9, 1).await.unwrap().is_empty());
+    let indexed = schema::index_replies(&admin, &config.keyspace)
+        .await
+        .unwrap();
+    assert_eq!(indexed, 2);
+    assert_eq!(store.replies_to(9, 1).await.unwrap(), [2, 4]);
+    store.close().await.unwrap();
     drop_keyspace(&admin, &config.keyspace).await.unwrap();
 }
 
