@@ -351,12 +351,7 @@ impl FjallStore {
                 t.get(table)
                     .prefix(&prefix)
                     .map(|guard| {
-                        let k = guard.key().map_err(read_err)?;
-                        let id: [u8; 8] = k
-                            .get(prefix.len()..)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or_else(|| StorageError::corrupt(table.name(), "key length"))?;
-                        Ok(u64::from_be_bytes(id))
+                        u64_ending(&guard.key().map_err(read_err)?, prefix.len(), table.name())
                     })
                     .collect()
             },
@@ -957,6 +952,15 @@ fn read_err(e: fjall::Error) -> StorageError {
     StorageError::backend("read", e)
 }
 
+/// The big-endian `u64` of a key of `table` from byte `at` to its end (a
+/// seq or a group id that ends the key); a key of another length is corrupt.
+fn u64_ending(key: &[u8], at: usize, table: &'static str) -> Result<u64, StorageError> {
+    key.get(at..)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StorageError::corrupt(table, "key length"))
+}
+
 impl Store for FjallStore {
     fn submit(&self, ops: Vec<WriteOp>, done: DurableCallback) -> Result<(), StorageError> {
         let homes = match self.inner.homes.settle(&ops) {
@@ -1060,14 +1064,7 @@ impl Store for FjallStore {
                 .next_back()
             {
                 None => Ok(0),
-                Some(guard) => {
-                    let k = guard.key().map_err(read_err)?;
-                    let seq: [u8; 8] = k
-                        .get(8..16)
-                        .and_then(|s| s.try_into().ok())
-                        .ok_or_else(|| StorageError::corrupt("messages", "key length"))?;
-                    Ok(u64::from_be_bytes(seq))
-                }
+                Some(guard) => u64_ending(&guard.key().map_err(read_err)?, 8, "messages"),
             }
         })
     }
@@ -1121,14 +1118,7 @@ impl Store for FjallStore {
         self.read_group(group_id, move |t| {
             t.get(Table::Replies)
                 .prefix(keys::message_key(group_id, seq))
-                .map(|guard| {
-                    let k = guard.key().map_err(read_err)?;
-                    let reply: [u8; 8] = k
-                        .get(16..)
-                        .and_then(|s| s.try_into().ok())
-                        .ok_or_else(|| StorageError::corrupt("replies", "key length"))?;
-                    Ok(u64::from_be_bytes(reply))
-                })
+                .map(|guard| u64_ending(&guard.key().map_err(read_err)?, 16, "replies"))
                 .collect()
         })
     }
