@@ -1411,6 +1411,15 @@ fn as_json(m: &proto::ChatMessage) -> String {
     if m.reply_to != 0 {
         v["reply_to"] = json!(m.reply_to);
     }
+    if let Some(q) = &m.quote {
+        v["quote"] = json!({
+            "seq": q.seq,
+            "sender": q.sender_id,
+            "sender_name": q.sender_name,
+            "text": q.text,
+            "recalled": q.recalled,
+        });
+    }
     if m.recalled {
         v["recalled"] = json!(true);
     }
@@ -1486,5 +1495,13 @@ mod tests {
             super::human(&reply(true)),
             "#4 Bo (bo) [re #3 Ann: (recalled)]: M"
         );
+        let json: serde_json::Value = serde_json::from_str(&super::as_json(&reply(true))).unwrap();
+        assert_eq!(json["reply_to"], 3);
+        assert_eq!(json["quote"]["seq"], 3);
+        assert_eq!(json["quote"]["recalled"], true);
+        assert_eq!(json["quote"]["text"], "");
+        let json: serde_json::Value = serde_json::from_str(&super::as_json(&reply(false))).unwrap();
+        assert_eq!(json["quote"]["text"], "S or M?");
+        assert_eq!(json["quote"]["recalled"], false);
     }
 }
