@@ -8,10 +8,11 @@
 //!
 //! # Never staler than asked
 //! A caller may join a query already in flight only if no message of that
-//! group became durable since the query was started. So a shared answer
-//! holds every message that was durable when the caller asked: exactly what
-//! it would have got from its own query. The wrapper learns when messages
-//! become durable by watching the callbacks of the writes passed through it.
+//! group became durable, or was rewritten durably (a recall), since the
+//! query was started. So a shared answer holds every message as it was
+//! durable when the caller asked: exactly what it would have got from its
+//! own query. The wrapper learns when messages become durable by watching
+//! the callbacks of the writes passed through it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -166,7 +167,9 @@ impl<S: Store> Store for Coalescing<S> {
         let mut groups: Vec<u64> = ops
             .iter()
             .filter_map(|op| match op {
-                WriteOp::AppendMessage(m) => Some(m.group_id),
+                // New messages, and changed ones (a recall, a quote
+                // scrubbed): either makes a page read before it stale.
+                WriteOp::AppendMessage(m) | WriteOp::RewriteMessage(m) => Some(m.group_id),
                 _ => None,
             })
             .collect();

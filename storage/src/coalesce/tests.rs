@@ -327,6 +327,45 @@ async fn a_reader_never_joins_a_query_older_than_a_durable_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_joins_a_query_older_than_a_durable_rewrite() {
+    let f = fixture();
+    f.store.write(vec![msg(1, 1)]).await.unwrap();
+    f.gate.send(false).unwrap();
+    let early = f.readers(1, u64::MAX).await;
+    // A recall (or a scrubbed quote) rewrites the message meanwhile.
+    let rewritten = MessageRecord {
+        group_id: 1,
+        seq: 1,
+        recalled: true,
+        ..Default::default()
+    };
+    f.store
+        .write(vec![WriteOp::RewriteMessage(rewritten)])
+        .await
+        .unwrap();
+    let late = {
+        let s = f.store.clone();
+        tokio::spawn(async move { s.messages_before(1, u64::MAX, 10).await })
+    };
+    // Not a timed test: a bound on a hang, should the late reader join the
+    // early query (and wait behind the shut gate) instead of running its own.
+    let own_query = async {
+        while f.queries() < 2 {
+            tokio::task::yield_now().await;
+        }
+    };
+    let ran = tokio::time::timeout(std::time::Duration::from_secs(30), own_query).await;
+    f.gate.send(true).unwrap();
+    assert!(
+        ran.is_ok(),
+        "the late reader joined the query from before the rewrite"
+    );
+    assert!(late.await.unwrap().unwrap()[0].recalled);
+    early.into_iter().next().unwrap().await.unwrap().unwrap();
+    assert_eq!(f.queries(), 2, "the late reader must run its own query");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_reaches_every_waiter_and_is_not_remembered() {
     let f = fixture();
     f.store.write(vec![msg(1, 1)]).await.unwrap();
