@@ -903,7 +903,7 @@ fn write_loop(
                         continue;
                     }
                     Next::Reply(Reply::Close { code, reason }) => {
-                        metrics.frames_out.add(written);
+                        metrics.count_write(written);
                         // Boxed, as the shutdown below: once per connection,
                         // and inline they would make every writer task bigger.
                         Box::pin(sink.close(code, reason)).await;
@@ -911,10 +911,7 @@ fn write_loop(
                         return;
                     }
                     Next::Reply(Reply::End) => {
-                        metrics.frames_out.add(written);
-                        if written > 0 {
-                            metrics.frame_batches.add(1);
-                        }
+                        metrics.count_write(written);
                         let _ = sink.flush().await;
                         break 'writing;
                     }
@@ -930,10 +927,7 @@ fn write_loop(
                 }
                 next = outbox.try_next().ok();
             }
-            metrics.frames_out.add(written);
-            if written > 0 {
-                metrics.frame_batches.add(1);
-            }
+            metrics.count_write(written);
             if sink.flush().await.is_err() {
                 outbox.close();
                 return;

@@ -157,6 +157,15 @@ fn render_histogram(out: &mut String, h: &LatencyHistogram, name: &str, help: &s
 }
 
 impl Metrics {
+    /// Counts one write of a connection's writer that carried `frames`
+    /// frames; a flush with nothing fed is no write.
+    pub fn count_write(&self, frames: u64) {
+        if frames > 0 {
+            self.frames_out.add(frames);
+            self.frame_batches.add(1);
+        }
+    }
+
     /// Renders every metric.
     pub fn render(&self, groups: &Groups) -> String {
         let core: Arc<CoreStats> = groups.stats();

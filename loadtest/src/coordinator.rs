@@ -434,7 +434,7 @@ fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
 /// is known: a server at its connection limit answers the WebSocket upgrade
 /// with HTTP 503.
 fn with_remedy(why: String) -> String {
-    if why.contains("503") {
+    if why.contains("HTTP 503 ") {
         format!(
             "{why} (the server is at its max_connections: start it with \
              QUN_MAX_CONNECTIONS above the members of the run)"

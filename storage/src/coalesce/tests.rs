@@ -305,33 +305,47 @@ async fn different_pages_and_groups_are_not_shared() {
     assert_eq!(f.queries(), 4);
 }
 
+impl Fixture {
+    /// With message 1 of group 1 stored, starts a reader of its newest
+    /// page that waits behind the shut gate, makes `write` durable, then
+    /// reads the same page again: that late reader must run a query of its
+    /// own (two queries in all), whose page it returns.
+    async fn read_after_a_durable(&self, write: WriteOp) -> Vec<MessageRecord> {
+        self.store.write(vec![msg(1, 1)]).await.unwrap();
+        self.gate.send(false).unwrap();
+        let early = self.readers(1, u64::MAX).await;
+        self.store.write(vec![write]).await.unwrap();
+        let late = {
+            let s = self.store.clone();
+            tokio::spawn(async move { s.messages_before(1, u64::MAX, 10).await })
+        };
+        // Not a timed test: a bound on a hang, should the late reader join
+        // the early query (and wait behind the shut gate).
+        let own_query = async {
+            while self.queries() < 2 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let ran = tokio::time::timeout(std::time::Duration::from_secs(30), own_query).await;
+        self.gate.send(true).unwrap();
+        assert!(ran.is_ok(), "the late reader joined the query from before");
+        let page = late.await.unwrap().unwrap();
+        early.into_iter().next().unwrap().await.unwrap().unwrap();
+        assert_eq!(self.queries(), 2, "the late reader must run its own query");
+        page
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_never_joins_a_query_older_than_a_durable_message() {
     let f = fixture();
-    f.store.write(vec![msg(1, 1)]).await.unwrap();
-    f.gate.send(false).unwrap();
-    let early = f.readers(1, u64::MAX).await;
     // A message becomes durable while the first query waits.
-    f.store.write(vec![msg(1, 2)]).await.unwrap();
-    let late = {
-        let s = f.store.clone();
-        tokio::spawn(async move { s.messages_before(1, u64::MAX, 10).await })
-    };
-    while f.queries() < 2 {
-        tokio::task::yield_now().await;
-    }
-    f.gate.send(true).unwrap();
-    assert_eq!(seqs(&late.await.unwrap().unwrap()), [1, 2]);
-    early.into_iter().next().unwrap().await.unwrap().unwrap();
-    assert_eq!(f.queries(), 2, "the late reader must run its own query");
+    assert_eq!(seqs(&f.read_after_a_durable(msg(1, 2)).await), [1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_never_joins_a_query_older_than_a_durable_rewrite() {
     let f = fixture();
-    f.store.write(vec![msg(1, 1)]).await.unwrap();
-    f.gate.send(false).unwrap();
-    let early = f.readers(1, u64::MAX).await;
     // A recall (or a scrubbed quote) rewrites the message meanwhile.
     let rewritten = MessageRecord {
         group_id: 1,
@@ -339,30 +353,10 @@ async fn a_reader_never_joins_a_query_older_than_a_durable_rewrite() {
         recalled: true,
         ..Default::default()
     };
-    f.store
-        .write(vec![WriteOp::RewriteMessage(rewritten)])
-        .await
-        .unwrap();
-    let late = {
-        let s = f.store.clone();
-        tokio::spawn(async move { s.messages_before(1, u64::MAX, 10).await })
-    };
-    // Not a timed test: a bound on a hang, should the late reader join the
-    // early query (and wait behind the shut gate) instead of running its own.
-    let own_query = async {
-        while f.queries() < 2 {
-            tokio::task::yield_now().await;
-        }
-    };
-    let ran = tokio::time::timeout(std::time::Duration::from_secs(30), own_query).await;
-    f.gate.send(true).unwrap();
-    assert!(
-        ran.is_ok(),
-        "the late reader joined the query from before the rewrite"
-    );
-    assert!(late.await.unwrap().unwrap()[0].recalled);
-    early.into_iter().next().unwrap().await.unwrap().unwrap();
-    assert_eq!(f.queries(), 2, "the late reader must run its own query");
+    let page = f
+        .read_after_a_durable(WriteOp::RewriteMessage(rewritten))
+        .await;
+    assert!(page[0].recalled, "{page:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
