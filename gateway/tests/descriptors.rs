@@ -102,14 +102,19 @@ async fn a_low_descriptor_limit_is_reported_and_enforced_at_the_door() {
     );
     // Refused at the door with a reason the client can act on.
     match Client::connect(&ws, &token).await {
-        Err(qun_client::ClientError::Connect { detail, .. }) => {
+        Err(qun_client::ClientError::ServerFull {
+            retry_after,
+            detail,
+            ..
+        }) => {
             assert!(detail.contains("HTTP 503"), "{detail}");
             assert!(
                 detail.contains(&format!("server full: all {ADMITTED} connections in use")),
                 "{detail}"
             );
+            assert_eq!(retry_after, Some(Duration::from_secs(5)));
         }
-        Err(e) => panic!("expected a connect error, got {e}"),
+        Err(e) => panic!("expected a full server, got {e}"),
         Ok(_) => panic!("a connection beyond the budget must be refused"),
     }
     // A storm of refused reconnects: each is counted, few are logged.

@@ -203,23 +203,31 @@ async fn a_full_server_refuses_quic_and_websocket_connections_with_a_reason() {
     let first = server.quic_client("ann", "buyer", None).await;
     let token = server.token("bob", "buyer", None);
     // QUIC: the handshake is refused with the transport's CONNECTION_REFUSED.
+    // The client tells it apart from any other failure.
     match Client::connect_with(&server.quic_url, &token, server.quic_options()).await {
-        Err(ClientError::Connect { detail, .. }) => {
-            assert!(detail.to_lowercase().contains("refused"), "{detail}");
+        Err(e @ ClientError::ServerFull { .. }) => {
+            assert!(e.is_connection_error(), "worth retrying later");
+            assert_eq!(e.retry_after(), None, "QUIC's refusal says no wait");
+            assert!(e.to_string().contains("CONNECTION_REFUSED"), "{e}");
         }
-        Err(e) => panic!("expected a connect error, got {e}"),
+        Err(e) => panic!("expected a full server, got {e}"),
         Ok(_) => panic!("a second connection must be refused"),
     }
-    // WebSocket: HTTP 503 with the limit.
+    // WebSocket: HTTP 503 with the limit and Retry-After.
     match Client::connect(&server.url, &token).await {
-        Err(ClientError::Connect { detail, .. }) => {
+        Err(ClientError::ServerFull {
+            detail,
+            retry_after,
+            ..
+        }) => {
             assert!(detail.contains("HTTP 503"), "{detail}");
             assert!(
                 detail.contains("server full: all 1 connections in use"),
                 "{detail}"
             );
+            assert_eq!(retry_after, Some(Duration::from_secs(5)));
         }
-        Err(e) => panic!("expected a connect error, got {e}"),
+        Err(e) => panic!("expected a full server, got {e}"),
         Ok(_) => panic!("a second connection must be refused"),
     }
     assert_eq!(server.metric("qun_connections_refused_total").await, 2);

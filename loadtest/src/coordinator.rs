@@ -63,6 +63,7 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
     let agent = Arc::new(
         Client::connect_with(&cli.url, &staff("agent"), options.clone())
             .await
+            .map_err(|e| anyhow::anyhow!("{}", crate::worker::with_remedy(&e)))
             .context("connecting the coordinator's agent")?,
     );
     let ctx = Ctx {
@@ -318,7 +319,7 @@ impl Workers {
                     first_failure,
                 } => {
                     if let Some(why) = first_failure {
-                        let _ = self.first_failure.set(with_remedy(why));
+                        let _ = self.first_failure.set(why);
                     }
                     // The policy is inherited, not set by the worker: a
                     // difference means the report would describe another
@@ -428,20 +429,6 @@ fn fold(results: &[WorkerResult]) -> anyhow::Result<Totals> {
         latency: Latency::of(&h),
         part_latency: (!part.is_empty()).then(|| Latency::of(&part)),
     })
-}
-
-/// A member's failure to connect, with what to do about it when the cause
-/// is known: a server at its connection limit answers the WebSocket upgrade
-/// with HTTP 503.
-fn with_remedy(why: String) -> String {
-    if why.contains("HTTP 503 ") {
-        format!(
-            "{why} (the server is at its max_connections: start it with \
-             QUN_MAX_CONNECTIONS above the members of the run)"
-        )
-    } else {
-        why
-    }
 }
 
 /// The server's histograms, when `--metrics-url` was given.

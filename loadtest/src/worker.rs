@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use qun_client::{Client, ClientOptions, Event, Reading};
+use qun_client::{Client, ClientError, ClientOptions, Event, Reading};
 use qun_gateway::auth::TokenKey;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::{oneshot, watch};
@@ -134,7 +134,7 @@ async fn connect_all(
                 tokio::spawn(async move {
                     let c = Client::connect_with(&url, &token, options)
                         .await
-                        .map_err(|e| format!("connecting: {e}"))?;
+                        .map_err(|e| format!("connecting: {}", with_remedy(&e)))?;
                     c.join(group)
                         .await
                         .map_err(|e| format!("joining group {group}: {e}"))?;
@@ -158,6 +158,18 @@ async fn connect_all(
         say(&WorkerLine::Progress(out.len()));
     }
     (out, first_failure)
+}
+
+/// A failure to connect, with what to do about it when the cause is one
+/// the run's set-up can fix.
+pub(crate) fn with_remedy(e: &ClientError) -> String {
+    match e {
+        ClientError::ServerFull { .. } => format!(
+            "{e} (the server is at its max_connections: start it with \
+             QUN_MAX_CONNECTIONS above the members of the run)"
+        ),
+        e => e.to_string(),
+    }
 }
 
 type Measured = (WorkerResult, Vec<Client>);

@@ -211,6 +211,22 @@ pub enum ClientError {
         /// Why.
         detail: String,
     },
+    /// The server is at its connection limit and turned this connection
+    /// away before anything was sent: WebSocket answers the upgrade with
+    /// HTTP 503, QUIC refuses the handshake (`CONNECTION_REFUSED`).
+    /// Connect again after [`ClientError::retry_after`], to this server or
+    /// another; a load test should start the server with a larger
+    /// `max_connections`.
+    #[error("cannot connect to {url}: the server is full ({detail})")]
+    ServerFull {
+        /// The URL tried.
+        url: String,
+        /// How long the server asked the client to wait (WebSocket's
+        /// `Retry-After`); `None` when it did not say (QUIC).
+        retry_after: Option<Duration>,
+        /// What the server said, if anything.
+        detail: String,
+    },
     /// The server answered with an error frame.
     #[error("server error {code} ({name}): {message}", name = code_name(*.code))]
     Server {
@@ -246,12 +262,29 @@ pub enum ClientError {
 
 impl ClientError {
     /// Whether retrying the same request on a new connection may succeed:
-    /// the connection failed, closed or timed out (not a refusal).
+    /// the connection failed, closed, timed out or found the server full
+    /// (not a refusal of the request). Wait [`ClientError::retry_after`]
+    /// first when it says.
     pub fn is_connection_error(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::Closed | ClientError::Timeout(_)
+            ClientError::Connect { .. }
+                | ClientError::ServerFull { .. }
+                | ClientError::Closed
+                | ClientError::Timeout(_)
         )
+    }
+
+    /// How long the server asked the client to wait before trying again:
+    /// a rate limit's wait, or a full server's `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::RateLimited { retry_after_ms, .. } => {
+                Some(Duration::from_millis(*retry_after_ms))
+            }
+            ClientError::ServerFull { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 
     /// The server's error code, when the server refused the request.
@@ -706,7 +739,8 @@ impl Client {
     ///
     /// # Errors
     /// [`ClientError::Connect`] when the socket or handshake fails,
-    /// [`ClientError::Server`] when the token is refused.
+    /// [`ClientError::ServerFull`] when the server is at its connection
+    /// limit, [`ClientError::Server`] when the token is refused.
     pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
         Self::connect_with(url, token, ClientOptions::default()).await
     }
@@ -755,7 +789,7 @@ impl Client {
     /// with unauthenticated connections.
     ///
     /// # Errors
-    /// [`ClientError::Connect`].
+    /// [`ClientError::Connect`] or [`ClientError::ServerFull`].
     pub async fn connect_unauthenticated(url: &str) -> Result<Self, ClientError> {
         Self::open(url, &ClientOptions::default()).await
     }

@@ -1346,7 +1346,8 @@ async fn send_with_retries(
             Err(e) if e.is_connection_error() && attempt < retries => {
                 attempt += 1;
                 eprintln!("qun-cli: {e}; retrying ({attempt}/{retries}) with the same message id");
-                tokio::time::sleep(pause).await;
+                // A full server's Retry-After is longer than the backoff.
+                tokio::time::sleep(e.retry_after().map_or(pause, |wait| wait.max(pause))).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
             }
             other => return other,

@@ -80,20 +80,52 @@ pub(crate) struct Opened {
     pub(crate) quic: Option<quinn::Endpoint>,
 }
 
+/// Why a connection could not be opened.
+#[derive(Debug)]
+pub(crate) enum OpenFailure {
+    /// The server is at its connection limit.
+    Full {
+        /// The wait it asked for, if it said.
+        retry_after: Option<Duration>,
+        /// What it said.
+        detail: String,
+    },
+    /// Anything else, described.
+    Other(String),
+}
+
+impl From<String> for OpenFailure {
+    fn from(detail: String) -> Self {
+        OpenFailure::Other(detail)
+    }
+}
+
+impl From<&str> for OpenFailure {
+    fn from(detail: &str) -> Self {
+        OpenFailure::Other(detail.to_string())
+    }
+}
+
 /// Connects to `url`: `ws://…` or `quic://host:port`.
 pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<Opened, ClientError> {
-    let failed = |detail: String| ClientError::Connect {
-        url: url.to_string(),
-        detail,
+    let opened = match url.strip_prefix("quic://") {
+        Some(rest) => open_quic(rest.trim_end_matches('/'), options).await,
+        None => crate::websocket::connect(url, options.local_ip).await,
     };
-    match url.strip_prefix("quic://") {
-        Some(rest) => open_quic(rest.trim_end_matches('/'), options)
-            .await
-            .map_err(failed),
-        None => crate::websocket::connect(url, options.local_ip)
-            .await
-            .map_err(failed),
-    }
+    opened.map_err(|failure| match failure {
+        OpenFailure::Full {
+            retry_after,
+            detail,
+        } => ClientError::ServerFull {
+            url: url.to_string(),
+            retry_after,
+            detail,
+        },
+        OpenFailure::Other(detail) => ClientError::Connect {
+            url: url.to_string(),
+            detail,
+        },
+    })
 }
 
 /// How the client trusts the server's QUIC certificate.
@@ -220,7 +252,7 @@ pub(crate) fn local_socket(server: SocketAddr) -> std::io::Result<std::net::UdpS
     std::net::UdpSocket::bind(local)
 }
 
-async fn open_quic(authority: &str, options: &ClientOptions) -> Result<Opened, String> {
+async fn open_quic(authority: &str, options: &ClientOptions) -> Result<Opened, OpenFailure> {
     let config = quic_config(trust_key(options)?)?;
     let server = tokio::net::lookup_host(authority)
         .await
@@ -244,7 +276,19 @@ async fn open_quic(authority: &str, options: &ClientOptions) -> Result<Opened, S
         .connect_with(config, server, host)
         .map_err(|e| e.to_string())?
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            // A Qun server refuses a handshake only when it is full
+            // (gateway/src/quic.rs, `accept_loop`).
+            quinn::ConnectionError::ConnectionClosed(close)
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                OpenFailure::Full {
+                    retry_after: None,
+                    detail: "the QUIC handshake was refused (CONNECTION_REFUSED)".into(),
+                }
+            }
+            e => OpenFailure::Other(e.to_string()),
+        })?;
     let (mut send, answers) = connection.open_bi().await.map_err(|e| e.to_string())?;
     let (out, mut out_rx) = mpsc::channel::<Outbound>(256);
     {

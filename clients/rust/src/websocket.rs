@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::transport::{Frames, Incoming, Opened, Outbound};
+use crate::transport::{Frames, Incoming, OpenFailure, Opened, Outbound};
 
 /// The longest upgrade response head the client reads.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
@@ -56,10 +56,12 @@ const OUT_QUEUE: usize = 256;
 /// upgrades the connection.
 ///
 /// # Errors
-/// A description of what failed: a URL that is not `ws://`, no address,
-/// the connection, or the server's refusal of the upgrade (with its HTTP
-/// status and the start of its body).
-pub(crate) async fn connect(url: &str, local_ip: Option<IpAddr>) -> Result<Opened, String> {
+/// [`OpenFailure::Full`] when the server answers 503 (it is at its
+/// connection limit), with its `Retry-After`; otherwise a description of
+/// what failed: a URL that is not `ws://`, no address, the connection, or
+/// the server's refusal of the upgrade (with its HTTP status and the start
+/// of its body).
+pub(crate) async fn connect(url: &str, local_ip: Option<IpAddr>) -> Result<Opened, OpenFailure> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or("the URL must start with ws:// (or quic://)")?;
@@ -100,7 +102,11 @@ pub(crate) async fn connect(url: &str, local_ip: Option<IpAddr>) -> Result<Opene
 
 /// Sends the upgrade request and reads the answer; returns what the server
 /// sent after the answer's head.
-async fn upgrade(stream: &mut TcpStream, authority: &str, path: &str) -> Result<BytesMut, String> {
+async fn upgrade(
+    stream: &mut TcpStream,
+    authority: &str,
+    path: &str,
+) -> Result<BytesMut, OpenFailure> {
     let key = generate_key();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\n\
@@ -121,22 +127,29 @@ async fn upgrade(stream: &mut TcpStream, authority: &str, path: &str) -> Result<
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => continue,
             Ok(httparse::Status::Partial) => {
-                return Err(format!(
-                    "upgrade response head over {MAX_RESPONSE_HEAD} bytes"
-                ));
+                return Err(format!("upgrade response head over {MAX_RESPONSE_HEAD} bytes").into());
             }
-            Err(e) => return Err(format!("not an HTTP response: {e}")),
+            Err(e) => return Err(format!("not an HTTP response: {e}").into()),
         };
         let status = response.code.unwrap_or(0);
         if status != 101 {
             let reason = response.reason.unwrap_or("").to_string();
-            let body_len = response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+            let header = |name: &str| {
+                response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::trim)
+            };
+            let body_len = header("content-length")
+                .and_then(|v| v.parse().ok())
                 .unwrap_or(0usize)
                 .min(MAX_REFUSAL_BODY);
+            // Only the delay form; a server that gives a date gets no wait.
+            let retry_after = header("retry-after")
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_secs);
             // The body says why; it may come in a later segment.
             while buf.len() < head_len + body_len {
                 match stream.read_buf(&mut buf).await {
@@ -146,10 +159,16 @@ async fn upgrade(stream: &mut TcpStream, authority: &str, path: &str) -> Result<
             }
             let end = buf.len().min(head_len + body_len);
             let body = String::from_utf8_lossy(&buf[head_len..end]);
-            return Err(format!(
-                "the server refused the WebSocket upgrade: HTTP {status} {reason}: {}",
-                body.trim()
-            ));
+            let detail = format!("HTTP {status} {reason}: {}", body.trim());
+            if status == 503 {
+                return Err(OpenFailure::Full {
+                    retry_after,
+                    detail,
+                });
+            }
+            return Err(OpenFailure::Other(format!(
+                "the server refused the WebSocket upgrade: {detail}"
+            )));
         }
         let accept = response
             .headers
@@ -549,29 +568,70 @@ mod tests {
         assert!(matches!(reader.next().await, Some(Incoming::Closed(None))));
     }
 
-    #[tokio::test]
-    async fn a_refused_upgrade_reports_the_status_and_the_body_sent_after_the_head() {
+    /// A server that answers the upgrade with `head`, then `body` in a
+    /// later segment; returns its URL.
+    async fn refusing_server(head: &'static [u8], body: &'static [u8]) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/ws", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move {
+        tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut request = vec![0u8; 1024];
             let _ = s.read(&mut request).await.unwrap();
-            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 12\r\n\r\n")
-                .await
-                .unwrap();
-            // The body in a later segment.
+            s.write_all(head).await.unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            s.write_all(b"server full\n").await.unwrap();
+            s.write_all(body).await.unwrap();
         });
-        let Err(detail) = connect(&url, None).await else {
-            panic!("expected the upgrade to be refused");
-        };
-        assert_eq!(
-            detail,
-            "the server refused the WebSocket upgrade: HTTP 503 Service Unavailable: server full"
-        );
-        server.await.unwrap();
+        url
+    }
+
+    #[tokio::test]
+    async fn a_full_server_is_told_apart_with_its_retry_after_and_body() {
+        let url = refusing_server(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 12\r\n\r\n",
+            b"server full\n",
+        )
+        .await;
+        match connect(&url, None).await {
+            Err(OpenFailure::Full {
+                retry_after,
+                detail,
+            }) => {
+                assert_eq!(retry_after, Some(std::time::Duration::from_secs(7)));
+                assert_eq!(detail, "HTTP 503 Service Unavailable: server full");
+            }
+            Err(other) => panic!("expected a full server, got {other:?}"),
+            Ok(_) => panic!("expected the upgrade to be refused"),
+        }
+        // No Retry-After (or a date, which is not read): no wait is made up.
+        let url = refusing_server(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: Fri, 31 Dec 2027 23:59:59 GMT\r\nContent-Length: 4\r\n\r\n",
+            b"full",
+        )
+        .await;
+        assert!(matches!(
+            connect(&url, None).await,
+            Err(OpenFailure::Full {
+                retry_after: None,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn another_refused_upgrade_reports_the_status_and_the_body_sent_after_the_head() {
+        let url = refusing_server(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\n",
+            b"not found\n",
+        )
+        .await;
+        match connect(&url, None).await {
+            Err(OpenFailure::Other(detail)) => assert_eq!(
+                detail,
+                "the server refused the WebSocket upgrade: HTTP 404 Not Found: not found"
+            ),
+            Err(other) => panic!("expected a refusal, got {other:?}"),
+            Ok(_) => panic!("expected the upgrade to be refused"),
+        }
     }
 
     #[test]
