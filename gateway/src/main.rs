@@ -51,6 +51,11 @@ enum Command {
         /// (NetworkTopologyStrategy) [default: simple:1].
         #[arg(long)]
         replication: Option<String>,
+        /// Then fill the reply index from every stored message again: run
+        /// once the last server older than schema version 10 has stopped,
+        /// so that replies it appended can be scrubbed by a recall.
+        #[arg(long)]
+        reindex_replies: bool,
     },
     /// Print a token signed with the server's key.
     Token {
@@ -170,6 +175,7 @@ fn main() -> ExitCode {
             common,
             storage,
             replication,
+            reindex_replies,
         } => {
             let mut overrides = Overrides {
                 scylla_replication: replication,
@@ -187,7 +193,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_CONFIG);
             }
-            report(migrate(&config))
+            report(migrate(&config, reindex_replies))
         }
         Command::Token {
             common,
@@ -253,7 +259,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     })
 }
 
-fn migrate(config: &Config) -> anyhow::Result<()> {
+fn migrate(config: &Config, reindex_replies: bool) -> anyhow::Result<()> {
     let scylla = config.scylla()?;
     let replication = config.replication()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -276,6 +282,12 @@ fn migrate(config: &Config) -> anyhow::Result<()> {
             "keyspace {} migrated from schema version {} to {} (applied {:?}; replication of a new keyspace: {replication})",
             scylla.keyspace, report.from, report.to, report.applied
         );
+    }
+    if reindex_replies {
+        let indexed = runtime
+            .block_on(qun_storage::scylla_store::reindex_replies_with(&scylla))
+            .with_context(|| format!("indexing the replies of keyspace {}", scylla.keyspace))?;
+        println!("keyspace {}: {indexed} replies indexed", scylla.keyspace);
     }
     Ok(())
 }

@@ -205,6 +205,28 @@ pub async fn migrate_with(
     schema::migrate(&session, &config.keyspace, replication).await
 }
 
+/// Connects and fills the reply index (`replies`) of `config.keyspace`
+/// from its messages once more; returns how many replies it indexed.
+///
+/// [`schema::migrate`] fills the index when it brings a keyspace to
+/// version 10, but servers of an older version still running meanwhile
+/// append replies without an index row: a recall would leave their quotes
+/// as they were. Run this (`qun migrate --reindex-replies`) once the last
+/// of them has stopped. It reads the whole `messages` table and writes
+/// rows that are the same as any already there, so it can run at any
+/// time, beside running servers, and again if cut short.
+///
+/// # Errors
+/// As for [`session`]; [`StorageError::Schema`] when the keyspace is not
+/// at this build's schema version (migrate first); the errors of reading
+/// and writing the tables.
+pub async fn reindex_replies_with(config: &ScyllaConfig) -> Result<u64, StorageError> {
+    check_keyspace_name(&config.keyspace)?;
+    let session = session(config).await?;
+    schema::check(&session, &config.keyspace).await?;
+    schema::index_replies(&session, &config.keyspace).await
+}
+
 /// Drops keyspace `ks` and everything in it. For test runs that made their
 /// own keyspace; never used by the server.
 ///

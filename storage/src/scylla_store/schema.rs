@@ -393,10 +393,7 @@ pub(crate) async fn index_replies(session: &Session, ks: &str) -> Result<u64, St
         ))
         .await
         .map_err(|e| prepare_err(OP, e))?;
-    tracing::info!(
-        keyspace = ks,
-        "indexing replies by the message they quote; this runs once"
-    );
+    tracing::info!(keyspace = ks, "indexing replies by the message they quote");
     let mut rows = session
         .query_iter(format!("SELECT record FROM {ks}.messages"), ())
         .await

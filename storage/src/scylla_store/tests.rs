@@ -150,6 +150,24 @@ async fn the_upgrade_to_the_reply_index_indexes_the_replies_already_stored() {
         .unwrap();
     assert_eq!(indexed, 2);
     assert_eq!(store.replies_to(9, 1).await.unwrap(), [2, 4]);
+    // A reply appended by an older server after the migration (no index
+    // row) is found once the index is filled again; the rows already
+    // there stay as they are.
+    store.write(vec![message(5, 3)]).await.unwrap();
+    admin
+        .query_unpaged(
+            format!(
+                "DELETE FROM {}.replies WHERE group_id = 9 AND quoted_seq = 3",
+                config.keyspace
+            ),
+            (),
+        )
+        .await
+        .unwrap();
+    assert!(store.replies_to(9, 3).await.unwrap().is_empty());
+    assert_eq!(reindex_replies_with(&config).await.unwrap(), 3);
+    assert_eq!(store.replies_to(9, 3).await.unwrap(), [5]);
+    assert_eq!(store.replies_to(9, 1).await.unwrap(), [2, 4]);
     store.close().await.unwrap();
     drop_keyspace(&admin, &config.keyspace).await.unwrap();
 }
