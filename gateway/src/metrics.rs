@@ -444,6 +444,20 @@ impl Metrics {
                 "Time from a submission to the store until it is durable (embedded: the journal \
                  synced; cluster: its batch acknowledged), queueing behind other commits included.",
             );
+            // The embedded store's commits only: the cluster store has no
+            // such phases, and leaves them empty.
+            if commits.persist_phase().count() > 0 {
+                let name = "qun_store_commit_phase_seconds";
+                render_header(
+                    &mut out,
+                    name,
+                    "Time each group commit of the embedded store spent in each phase: write (the \
+                     batch into the memtables and the journal, waiting for the store's locks \
+                     included) and persist (the journal's fsync).",
+                );
+                render_series(&mut out, commits.write_phase(), name, "phase=\"write\"");
+                render_series(&mut out, commits.persist_phase(), name, "phase=\"persist\"");
+            }
         }
         out
     }

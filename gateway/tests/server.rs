@@ -432,6 +432,20 @@ async fn health_and_metrics_over_http() {
         "{metrics}"
     );
     assert_eq!(value("qun_store_durable_seconds_count"), submissions);
+    // Each commit's two phases, timed apart: as many writes as persists, at
+    // least one per commit (a flush is a commit with no submission).
+    let commits = value("qun_store_commits_total");
+    let writes = value("qun_store_commit_phase_seconds_count{phase=\"write\"}");
+    assert_eq!(
+        writes,
+        value("qun_store_commit_phase_seconds_count{phase=\"persist\"}"),
+        "{metrics}"
+    );
+    assert!(writes >= commits, "{metrics}");
+    assert!(
+        metrics.contains("qun_store_commit_phase_seconds_bucket{phase=\"persist\",le=\"+Inf\"}"),
+        "{metrics}"
+    );
     // The message waited on the fan-out queue for its turn; each turn's
     // wait is in the histogram.
     assert!(

@@ -458,6 +458,17 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
             .insert("server_store_submissions".into(), store.count());
     }
     let fanout_wait = since(&after.fanout_wait, &before.fanout_wait);
+    // The embedded store's commits, phase by phase: a slow disk shows in
+    // the persist phase, a store stalled by its own flushes in the write.
+    let commit_phases = after
+        .commit_phases
+        .as_ref()
+        .zip(before.commit_phases.as_ref())
+        .map(|((w, p), (w0, p0))| (w.since(w0), p.since(p0)));
+    if let Some((write, _)) = &commit_phases {
+        r.counts
+            .insert("server_store_commits".into(), write.count());
+    }
     if let Some(wait) = &fanout_wait {
         r.counts.insert("server_fanout_turns".into(), wait.count());
     }
@@ -500,6 +511,14 @@ fn add_server_share(r: &mut Report, before: Option<Scrape>, after: Option<Scrape
         if let Some(ms) = fanout_wait.as_ref().and_then(|w| w.quantile_bound_ms(q)) {
             r.figures
                 .insert(format!("server_fanout_wait_{what}_ms_at_most"), ms);
+        }
+        if let Some((write, persist)) = &commit_phases {
+            for (phase, h) in [("write", write), ("persist", persist)] {
+                if let Some(ms) = h.quantile_bound_ms(q) {
+                    r.figures
+                        .insert(format!("server_store_{phase}_{what}_ms_at_most"), ms);
+                }
+            }
         }
     }
 }

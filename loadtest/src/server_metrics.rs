@@ -22,6 +22,9 @@ const STORE: &str = "qun_store_durable_seconds_bucket";
 /// The fan-out queue's wait histogram's buckets: from a commit (or a
 /// group's previous turn) to the group's fan-out turn.
 const FANOUT_WAIT: &str = "qun_fanout_wait_seconds_bucket";
+/// The embedded store's group commits, by phase (`phase="write"` and
+/// `phase="persist"`).
+const COMMIT_PHASE: &str = "qun_store_commit_phase_seconds_bucket";
 /// Sends whose client message id the server looked up in its store.
 const SENT_INDEX_READS: &str = "qun_sent_index_reads_total";
 /// Threads of the server's async runtime (its `worker_threads`).
@@ -41,6 +44,9 @@ pub(crate) struct Scrape {
     /// Fan-out turns' wait on the queue (absent from servers older than
     /// the metric).
     pub(crate) fanout_wait: Option<Buckets>,
+    /// The embedded store's commits: writing the batch, and persisting
+    /// the journal (absent from the cluster store and older servers).
+    pub(crate) commit_phases: Option<(Buckets, Buckets)>,
     /// Sends whose id was looked up in the store's index of earlier ids
     /// (absent from servers older than the counter).
     pub(crate) sent_index_reads: Option<u64>,
@@ -62,6 +68,9 @@ impl Scrape {
             requests: Buckets::parse(page)?,
             store: Buckets::parse_named(page, STORE)?,
             fanout_wait: Buckets::parse_named(page, FANOUT_WAIT)?,
+            commit_phases: Buckets::parse_series(page, COMMIT_PHASE, "phase=\"write\"")?.zip(
+                Buckets::parse_series(page, COMMIT_PHASE, "phase=\"persist\"")?,
+            ),
             sent_index_reads: counter(page, SENT_INDEX_READS),
             runtime_workers: counter(page, RUNTIME_WORKERS),
             frames_and_writes: counter(page, FRAMES_OUT).zip(counter(page, FRAME_BATCHES)),
@@ -111,11 +120,23 @@ impl Buckets {
     /// # Errors
     /// A bucket line that does not read as one.
     fn parse_named(page: &str, name: &str) -> anyhow::Result<Option<Self>> {
+        Self::parse_series(page, name, "")
+    }
+
+    /// As [`Buckets::parse_named`], over the series whose labels include
+    /// `label` (`phase="persist"`) only; every series for an empty one.
+    ///
+    /// # Errors
+    /// A bucket line that does not read as one.
+    fn parse_series(page: &str, name: &str, label: &str) -> anyhow::Result<Option<Self>> {
         let mut out: Vec<(f64, u64)> = Vec::new();
         for line in page.lines() {
             let Some(rest) = line.strip_prefix(name) else {
                 continue;
             };
+            if !label.is_empty() && !rest.split(['{', ',', '}']).any(|l| l == label) {
+                continue;
+            }
             let parsed = rest
                 .strip_prefix('{')
                 .and_then(|r| r.split_once("} "))
@@ -313,6 +334,28 @@ mod tests {
         // Neither mixed into the requests nor into the store.
         assert_eq!(scraped.requests.count(), 4);
         assert_eq!(scraped.store.unwrap().count(), 2);
+    }
+
+    #[test]
+    fn the_commit_phases_are_read_each_on_its_own() {
+        let older = Scrape::parse(&page([1, 2, 3, 4])).unwrap();
+        assert_eq!(
+            older.commit_phases, None,
+            "a cluster or older server has none"
+        );
+        let page = format!(
+            "{}{COMMIT_PHASE}{{phase=\"write\",le=\"0.001\"}} 9\n\
+             {COMMIT_PHASE}{{phase=\"write\",le=\"+Inf\"}} 10\n\
+             {COMMIT_PHASE}{{phase=\"persist\",le=\"0.001\"}} 2\n\
+             {COMMIT_PHASE}{{phase=\"persist\",le=\"0.25\"}} 9\n\
+             {COMMIT_PHASE}{{phase=\"persist\",le=\"+Inf\"}} 10\n",
+            page([1, 2, 3, 4])
+        );
+        let (write, persist) = Scrape::parse(&page).unwrap().commit_phases.unwrap();
+        assert_eq!((write.count(), persist.count()), (10, 10));
+        assert_eq!(write.quantile_bound_ms(0.5), Some(1.0));
+        assert_eq!(persist.quantile_bound_ms(0.5), Some(250.0));
+        assert_eq!(persist.quantile_bound_ms(0.2), Some(1.0));
     }
 
     #[test]

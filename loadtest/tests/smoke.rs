@@ -199,6 +199,14 @@ async fn fanout_and_flash_sale_measure_and_check() {
     );
     let store_p99 = r["figures"]["server_store_durable_p99_ms_at_most"].as_f64();
     assert!(store_p99.unwrap() > 0.0, "{r}");
+    // Its group commits, with the batch's write and the journal's fsync
+    // timed apart.
+    let commits = r["counts"]["server_store_commits"].as_u64().unwrap();
+    assert!(commits >= 1, "{r}");
+    for phase in ["write", "persist"] {
+        let p99 = r["figures"][format!("server_store_{phase}_p99_ms_at_most")].as_f64();
+        assert!(p99.unwrap() > 0.0, "{phase}: {r}");
+    }
     // Joins send no message, so no client message id was looked up.
     assert_eq!(r["counts"]["server_sent_index_reads"], 0, "{r}");
     // The server runs on this test's runtime: two worker threads.

@@ -188,5 +188,11 @@ async fn run(
         stats.submissions() as f64 / stats.commits().max(1) as f64,
         stats.writes() as f64 / stats.commits().max(1) as f64,
     );
+    let mean_us = |h: &qun_storage::stats::LatencyHistogram| h.sum_us() / h.count().max(1);
+    println!(
+        "  a commit's batch written in {} µs, its journal persisted in {} µs (means)",
+        mean_us(stats.write_phase()),
+        mean_us(stats.persist_phase()),
+    );
     store.close().await.unwrap();
 }

@@ -470,7 +470,7 @@ fn write_loop(
             Err(StorageError::Poisoned)
         } else {
             let started = Instant::now();
-            let r = commit(tables, &mut jobs, mode);
+            let r = commit(tables, &mut jobs, mode, stats);
             tracing::trace!(
                 jobs = jobs.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
@@ -850,8 +850,15 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
 }
 
 /// Writes the puts of `jobs` as one batch and persists the journal;
-/// returns how many keys were written or removed.
-fn commit(tables: &Tables, jobs: &mut [Job], mode: PersistMode) -> Result<usize, StorageError> {
+/// returns how many keys were written or removed. The time of each of the
+/// two goes to `stats`.
+fn commit(
+    tables: &Tables,
+    jobs: &mut [Job],
+    mode: PersistMode,
+    stats: &CommitStats,
+) -> Result<usize, StorageError> {
+    let started = Instant::now();
     let mut batch = tables.db.batch();
     let mut writes = 0usize;
     for job in jobs.iter_mut() {
@@ -872,10 +879,12 @@ fn commit(tables: &Tables, jobs: &mut [Job], mode: PersistMode) -> Result<usize,
             .commit()
             .map_err(|e| StorageError::backend("commit batch", e))?;
     }
+    let written = Instant::now();
     tables
         .db
         .persist(mode)
         .map_err(|e| StorageError::backend("persist journal", e))?;
+    stats.phases(written - started, written.elapsed());
     Ok(writes)
 }
 
@@ -1680,6 +1689,10 @@ mod tests {
         assert_eq!(stats.commits(), 4);
         let observed = stats.durable_latency().count();
         assert_eq!(observed, 4, "one latency per submission");
+        // Both phases of every commit, a flush's too.
+        let phases = stats.write_phase().count();
+        assert_eq!(phases, stats.persist_phase().count());
+        assert!(phases >= stats.commits(), "{phases} commits timed");
         store.close().await.unwrap();
     }
 

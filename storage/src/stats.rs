@@ -82,6 +82,8 @@ pub struct CommitStats {
     submissions: AtomicU64,
     writes: AtomicU64,
     durable: LatencyHistogram,
+    write_phase: LatencyHistogram,
+    persist_phase: LatencyHistogram,
 }
 
 impl CommitStats {
@@ -103,6 +105,28 @@ impl CommitStats {
     /// Time from each submission to its durability.
     pub fn durable_latency(&self) -> &LatencyHistogram {
         &self.durable
+    }
+
+    /// Time each embedded group commit spent writing its batch (into the
+    /// memtables and the journal's buffer, waiting for fjall's locks
+    /// included). Empty for the cluster store.
+    pub fn write_phase(&self) -> &LatencyHistogram {
+        &self.write_phase
+    }
+
+    /// Time each embedded group commit spent persisting the journal (its
+    /// fsync, when `fsync` is on). Empty for the cluster store. Beside
+    /// [`CommitStats::write_phase`] it tells a slow disk from a store busy
+    /// flushing or compacting.
+    pub fn persist_phase(&self) -> &LatencyHistogram {
+        &self.persist_phase
+    }
+
+    /// Records how long one embedded group commit took to write its batch
+    /// and to persist the journal.
+    pub(crate) fn phases(&self, write: Duration, persist: Duration) {
+        self.write_phase.observe(write);
+        self.persist_phase.observe(persist);
     }
 
     /// Counts one group commit, durable now, of the submissions made at

@@ -29,6 +29,13 @@
 //! task instead ([`Reading::OnDemand`]): one task and one wake-up per push
 //! instead of two.
 //!
+//! # When to try again
+//! [`ClientError::is_connection_error`] says whether a new connection may
+//! succeed where this one failed. A server at its connection limit turns a
+//! connection away before `Hello` with [`ClientError::ServerFull`]; wait
+//! [`ClientError::retry_after`] (with some jitter, so that a crowd turned
+//! away together does not come back together) or go to another server.
+//!
 //! # Example
 //! ```no_run
 //! # async fn f(token: &str) -> Result<(), qun_client::ClientError> {
