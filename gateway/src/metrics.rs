@@ -493,6 +493,7 @@ mod tests {
         let h = LatencyHistogram::default();
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_millis(27));
         h.observe(Duration::from_secs(3));
         let mut page = String::new();
         render_histogram(&mut page, &h, "t", "help");
@@ -500,10 +501,13 @@ mod tests {
         assert!(page.contains("t_bucket{le=\"0.001\"} 0\n"), "{page}");
         assert!(page.contains("t_bucket{le=\"0.0025\"} 0\n"), "{page}");
         assert!(page.contains("t_bucket{le=\"0.005\"} 2\n"), "{page}");
-        assert!(page.contains("t_bucket{le=\"2.5\"} 2\n"), "{page}");
-        assert!(page.contains("t_bucket{le=\"+Inf\"} 3\n"), "{page}");
-        assert!(page.contains("t_sum 3.008\n"), "{page}");
-        assert!(page.contains("t_count 3\n"), "{page}");
+        // Between 25 and 30 ms: told apart from anything up to 50.
+        assert!(page.contains("t_bucket{le=\"0.025\"} 2\n"), "{page}");
+        assert!(page.contains("t_bucket{le=\"0.03\"} 3\n"), "{page}");
+        assert!(page.contains("t_bucket{le=\"2.5\"} 3\n"), "{page}");
+        assert!(page.contains("t_bucket{le=\"+Inf\"} 4\n"), "{page}");
+        assert!(page.contains("t_sum 3.035\n"), "{page}");
+        assert!(page.contains("t_count 4\n"), "{page}");
     }
 
     #[test]

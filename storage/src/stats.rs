@@ -23,10 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// Upper bounds of [`LatencyHistogram`]'s buckets, in microseconds; a last
-/// bucket above them holds the rest.
-pub const BUCKET_BOUNDS_US: [u64; 13] = [
-    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000,
+/// bucket above them holds the rest. Finer from 10 to 100 ms, where a busy
+/// server's tail and the 50 ms a push should take at p99 lie: a bucket up
+/// to 25 ms and the next up to 50 could not tell 26 ms from 49.
+pub const BUCKET_BOUNDS_US: [u64; 18] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 75_000,
+    100_000, 250_000, 500_000, 1_000_000, 2_500_000,
 ];
 
 /// A latency histogram in Prometheus's sense: a count per bucket and a sum,
