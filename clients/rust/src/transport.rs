@@ -284,7 +284,7 @@ async fn open_quic(authority: &str, options: &ClientOptions) -> Result<Opened, O
             {
                 OpenFailure::Full {
                     retry_after: None,
-                    detail: "the QUIC handshake was refused (CONNECTION_REFUSED)".into(),
+                    detail: "QUIC handshake refused: CONNECTION_REFUSED".into(),
                 }
             }
             e => OpenFailure::Other(e.to_string()),
