@@ -50,6 +50,11 @@ pub(crate) const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Bytes read from the socket at a time, into a buffer on the stack.
 const READ_CHUNK: usize = 8 * 1024;
 
+/// Pending frames up to this many bytes in all, headers included, are
+/// written from one buffer on the stack ([`WsWriter::try_write_small`]): a
+/// chat push is about 100 bytes.
+const SMALL_WRITE: usize = 1024;
+
 /// Why an upgrade request was refused. Each has the HTTP status the client
 /// is answered with.
 #[derive(Debug, thiserror::Error)]
@@ -613,6 +618,16 @@ impl OutFrame {
         }
     }
 
+    /// Bytes written as they are, with no header: the rest of a frame a
+    /// partial write began.
+    fn raw(bytes: Bytes) -> Self {
+        Self {
+            head: [0u8; 10],
+            head_len: 0,
+            payload: bytes,
+        }
+    }
+
     fn close(code: u16, reason: &str) -> Self {
         // A control frame's payload is at most 125 bytes: the status and
         // up to 123 bytes of reason, cut at a character boundary.
@@ -647,7 +662,10 @@ impl WsWriter {
             return Ok(());
         }
         // Taken, so an idle connection holds no frame list.
-        let frames = std::mem::take(&mut self.pending);
+        let mut frames = std::mem::take(&mut self.pending);
+        if self.try_write_small(&mut frames) {
+            return Ok(());
+        }
         let mut slices = Vec::with_capacity(frames.len() * 2);
         for f in &frames {
             slices.push(IoSlice::new(f.head()));
@@ -664,6 +682,43 @@ impl WsWriter {
             IoSlice::advance_slices(&mut rest, n);
         }
         Ok(())
+    }
+
+    /// Writes small frames at once, headers and payloads copied into one
+    /// buffer on the stack: one `send` instead of a vectored write, and no
+    /// list of slices to allocate. A busy connection's pushes, a few of
+    /// about 100 bytes, go this way (docs/benchmarks.md, "twelfth stop").
+    /// `true` when all were written; otherwise `frames` holds what is left
+    /// (all of them if the socket took nothing, else the rest of the bytes
+    /// as one frame with no header of its own).
+    fn try_write_small(&mut self, frames: &mut Vec<OutFrame>) -> bool {
+        let total: usize = frames
+            .iter()
+            .map(|f| f.head().len() + f.payload.len())
+            .sum();
+        if total > SMALL_WRITE {
+            return false;
+        }
+        let mut buf = [0u8; SMALL_WRITE];
+        let mut at = 0;
+        for f in frames.iter() {
+            for part in [f.head(), &f.payload[..]] {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+        }
+        match self.half.try_write(&buf[..total]) {
+            Ok(n) if n == total => true,
+            Ok(n) if n > 0 => {
+                // The rest goes the usual way.
+                frames.clear();
+                frames.push(OutFrame::raw(Bytes::copy_from_slice(&buf[n..total])));
+                false
+            }
+            // Not writable now (or an error, which the usual way meets
+            // again and reports).
+            _ => false,
+        }
     }
 
     /// Writes the pending frames and a close frame, then ends the sending
@@ -957,6 +1012,52 @@ mod tests {
         let _ = client.flush().await;
         assert_eq!(reader.next().await, Some(Inbound::Closed));
         assert_eq!(reader.next().await, None);
+    }
+
+    /// Small frames go out copied into one buffer, bigger batches as
+    /// slices; with a client that reads late, the socket fills, so writes
+    /// also meet a full socket and stop part-way. Every frame must still
+    /// arrive whole and in order.
+    #[tokio::test]
+    async fn frames_written_into_a_filling_socket_arrive_whole_and_in_order() {
+        const FRAMES: u32 = 40_000;
+        let (addr, task) = server(1024).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp)
+            .await
+            .unwrap();
+        let (_reader, mut writer) = task.await.unwrap().unwrap();
+        let payload = |i: u32| {
+            // 4 to 403 bytes: one to three per flush stay under
+            // SMALL_WRITE, five of the longer ones go over it.
+            let mut p = i.to_be_bytes().to_vec();
+            p.resize(4 + (i as usize * 7) % 400, i as u8);
+            Bytes::from(p)
+        };
+        let writing = tokio::spawn(async move {
+            let mut i = 0;
+            let mut flush = 0;
+            while i < FRAMES {
+                let batch = [1, 2, 3, 5][flush % 4].min(FRAMES - i);
+                for _ in 0..batch {
+                    writer.feed(Lane::Push, payload(i)).await.unwrap();
+                    i += 1;
+                }
+                writer.flush().await.unwrap();
+                flush += 1;
+            }
+            writer
+        });
+        // Let the socket fill before reading.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for i in 0..FRAMES {
+            match client.next().await.unwrap().unwrap() {
+                Message::Binary(got) => assert_eq!(got, payload(i), "frame {i}"),
+                other => panic!("frame {i}: {other:?}"),
+            }
+        }
+        let writer = writing.await.unwrap();
+        assert!(writer.pending.is_empty());
     }
 
     #[tokio::test]
