@@ -380,8 +380,10 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             // a reset at once.
             if let Ok(slot) = shared.refusals.clone().try_acquire_owned() {
                 let limit = shared.metrics.connections_limit;
+                let refused = shared.metrics.connections_refused.load(Ordering::Relaxed);
+                let wait = crate::websocket::retry_after_s(refused);
                 shared.tracker.spawn(async move {
-                    crate::websocket::refuse_full(stream, limit, REFUSAL_GRACE).await;
+                    crate::websocket::refuse_full(stream, limit, wait, REFUSAL_GRACE).await;
                     drop(slot);
                 });
             }

@@ -85,6 +85,8 @@ pub(crate) enum HandshakeError {
     Full {
         /// Connections admitted at most.
         limit: u64,
+        /// Seconds the client is told to wait (`Retry-After`).
+        retry_after_s: u64,
     },
 }
 
@@ -92,33 +94,37 @@ impl HandshakeError {
     /// The HTTP response that tells the client what was wrong, if the
     /// socket is still there to take it.
     fn response(&self, path: &str) -> Option<String> {
-        let (status, extra, body) = match self {
+        let (status, extra, body): (_, std::borrow::Cow<'_, str>, _) = match self {
             Self::Io(_) => return None,
-            Self::Malformed(_) => ("400 Bad Request", "", "malformed HTTP request\n".into()),
+            Self::Malformed(_) => (
+                "400 Bad Request",
+                "".into(),
+                "malformed HTTP request\n".into(),
+            ),
             Self::HeadTooLarge => (
                 "431 Request Header Fields Too Large",
-                "",
+                "".into(),
                 format!("request head over {MAX_REQUEST_HEAD} bytes\n"),
             ),
             Self::NotFound(_) => (
                 "404 Not Found",
-                "",
+                "".into(),
                 format!("not found; the WebSocket endpoint is {path}\n"),
             ),
             Self::Method(_) => (
                 "405 Method Not Allowed",
-                "Allow: GET\r\n",
+                "Allow: GET\r\n".into(),
                 format!("{self}\n"),
             ),
-            Self::NotUpgrade(_) => ("400 Bad Request", "", format!("{self}\n")),
+            Self::NotUpgrade(_) => ("400 Bad Request", "".into(), format!("{self}\n")),
             Self::Version(_) => (
                 "426 Upgrade Required",
-                "Sec-WebSocket-Version: 13\r\n",
+                "Sec-WebSocket-Version: 13\r\n".into(),
                 format!("{self}; this server speaks 13\n"),
             ),
-            Self::Full { .. } => (
+            Self::Full { retry_after_s, .. } => (
                 "503 Service Unavailable",
-                "Retry-After: 5\r\n",
+                format!("Retry-After: {retry_after_s}\r\n").into(),
                 format!("{self}; retry later\n"),
             ),
         };
@@ -194,11 +200,28 @@ pub(crate) async fn accept(
     Ok((reader, writer))
 }
 
+/// The wait a full server asks of the `refused`-th connection it turns
+/// away: 3 to 8 seconds, in turn, so that a crowd turned away in the same
+/// second (a flash sale's) does not all come back in the same second.
+pub(crate) fn retry_after_s(refused: u64) -> u64 {
+    RETRY_AFTER_MIN_S + refused % RETRY_AFTER_SPREAD_S
+}
+
+/// The shortest wait a full server asks for.
+const RETRY_AFTER_MIN_S: u64 = 3;
+/// How many different waits it spreads refusals over, a second apart.
+const RETRY_AFTER_SPREAD_S: u64 = 6;
+
 /// Answers a connection the server has no room for with 503 and
-/// `Retry-After`, within `grace`. The request head is read first: closing
-/// a socket with an unread request resets it, and the reset can reach the
-/// client before the answer does.
-pub(crate) async fn refuse_full(mut stream: TcpStream, limit: u64, grace: Duration) {
+/// `Retry-After: retry_after_s`, within `grace`. The request head is read
+/// first: closing a socket with an unread request resets it, and the reset
+/// can reach the client before the answer does.
+pub(crate) async fn refuse_full(
+    mut stream: TcpStream,
+    limit: u64,
+    retry_after_s: u64,
+    grace: Duration,
+) {
     let _ = tokio::time::timeout(grace, async {
         let mut head = Vec::with_capacity(1024);
         let mut chunk = [0u8; 1024];
@@ -208,7 +231,11 @@ pub(crate) async fn refuse_full(mut stream: TcpStream, limit: u64, grace: Durati
                 Ok(n) => head.extend_from_slice(&chunk[..n]),
             }
         }
-        refuse(&mut stream, HandshakeError::Full { limit }, "").await;
+        let full = HandshakeError::Full {
+            limit,
+            retry_after_s,
+        };
+        refuse(&mut stream, full, "").await;
     })
     .await;
 }

@@ -112,16 +112,33 @@ async fn a_low_descriptor_limit_is_reported_and_enforced_at_the_door() {
                 detail.contains(&format!("server full: all {ADMITTED} connections in use")),
                 "{detail}"
             );
-            assert_eq!(retry_after, Some(Duration::from_secs(5)));
+            let wait = retry_after.expect("a wait to retry after");
+            assert!((3..=8).contains(&wait.as_secs()), "{wait:?}");
         }
         Err(e) => panic!("expected a full server, got {e}"),
         Ok(_) => panic!("a connection beyond the budget must be refused"),
     }
-    // A storm of refused reconnects: each is counted, few are logged.
+    // A storm of refused reconnects: each is counted, few are logged, and
+    // the waits they are told are spread, so they do not all come back
+    // together.
     const STORM: usize = 20;
+    let mut waits = std::collections::BTreeSet::new();
     for _ in 1..STORM {
-        assert!(Client::connect(&ws, &token).await.is_err());
+        match Client::connect(&ws, &token).await {
+            Err(e @ qun_client::ClientError::ServerFull { .. }) => {
+                let wait = e.retry_after().expect("a wait to retry after").as_secs();
+                assert!((3..=8).contains(&wait), "{wait}");
+                waits.insert(wait);
+            }
+            Err(e) => panic!("expected a full server, got {e}"),
+            Ok(_) => panic!("a connection beyond the budget must be refused"),
+        }
     }
+    assert_eq!(
+        waits.len(),
+        6,
+        "every wait from 3 to 8 s was told: {waits:?}"
+    );
     let page = http_get(&http, "/metrics").await;
     assert_eq!(metric(&page, "qun_connections_refused_total"), STORM as u64);
     assert_eq!(metric(&page, "qun_connections_open"), ADMITTED as u64);

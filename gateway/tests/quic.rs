@@ -225,7 +225,8 @@ async fn a_full_server_refuses_quic_and_websocket_connections_with_a_reason() {
                 detail.contains("server full: all 1 connections in use"),
                 "{detail}"
             );
-            assert_eq!(retry_after, Some(Duration::from_secs(5)));
+            let wait = retry_after.expect("a wait to retry after");
+            assert!((3..=8).contains(&wait.as_secs()), "{wait:?}");
         }
         Err(e) => panic!("expected a full server, got {e}"),
         Ok(_) => panic!("a second connection must be refused"),
