@@ -94,39 +94,39 @@ impl HandshakeError {
     /// The HTTP response that tells the client what was wrong, if the
     /// socket is still there to take it.
     fn response(&self, path: &str) -> Option<String> {
-        let (status, extra, body): (_, std::borrow::Cow<'_, str>, _) = match self {
+        let retry_after;
+        let (status, extra, body) = match self {
             Self::Io(_) => return None,
-            Self::Malformed(_) => (
-                "400 Bad Request",
-                "".into(),
-                "malformed HTTP request\n".into(),
-            ),
+            Self::Malformed(_) => ("400 Bad Request", "", "malformed HTTP request\n".into()),
             Self::HeadTooLarge => (
                 "431 Request Header Fields Too Large",
-                "".into(),
+                "",
                 format!("request head over {MAX_REQUEST_HEAD} bytes\n"),
             ),
             Self::NotFound(_) => (
                 "404 Not Found",
-                "".into(),
+                "",
                 format!("not found; the WebSocket endpoint is {path}\n"),
             ),
             Self::Method(_) => (
                 "405 Method Not Allowed",
-                "Allow: GET\r\n".into(),
+                "Allow: GET\r\n",
                 format!("{self}\n"),
             ),
-            Self::NotUpgrade(_) => ("400 Bad Request", "".into(), format!("{self}\n")),
+            Self::NotUpgrade(_) => ("400 Bad Request", "", format!("{self}\n")),
             Self::Version(_) => (
                 "426 Upgrade Required",
-                "Sec-WebSocket-Version: 13\r\n".into(),
+                "Sec-WebSocket-Version: 13\r\n",
                 format!("{self}; this server speaks 13\n"),
             ),
-            Self::Full { retry_after_s, .. } => (
-                "503 Service Unavailable",
-                format!("Retry-After: {retry_after_s}\r\n").into(),
-                format!("{self}; retry later\n"),
-            ),
+            Self::Full { retry_after_s, .. } => {
+                retry_after = format!("Retry-After: {retry_after_s}\r\n");
+                (
+                    "503 Service Unavailable",
+                    retry_after.as_str(),
+                    format!("{self}; retry later\n"),
+                )
+            }
         };
         Some(format!(
             "HTTP/1.1 {status}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
