@@ -2,8 +2,8 @@
 //! (`crate::connection`) serves WebSocket and QUIC alike and chat-core never
 //! knows which one it talks to.
 //!
-//! A transport gives the session a stream of [`Inbound`] items (one per
-//! client frame, already cut out of the byte stream) and a [`FrameSink`]
+//! A transport gives the session a stream of `Inbound` items (one per
+//! client frame, already cut out of the byte stream) and a `FrameSink`
 //! that writes encoded server frames. Frames are `bytes::Bytes` encoded once
 //! by chat-core or the session; a sink only adds its own framing.
 
