@@ -192,7 +192,7 @@ impl Groups {
     /// [`RECALL_WINDOW_MS`] of sending, or staff of the shop at any time.
     /// Posts a RECALL message naming it, in one batch with the original's
     /// rewrite; returns the RECALL message's seq. The replies that quote it
-    /// lose the quote's text first ([`Groups::scrub_quotes_of`]), and replies
+    /// lose the quote's text first (`Groups::scrub_quotes_of`), and replies
     /// sequenced while the recall runs are made without it.
     ///
     /// # Errors

@@ -1,6 +1,6 @@
 //! Who may do what: the role × operation matrix, in one place.
 //!
-//! Every operation of [`crate::Groups`] asks [`require`] before anything
+//! Every operation of [`crate::Groups`] asks `require` before anything
 //! else, so this table is the rule; docs/roles.md prints it, and a test
 //! keeps the two equal cell by cell. Beyond the role, operations check the
 //! rest of their rules themselves: staff act only in their own shop's

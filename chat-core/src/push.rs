@@ -135,7 +135,7 @@ impl Groups {
     ///
     /// # Errors
     /// `ForbiddenRole`, `UnknownGroup`, `WrongShop`, `InvalidArgument` (see
-    /// [`Push`]), `UnknownProduct`, `NoAudience` (the expression matches no
+    /// `Push`), `UnknownProduct`, `NoAudience` (the expression matches no
     /// buyer of the group; nothing was pushed), `QuotaExhausted`, `Storage`.
     pub async fn push_promotion(
         &self,
