@@ -258,7 +258,7 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
             },
         };
         let peer = incoming.remote_address();
-        let Some((conn, permit)) = shared.admit(peer) else {
+        let Ok((conn, permit)) = shared.admit(peer) else {
             incoming.refuse();
             continue;
         };

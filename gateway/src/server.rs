@@ -195,12 +195,16 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 
 impl Shared {
     /// Admits a new connection from `peer` under `max_connections`: its id
-    /// and the permit it holds while open, or `None` (counted and logged)
-    /// when the server is full.
+    /// and the permit it holds while open.
+    ///
+    /// # Errors
+    /// The server is full: the refusal is counted and logged, and the
+    /// error is how many connections have been refused so far, this one
+    /// included.
     pub(crate) fn admit(
         &self,
         peer: SocketAddr,
-    ) -> Option<(ConnId, tokio::sync::OwnedSemaphorePermit)> {
+    ) -> Result<(ConnId, tokio::sync::OwnedSemaphorePermit), u64> {
         self.metrics
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
@@ -217,9 +221,9 @@ impl Shared {
             if last != second {
                 tracing::warn!(%peer, limit = self.metrics.connections_limit, refused_total = refused, "connection limit reached; refusing");
             }
-            return None;
+            return Err(refused);
         };
-        Some((
+        Ok((
             ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
             permit,
         ))
@@ -375,19 +379,21 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
                 continue;
             }
         };
-        let Some((conn, permit)) = shared.admit(peer) else {
-            // Tell the client why, so that it backs off instead of retrying
-            // a reset at once.
-            if let Ok(slot) = shared.refusals.clone().try_acquire_owned() {
-                let limit = shared.metrics.connections_limit;
-                let refused = shared.metrics.connections_refused.load(Ordering::Relaxed);
-                let wait = crate::websocket::retry_after_s(refused);
-                shared.tracker.spawn(async move {
-                    crate::websocket::refuse_full(stream, limit, wait, REFUSAL_GRACE).await;
-                    drop(slot);
-                });
+        let (conn, permit) = match shared.admit(peer) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                // Tell the client why, so that it backs off instead of
+                // retrying a reset at once.
+                if let Ok(slot) = shared.refusals.clone().try_acquire_owned() {
+                    let limit = shared.metrics.connections_limit;
+                    let wait = crate::websocket::retry_after_s(refused);
+                    shared.tracker.spawn(async move {
+                        crate::websocket::refuse_full(stream, limit, wait, REFUSAL_GRACE).await;
+                        drop(slot);
+                    });
+                }
+                continue;
             }
-            continue;
         };
         let _ = stream.set_nodelay(true);
         let span = crate::connection::span(conn, peer, "ws");

@@ -469,14 +469,7 @@ fn write_loop(
         let result = if poisoned.load(Ordering::Acquire) {
             Err(StorageError::Poisoned)
         } else {
-            let started = Instant::now();
-            let r = commit(tables, &mut jobs, mode, stats);
-            tracing::trace!(
-                jobs = jobs.len(),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "group commit"
-            );
-            r.map(|writes| {
+            commit(tables, &mut jobs, mode, stats).map(|writes| {
                 let submitted = jobs.iter().filter_map(|job| match job {
                     Job::Write(_, _, at) => Some(*at),
                     Job::Flush(_) => None,
@@ -851,7 +844,7 @@ fn prepare(ops: Vec<WriteOp>) -> Vec<Put> {
 
 /// Writes the puts of `jobs` as one batch and persists the journal;
 /// returns how many keys were written or removed. The time of each of the
-/// two goes to `stats`.
+/// two goes to `stats` (and to a trace event).
 fn commit(
     tables: &Tables,
     jobs: &mut [Job],
@@ -884,7 +877,14 @@ fn commit(
         .db
         .persist(mode)
         .map_err(|e| StorageError::backend("persist journal", e))?;
-    stats.phases(written - started, written.elapsed());
+    let (write, persist) = (written - started, written.elapsed());
+    stats.phases(write, persist);
+    tracing::trace!(
+        jobs = jobs.len(),
+        write_us = write.as_micros() as u64,
+        persist_us = persist.as_micros() as u64,
+        "group commit"
+    );
     Ok(writes)
 }
 
