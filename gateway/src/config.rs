@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// Most runtime worker threads `worker_threads` may ask for.
 pub const MAX_WORKER_THREADS: usize = 256;
 
+/// Longest `store_commit_window_us`: 10 ms, a fifth of the fan-out's
+/// latency target, added to every send of a busy shop.
+pub const MAX_STORE_COMMIT_WINDOW_US: u64 = 10_000;
+
 /// Everything `qun serve` can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,6 +65,11 @@ pub struct Config {
     /// and writer thread (1 to 64; 0: one per core). A folder keeps the
     /// count it was created with.
     pub store_partitions: usize,
+    /// How long, in microseconds, a busy store writer lets a group commit
+    /// gather more sends before its fsync (embedded store; 0 to
+    /// [`MAX_STORE_COMMIT_WINDOW_US`]; 0: never wait). Only a writer that
+    /// finds several sends waiting waits; an idle one commits at once.
+    pub store_commit_window_us: u64,
     /// Threads that run connections, requests and fan-out (the async
     /// runtime's workers), 1 to [`MAX_WORKER_THREADS`]; 0: one per core.
     /// On a machine shared with other busy processes fewer than the cores
@@ -160,6 +169,7 @@ impl Default for Config {
             token_key: String::new(),
             fsync: true,
             store_partitions: 0,
+            store_commit_window_us: 2_000,
             worker_threads: 0,
             default_max_members: 5_000,
             max_members_limit: 100_000,
@@ -340,6 +350,11 @@ impl Config {
         }
         if self.default_max_members < 2 || self.default_max_members > self.max_members_limit {
             return bad("default_max_members must be between 2 and max_members_limit".into());
+        }
+        if self.store_commit_window_us > MAX_STORE_COMMIT_WINDOW_US {
+            return bad(format!(
+                "store_commit_window_us must be 0 (never wait) to {MAX_STORE_COMMIT_WINDOW_US}"
+            ));
         }
         if self.store_partitions > qun_storage::MAX_PARTITIONS {
             return bad(format!(
@@ -560,6 +575,7 @@ mod tests {
             ("scylla_consistency = \"serial\"", "scylla_consistency"),
             ("scylla_replication = \"dc1\"", "scylla_replication"),
             ("store_partitions = 65", "store_partitions"),
+            ("store_commit_window_us = 10001", "store_commit_window_us"),
             ("worker_threads = 257", "worker_threads"),
         ] {
             std::fs::write(&file, text).unwrap();

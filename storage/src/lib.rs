@@ -54,7 +54,7 @@ pub mod stats;
 
 pub use coalesce::{Coalescing, CoalescingStats};
 pub use error::StorageError;
-pub use fjall_store::{FjallConfig, FjallStore, MAX_PARTITIONS};
+pub use fjall_store::{FjallConfig, FjallStore, MAX_PARTITIONS, WINDOW_FROM, WINDOW_UNTIL};
 
 use records::{
     AutoReplyRecord, BuyerTagsRecord, CsBuyerRecord, CsShopRecord, EntryRecord, FaqRecord,
