@@ -70,6 +70,12 @@ pub struct Config {
     /// [`MAX_STORE_COMMIT_WINDOW_US`]; 0: never wait). Only a writer that
     /// finds several sends waiting waits; an idle one commits at once.
     pub store_commit_window_us: u64,
+    /// The nice value of the embedded store's writer threads (Linux, -20 to
+    /// 19; 0: as started). Below 0 (default -10) a writer woken by its fsync
+    /// gets a core before the connections' work; it needs `CAP_SYS_NICE`
+    /// or a `RLIMIT_NICE` that allows it, and without them the server
+    /// logs a warning and runs on.
+    pub store_writer_nice: i32,
     /// Threads that run connections, requests and fan-out (the async
     /// runtime's workers), 1 to [`MAX_WORKER_THREADS`]; 0: one per core.
     /// On a machine shared with other busy processes fewer than the cores
@@ -170,6 +176,7 @@ impl Default for Config {
             fsync: true,
             store_partitions: 0,
             store_commit_window_us: 2_000,
+            store_writer_nice: -10,
             worker_threads: 0,
             default_max_members: 5_000,
             max_members_limit: 100_000,
@@ -355,6 +362,11 @@ impl Config {
             return bad(format!(
                 "store_commit_window_us must be 0 (never wait) to {MAX_STORE_COMMIT_WINDOW_US}"
             ));
+        }
+        if !(-20..=19).contains(&self.store_writer_nice) {
+            return bad(
+                "store_writer_nice must be -20 to 19 (0: leave the writers as started)".into(),
+            );
         }
         if self.store_partitions > qun_storage::MAX_PARTITIONS {
             return bad(format!(
@@ -576,6 +588,8 @@ mod tests {
             ("scylla_replication = \"dc1\"", "scylla_replication"),
             ("store_partitions = 65", "store_partitions"),
             ("store_commit_window_us = 10001", "store_commit_window_us"),
+            ("store_writer_nice = -21", "store_writer_nice"),
+            ("store_writer_nice = 20", "store_writer_nice"),
             ("worker_threads = 257", "worker_threads"),
         ] {
             std::fs::write(&file, text).unwrap();

@@ -155,6 +155,7 @@ pub async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, StoreCounter
     let mut store_config = FjallConfig::new(&config.data_dir);
     store_config.fsync = config.fsync;
     store_config.commit_window = std::time::Duration::from_micros(config.store_commit_window_us);
+    store_config.writer_nice = config.store_writer_nice;
     if config.store_partitions > 0 {
         store_config.partitions = config.store_partitions;
     }

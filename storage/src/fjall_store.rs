@@ -50,6 +50,13 @@ pub struct FjallConfig {
     /// commits at once, and so does one with a queue deep enough to fill
     /// a batch already, or with a flush waiting.
     pub commit_window: Duration,
+    /// The nice value each writer thread asks for (Linux, -20 to 19; 0,
+    /// the default: as started). A writer woken by its fsync's end waits
+    /// for a core like any thread, and every send of its partition waits
+    /// with it: on a saturated machine below 0 shortens that wait. Below 0
+    /// needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows it; a writer
+    /// refused logs a warning and runs as started.
+    pub writer_nice: i32,
     /// Partitions of a *new* data folder (1 to [`MAX_PARTITIONS`]): each is a database with
     /// its own journal and writer thread, and a shop with all its groups
     /// lives in one of them. Default: the number of cores. A folder keeps
@@ -66,6 +73,7 @@ impl FjallConfig {
             queue_capacity: 65_536,
             max_batch: 4_096,
             commit_window: Duration::from_millis(2),
+            writer_nice: 0,
             partitions: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
@@ -195,9 +203,11 @@ impl FjallStore {
                     max_batch: config.max_batch.max(1),
                     window: config.commit_window,
                 };
+                let nice = config.writer_nice;
                 std::thread::Builder::new()
                     .name(format!("qun-store-writer-{index}"))
                     .spawn(move || {
+                        set_writer_nice(index, nice);
                         write_loop(&tables, &rx, &queued, batching, mode, &poisoned, &stats);
                     })
                     .map_err(|e| StorageError::backend("start writer thread", e))?
@@ -455,6 +465,27 @@ fn joint(parts: usize, done: DurableCallback) -> impl Fn() -> DurableCallback {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Asks for `nice` for the calling writer thread ([`FjallConfig::writer_nice`]);
+/// a refusal is logged, and the writer runs as started.
+fn set_writer_nice(partition: usize, nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // On Linux the nice value is the thread's: `None` is the caller.
+    match rustix::process::setpriority_process(None, nice) {
+        Ok(()) => tracing::debug!(partition, nice, "store writer's priority set"),
+        // Every writer is refused alike: the first one says so.
+        Err(e) if partition == 0 => tracing::warn!(
+            nice,
+            error = %e,
+            "the store writers keep the priority they started with: a nice below 0 needs \
+             CAP_SYS_NICE or a RLIMIT_NICE that allows it (systemd: LimitNICE=); \
+             store_writer_nice = 0 stops asking"
+        ),
+        Err(e) => tracing::debug!(partition, nice, error = %e, "store writer's priority refused"),
+    }
 }
 
 /// A busy writer waits for more submissions once it finds at least this
@@ -1501,6 +1532,43 @@ mod tests {
             .map(|i| format!("shop-{i}"))
             .find(|s| store.inner.homes.of_shop(s) == partition)
             .unwrap()
+    }
+
+    /// The nice values of this process's threads named `name`, from
+    /// `/proc/self/task/*/stat` (field 19).
+    fn nices_of_threads(name: &str) -> Vec<i32> {
+        let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+        tasks
+            .filter_map(|task| {
+                let path = task.ok()?.path();
+                let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                if comm.trim_end() != name {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                // The fields after the command, which is in parentheses.
+                let after = &stat[stat.rfind(')')? + 2..];
+                after.split(' ').nth(16)?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// Asking for a lower priority never needs a privilege, so the test
+    /// passes anywhere; the server asks for a higher one the same way.
+    #[tokio::test]
+    async fn the_writer_thread_runs_at_the_nice_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = FjallConfig::new(dir.path());
+        config.partitions = 1;
+        config.writer_nice = 7;
+        let store = FjallStore::open(config).unwrap();
+        // The writer has set it by the time it commits this.
+        store.write(vec![group(1, "shop")]).await.unwrap();
+        // Thread names are cut to 15 bytes; other tests' writers may run
+        // beside this one, at 0.
+        let nices = nices_of_threads("qun-store-write");
+        assert!(nices.contains(&7), "{nices:?}");
+        store.close().await.unwrap();
     }
 
     fn batching(window_ms: u64) -> Batching {
