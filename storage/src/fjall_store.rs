@@ -133,6 +133,11 @@ struct Partition {
     /// reserve room in all of them before queueing any part.
     queued: Arc<AtomicUsize>,
     capacity: usize,
+    /// The queue length at which a writer sleeping out its commit window
+    /// has enough: the submission that reaches it wakes the writer.
+    batch_full: usize,
+    /// The writer's thread, to wake it ([`Partition::batch_full`]).
+    writer_thread: std::thread::Thread,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -217,6 +222,8 @@ impl FjallStore {
                 jobs: Mutex::new(Some(tx)),
                 queued,
                 capacity: config.queue_capacity.max(1),
+                batch_full: WINDOW_UNTIL.min(config.max_batch.max(1)),
+                writer_thread: writer.thread().clone(),
                 writer: Mutex::new(Some(writer)),
             });
         }
@@ -264,26 +271,34 @@ impl FjallStore {
         if senders.iter().any(|s| s.is_none()) {
             return Err(StorageError::Closed);
         }
+        let mut fills = Vec::with_capacity(parts.len());
         for (n, (p, _)) in parts.iter().enumerate() {
             let partition = &partitions[*p];
-            let reserved = partition
-                .queued
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                    (q < partition.capacity).then_some(q + 1)
-                })
-                .is_ok();
-            if !reserved {
-                for (p, _) in &parts[..n] {
-                    partitions[*p].queued.fetch_sub(1, Ordering::AcqRel);
+            let reserved =
+                partition
+                    .queued
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                        (q < partition.capacity).then_some(q + 1)
+                    });
+            match reserved {
+                Ok(before) => fills.push(before + 1 == partition.batch_full),
+                Err(_) => {
+                    for (p, _) in &parts[..n] {
+                        partitions[*p].queued.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    return Err(StorageError::Overloaded);
                 }
-                return Err(StorageError::Overloaded);
             }
         }
-        for (sender, (_, job)) in senders.iter().zip(parts) {
+        for ((sender, (p, job)), fills) in senders.iter().zip(parts).zip(fills) {
             if let Some(tx) = sender.as_ref() {
                 // The receiver lives until its sender is dropped under this
                 // lock, so sending cannot fail here.
                 let _ = tx.send(job);
+                if fills {
+                    // A writer sleeping out its commit window has enough.
+                    partitions[p].writer_thread.unpark();
+                }
             }
         }
         Ok(())
@@ -496,11 +511,6 @@ pub const WINDOW_FROM: usize = 4;
 /// does not wait at all if it finds this many.
 pub const WINDOW_UNTIL: usize = 32;
 
-/// How often a waiting writer looks at its queue's length. It sleeps
-/// rather than waiting on the channel: a writer blocked in `recv` is woken
-/// by every submission, and those wake-ups cost more than the fsyncs saved.
-const WINDOW_SLICE: Duration = Duration::from_micros(250);
-
 /// How a partition's writer gathers its group commits.
 #[derive(Debug, Clone, Copy)]
 struct Batching {
@@ -534,7 +544,8 @@ fn drain(rx: &Receiver<Job>, jobs: &mut Vec<Job>, max_batch: usize) {
 /// Gathers one group commit into `jobs`, from `first` and whatever is
 /// queued behind it, waiting a little for more while busy
 /// ([`FjallConfig::commit_window`]). `queued` counts the jobs sent and not
-/// yet counted off by the writer, those taken here included.
+/// yet counted off by the writer, those taken here included; the calling
+/// thread is unparked when it reaches [`WINDOW_UNTIL`].
 fn gather(
     rx: &Receiver<Job>,
     first: Job,
@@ -553,12 +564,16 @@ fn gather(
     let Some(end) = batching.window_end(oldest.flatten(), jobs.len()) else {
         return;
     };
+    // Parked rather than waiting on the channel: a writer blocked in `recv`
+    // is woken by every submission, and those wake-ups cost more than the
+    // fsyncs saved. Only the submission that fills the batch wakes it
+    // (`FjallStore::enqueue`); a stray wake-up parks again.
     while queued.load(Ordering::Acquire) < WINDOW_UNTIL.min(max_batch) {
         let now = Instant::now();
         if now >= end {
             break;
         }
-        std::thread::sleep((end - now).min(WINDOW_SLICE));
+        std::thread::park_timeout(end - now);
     }
     drain(rx, jobs, max_batch);
 }
@@ -1635,6 +1650,8 @@ mod tests {
             // the first ones alone (the pause is not what passes the test).
             std::thread::sleep(Duration::from_millis(20));
             send(WINDOW_UNTIL - WINDOW_FROM);
+            // As `FjallStore::enqueue` does for the submission that fills it.
+            gathering.thread().unpark();
             assert_eq!(gathering.join().unwrap(), WINDOW_UNTIL);
         });
     }
