@@ -45,8 +45,8 @@ pub struct FjallConfig {
     /// wait). A writer that finds from [`WINDOW_FROM`] to fewer than
     /// [`WINDOW_UNTIL`] submissions waiting sleeps until the window ends or
     /// [`WINDOW_UNTIL`] are queued, so that a steady stream of small
-    /// batches shares fewer fsyncs (each cost the development machine's
-    /// core 40–50 µs of kernel time, besides the disk's). An idle writer
+    /// batches shares fewer fsyncs (each costs a core 40–50 µs of kernel
+    /// time on the development machine, besides the disk's). An idle writer
     /// (fewer waiting) commits at once, and so does one with a queue deep
     /// enough to fill a batch already, or with a flush among those it took.
     pub commit_window: Duration,
@@ -54,8 +54,8 @@ pub struct FjallConfig {
     /// the default: as started). A writer woken by its fsync's end waits
     /// for a core like any thread, and every send of its partition waits
     /// with it: on a saturated machine below 0 shortens that wait. Below 0
-    /// needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows it; a writer
-    /// refused logs a warning and runs as started.
+    /// needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows it; refused, the
+    /// writers run as started, and the first says so in a warning.
     pub writer_nice: i32,
     /// Partitions of a *new* data folder (1 to [`MAX_PARTITIONS`]): each is a database with
     /// its own journal and writer thread, and a shop with all its groups
