@@ -524,10 +524,11 @@ impl Batching {
     /// (an idle writer, a queue already deep, a flush waiting, or no window).
     fn window_end(&self, first: Option<Instant>, ready: usize) -> Option<Instant> {
         let busy = (WINDOW_FROM..WINDOW_UNTIL.min(self.max_batch)).contains(&ready);
-        (busy && !self.window.is_zero())
-            .then_some(first)
-            .flatten()
-            .map(|at| at + self.window)
+        if busy && !self.window.is_zero() {
+            first.map(|at| at + self.window)
+        } else {
+            None
+        }
     }
 }
 
@@ -556,12 +557,14 @@ fn gather(
     let max_batch = batching.max_batch;
     jobs.push(first);
     drain(rx, jobs, max_batch);
-    let oldest = jobs.iter().try_fold(None, |oldest, job| match job {
-        Job::Write(_, _, at) => Some(oldest.or(Some(*at))),
-        // A flush is waited on (a recall): no window.
-        Job::Flush(_) => None,
-    });
-    let Some(end) = batching.window_end(oldest.flatten(), jobs.len()) else {
+    // The queue is in order, so the first job is the oldest. A flush is
+    // waited on (a recall): a batch with one gets no window.
+    let flush = jobs.iter().any(|job| matches!(job, Job::Flush(_)));
+    let oldest = match jobs.first() {
+        Some(Job::Write(_, _, at)) if !flush => Some(*at),
+        _ => None,
+    };
+    let Some(end) = batching.window_end(oldest, jobs.len()) else {
         return;
     };
     // Parked rather than waiting on the channel: a writer blocked in `recv`

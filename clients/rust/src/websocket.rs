@@ -584,6 +584,14 @@ mod tests {
         url
     }
 
+    /// How `connect` to `url` failed; panics if it did not.
+    async fn refusal(url: &str) -> OpenFailure {
+        match connect(url, None).await {
+            Err(failure) => failure,
+            Ok(_) => panic!("expected the upgrade to be refused"),
+        }
+    }
+
     #[tokio::test]
     async fn a_full_server_is_told_apart_with_its_retry_after_and_body() {
         let url = refusing_server(
@@ -591,16 +599,15 @@ mod tests {
             b"server full\n",
         )
         .await;
-        match connect(&url, None).await {
-            Err(OpenFailure::Full {
+        match refusal(&url).await {
+            OpenFailure::Full {
                 retry_after,
                 detail,
-            }) => {
+            } => {
                 assert_eq!(retry_after, Some(std::time::Duration::from_secs(7)));
                 assert_eq!(detail, "HTTP 503 Service Unavailable: server full");
             }
-            Err(other) => panic!("expected a full server, got {other:?}"),
-            Ok(_) => panic!("expected the upgrade to be refused"),
+            other => panic!("expected a full server, got {other:?}"),
         }
         // No Retry-After (or a date, which is not read): no wait is made up.
         let url = refusing_server(
@@ -609,11 +616,11 @@ mod tests {
         )
         .await;
         assert!(matches!(
-            connect(&url, None).await,
-            Err(OpenFailure::Full {
+            refusal(&url).await,
+            OpenFailure::Full {
                 retry_after: None,
                 ..
-            })
+            }
         ));
     }
 
@@ -624,13 +631,12 @@ mod tests {
             b"not found\n",
         )
         .await;
-        match connect(&url, None).await {
-            Err(OpenFailure::Other(detail)) => assert_eq!(
+        match refusal(&url).await {
+            OpenFailure::Other(detail) => assert_eq!(
                 detail,
                 "the server refused the WebSocket upgrade: HTTP 404 Not Found: not found"
             ),
-            Err(other) => panic!("expected a refusal, got {other:?}"),
-            Ok(_) => panic!("expected the upgrade to be refused"),
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 
