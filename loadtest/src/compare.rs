@@ -23,8 +23,10 @@
 //!
 //! It ends with a table of every run, variant by variant (latency p50, p99
 //! and max, messages lost, the scenario's rate: deliveries, joins, pages,
-//! messages caught up or connections per second, the server's cores, and
-//! how many frames each of its connections' writes carried, `f/write`)
+//! messages caught up or connections per second, the server's cores, the
+//! share of the run its busiest thread had work, `busiest` (1.00: it never
+//! ran out, so what waits for it stands in a queue), and how many frames
+//! each of its connections' writes carried, `f/write`)
 //! and each variant's median p50 and p99; with `--json` it writes all the
 //! reports in one file. Runs go over WebSocket, or over QUIC with
 //! `--transport quic` (the server's development certificate pinned by the
@@ -582,7 +584,7 @@ impl Comparison {
             self.scenario.join(" ")
         );
         out.push_str(&format!(
-            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8}\n",
+            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8}\n",
             "variant",
             "round",
             "p50 ms",
@@ -591,6 +593,7 @@ impl Comparison {
             "lost",
             "per sec",
             "server",
+            "busiest",
             "f/write",
             "× floor"
         ));
@@ -619,7 +622,7 @@ impl Comparison {
                     _ => "-".to_string(),
                 };
                 out.push_str(&format!(
-                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8}\n",
+                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8}\n",
                     label,
                     run.round,
                     num(&r["latency"]["p50_ms"], 1),
@@ -630,6 +633,9 @@ impl Comparison {
                         .map_or_else(|| "-".to_string(), |n| n.to_string()),
                     num(per_sec, 0),
                     num(&r["figures"]["server_cores"], 2),
+                    // The share of the run its busiest thread had work
+                    // (1.00: it never ran out; see cpu.rs).
+                    num(&r["figures"]["server_busiest_thread_runnable"], 2),
                     // Frames per write of the server's connections: on a
                     // busy machine the writers batch (docs/benchmarks.md).
                     num(&r["figures"]["server_frames_per_write"], 2),
@@ -741,6 +747,7 @@ mod tests {
                 "figures": {
                     "deliveries_per_sec": 297_000.4,
                     "server_cores": 0.951,
+                    "server_busiest_thread_runnable": 0.987,
                     "server_frames_per_write": 2.594,
                 },
             }),
@@ -778,7 +785,10 @@ mod tests {
             "{table}"
         );
         assert!(
-            rows[0].contains("130.0") && rows[0].contains("0.95") && rows[0].contains("2.59"),
+            rows[0].contains("130.0")
+                && rows[0].contains("0.95")
+                && rows[0].contains("0.99")
+                && rows[0].contains("2.59"),
             "{table}"
         );
         // One disturbed run (p99 500) does not move the median.

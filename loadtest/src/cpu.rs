@@ -20,17 +20,44 @@
 //! - `loadgen_cores`: the same for the load generator itself, this process
 //!   and its worker processes together. What the members cost here is what
 //!   phones on other machines would not take from the server.
+//! - `server_wait_cores` and `loadgen_wait_cores`: how long their threads
+//!   were ready to run but waited for a core, added up over the threads,
+//!   over the wall time, from `/proc/PID/task/TID/schedstat`. On a machine
+//!   with cores to spare it is near 0; each 0.1 is a tenth of a second per
+//!   second of work that stood in line.
+//! - `server_busiest_thread_runnable`: the share of the wall time the
+//!   server's busiest thread was running or ready to run. At 1.0 that thread
+//!   never ran out of work: whatever waits for it stands in a queue that
+//!   never empties, however the work is ordered.
+
+use std::time::Instant;
 
 use crate::report::Report;
 
-/// One reading of the counters, in clock ticks.
+/// One reading of the counters: the machine's and processes' in clock
+/// ticks, threads' in nanoseconds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Sample {
+    /// When it was read (for the threads' figures, which are in ns).
+    at: Option<Instant>,
     machine: Option<MachineTicks>,
     /// The server's (user, system) ticks.
     server: Option<(u64, u64)>,
     /// Each load-generator process's user plus system ticks, by PID.
     loadgen: Vec<(u32, u64)>,
+    /// Every thread of the server.
+    server_threads: Vec<ThreadTimes>,
+    /// Every thread of every load-generator process.
+    loadgen_threads: Vec<ThreadTimes>,
+}
+
+/// One thread's time on a core and time ready to run but waiting for one,
+/// in nanoseconds since it started (`/proc/PID/task/TID/schedstat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ThreadTimes {
+    tid: u32,
+    run_ns: u64,
+    wait_ns: u64,
 }
 
 /// All cores' ticks from the first line of `/proc/stat`.
@@ -54,14 +81,20 @@ pub(crate) fn sample(server_pid: Option<u32>, loadgen: &[u32]) -> Sample {
         .ok()
         .and_then(|s| machine_ticks(&s));
     let server = server_pid.and_then(read_process_ticks);
-    let loadgen = std::iter::once(std::process::id())
+    let pids: Vec<u32> = std::iter::once(std::process::id())
         .chain(loadgen.iter().copied())
-        .filter_map(|pid| read_process_ticks(pid).map(|(user, system)| (pid, user + system)))
+        .collect();
+    let loadgen = pids
+        .iter()
+        .filter_map(|&pid| read_process_ticks(pid).map(|(user, system)| (pid, user + system)))
         .collect();
     Sample {
+        at: Some(Instant::now()),
         machine,
         server,
         loadgen,
+        server_threads: server_pid.map(read_thread_times).unwrap_or_default(),
+        loadgen_threads: pids.into_iter().flat_map(read_thread_times).collect(),
     }
 }
 
@@ -110,6 +143,77 @@ pub(crate) fn report(r: &mut Report, before: &Sample, after: &Sample) {
     if !after.loadgen.is_empty() {
         r.figures.insert("loadgen_cores".into(), used as f64 / wall);
     }
+    if let (Some(t0), Some(t1)) = (before.at, after.at) {
+        let wall_ns = t1.saturating_duration_since(t0).as_nanos() as f64;
+        if wall_ns > 0.0 {
+            threads_report(r, wall_ns, before, after);
+        }
+    }
+}
+
+/// The threads' figures (see the module's docs) over `wall_ns`.
+fn threads_report(r: &mut Report, wall_ns: f64, before: &Sample, after: &Sample) {
+    // Each thread read both times, by what it did in between: (ran,
+    // waited). A thread that started or ended in between is left out.
+    let deltas = |b: &[ThreadTimes], a: &[ThreadTimes]| -> Vec<(u64, u64)> {
+        a.iter()
+            .filter_map(|t1| {
+                let t0 = b.iter().find(|t| t.tid == t1.tid)?;
+                Some((
+                    t1.run_ns.saturating_sub(t0.run_ns),
+                    t1.wait_ns.saturating_sub(t0.wait_ns),
+                ))
+            })
+            .collect()
+    };
+    let server = deltas(&before.server_threads, &after.server_threads);
+    if !server.is_empty() {
+        let waited: u64 = server.iter().map(|(_, w)| w).sum();
+        let busiest = server.iter().map(|(r, w)| r + w).max().unwrap_or(0);
+        r.figures
+            .insert("server_wait_cores".into(), waited as f64 / wall_ns);
+        // Run and wait are sampled a moment apart: never above 1.
+        r.figures.insert(
+            "server_busiest_thread_runnable".into(),
+            (busiest as f64 / wall_ns).min(1.0),
+        );
+    }
+    let loadgen = deltas(&before.loadgen_threads, &after.loadgen_threads);
+    if !loadgen.is_empty() {
+        let waited: u64 = loadgen.iter().map(|(_, w)| w).sum();
+        r.figures
+            .insert("loadgen_wait_cores".into(), waited as f64 / wall_ns);
+    }
+}
+
+/// Every thread of process `pid` that can be read.
+fn read_thread_times(pid: u32) -> Vec<ThreadTimes> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let (run_ns, wait_ns) = thread_times(&text)?;
+            Some(ThreadTimes {
+                tid,
+                run_ns,
+                wait_ns,
+            })
+        })
+        .collect()
+}
+
+/// (ns on a core, ns runnable but waiting) from the text of
+/// `/proc/PID/task/TID/schedstat`: those two, then the count of times it
+/// got a core.
+fn thread_times(schedstat: &str) -> Option<(u64, u64)> {
+    let mut fields = schedstat.split_whitespace();
+    let run = fields.next()?.parse().ok()?;
+    let wait = fields.next()?.parse().ok()?;
+    Some((run, wait))
 }
 
 /// The first line of `/proc/stat`, which sums every core's user, nice,
@@ -191,6 +295,66 @@ mod tests {
         assert_eq!(process_ticks("garbage"), None);
     }
 
+    #[test]
+    fn thread_times_are_the_first_two_fields() {
+        assert_eq!(
+            thread_times("918832000 160293000 7923\n"),
+            Some((918_832_000, 160_293_000))
+        );
+        assert_eq!(thread_times("12"), None);
+        assert_eq!(thread_times("x y z"), None);
+    }
+
+    #[test]
+    fn this_process_threads_are_read() {
+        let threads = read_thread_times(std::process::id());
+        // The test's own thread at least, with the time it has run.
+        // `/proc/thread-self` links to `PID/task/TID`.
+        let link = std::fs::read_link("/proc/thread-self").expect("thread-self");
+        let me: u32 = link.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let mine = threads.iter().find(|t| t.tid == me).expect("own thread");
+        assert!(mine.run_ns > 0, "{threads:?}");
+        assert!(read_thread_times(u32::MAX).is_empty());
+    }
+
+    fn thread(tid: u32, run_ns: u64, wait_ns: u64) -> ThreadTimes {
+        ThreadTimes {
+            tid,
+            run_ns,
+            wait_ns,
+        }
+    }
+
+    #[test]
+    fn waits_are_added_up_over_the_threads_read_both_times() {
+        let t0 = Instant::now();
+        let before = Sample {
+            at: Some(t0),
+            server_threads: vec![thread(10, 0, 0), thread(11, 100, 50), thread(12, 5, 5)],
+            loadgen_threads: vec![thread(20, 0, 0), thread(21, 0, 0)],
+            ..Sample::default()
+        };
+        let after = Sample {
+            at: Some(t0 + std::time::Duration::from_nanos(1_000)),
+            // Thread 10 ran 800 ns and waited 300: runnable all the wall
+            // time, and more, as two reads a moment apart can say. Thread
+            // 12 ended; thread 13 started.
+            server_threads: vec![thread(10, 800, 300), thread(11, 200, 150), thread(13, 1, 1)],
+            loadgen_threads: vec![thread(20, 250, 750), thread(21, 250, 700)],
+            ..Sample::default()
+        };
+        let mut r = Report::default();
+        threads_report(&mut r, 1_000.0, &before, &after);
+        let f = |k: &str| r.figures.get(k).copied();
+        assert_eq!(f("server_wait_cores"), Some(0.4));
+        assert_eq!(f("server_busiest_thread_runnable"), Some(1.0));
+        assert_eq!(f("loadgen_wait_cores"), Some(1.45));
+        // Through `report`, which needs the machine's ticks first.
+        let mut none = Report::default();
+        report(&mut none, &before, &after);
+        assert!(none.figures.is_empty());
+    }
+
     fn machine(user: u64, system: u64, softirq: u64, busy: u64, total: u64) -> MachineTicks {
         MachineTicks {
             user,
@@ -208,6 +372,7 @@ mod tests {
             machine: Some(machine(50, 40, 10, 100, 1000)),
             server: Some((20, 30)),
             loadgen: vec![(1, 10), (2, 5), (3, 7)],
+            ..Sample::default()
         };
         let after = Sample {
             machine: Some(machine(350, 290, 210, 850, 2000)),
@@ -215,6 +380,7 @@ mod tests {
             // Process 3 ended during the phase; process 4 was not there
             // before it.
             loadgen: vec![(1, 60), (2, 105), (4, 900)],
+            ..Sample::default()
         };
         let mut r = Report::default();
         report(&mut r, &before, &after);

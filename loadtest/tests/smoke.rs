@@ -164,6 +164,16 @@ async fn fanout_and_flash_sale_measure_and_check() {
         + r["figures"]["server_system_cores"].as_f64().unwrap();
     let server = r["figures"]["server_cores"].as_f64().unwrap();
     assert!((server_parts - server).abs() < 1e-9, "{r}");
+    // How long their threads waited for a core (schedstat): never less
+    // than none; and the server's busiest thread ran (its runtime thread
+    // wrote every delivery) for a share of the phase no bigger than all.
+    for k in ["server_wait_cores", "loadgen_wait_cores"] {
+        assert!(r["figures"][k].as_f64().unwrap() >= 0.0, "{k}: {r}");
+    }
+    let busiest = r["figures"]["server_busiest_thread_runnable"]
+        .as_f64()
+        .unwrap();
+    assert!(busiest > 0.0 && busiest <= 1.0, "{r}");
 
     let r = passing(
         &s,
