@@ -195,6 +195,10 @@ impl FjallStore {
             }
             opened.push(tables);
         }
+        let batching = Batching {
+            max_batch: config.max_batch.max(1),
+            window: config.commit_window,
+        };
         let mut partitions = Vec::with_capacity(opened.len());
         for (index, tables) in opened.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
@@ -204,10 +208,6 @@ impl FjallStore {
                 let queued = queued.clone();
                 let poisoned = poisoned.clone();
                 let stats = stats.clone();
-                let batching = Batching {
-                    max_batch: config.max_batch.max(1),
-                    window: config.commit_window,
-                };
                 let nice = config.writer_nice;
                 std::thread::Builder::new()
                     .name(format!("qun-store-writer-{index}"))
@@ -222,7 +222,7 @@ impl FjallStore {
                 jobs: Mutex::new(Some(tx)),
                 queued,
                 capacity: config.queue_capacity.max(1),
-                batch_full: WINDOW_UNTIL.min(config.max_batch.max(1)),
+                batch_full: batching.full(),
                 writer_thread: writer.thread().clone(),
                 writer: Mutex::new(Some(writer)),
             });
@@ -519,11 +519,18 @@ struct Batching {
 }
 
 impl Batching {
+    /// The queue length at which a waiting batch has enough: the
+    /// submission that reaches it wakes the writer, which then stops
+    /// waiting (never more than a batch holds).
+    fn full(&self) -> usize {
+        WINDOW_UNTIL.min(self.max_batch)
+    }
+
     /// Until when a batch that found `ready` submissions waiting, the first
     /// of them submitted at `first`, waits for more; `None`: commit now
     /// (an idle writer, a queue already deep, a flush waiting, or no window).
     fn window_end(&self, first: Option<Instant>, ready: usize) -> Option<Instant> {
-        let busy = (WINDOW_FROM..WINDOW_UNTIL.min(self.max_batch)).contains(&ready);
+        let busy = (WINDOW_FROM..self.full()).contains(&ready);
         if busy && !self.window.is_zero() {
             first.map(|at| at + self.window)
         } else {
@@ -546,7 +553,7 @@ fn drain(rx: &Receiver<Job>, jobs: &mut Vec<Job>, max_batch: usize) {
 /// queued behind it, waiting a little for more while busy
 /// ([`FjallConfig::commit_window`]). `queued` counts the jobs sent and not
 /// yet counted off by the writer, those taken here included; the calling
-/// thread is unparked when it reaches [`WINDOW_UNTIL`].
+/// thread is unparked when it reaches [`Batching::full`].
 fn gather(
     rx: &Receiver<Job>,
     first: Job,
@@ -571,7 +578,7 @@ fn gather(
     // is woken by every submission, and those wake-ups cost more than the
     // fsyncs saved. Only the submission that fills the batch wakes it
     // (`FjallStore::enqueue`); a stray wake-up parks again.
-    while queued.load(Ordering::Acquire) < WINDOW_UNTIL.min(max_batch) {
+    while queued.load(Ordering::Acquire) < batching.full() {
         let now = Instant::now();
         if now >= end {
             break;
