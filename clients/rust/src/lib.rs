@@ -116,6 +116,18 @@ pub struct ClientOptions {
     /// Who reads the socket: a task of the client's own (the default) or
     /// the caller's task, on demand.
     pub reading: Reading,
+    /// Over `ws://` on Linux: ask the kernel to delay its TCP
+    /// acknowledgements of what the server sends (`TCP_QUICKACK` off, set
+    /// again after every read, since the kernel leaves that mode whenever
+    /// its delayed-ACK timer fires). A client that only reads, such as a
+    /// buyer watching a group, otherwise acknowledges each small push as
+    /// soon as it reads it; with this it acknowledges every second one, or
+    /// within the kernel's delayed-ACK time (40 ms or more): half the ACK
+    /// packets, for one `setsockopt` per read. Requests are not slowed: a
+    /// client that sends soon after it reads gets this behaviour from the
+    /// kernel anyway. No effect over QUIC, nor on other systems. Off by
+    /// default.
+    pub delayed_acks: bool,
 }
 
 /// Who reads a [`Client`]'s socket.
@@ -185,6 +197,7 @@ impl Default for ClientOptions {
             insecure_dev_cert: false,
             local_ip: None,
             reading: Reading::Background,
+            delayed_acks: false,
         }
     }
 }

@@ -110,7 +110,7 @@ impl From<&str> for OpenFailure {
 pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<Opened, ClientError> {
     let opened = match url.strip_prefix("quic://") {
         Some(rest) => open_quic(rest.trim_end_matches('/'), options).await,
-        None => crate::websocket::connect(url, options.local_ip).await,
+        None => crate::websocket::connect(url, options.local_ip, options.delayed_acks).await,
     };
     opened.map_err(|failure| match failure {
         OpenFailure::Full {

@@ -53,7 +53,8 @@ const WRITE_BATCH: usize = 64;
 const OUT_QUEUE: usize = 256;
 
 /// Connects to `url` (`ws://host:port/path`), from `local_ip` if given, and
-/// upgrades the connection.
+/// upgrades the connection; with `delayed_acks` the reader keeps asking the
+/// kernel to delay its acknowledgements ([`crate::ClientOptions::delayed_acks`]).
 ///
 /// # Errors
 /// [`OpenFailure::Full`] when the server answers 503 (it is at its
@@ -61,7 +62,11 @@ const OUT_QUEUE: usize = 256;
 /// what failed: a URL that is not `ws://`, no address, the connection, or
 /// the server's refusal of the upgrade (with its HTTP status and the start
 /// of its body).
-pub(crate) async fn connect(url: &str, local_ip: Option<IpAddr>) -> Result<Opened, OpenFailure> {
+pub(crate) async fn connect(
+    url: &str,
+    local_ip: Option<IpAddr>,
+    delayed_acks: bool,
+) -> Result<Opened, OpenFailure> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or("the URL must start with ws:// (or quic://)")?;
@@ -92,7 +97,10 @@ pub(crate) async fn connect(url: &str, local_ip: Option<IpAddr>) -> Result<Opene
     // Pongs and the close echo: a few at most are ever pending.
     let (control, control_rx) = mpsc::channel::<Control>(8);
     tokio::spawn(write_loop(write, out_rx, control_rx));
-    let incoming = Frames::WebSocket(Reader::new(read, leftover, control));
+    let mut reader = Reader::new(read, leftover, control);
+    reader.delayed_acks = delayed_acks;
+    reader.delay_acks();
+    let incoming = Frames::WebSocket(reader);
     Ok(Opened {
         out,
         incoming,
@@ -342,6 +350,9 @@ pub(crate) struct Reader {
     control: mpsc::Sender<Control>,
     /// The last item (the close) has been returned.
     ended: bool,
+    /// Ask again after every read for delayed acknowledgements
+    /// ([`crate::ClientOptions::delayed_acks`]).
+    delayed_acks: bool,
 }
 
 impl Reader {
@@ -354,6 +365,18 @@ impl Reader {
             message: None,
             control,
             ended: false,
+            delayed_acks: false,
+        }
+    }
+
+    /// With `delayed_acks`, turns the kernel's quick-ACK mode off for the
+    /// next read: the mode comes back on its own (whenever the delayed-ACK
+    /// timer fires), so this is asked again after every read. Failing, it
+    /// leaves the kernel's default, which only costs packets.
+    fn delay_acks(&self) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if self.delayed_acks {
+            let _ = socket2::SockRef::from(self.half.as_ref()).set_tcp_quickack(false);
         }
     }
 
@@ -382,7 +405,7 @@ impl Reader {
             }
             match self.half.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Some(self.end(None, close::NORMAL)),
-                Ok(_) => {}
+                Ok(_) => self.delay_acks(),
             }
         }
     }
@@ -501,6 +524,47 @@ mod tests {
         }
     }
 
+    /// Whether the kernel would acknowledge the reader's next read at once.
+    #[cfg(target_os = "linux")]
+    fn quick_acks(reader: &Reader) -> bool {
+        socket2::SockRef::from(reader.half.as_ref())
+            .tcp_quickack()
+            .unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_reader_asked_for_delayed_acks_asks_again_after_every_read() {
+        let (mut reader, _control, mut server) = reader_pair().await;
+        reader.delayed_acks = true;
+        reader.delay_acks();
+        assert!(!quick_acks(&reader));
+        for n in 0..3u8 {
+            // What the kernel does when its delayed-ACK timer fires.
+            socket2::SockRef::from(reader.half.as_ref())
+                .set_tcp_quickack(true)
+                .unwrap();
+            server
+                .write_all(&server_frame(true, OP_BINARY, &[n]))
+                .await
+                .unwrap();
+            assert_eq!(frame_bytes(reader.next().await), [n]);
+            assert!(!quick_acks(&reader), "after read {n}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_reader_leaves_acks_to_the_kernel_by_default() {
+        let (mut reader, _control, mut server) = reader_pair().await;
+        server
+            .write_all(&server_frame(true, OP_BINARY, b"x"))
+            .await
+            .unwrap();
+        assert_eq!(frame_bytes(reader.next().await), b"x");
+        assert!(quick_acks(&reader));
+    }
+
     #[tokio::test]
     async fn frames_split_across_reads_fragments_and_pings_are_read() {
         let (mut reader, mut control, mut server) = reader_pair().await;
@@ -586,7 +650,7 @@ mod tests {
 
     /// How `connect` to `url` failed; panics if it did not.
     async fn refusal(url: &str) -> OpenFailure {
-        match connect(url, None).await {
+        match connect(url, None, false).await {
             Err(failure) => failure,
             Ok(_) => panic!("expected the upgrade to be refused"),
         }
