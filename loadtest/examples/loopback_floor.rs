@@ -76,6 +76,11 @@ struct Args {
     /// wake-up per delivery).
     #[arg(long)]
     hop: bool,
+    /// The members ask their kernel to delay its ACKs (`TCP_QUICKACK` off
+    /// after every read), as `qun-loadtest --member-acks delayed` does: an
+    /// ACK for every second frame instead of one per frame.
+    #[arg(long)]
+    delayed_acks: bool,
     /// Also write the figures as JSON to this file, shaped like a
     /// `qun-loadtest` report (`latency.p99_ms`, `counts.lost`,
     /// `figures.deliveries_per_sec`), as `qun-loadtest compare --floor`
@@ -97,7 +102,12 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match args.member_of {
-        Some(addr) => runtime.block_on(member_process(addr, args.connections, args.hop)),
+        Some(addr) => runtime.block_on(member_process(
+            addr,
+            args.connections,
+            args.hop,
+            args.delayed_acks,
+        )),
         None => runtime.block_on(server_process(args)),
     }
 }
@@ -127,6 +137,7 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
                 .arg("--connections")
                 .arg(n.to_string())
                 .args(args.hop.then_some("--hop"))
+                .args(args.delayed_acks.then_some("--delayed-acks"))
                 .stdout(Stdio::piped())
                 .spawn()?,
         );
@@ -228,6 +239,7 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
                 "duration_s": args.duration,
                 "workers": args.workers,
                 "hop": args.hop,
+                "delayed_acks": args.delayed_acks,
             },
             "latency": {
                 "p50_ms": ms(0.5),
@@ -342,17 +354,22 @@ async fn connection_writer(
 
 /// A member process: opens `connections`, reads until each is closed, and
 /// prints `RECEIVED BASE64_HISTOGRAM` on one line.
-async fn member_process(addr: SocketAddr, connections: usize, hop: bool) -> anyhow::Result<()> {
+async fn member_process(
+    addr: SocketAddr,
+    connections: usize,
+    hop: bool,
+    delayed_acks: bool,
+) -> anyhow::Result<()> {
     let mut readers = Vec::with_capacity(connections);
     for _ in 0..connections {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         readers.push(if hop {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(read_frames(stream, Some(tx)));
+            tokio::spawn(read_frames(stream, Some(tx), delayed_acks));
             tokio::spawn(time_frames(rx))
         } else {
-            tokio::spawn(read_frames(stream, None))
+            tokio::spawn(read_frames(stream, None, delayed_acks))
         });
     }
     let mut latency = Histogram::<u64>::new(3)?;
@@ -375,10 +392,20 @@ async fn member_process(addr: SocketAddr, connections: usize, hop: bool) -> anyh
 
 /// Reads frames until the server closes; returns each one's latency in µs,
 /// or with `hop`, sends each frame's timestamp there and returns nothing.
+/// With `delayed_acks`, quick-ACK mode is turned off before the first read
+/// and after every one (the kernel turns it back on whenever its
+/// delayed-ACK timer fires).
 async fn read_frames(
     mut stream: TcpStream,
     hop: Option<mpsc::Sender<u64>>,
+    delayed_acks: bool,
 ) -> std::io::Result<Vec<u64>> {
+    let delay_acks = |stream: &TcpStream| {
+        if delayed_acks {
+            let _ = socket2::SockRef::from(stream).set_tcp_quickack(false);
+        }
+    };
+    delay_acks(&stream);
     let mut samples = Vec::new();
     let mut buf = vec![0u8; 8192];
     let mut filled = 0usize;
@@ -388,6 +415,7 @@ async fn read_frames(
             return Ok(samples);
         }
         filled += n;
+        delay_acks(&stream);
         let now = now_us();
         let whole = filled / FRAME * FRAME;
         for frame in buf[..whole].chunks_exact(FRAME) {

@@ -395,6 +395,8 @@ async fn one_run(
             .arg(&json)
             .arg("--scheduling")
             .arg(cli.scheduling.to_string())
+            .arg("--member-acks")
+            .arg(cli.member_acks.to_string())
             .arg("--per-worker")
             .arg(cli.per_worker.to_string())
             .arg("--sources")
@@ -447,6 +449,9 @@ async fn floor_run(cli: &Cli, round: u32, floor: &Floor) -> anyhow::Result<Run> 
         ("--workers", floor.workers.to_string()),
     ] {
         program.arg(option).arg(value);
+    }
+    if cli.member_acks.delayed() {
+        program.arg("--delayed-acks");
     }
     program
         .arg("--json")

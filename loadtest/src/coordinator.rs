@@ -121,6 +121,9 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
     report
         .params
         .insert("scheduling".into(), cli.scheduling.to_string());
+    report
+        .params
+        .insert("member_acks".into(), cli.member_acks.to_string());
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -256,6 +259,7 @@ impl Workers {
                 cert_sha256: ctx.options.cert_sha256.clone(),
                 insecure_dev_cert: ctx.options.insecure_dev_cert,
                 source_ip: source_ip(ctx.cli.sources, ctx.server_ip, w),
+                member_acks: ctx.cli.member_acks,
                 run_id: ctx.run_id.clone(),
                 first,
                 count: per.min(total - first),
@@ -715,6 +719,14 @@ async fn fanout(
         .insert("nothing_lost".into(), t.lost == 0 && t.ops >= expected);
     add_server_share(&mut r, server_before, server_after);
     cpu::report(&mut r, &cpu_before, &cpu_after);
+    if let (Some(segments), Some(deliveries)) = (
+        r.figures.get("machine_tcp_segments_per_sec").copied(),
+        r.figures.get("deliveries_per_sec").copied(),
+    ) && deliveries > 0.0
+    {
+        r.figures
+            .insert("tcp_segments_per_delivery".into(), segments / deliveries);
+    }
     Ok(r)
 }
 

@@ -29,6 +29,13 @@
 //!   server's busiest thread was running or ready to run. At 1.0 that thread
 //!   never ran out of work: whatever waits for it stands in a queue that
 //!   never empties, however the work is ordered.
+//! - `machine_tcp_segments_per_sec`: TCP segments sent on the machine, from
+//!   `/proc/net/snmp` (`OutSegs`). Over loopback each one is sent and
+//!   received here: the pushes, the requests and their answers, and the
+//!   pure ACKs that acknowledge them. A fan-out report divides it by its
+//!   deliveries (`tcp_segments_per_delivery`): 2 when every push is
+//!   acknowledged on its own (`--member-acks immediate`), nearer 1.5 when
+//!   the members delay their ACKs.
 
 use std::time::Instant;
 
@@ -49,6 +56,8 @@ pub(crate) struct Sample {
     server_threads: Vec<ThreadTimes>,
     /// Every thread of every load-generator process.
     loadgen_threads: Vec<ThreadTimes>,
+    /// TCP segments the machine has sent (`OutSegs`).
+    tcp_segments_out: Option<u64>,
 }
 
 /// One thread's time on a core and time ready to run but waiting for one,
@@ -58,6 +67,15 @@ struct ThreadTimes {
     tid: u32,
     run_ns: u64,
     wait_ns: u64,
+}
+
+/// The `OutSegs` counter of `/proc/net/snmp`: the line of `Tcp:` names,
+/// then the line of `Tcp:` values.
+fn tcp_segments_out(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let at = names.split_whitespace().position(|n| n == "OutSegs")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// All cores' ticks from the first line of `/proc/stat`.
@@ -95,6 +113,9 @@ pub(crate) fn sample(server_pid: Option<u32>, loadgen: &[u32]) -> Sample {
         loadgen,
         server_threads: server_pid.map(read_thread_times).unwrap_or_default(),
         loadgen_threads: pids.into_iter().flat_map(read_thread_times).collect(),
+        tcp_segments_out: std::fs::read_to_string("/proc/net/snmp")
+            .ok()
+            .and_then(|s| tcp_segments_out(&s)),
     }
 }
 
@@ -147,6 +168,12 @@ pub(crate) fn report(r: &mut Report, before: &Sample, after: &Sample) {
         let wall_ns = t1.saturating_duration_since(t0).as_nanos() as f64;
         if wall_ns > 0.0 {
             threads_report(r, wall_ns, before, after);
+            if let (Some(s0), Some(s1)) = (before.tcp_segments_out, after.tcp_segments_out) {
+                r.figures.insert(
+                    "machine_tcp_segments_per_sec".into(),
+                    s1.saturating_sub(s0) as f64 * 1e9 / wall_ns,
+                );
+            }
         }
     }
 }
@@ -368,6 +395,40 @@ mod tests {
             total,
             cores: 2,
         }
+    }
+
+    #[test]
+    fn tcp_segments_out_are_found_by_name() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Tcp: RtoAlgorithm RtoMin ActiveOpens InSegs OutSegs RetransSegs\n\
+                    Tcp: 1 200 17 4242 5151 3\n\
+                    Udp: InDatagrams OutDatagrams\nUdp: 9 8\n";
+        assert_eq!(tcp_segments_out(snmp), Some(5151));
+        assert_eq!(tcp_segments_out("Tcp: InSegs\nTcp: 4\n"), None);
+        assert_eq!(tcp_segments_out("Ip: 1\n"), None);
+    }
+
+    #[test]
+    fn segments_per_second_come_from_the_two_readings() {
+        let t0 = Instant::now();
+        let before = Sample {
+            at: Some(t0),
+            machine: Some(machine(0, 0, 0, 0, 1000)),
+            tcp_segments_out: Some(1_000),
+            ..Sample::default()
+        };
+        let after = Sample {
+            at: Some(t0 + std::time::Duration::from_millis(500)),
+            machine: Some(machine(0, 0, 0, 0, 2000)),
+            tcp_segments_out: Some(301_000),
+            ..Sample::default()
+        };
+        let mut r = Report::default();
+        report(&mut r, &before, &after);
+        assert_eq!(
+            r.figures.get("machine_tcp_segments_per_sec").copied(),
+            Some(600_000.0)
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use qun_gateway::auth::TokenKey;
 use scheduling::Scheduling;
+use spec::MemberAcks;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +89,15 @@ pub(crate) struct Cli {
     /// (docs/benchmarks.md compares the two).
     #[arg(long, value_enum, default_value_t = Scheduling::Batch, global = true)]
     scheduling: Scheduling,
+    /// How the members' kernels acknowledge the pushes they read over
+    /// `ws://`. `delayed`: an ACK for every second push, as the members ask
+    /// their kernel (`TCP_QUICKACK` off after each read). `immediate`: an
+    /// ACK per push, Linux's default for a connection that only reads; over
+    /// loopback each ACK costs the load generator's thread its whole path,
+    /// the server socket's side included (docs/benchmarks.md compares the
+    /// two).
+    #[arg(long, value_enum, default_value_t = MemberAcks::Delayed, global = true)]
+    member_acks: MemberAcks,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -146,8 +156,8 @@ pub(crate) enum Scenario {
     /// variant in turn, round after round, so that variants are compared in
     /// interleaved runs; ends with a table of every run (`--json`: every
     /// report in one file). Each run's server gets its own data directory
-    /// and free loopback ports; `--scheduling`, `--per-worker`, `--sources`
-    /// and `--timeout` go to every run.
+    /// and free loopback ports; `--scheduling`, `--member-acks`,
+    /// `--per-worker`, `--sources` and `--timeout` go to every run.
     Compare(CompareArgs),
     /// (internal) Run a share of the members; driven over stdin/stdout.
     #[command(hide = true)]

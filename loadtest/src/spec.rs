@@ -9,6 +9,42 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduling::Scheduling;
 
+/// How the members' kernels acknowledge the pushes they read
+/// (`--member-acks`).
+///
+/// A member only reads, so Linux acknowledges each small push as soon as
+/// the member reads it. Over loopback that ACK's whole path, the server
+/// socket's side of it too, runs on the member's thread: at 300,000
+/// deliveries a second, a quarter of the load generator's CPU, on a machine
+/// it shares with the server (docs/benchmarks.md, "fifteenth stop"). Phones
+/// pay for their own ACKs, not the server's machine.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum MemberAcks {
+    /// Quick-ACK mode off after every read
+    /// ([`qun_client::ClientOptions::delayed_acks`]): an ACK for every
+    /// second push (the default).
+    Delayed,
+    /// The kernel's own choice for a connection that only reads: an ACK per
+    /// push.
+    Immediate,
+}
+
+impl MemberAcks {
+    /// The client option that gives these acknowledgements.
+    pub(crate) fn delayed(self) -> bool {
+        self == MemberAcks::Delayed
+    }
+}
+
+impl std::fmt::Display for MemberAcks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemberAcks::Delayed => "delayed",
+            MemberAcks::Immediate => "immediate",
+        })
+    }
+}
+
 /// One worker's share of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct WorkerSpec {
@@ -22,6 +58,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) insecure_dev_cert: bool,
     /// Local address this worker connects from.
     pub(crate) source_ip: Option<IpAddr>,
+    /// How its members' kernels acknowledge pushes.
+    pub(crate) member_acks: MemberAcks,
     /// Distinguishes the users of this run from earlier runs.
     pub(crate) run_id: String,
     /// The first member index of this worker.

@@ -39,6 +39,7 @@ pub(crate) async fn run(spec_json: &str) -> anyhow::Result<()> {
         cert_sha256: spec.cert_sha256.clone(),
         insecure_dev_cert: spec.insecure_dev_cert,
         local_ip: spec.source_ip,
+        delayed_acks: spec.member_acks.delayed(),
         // Each push read and decoded in the member's own task: no
         // hand-over from a reader task per delivery.
         reading: Reading::OnDemand,

@@ -137,6 +137,12 @@ async fn fanout_and_flash_sale_measure_and_check() {
     // By default the load generator runs under SCHED_BATCH, and every
     // worker said it inherited it (or the run would have failed).
     assert_eq!(r["params"]["scheduling"], "batch", "{r}");
+    // And its members delay their ACKs (a test of the client option itself
+    // is in the client library). Every push, request and answer went out
+    // in a segment of its own or shared one, and the ACKs came on top.
+    assert_eq!(r["params"]["member_acks"], "delayed", "{r}");
+    let segments = r["figures"]["tcp_segments_per_delivery"].as_f64();
+    assert!(segments.unwrap() > 0.0, "{r}");
     // The part after the server sequenced each message: one sample per
     // delivery, and (to the server's millisecond) no longer than the whole.
     let after = &r["after_sequencing_latency"];
@@ -261,6 +267,8 @@ async fn idle_connections_and_a_history_backfill() {
             &pid,
             "--scheduling",
             "normal",
+            "--member-acks",
+            "immediate",
             "connections",
             "--count",
             "10",
@@ -274,6 +282,7 @@ async fn idle_connections_and_a_history_backfill() {
     assert_eq!(r["checks"]["all_connected"], true, "{r}");
     assert!(r.get("first_failure").is_none(), "nobody failed: {r}");
     assert_eq!(r["params"]["scheduling"], "normal", "{r}");
+    assert_eq!(r["params"]["member_acks"], "immediate", "{r}");
     assert!(
         r["figures"]["server_rss_mib"].as_f64().unwrap() > 0.0,
         "{r}"
@@ -533,6 +542,8 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
     assert_eq!(r["scenario"], "floor", "{r}");
     assert_eq!(r["params"]["groups"], 2, "{r}");
     assert_eq!(r["params"]["members"], 3, "{r}");
+    // Its members delay their ACKs as the load generator's do by default.
+    assert_eq!(r["params"]["delayed_acks"], true, "{r}");
     // About 10 frames a second to 2 × 3 members for 1 s, every one read.
     let received = r["counts"]["received"].as_u64().unwrap();
     assert!((30..=90).contains(&received), "{r}");
