@@ -10,9 +10,15 @@
 //!
 //! Fan-out calls [`Outbox::push`], which never waits: when the queue is full
 //! the whole queue is dropped and the connection is marked out of sync. The
-//! connection's writer task reads with [`Outbox::recv`] and learns about the
-//! drop as [`Outgoing::OutOfSync`]. A slow phone therefore costs its group
-//! nothing but one failed push, and its memory stays within the bound.
+//! connection's writer task reads with [`Outbox::next`] (or
+//! [`Outbox::recv`]) and learns about the drop as [`Outgoing::OutOfSync`]. A
+//! slow phone therefore costs its group nothing but one failed push, and its
+//! memory stays within the bound.
+//!
+//! One task reads an outbox. It waits with its waker kept in the queue's
+//! state, under the lock every push takes anyway, so handing a push over
+//! costs one lock on each side and one wake-up (benches/outbox.rs); a second
+//! reader waiting at once would take the first one's place.
 //!
 //! # Epochs: why a drop ends every subscription
 //! Every subscription records the outbox's *epoch* when it was made
@@ -24,8 +30,10 @@
 //! behind costs the groups nothing until it does.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -123,8 +131,6 @@ pub struct Outbox {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the writer when something is queued.
-    notify: Notify,
     /// Wakes [`Outbox::push_when_room`] when the writer takes something.
     room: Notify,
     limits: OutboxLimits,
@@ -142,6 +148,8 @@ struct State {
     peak_bytes: usize,
     waiting_for_room: bool,
     closed: bool,
+    /// The reader waiting for something to be queued.
+    reader: Option<Waker>,
 }
 
 impl State {
@@ -170,6 +178,25 @@ impl State {
     fn fits(&self, limits: OutboxLimits, frames: usize, bytes: usize) -> bool {
         self.frames.len() + frames <= limits.max_frames && self.bytes + bytes <= limits.max_bytes
     }
+
+    /// Keeps `waker` to be woken by the next thing queued (a clone only
+    /// when it is not the one already kept).
+    fn wait(&mut self, waker: &Waker) {
+        match &self.reader {
+            Some(kept) if kept.will_wake(waker) => {}
+            _ => self.reader = Some(waker.clone()),
+        }
+    }
+}
+
+/// Releases the state's lock, then wakes the reader if one waits: something
+/// it may want was queued (or the outbox closed) under that lock.
+fn wake_reader(mut s: std::sync::MutexGuard<'_, State>) {
+    let reader = s.reader.take();
+    drop(s);
+    if let Some(reader) = reader {
+        reader.wake();
+    }
 }
 
 impl Outbox {
@@ -188,7 +215,6 @@ impl Outbox {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
-                notify: Notify::new(),
                 room: Notify::new(),
                 limits,
                 peak_gauge,
@@ -220,20 +246,18 @@ impl Outbox {
     /// A full queue is dropped whole ([`Pushed::Dropped`]); a subscription
     /// from before a drop gets [`Pushed::Stale`].
     pub fn push_in(&self, epoch: u64, frame: Bytes) -> Pushed {
-        let outcome = {
-            let mut s = self.state();
-            if let Some(refused) = s.refuses(epoch) {
-                return refused;
-            }
-            if !s.fits(self.shared.limits, 1, frame.len()) {
-                s.drop_queue();
-                Pushed::Dropped
-            } else {
-                self.enqueue(&mut s, frame);
-                Pushed::Queued
-            }
+        let mut s = self.state();
+        if let Some(refused) = s.refuses(epoch) {
+            return refused;
+        }
+        let outcome = if !s.fits(self.shared.limits, 1, frame.len()) {
+            s.drop_queue();
+            Pushed::Dropped
+        } else {
+            self.enqueue(&mut s, frame);
+            Pushed::Queued
         };
-        self.shared.notify.notify_one();
+        wake_reader(s);
         outcome
     }
 
@@ -241,14 +265,12 @@ impl Outbox {
     /// lacks is gone: the queue is dropped as if it had overflowed, so the
     /// client is told it is out of sync and resumes.
     pub(crate) fn fall_behind(&self, epoch: u64) {
-        {
-            let mut s = self.state();
-            if s.refuses(epoch).is_some() {
-                return;
-            }
-            s.drop_queue();
+        let mut s = self.state();
+        if s.refuses(epoch).is_some() {
+            return;
         }
-        self.shared.notify.notify_one();
+        s.drop_queue();
+        wake_reader(s);
     }
 
     fn enqueue(&self, s: &mut State, frame: Bytes) {
@@ -282,8 +304,7 @@ impl Outbox {
                 }
                 if s.fits(self.shared.limits, 1, frame.len()) || s.frames.is_empty() {
                     self.enqueue(&mut s, frame);
-                    drop(s);
-                    self.shared.notify.notify_one();
+                    wake_reader(s);
                     return Pushed::Queued;
                 }
                 s.waiting_for_room = true;
@@ -293,15 +314,21 @@ impl Outbox {
         }
     }
 
-    /// Waits for the next thing to write; `None` once closed.
+    /// Waits for the next push to write (replies are left for
+    /// [`Outbox::next`]); `None` once closed.
     pub async fn recv(&self) -> Option<Outgoing> {
-        loop {
-            match self.try_recv() {
-                Ok(item) => return Some(item),
-                Err(Empty::Closed) => return None,
-                Err(Empty::Now) => self.shared.notify.notified().await,
+        poll_fn(|cx| {
+            let mut s = self.state();
+            match self.take_push(&mut s) {
+                Ok(item) => Poll::Ready(Some(item)),
+                Err(Empty::Closed) => Poll::Ready(None),
+                Err(Empty::Now) => {
+                    s.wait(cx.waker());
+                    Poll::Pending
+                }
             }
-        }
+        })
+        .await
     }
 
     /// Queues a reply, waiting while [`MAX_REPLIES`] are queued; `false`
@@ -317,8 +344,7 @@ impl Outbox {
                 }
                 if s.replies.len() < MAX_REPLIES {
                     s.replies.push_back(reply);
-                    drop(s);
-                    self.shared.notify.notify_one();
+                    wake_reader(s);
                     return true;
                 }
                 s.waiting_for_room = true;
@@ -331,27 +357,30 @@ impl Outbox {
     /// Queues a reply if there is room now; `false` otherwise or once
     /// closed.
     pub fn try_reply(&self, reply: Reply) -> bool {
-        {
-            let mut s = self.state();
-            if s.closed || s.replies.len() >= MAX_REPLIES {
-                return false;
-            }
-            s.replies.push_back(reply);
+        let mut s = self.state();
+        if s.closed || s.replies.len() >= MAX_REPLIES {
+            return false;
         }
-        self.shared.notify.notify_one();
+        s.replies.push_back(reply);
+        wake_reader(s);
         true
     }
 
     /// Waits for the next thing to write, replies first; `None` once
     /// closed.
     pub async fn next(&self) -> Option<Next> {
-        loop {
-            match self.try_next() {
-                Ok(item) => return Some(item),
-                Err(Empty::Closed) => return None,
-                Err(Empty::Now) => self.shared.notify.notified().await,
+        poll_fn(|cx| {
+            let mut s = self.state();
+            match self.take_next(&mut s) {
+                Ok(item) => Poll::Ready(Some(item)),
+                Err(Empty::Closed) => Poll::Ready(None),
+                Err(Empty::Now) => {
+                    s.wait(cx.waker());
+                    Poll::Pending
+                }
             }
-        }
+        })
+        .await
     }
 
     /// The next thing to write if there is one now, replies first.
@@ -359,25 +388,27 @@ impl Outbox {
     /// # Errors
     /// [`Empty::Now`] when nothing is queued, [`Empty::Closed`] once closed.
     pub fn try_next(&self) -> Result<Next, Empty> {
+        self.take_next(&mut self.state())
+    }
+
+    /// [`Outbox::try_next`] under the lock already taken.
+    fn take_next(&self, s: &mut State) -> Result<Next, Empty> {
+        if !s.closed
+            && let Some(reply) = s.replies.pop_front()
         {
-            let mut s = self.state();
-            if !s.closed
-                && let Some(reply) = s.replies.pop_front()
-            {
-                if s.replies.is_empty() {
-                    // Most connections are idle most of the time: an empty
-                    // lane holds no memory (docs/benchmarks.md,
-                    // "Connections"). Requests are rare enough that the
-                    // allocation on the next answer costs nothing that shows.
-                    s.replies = VecDeque::new();
-                }
-                if std::mem::take(&mut s.waiting_for_room) {
-                    self.shared.room.notify_waiters();
-                }
-                return Ok(Next::Reply(reply));
+            if s.replies.is_empty() {
+                // Most connections are idle most of the time: an empty
+                // lane holds no memory (docs/benchmarks.md,
+                // "Connections"). Requests are rare enough that the
+                // allocation on the next answer costs nothing that shows.
+                s.replies = VecDeque::new();
             }
+            if std::mem::take(&mut s.waiting_for_room) {
+                self.shared.room.notify_waiters();
+            }
+            return Ok(Next::Reply(reply));
         }
-        self.try_recv().map(Next::Push)
+        self.take_push(s).map(Next::Push)
     }
 
     /// The next push to write if there is one now (replies are left for
@@ -386,7 +417,11 @@ impl Outbox {
     /// # Errors
     /// [`Empty::Now`] when nothing is queued, [`Empty::Closed`] once closed.
     pub fn try_recv(&self) -> Result<Outgoing, Empty> {
-        let mut s = self.state();
+        self.take_push(&mut self.state())
+    }
+
+    /// [`Outbox::try_recv`] under the lock already taken.
+    fn take_push(&self, s: &mut State) -> Result<Outgoing, Empty> {
         if s.closed {
             return Err(Empty::Closed);
         }
@@ -410,14 +445,12 @@ impl Outbox {
     /// `false`, and `recv` and `next` return `None`. Queued frames and
     /// replies are discarded.
     pub fn close(&self) {
-        {
-            let mut s = self.state();
-            s.closed = true;
-            s.frames.clear();
-            s.replies.clear();
-            s.bytes = 0;
-        }
-        self.shared.notify.notify_one();
+        let mut s = self.state();
+        s.closed = true;
+        s.frames.clear();
+        s.replies.clear();
+        s.bytes = 0;
+        wake_reader(s);
         self.shared.room.notify_waiters();
     }
 
@@ -598,6 +631,52 @@ mod tests {
         o.close();
         assert_eq!(o.push(frame(1)), Pushed::Closed);
         assert_eq!(o.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_for_a_push_a_reply_a_drop_and_the_close() {
+        let o = Outbox::new(OutboxLimits {
+            max_frames: 1,
+            max_bytes: 1 << 20,
+        });
+        let (tx, mut taken) = tokio::sync::mpsc::unbounded_channel();
+        let writer = {
+            let o = o.clone();
+            tokio::spawn(async move {
+                while let Some(item) = o.next().await {
+                    tx.send(item).unwrap();
+                }
+            })
+        };
+        // Each item must reach a writer that was waiting with nothing
+        // queued: without its own wake-up it would wait for ever (bounded
+        // here, so that a missing one fails instead of hanging).
+        let mut next_taken = async || {
+            tokio::time::timeout(std::time::Duration::from_secs(10), taken.recv())
+                .await
+                .expect("the waiting writer was woken")
+                .unwrap()
+        };
+        assert_eq!(o.push(frame(1)), Pushed::Queued);
+        assert_eq!(next_taken().await, Next::Push(Outgoing::Frame(frame(1))));
+        assert!(o.try_reply(Reply::Frame(frame(2))));
+        assert_eq!(next_taken().await, Next::Reply(Reply::Frame(frame(2))));
+        assert!(o.reply(Reply::Frame(frame(3))).await);
+        assert_eq!(next_taken().await, Next::Reply(Reply::Frame(frame(3))));
+        let epoch = o.epoch();
+        o.fall_behind(epoch);
+        assert_eq!(
+            next_taken().await,
+            Next::Push(Outgoing::OutOfSync { dropped: 1 })
+        );
+        let epoch = o.epoch();
+        assert_eq!(o.push_when_room(epoch, frame(4)).await, Pushed::Queued);
+        assert_eq!(next_taken().await, Next::Push(Outgoing::Frame(frame(4))));
+        o.close();
+        tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+            .await
+            .expect("the close woke the writer, which ended")
+            .unwrap();
     }
 
     #[tokio::test]
