@@ -123,10 +123,10 @@ pub struct ClientOptions {
     /// buyer watching a group, otherwise acknowledges each small push as
     /// soon as it reads it; with this it acknowledges every second one, or
     /// within the kernel's delayed-ACK time (40 ms or more): half the ACK
-    /// packets, for one `setsockopt` per read. Requests are not slowed: a
-    /// client that sends soon after it reads gets this behaviour from the
-    /// kernel anyway. No effect over QUIC, nor on other systems. Off by
-    /// default.
+    /// packets, for one `setsockopt` per read. Nothing the server sends
+    /// waits for these ACKs (it writes with Nagle's algorithm off), and a
+    /// client that sends soon after it reads is in this mode already. No
+    /// effect over QUIC, nor on other systems. Off by default.
     pub delayed_acks: bool,
 }
 
