@@ -317,9 +317,15 @@ impl Outbox {
     /// Waits for the next push to write (replies are left for
     /// [`Outbox::next`]); `None` once closed.
     pub async fn recv(&self) -> Option<Outgoing> {
+        self.wait_for(Self::take_push).await
+    }
+
+    /// Waits until `take` finds something (`Some`) or the outbox is closed
+    /// (`None`), keeping the reader's waker in the state between tries.
+    async fn wait_for<T>(&self, take: fn(&Self, &mut State) -> Result<T, Empty>) -> Option<T> {
         poll_fn(|cx| {
             let mut s = self.state();
-            match self.take_push(&mut s) {
+            match take(self, &mut s) {
                 Ok(item) => Poll::Ready(Some(item)),
                 Err(Empty::Closed) => Poll::Ready(None),
                 Err(Empty::Now) => {
@@ -369,18 +375,7 @@ impl Outbox {
     /// Waits for the next thing to write, replies first; `None` once
     /// closed.
     pub async fn next(&self) -> Option<Next> {
-        poll_fn(|cx| {
-            let mut s = self.state();
-            match self.take_next(&mut s) {
-                Ok(item) => Poll::Ready(Some(item)),
-                Err(Empty::Closed) => Poll::Ready(None),
-                Err(Empty::Now) => {
-                    s.wait(cx.waker());
-                    Poll::Pending
-                }
-            }
-        })
-        .await
+        self.wait_for(Self::take_next).await
     }
 
     /// The next thing to write if there is one now, replies first.
