@@ -73,7 +73,7 @@ pub(crate) struct Cli {
     /// with bursts better: a worker that falls behind adds its own queueing
     /// to the latency it measures (docs/benchmarks.md). At most about 19,000
     /// (a process's descriptor limit here is 20,000).
-    #[arg(long, default_value_t = 2_500, global = true)]
+    #[arg(long, default_value_t = 1_250, global = true)]
     per_worker: usize,
     /// Loopback source addresses to spread connections over (127.0.0.2 …);
     /// 0 to let the OS choose.
