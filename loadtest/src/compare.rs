@@ -154,6 +154,14 @@ pub(crate) struct Run {
 /// The label of the loopback floor's runs (`--floor`).
 pub(crate) const FLOOR: &str = "floor";
 
+/// Connections per member process of the floor ([`Floor::workers`]),
+/// whatever `--per-worker` gives the load generator: the floor's members
+/// do far less per read, and with 1,250 a process its p99 at 100 × 50 rose
+/// from 8–15 to 29–32 ms where the load generator's fell
+/// (docs/benchmarks.md, "fifteenth stop"). The floor is the least the
+/// machine allows, so it keeps what serves it best.
+pub(crate) const FLOOR_PER_PROCESS: usize = 2_500;
+
 /// The loopback floor run beside each round of a fan-out comparison: the
 /// fan-out's pattern of writes with nothing of Qun in it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -168,7 +176,7 @@ pub(crate) struct Floor {
     pub(crate) rate: f64,
     /// The fan-out's duration in whole seconds, rounded up.
     pub(crate) duration_s: u64,
-    /// Member processes: as many as the fan-out's workers.
+    /// Member processes: one per [`FLOOR_PER_PROCESS`] connections.
     pub(crate) workers: usize,
 }
 

@@ -338,7 +338,7 @@ async fn compare(cli: &Cli, args: &CompareArgs) -> ExitCode {
             Some(compare::Floor::of_fanout(
                 program,
                 scenario,
-                cli.per_worker,
+                compare::FLOOR_PER_PROCESS,
             )?)
         } else {
             None
