@@ -121,9 +121,12 @@ pub(crate) async fn run(cli: &Cli) -> anyhow::Result<Report> {
     report
         .params
         .insert("scheduling".into(), cli.scheduling.to_string());
-    report
-        .params
-        .insert("member_acks".into(), cli.member_acks.to_string());
+    // Over QUIC there are no TCP ACKs to delay.
+    let member_acks = match transport {
+        "ws" => cli.member_acks.to_string(),
+        _ => "none (not TCP)".to_string(),
+    };
+    report.params.insert("member_acks".into(), member_acks);
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

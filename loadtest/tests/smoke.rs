@@ -248,6 +248,7 @@ async fn fanout_and_flash_sale_measure_and_check() {
     )
     .await;
     assert_eq!(r["transport"], "quic");
+    assert_eq!(r["params"]["member_acks"], "none (not TCP)", "{r}");
     assert_eq!(r["checks"]["nothing_lost"], true, "{r}");
     s.shutdown.cancel();
     s.task.await.unwrap().unwrap();
