@@ -271,7 +271,11 @@ impl FjallStore {
         if senders.iter().any(|s| s.is_none()) {
             return Err(StorageError::Closed);
         }
-        let mut fills = Vec::with_capacity(parts.len());
+        // Bit n: part n's submission fills its partition's waiting batch (at
+        // most MAX_PARTITIONS parts, one per partition: no allocation per
+        // send).
+        const _: () = assert!(MAX_PARTITIONS <= u64::BITS as usize);
+        let mut fills = 0u64;
         for (n, (p, _)) in parts.iter().enumerate() {
             let partition = &partitions[*p];
             let reserved =
@@ -281,7 +285,7 @@ impl FjallStore {
                         (q < partition.capacity).then_some(q + 1)
                     });
             match reserved {
-                Ok(before) => fills.push(before + 1 == partition.batch_full),
+                Ok(before) => fills |= u64::from(before + 1 == partition.batch_full) << n,
                 Err(_) => {
                     for (p, _) in &parts[..n] {
                         partitions[*p].queued.fetch_sub(1, Ordering::AcqRel);
@@ -290,12 +294,12 @@ impl FjallStore {
                 }
             }
         }
-        for ((sender, (p, job)), fills) in senders.iter().zip(parts).zip(fills) {
+        for (n, (sender, (p, job))) in senders.iter().zip(parts).enumerate() {
             if let Some(tx) = sender.as_ref() {
                 // The receiver lives until its sender is dropped under this
                 // lock, so sending cannot fail here.
                 let _ = tx.send(job);
-                if fills {
+                if fills & (1 << n) != 0 {
                     // A writer sleeping out its commit window has enough.
                     partitions[p].writer_thread.unpark();
                 }
