@@ -59,7 +59,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use qun_proto::v1::{self, client_frame, server_frame::Body};
-use qun_proto::{ClientFrame, ErrorCode, ServerFrame, decode_server_frame, encode_client_frame};
+use qun_proto::{ClientFrame, ErrorCode, ServerFrame, encode_client_frame};
 use tokio::sync::{mpsc, oneshot};
 
 pub use qun_proto::v1 as proto;
@@ -523,12 +523,12 @@ async fn read_in_background(
         } else {
             stream.next().await
         };
-        let bytes = match next {
-            Some(Incoming::Frame(b)) => b,
+        let frame = match next {
+            Some(Incoming::Frame(frame)) => frame,
             Some(Incoming::Closed(how)) => break how,
             None => break None,
         };
-        let Some(event) = route(&bytes, &waiters) else {
+        let Some(event) = route(frame, &waiters) else {
             continue;
         };
         match full_buffer {
@@ -621,7 +621,7 @@ impl Inbox {
             return None;
         }
         match incoming.next().await {
-            Some(Incoming::Frame(bytes)) => route(&bytes, waiters),
+            Some(Incoming::Frame(frame)) => route(frame, waiters),
             end => {
                 // No answer is coming any more: waiting requests get
                 // `Closed`.
@@ -670,8 +670,7 @@ impl Inbox {
 
 /// One frame from the server: an answer is handed to the request waiting
 /// for it (`None`); a push becomes its event; anything else is `None`.
-fn route(bytes: &[u8], waiters: &Waiters) -> Option<Event> {
-    let frame = decode_server_frame(bytes).ok()?;
+fn route(frame: ServerFrame, waiters: &Waiters) -> Option<Event> {
     if frame.request_id != 0 {
         let waiter = lock(waiters).remove(&frame.request_id);
         if let Some(w) = waiter {

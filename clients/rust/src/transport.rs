@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
 use quinn::crypto::rustls::QuicClientConfig;
+use qun_proto::{ServerFrame, decode_server_frame};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -31,13 +32,32 @@ pub(crate) enum Outbound {
 }
 
 /// What the client receives.
+///
+/// Nearly every item is a frame, moved once or twice on its way to the
+/// caller: boxing it to shrink the rare `Closed` would cost an allocation
+/// per push instead.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Incoming {
-    /// One server frame.
-    Frame(Bytes),
+    /// One server frame, decoded by the transport that read it (a message
+    /// that is not one is skipped there).
+    Frame(ServerFrame),
     /// The connection ended, with the server's close code and reason when
     /// it sent one.
     Closed(Option<(u16, String)>),
+}
+
+/// A whole message (a WebSocket message, a QUIC length-prefixed frame) as
+/// a server frame; `None` (logged) for one that is not, which the client
+/// skips as it skips frames it has no use for.
+pub(crate) fn decode_frame(message: &[u8]) -> Option<ServerFrame> {
+    match decode_server_frame(message) {
+        Ok(frame) => Some(frame),
+        Err(why) => {
+            tracing::debug!(%why, len = message.len(), "skipping a message that is not a server frame");
+            None
+        }
+    }
 }
 
 /// The server's frames as they arrive, whoever reads them: the client's
@@ -351,7 +371,8 @@ fn frames(recv: quinn::RecvStream) -> BoxStream<'static, Incoming> {
         }
         let mut frame = BytesMut::zeroed(size);
         recv.read_exact(&mut frame).await.ok()?;
-        Some((Incoming::Frame(frame.freeze()), recv))
+        Some((decode_frame(&frame), recv))
     })
+    .filter_map(|frame| std::future::ready(frame.map(Incoming::Frame)))
     .boxed()
 }

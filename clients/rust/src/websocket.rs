@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::transport::{Frames, Incoming, OpenFailure, Opened, Outbound};
+use crate::transport::{Frames, Incoming, OpenFailure, Opened, Outbound, decode_frame};
 
 /// The longest upgrade response head the client reads.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
@@ -331,7 +331,9 @@ struct Fragments {
     data: BytesMut,
 }
 
-/// What [`Reader::take_frame`] found at the start of the buffer.
+/// What [`Reader::take_frame`] found at the start of the buffer (as
+/// large as [`Incoming`], for the same reason).
+#[allow(clippy::large_enum_variant)]
 enum Taken {
     /// The next item.
     Item(Incoming),
@@ -422,12 +424,23 @@ impl Reader {
                 return Ok(Taken::Missing(whole - self.buf.len()));
             }
             self.buf.advance(h.header_len);
+            if h.opcode == OP_BINARY && h.fin && self.message.is_none() {
+                // A whole message, the common case (every push): decoded
+                // where it lies, then dropped from the buffer. Taking it
+                // out as `Bytes` first made the buffer shared, an
+                // allocation and two atomic counts per frame.
+                let frame = decode_frame(&self.buf[..h.len]);
+                self.buf.advance(h.len);
+                match frame {
+                    Some(frame) => return Ok(Taken::Item(Incoming::Frame(frame))),
+                    None => continue,
+                }
+            }
             let payload = self.buf.split_to(h.len);
             match h.opcode {
                 OP_BINARY | OP_TEXT if self.message.is_some() => {
                     return Err("a new message before the fragmented one ended".into());
                 }
-                OP_BINARY if h.fin => return Ok(Taken::Item(Incoming::Frame(payload.freeze()))),
                 OP_TEXT if h.fin => {} // the protocol is binary: skipped
                 OP_BINARY | OP_TEXT => {
                     self.message = Some(Fragments {
@@ -448,8 +461,9 @@ impl Reader {
                     if h.fin
                         && let Some(m) = self.message.take()
                         && !m.text
+                        && let Some(frame) = decode_frame(&m.data)
                     {
-                        return Ok(Taken::Item(Incoming::Frame(m.data.freeze())));
+                        return Ok(Taken::Item(Incoming::Frame(frame)));
                     }
                 }
                 OP_PING => {
@@ -517,10 +531,21 @@ mod tests {
         )
     }
 
-    fn frame_bytes(item: Option<Incoming>) -> Vec<u8> {
+    /// A server frame to send: an error answer to request `id` saying
+    /// `message`, encoded.
+    fn encoded(id: u64, message: &str) -> Vec<u8> {
+        let frame = qun_proto::error_frame(id, qun_proto::ErrorCode::MalformedFrame, message);
+        qun_proto::encode_server_frame(&frame).to_vec()
+    }
+
+    /// The request id and message of the error frame `item` must be.
+    fn error_of(item: Option<Incoming>) -> (u64, String) {
         match item {
-            Some(Incoming::Frame(b)) => b.to_vec(),
-            other => panic!("expected a frame, got {other:?}"),
+            Some(Incoming::Frame(qun_proto::ServerFrame {
+                request_id,
+                body: Some(qun_proto::v1::server_frame::Body::Error(e)),
+            })) => (request_id, e.message),
+            other => panic!("expected an error frame, got {other:?}"),
         }
     }
 
@@ -545,10 +570,10 @@ mod tests {
                 .set_tcp_quickack(true)
                 .unwrap();
             server
-                .write_all(&server_frame(true, OP_BINARY, &[n]))
+                .write_all(&server_frame(true, OP_BINARY, &encoded(n.into(), "x")))
                 .await
                 .unwrap();
-            assert_eq!(frame_bytes(reader.next().await), [n]);
+            assert_eq!(error_of(reader.next().await), (n.into(), "x".into()));
             assert!(!quick_acks(&reader), "after read {n}");
         }
     }
@@ -558,23 +583,26 @@ mod tests {
     async fn a_reader_leaves_acks_to_the_kernel_by_default() {
         let (mut reader, _control, mut server) = reader_pair().await;
         server
-            .write_all(&server_frame(true, OP_BINARY, b"x"))
+            .write_all(&server_frame(true, OP_BINARY, &encoded(1, "x")))
             .await
             .unwrap();
-        assert_eq!(frame_bytes(reader.next().await), b"x");
+        assert_eq!(error_of(reader.next().await), (1, "x".into()));
         assert!(quick_acks(&reader));
     }
 
     #[tokio::test]
-    async fn frames_split_across_reads_fragments_and_pings_are_read() {
+    async fn frames_split_across_reads_fragments_and_pings_are_read_and_non_frames_skipped() {
         let (mut reader, mut control, mut server) = reader_pair().await;
-        let mut wire = server_frame(true, OP_BINARY, b"one");
+        let fragmented = encoded(2, "fragments");
+        let big = "b".repeat(70_000);
+        let mut wire = server_frame(true, OP_BINARY, &encoded(1, "one"));
         wire.extend(server_frame(true, OP_TEXT, b"skipped"));
-        wire.extend(server_frame(false, OP_BINARY, b"fr"));
+        wire.extend(server_frame(true, OP_BINARY, b"\xff not a server frame"));
+        wire.extend(server_frame(false, OP_BINARY, &fragmented[..3]));
         wire.extend(server_frame(true, OP_PING, b"p"));
-        wire.extend(server_frame(false, OP_CONTINUATION, b"ag"));
-        wire.extend(server_frame(true, OP_CONTINUATION, b"ments"));
-        wire.extend(server_frame(true, OP_BINARY, &[3u8; 70_000]));
+        wire.extend(server_frame(false, OP_CONTINUATION, &fragmented[3..7]));
+        wire.extend(server_frame(true, OP_CONTINUATION, &fragmented[7..]));
+        wire.extend(server_frame(true, OP_BINARY, &encoded(3, &big)));
         // Sent a byte at a time at first, so every header is cut somewhere.
         let (slow, fast) = wire.split_at(40);
         let write = async {
@@ -585,15 +613,19 @@ mod tests {
             server.write_all(fast).await.unwrap();
         };
         let read = async {
-            let one = frame_bytes(reader.next().await);
-            let joined = frame_bytes(reader.next().await);
-            let big = frame_bytes(reader.next().await);
-            (one, joined, big)
+            let one = error_of(reader.next().await);
+            let joined = error_of(reader.next().await);
+            let last = error_of(reader.next().await);
+            (one, joined, last)
         };
-        let ((), (one, joined, big)) = tokio::join!(write, read);
-        assert_eq!(one, b"one");
-        assert_eq!(joined, b"fragments");
-        assert_eq!(big, vec![3u8; 70_000]);
+        let ((), (one, joined, last)) = tokio::join!(write, read);
+        assert_eq!(one, (1, "one".into()));
+        assert_eq!(
+            joined,
+            (2, "fragments".into()),
+            "the message that was not a frame is skipped"
+        );
+        assert_eq!(last, (3, big));
         match control.try_recv() {
             Ok(Control::Pong(p)) => assert_eq!(&p[..], b"p"),
             other => panic!("expected a pong, got {other:?}"),
