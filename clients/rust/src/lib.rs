@@ -460,11 +460,11 @@ impl Link {
                 tokio::select! {
                     biased;
                     answer = &mut rx => return answer.map_err(|_| ClientError::Closed),
-                    read = inbox.read_one(&self.waiters) => match read {
-                        Some(event) => inbox.keep(event),
-                        None if inbox.ended() => return Err(ClientError::Closed),
-                        None => {}
-                    },
+                    () = inbox.read_and_keep(&self.waiters) => {
+                        if inbox.ended() {
+                            return Err(ClientError::Closed);
+                        }
+                    }
                 }
             }
         };
@@ -563,7 +563,11 @@ async fn read_in_background(
 /// whoever waits (`next_event`, or a request for its answer) reads it, one
 /// at a time, holding `incoming`.
 struct Inbox {
-    incoming: tokio::sync::Mutex<Frames>,
+    /// An async lock whose uncontended lock and unlock are one atomic
+    /// operation each: `next_event` takes it for every push. (tokio's
+    /// `Mutex`, a semaphore, also locked its list of waiters at every
+    /// unlock.)
+    incoming: futures_util::lock::Mutex<Frames>,
     /// Pushes a request read while it waited for its answer, in order, for
     /// `next_event`. Only a holder of `incoming` adds to it, so whoever
     /// holds `incoming` next finds them before anything still unread.
@@ -586,7 +590,7 @@ impl std::fmt::Debug for Inbox {
 impl Inbox {
     fn new(incoming: Frames, limit: usize) -> Self {
         Self {
-            incoming: tokio::sync::Mutex::new(incoming),
+            incoming: futures_util::lock::Mutex::new(incoming),
             kept: Mutex::new(VecDeque::new()),
             limit: limit.max(1),
             ended: AtomicBool::new(false),
@@ -598,20 +602,22 @@ impl Inbox {
     }
 
     /// Reads one item off the socket: an answer goes to its waiter, a push
-    /// is returned. `None` for an answer, a frame of no interest, or (once
-    /// [`Inbox::ended`]) nothing left to read. Cancel-safe: an item is
-    /// either taken whole or left in the stream.
-    async fn read_one(&self, waiters: &Waiters) -> Option<Event> {
+    /// is kept for `next_event` before `incoming` is let go, so that pushes
+    /// read by requests waiting at once stay in the order they came.
+    /// Cancel-safe: an item is either taken whole or left in the stream.
+    async fn read_and_keep(&self, waiters: &Waiters) {
         let mut incoming = self.hold().await;
-        self.read_held(&mut incoming, waiters).await
+        if let Some(event) = self.read_held(&mut incoming, waiters).await {
+            self.keep(event);
+        }
     }
 
     /// Takes `incoming`: at once when no one else holds it (the common
     /// case, one reader), which skips the async lock's wait queue.
-    async fn hold(&self) -> tokio::sync::MutexGuard<'_, Frames> {
+    async fn hold(&self) -> futures_util::lock::MutexGuard<'_, Frames> {
         match self.incoming.try_lock() {
-            Ok(held) => held,
-            Err(_) => self.incoming.lock().await,
+            Some(held) => held,
+            None => self.incoming.lock().await,
         }
     }
 
