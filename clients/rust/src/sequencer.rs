@@ -8,8 +8,6 @@
 //! jump as a [`Step::Gap`] so the caller fetches the missing range before
 //! going on. It does no I/O, so its rules are unit-tested directly.
 
-use std::collections::HashMap;
-
 /// What to do with one pushed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -30,64 +28,77 @@ pub enum Step {
 /// The newest delivered seq of every group this client follows.
 #[derive(Debug, Default, Clone)]
 pub struct Sequencer {
-    cursors: HashMap<u64, u64>,
+    /// (group, cursor), ascending group id. A client follows a handful of
+    /// groups, at most a few hundred: a sorted list is searched in a few
+    /// comparisons within one allocation, where a hash map hashed every
+    /// push's group id and kept its entries apart from the list's.
+    cursors: Vec<(u64, u64)>,
     duplicates: u64,
     gaps: u64,
 }
 
 impl Sequencer {
+    /// Where `group_id` is, or would be inserted.
+    fn find(&self, group_id: u64) -> Result<usize, usize> {
+        self.cursors.binary_search_by_key(&group_id, |&(g, _)| g)
+    }
+
     /// Sets where a group stands (after a resume, or a join's recent list),
     /// never moving it backwards.
     pub fn track(&mut self, group_id: u64, seq: u64) {
-        let c = self.cursors.entry(group_id).or_insert(seq);
-        *c = (*c).max(seq);
+        match self.find(group_id) {
+            Ok(i) => self.cursors[i].1 = self.cursors[i].1.max(seq),
+            Err(i) => self.cursors.insert(i, (group_id, seq)),
+        }
     }
 
     /// Sets where a group stands, exactly (the client's own claim when it
     /// resumes from a saved cursor).
     pub fn reset(&mut self, group_id: u64, seq: u64) {
-        self.cursors.insert(group_id, seq);
+        match self.find(group_id) {
+            Ok(i) => self.cursors[i].1 = seq,
+            Err(i) => self.cursors.insert(i, (group_id, seq)),
+        }
     }
 
     /// Stops following a group.
     pub fn forget(&mut self, group_id: u64) {
-        self.cursors.remove(&group_id);
+        if let Ok(i) = self.find(group_id) {
+            self.cursors.remove(i);
+        }
     }
 
     /// The newest seq delivered for a group.
     pub fn cursor(&self, group_id: u64) -> Option<u64> {
-        self.cursors.get(&group_id).copied()
+        self.find(group_id).ok().map(|i| self.cursors[i].1)
     }
 
     /// Every group followed and its cursor, ascending group id: what a
     /// reconnecting client sends in `Resume`.
     pub fn cursors(&self) -> Vec<(u64, u64)> {
-        let mut all: Vec<_> = self.cursors.iter().map(|(g, s)| (*g, *s)).collect();
-        all.sort_unstable();
-        all
+        self.cursors.clone()
     }
 
     /// Decides about a pushed message; [`Step::Deliver`] advances the cursor.
     pub fn observe(&mut self, group_id: u64, seq: u64) -> Step {
-        match self.cursors.get_mut(&group_id) {
-            None => {
-                self.cursors.insert(group_id, seq);
-                Step::Deliver
+        let c = match self.find(group_id) {
+            Err(i) => {
+                self.cursors.insert(i, (group_id, seq));
+                return Step::Deliver;
             }
-            Some(c) if seq <= *c => {
-                self.duplicates += 1;
-                Step::Duplicate
-            }
-            Some(c) if seq == *c + 1 => {
-                *c = seq;
-                Step::Deliver
-            }
-            Some(c) => {
-                self.gaps += 1;
-                Step::Gap {
-                    after: *c,
-                    before: seq,
-                }
+            Ok(i) => &mut self.cursors[i].1,
+        };
+        if seq <= *c {
+            self.duplicates += 1;
+            Step::Duplicate
+        } else if seq == *c + 1 {
+            *c = seq;
+            Step::Deliver
+        } else {
+            self.gaps += 1;
+            Step::Gap {
+                after: *c,
+                before: seq,
             }
         }
     }
@@ -151,6 +162,26 @@ mod tests {
         assert_eq!(s.observe(2, 41), Step::Deliver);
         assert_eq!(s.observe(1, 6), Step::Deliver);
         assert_eq!(s.cursors(), [(1, 6), (2, 41)]);
+    }
+
+    #[test]
+    fn many_groups_in_any_order_are_kept_apart_and_listed_ascending() {
+        let mut s = Sequencer::default();
+        // 300 groups, tracked in a scrambled order.
+        let groups: Vec<u64> = (0..300u64).map(|i| (i * 7_919) % 300 + 1).collect();
+        for &g in &groups {
+            s.track(g, g * 10);
+        }
+        for &g in groups.iter().rev() {
+            assert_eq!(s.observe(g, g * 10 + 1), Step::Deliver, "group {g}");
+            assert_eq!(s.observe(g, g * 10), Step::Duplicate, "group {g}");
+        }
+        s.forget(150);
+        let all = s.cursors();
+        assert_eq!(all.len(), 299);
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "ascending");
+        assert!(all.iter().all(|&(g, c)| c == g * 10 + 1));
+        assert_eq!(s.cursor(150), None);
     }
 
     #[test]
