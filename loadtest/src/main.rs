@@ -17,6 +17,7 @@
 mod compare;
 mod coordinator;
 mod cpu;
+mod recorder;
 mod report;
 mod scheduling;
 mod server_metrics;

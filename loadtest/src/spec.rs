@@ -177,8 +177,4 @@ pub(crate) struct WorkerResult {
     /// sequencing of a message (its `ts_ms`) to the member.
     #[serde(default)]
     pub(crate) part_latency: String,
-    /// A member's raw samples of the part (µs), folded into
-    /// `part_latency` by its worker; never sent.
-    #[serde(skip)]
-    pub(crate) part_us: Vec<u64>,
 }

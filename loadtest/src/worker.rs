@@ -3,7 +3,10 @@
 //! reports progress, waits for "go", measures, and reports.
 
 use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -12,7 +15,8 @@ use qun_gateway::auth::TokenKey;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::{oneshot, watch};
 
-use crate::report::{encode, histogram};
+use crate::recorder::Recorder;
+use crate::report::encode;
 use crate::scheduling::Scheduling;
 use crate::spec::{CoordinatorLine, Task, WorkerLine, WorkerResult, WorkerSpec};
 use crate::{member_token, now_us, random_u64};
@@ -184,26 +188,39 @@ async fn measure(
     ends: watch::Receiver<Option<BTreeMap<u64, u64>>>,
 ) -> Measured {
     let key = Arc::new(key);
+    let recorder = Arc::new(Recorder::default());
     // Each member is told the end of the run (its group's last seq) on a
     // channel of its own: waiting on one shared channel took its lock at
     // every delivery.
     let mut ends_to_tell = Vec::with_capacity(clients.len());
+    let told = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|(i, client)| {
-            let (end_tx, end) = oneshot::channel();
+            let (end_tx, seq) = oneshot::channel();
+            let end = EndOfRun {
+                seq,
+                told: told.clone(),
+                armed: false,
+            };
             if let Task::Fanout { groups } = &spec.task {
                 ends_to_tell.push((groups[i % groups.len()], end_tx));
             }
             let (spec, key, options) = (spec.clone(), key.clone(), options.clone());
-            tokio::spawn(async move { member(spec, &key, options, i, client, end).await })
+            let recorder = recorder.clone();
+            tokio::spawn(
+                async move { member(spec, &key, &recorder, options, i, client, end).await },
+            )
         })
         .collect();
     tokio::spawn(async move {
         let mut ends = ends;
+        let ended = ends.wait_for(Option::is_some).await;
+        // Before any member's channel completes: see `EndOfRun`.
+        told.store(true, Ordering::Release);
         // Without an end (the coordinator went away), dropping the senders
         // stops the members.
-        let Ok(ends) = ends.wait_for(Option::is_some).await else {
+        let Ok(ends) = ended else {
             return;
         };
         let ends = ends.clone().unwrap_or_default();
@@ -212,11 +229,9 @@ async fn measure(
         }
     });
     let mut total = WorkerResult::default();
-    let mut latency = histogram();
-    let mut part = histogram();
     let mut kept = Vec::new();
     for t in tasks {
-        let Ok((r, samples, client)) = t.await else {
+        let Ok((r, client)) = t.await else {
             *total.errors.entry("task panicked".into()).or_default() += 1;
             continue;
         };
@@ -230,14 +245,9 @@ async fn measure(
         for (k, v) in r.errors {
             *total.errors.entry(k).or_default() += v;
         }
-        for us in samples {
-            let _ = latency.record(us.max(1));
-        }
-        for us in r.part_us {
-            let _ = part.record(us.max(1));
-        }
         kept.extend(client);
     }
+    let (latency, part) = recorder.merged();
     total.latency = encode(&latency);
     if !part.is_empty() {
         total.part_latency = encode(&part);
@@ -245,20 +255,50 @@ async fn measure(
     (total, kept)
 }
 
+/// How a member learns that the run is over: its group's last seq, on a
+/// channel of its own, after a flag all the worker's members share is set.
+///
+/// A member waits for its next push and for the end at once, so a plain
+/// channel was looked at (its state, a cache line no one else had touched
+/// since the member's last push) every time the member went back to
+/// waiting: once per delivery. Instead the channel is polled once, which
+/// leaves the member's waker with it, and after that only once the flag
+/// is up. The flag is read by every member and written once, so it stays
+/// in every core's cache; when the channel completes, the waker it holds
+/// wakes the member, which then sees the flag and takes the value.
+struct EndOfRun {
+    seq: oneshot::Receiver<u64>,
+    /// Set before any member's `seq` completes (sent or dropped).
+    told: Arc<AtomicBool>,
+    /// `seq` has been polled, so it holds this task's waker.
+    armed: bool,
+}
+
+impl EndOfRun {
+    /// Resolves with the group's last seq, or an error when the worker
+    /// went away without one.
+    fn told(&mut self) -> impl Future<Output = Result<u64, oneshot::error::RecvError>> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.armed && !self.told.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+            self.armed = true;
+            Pin::new(&mut self.seq).poll(cx)
+        })
+    }
+}
+
 /// One member's measured phase.
 async fn member(
     spec: WorkerSpec,
     key: &TokenKey,
+    recorder: &Recorder,
     options: ClientOptions,
     i: usize,
     mut client: Client,
-    end: oneshot::Receiver<u64>,
-) -> (WorkerResult, Vec<u64>, Option<Client>) {
+    mut end: EndOfRun,
+) -> (WorkerResult, Option<Client>) {
     let mut r = WorkerResult::default();
-    // Raw samples, folded into the worker's one histogram at the end: a
-    // histogram per member would cost tens of KiB each, zeroed while the
-    // run is being measured.
-    let mut h: Vec<u64> = Vec::new();
     let fail = |r: &mut WorkerResult, what: &str| *r.errors.entry(what.into()).or_default() += 1;
     match spec.task {
         Task::Idle { .. } => {}
@@ -269,7 +309,6 @@ async fn member(
             // is over.
             let mut target: Option<u64> = None;
             let mut deadline: Option<tokio::time::Instant> = None;
-            tokio::pin!(end);
             loop {
                 if let Some(t) = target {
                     if last >= t {
@@ -294,7 +333,7 @@ async fn member(
                     None => tokio::select! {
                         biased;
                         event = client.next_event() => event,
-                        told = &mut end => match told {
+                        told = end.told() => match told {
                             Ok(last_seq) => { target = Some(last_seq); continue; }
                             Err(_) => break,
                         }
@@ -304,11 +343,12 @@ async fn member(
                     Some(Event::Message(m)) if m.group_id == group => {
                         if let Ok(sent) = m.text.parse::<u64>() {
                             let now = now_us();
-                            h.push(now.saturating_sub(sent));
                             // The server's clock is this machine's (loopback
                             // only), to the millisecond.
-                            r.part_us
-                                .push(now.saturating_sub(m.ts_ms.saturating_mul(1000)));
+                            recorder.latency_and_part(
+                                now.saturating_sub(sent),
+                                now.saturating_sub(m.ts_ms.saturating_mul(1000)),
+                            );
                         }
                         last = last.max(m.seq);
                         r.ops += 1;
@@ -336,9 +376,10 @@ async fn member(
             match client.join_group_buy(group, group_buy).await {
                 Ok(a) => {
                     let us = micros(t.elapsed());
-                    h.push(us);
                     if a.result() == qun_client::proto::CommerceResult::Joined {
-                        r.part_us.push(us);
+                        recorder.latency_and_part(us, us);
+                    } else {
+                        recorder.latency(us);
                     }
                     let name = a
                         .result()
@@ -365,7 +406,7 @@ async fn member(
                 let t = Instant::now();
                 match client.history(group, before, page).await {
                     Ok(p) => {
-                        h.push(micros(t.elapsed()));
+                        recorder.latency(micros(t.elapsed()));
                         r.ops += 1;
                         for m in &p.messages {
                             if m.seq <= last_seq && !seen.insert(m.seq) {
@@ -395,12 +436,12 @@ async fn member(
             let token = member_token(key, &spec.run_id, i);
             let Ok(mut fresh) = Client::connect_with(&spec.url, &token, options).await else {
                 fail(&mut r, "reconnect");
-                return (r, h, None);
+                return (r, None);
             };
             let from = last_seq.saturating_sub(behind);
             if fresh.resume(&[(group, from)]).await.is_err() {
                 fail(&mut r, "resume");
-                return (r, h, Some(fresh));
+                return (r, Some(fresh));
             }
             let mut seen = HashSet::new();
             let caught_up = tokio::time::timeout(DRAIN, async {
@@ -418,15 +459,15 @@ async fn member(
             })
             .await;
             if caught_up == Ok(true) {
-                h.push(micros(t.elapsed()));
+                recorder.latency(micros(t.elapsed()));
             } else {
                 r.lost += last_seq - from - seen.len() as u64;
             }
             r.ops += seen.len() as u64;
-            return (r, h, Some(fresh));
+            return (r, Some(fresh));
         }
     }
-    (r, h, Some(client))
+    (r, Some(client))
 }
 
 fn micros(d: Duration) -> u64 {
