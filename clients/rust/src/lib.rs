@@ -676,11 +676,11 @@ impl Inbox {
 
 /// One frame from the server: an answer is handed to the request waiting
 /// for it (`None`); a push becomes its event; anything else is `None`.
-fn route(frame: ServerFrame, waiters: &Waiters) -> Option<Event> {
+fn route(frame: Box<ServerFrame>, waiters: &Waiters) -> Option<Event> {
     if frame.request_id != 0 {
         let waiter = lock(waiters).remove(&frame.request_id);
         if let Some(w) = waiter {
-            let _ = w.send(frame);
+            let _ = w.send(*frame);
             return None;
         }
     }

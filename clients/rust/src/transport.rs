@@ -32,16 +32,14 @@ pub(crate) enum Outbound {
 }
 
 /// What the client receives.
-///
-/// Nearly every item is a frame, moved once or twice on its way to the
-/// caller: boxing it to shrink the rare `Closed` would cost an allocation
-/// per push instead.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
 pub(crate) enum Incoming {
     /// One server frame, decoded by the transport that read it (a message
-    /// that is not one is skipped there).
-    Frame(ServerFrame),
+    /// that is not one is skipped there). Boxed: a frame is 256 bytes, and
+    /// on its way out of the reader, through `Frames` and the inbox, each
+    /// async layer would copy it into its own state, memory of the
+    /// connection's that is cold at every push.
+    Frame(Box<ServerFrame>),
     /// The connection ended, with the server's close code and reason when
     /// it sent one.
     Closed(Option<(u16, String)>),
@@ -50,9 +48,9 @@ pub(crate) enum Incoming {
 /// A whole message (a WebSocket message, a QUIC length-prefixed frame) as
 /// a server frame; `None` (logged) for one that is not, which the client
 /// skips as it skips frames it has no use for.
-pub(crate) fn decode_frame(message: &[u8]) -> Option<ServerFrame> {
+pub(crate) fn decode_frame(message: &[u8]) -> Option<Box<ServerFrame>> {
     match decode_server_frame(message) {
-        Ok(frame) => Some(frame),
+        Ok(frame) => Some(Box::new(frame)),
         Err(why) => {
             tracing::debug!(%why, len = message.len(), "skipping a message that is not a server frame");
             None

@@ -331,9 +331,7 @@ struct Fragments {
     data: BytesMut,
 }
 
-/// What [`Reader::take_frame`] found at the start of the buffer (as
-/// large as [`Incoming`], for the same reason).
-#[allow(clippy::large_enum_variant)]
+/// What [`Reader::take_frame`] found at the start of the buffer.
 enum Taken {
     /// The next item.
     Item(Incoming),
@@ -541,10 +539,13 @@ mod tests {
     /// The request id and message of the error frame `item` must be.
     fn error_of(item: Option<Incoming>) -> (u64, String) {
         match item {
-            Some(Incoming::Frame(qun_proto::ServerFrame {
-                request_id,
-                body: Some(qun_proto::v1::server_frame::Body::Error(e)),
-            })) => (request_id, e.message),
+            Some(Incoming::Frame(frame)) => match *frame {
+                qun_proto::ServerFrame {
+                    request_id,
+                    body: Some(qun_proto::v1::server_frame::Body::Error(e)),
+                } => (request_id, e.message),
+                other => panic!("expected an error frame, got {other:?}"),
+            },
             other => panic!("expected an error frame, got {other:?}"),
         }
     }
