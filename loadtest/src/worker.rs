@@ -339,7 +339,7 @@ async fn member(
                         }
                     },
                 };
-                match event {
+                match &event {
                     Some(Event::Message(m)) if m.group_id == group => {
                         if let Ok(sent) = m.text.parse::<u64>() {
                             let now = now_us();

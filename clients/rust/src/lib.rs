@@ -621,7 +621,8 @@ impl Inbox {
         }
     }
 
-    /// [`Inbox::read_one`] with `incoming` held.
+    /// Reads one item with `incoming` held: an answer goes to its waiter
+    /// (`None`); a push, or the connection's end (once), is returned.
     async fn read_held(&self, incoming: &mut Frames, waiters: &Waiters) -> Option<Event> {
         if self.ended() {
             return None;
@@ -982,19 +983,28 @@ impl Client {
                     None => self.link.inbox.as_ref()?.next(&self.link.waiters).await?,
                 },
             };
-            match ev {
-                Event::Message(m) => {
-                    let step = lock(&self.sequencer).observe(m.group_id, m.seq);
-                    match step {
-                        Step::Deliver => return Some(Event::Message(m)),
-                        Step::Duplicate => {}
-                        Step::Gap { after, before } => {
-                            self.fill_gap(m.group_id, after, before).await;
-                            lock(&self.sequencer).track(m.group_id, m.seq);
-                            self.ready.push_back(Event::Message(m));
-                        }
+            // A message is looked at where it is and returned whole: taken
+            // apart and rebuilt, its 248 bytes were copied twice more, into
+            // this future's state, at every push.
+            if let Event::Message(m) = &ev {
+                let (group_id, seq) = (m.group_id, m.seq);
+                let step = lock(&self.sequencer).observe(group_id, seq);
+                match step {
+                    Step::Deliver => return Some(ev),
+                    Step::Duplicate => {}
+                    Step::Gap { after, before } => {
+                        // Kept boxed while the gap is fetched, so that this
+                        // future holds a pointer across the wait, not an
+                        // event.
+                        let ev = Box::new(ev);
+                        self.fill_gap(group_id, after, before).await;
+                        lock(&self.sequencer).track(group_id, seq);
+                        self.ready.push_back(*ev);
                     }
                 }
+                continue;
+            }
+            match ev {
                 Event::OutOfSync { dropped } => {
                     let cursors = self.cursors();
                     if !cursors.is_empty()
