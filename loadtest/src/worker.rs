@@ -283,7 +283,10 @@ impl EndOfRun {
                 return Poll::Pending;
             }
             self.armed = true;
-            Pin::new(&mut self.seq).poll(cx)
+            // Outside tokio's cooperative budget: with the task's budget
+            // spent, a plain poll would return `Pending` without leaving
+            // the waker, and the member would never hear of the end.
+            Pin::new(&mut tokio::task::unconstrained(&mut self.seq)).poll(cx)
         })
     }
 }
@@ -472,4 +475,53 @@ async fn member(
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member whose task has spent tokio's cooperative budget by the
+    /// time it first waits for the end (a burst of pushes read in one
+    /// poll) must still be woken by the end.
+    #[tokio::test]
+    async fn the_end_wakes_a_member_that_first_waited_with_its_budget_spent() {
+        let (end_tx, seq) = oneshot::channel();
+        let told = Arc::new(AtomicBool::new(false));
+        let mut end = EndOfRun {
+            seq,
+            told: told.clone(),
+            armed: false,
+        };
+        let (armed_tx, armed_rx) = oneshot::channel();
+        let member = tokio::spawn(async move {
+            let (pushes, mut queued) = tokio::sync::mpsc::unbounded_channel();
+            for _ in 0..1_000 {
+                pushes.send(()).unwrap();
+            }
+            std::future::poll_fn(|cx| {
+                // Read until the budget, not the queue, says stop.
+                while queued.poll_recv(cx).is_ready() {}
+                assert!(!queued.is_empty(), "the budget stopped the reads");
+                let told = std::pin::pin!(end.told());
+                assert!(told.poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            armed_tx.send(()).unwrap();
+            end.told().await
+        });
+        armed_rx.await.unwrap();
+        // Let the member run out of wake-ups first (the budget's own
+        // wake-up included), so that only the end can wake it again.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        told.store(true, Ordering::Release);
+        end_tx.send(42).unwrap();
+        let heard = tokio::time::timeout(Duration::from_secs(10), member)
+            .await
+            .expect("the member was never woken by the end");
+        assert_eq!(heard.unwrap().unwrap(), 42);
+    }
 }
