@@ -198,11 +198,7 @@ async fn measure(
         .into_iter()
         .map(|(i, client)| {
             let (end_tx, seq) = oneshot::channel();
-            let end = EndOfRun {
-                seq,
-                told: told.clone(),
-                armed: false,
-            };
+            let end = EndOfRun::new(seq, &told);
             if let Task::Fanout { groups } = &spec.task {
                 ends_to_tell.push((groups[i % groups.len()], end_tx));
             }
@@ -275,6 +271,16 @@ struct EndOfRun {
 }
 
 impl EndOfRun {
+    /// The end told on `seq`, once `told` (shared by the worker's members)
+    /// is set.
+    fn new(seq: oneshot::Receiver<u64>, told: &Arc<AtomicBool>) -> Self {
+        Self {
+            seq,
+            told: told.clone(),
+            armed: false,
+        }
+    }
+
     /// Resolves with the group's last seq, or an error when the worker
     /// went away without one.
     fn told(&mut self) -> impl Future<Output = Result<u64, oneshot::error::RecvError>> + '_ {
@@ -488,11 +494,7 @@ mod tests {
     async fn the_end_wakes_a_member_that_first_waited_with_its_budget_spent() {
         let (end_tx, seq) = oneshot::channel();
         let told = Arc::new(AtomicBool::new(false));
-        let mut end = EndOfRun {
-            seq,
-            told: told.clone(),
-            armed: false,
-        };
+        let mut end = EndOfRun::new(seq, &told);
         let (armed_tx, armed_rx) = oneshot::channel();
         let member = tokio::spawn(async move {
             let (pushes, mut queued) = tokio::sync::mpsc::unbounded_channel();

@@ -538,14 +538,11 @@ mod tests {
 
     /// The request id and message of the error frame `item` must be.
     fn error_of(item: Option<Incoming>) -> (u64, String) {
-        match item {
-            Some(Incoming::Frame(frame)) => match *frame {
-                qun_proto::ServerFrame {
-                    request_id,
-                    body: Some(qun_proto::v1::server_frame::Body::Error(e)),
-                } => (request_id, e.message),
-                other => panic!("expected an error frame, got {other:?}"),
-            },
+        let Some(Incoming::Frame(frame)) = item else {
+            panic!("expected a frame, got {item:?}");
+        };
+        match frame.body {
+            Some(qun_proto::v1::server_frame::Body::Error(e)) => (frame.request_id, e.message),
             other => panic!("expected an error frame, got {other:?}"),
         }
     }
