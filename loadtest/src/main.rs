@@ -14,6 +14,11 @@
 //! ephemeral ports of one address do not run out. Every run is bounded by
 //! `--timeout` and stops by itself. See docs/benchmarks.md.
 
+/// mimalloc, as the server: each push a member reads is decoded into a
+/// few small allocations, freed again at once.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod compare;
 mod coordinator;
 mod cpu;
