@@ -4,7 +4,7 @@
 //! This machine is shared: the same build runs markedly faster at one hour
 //! than at another (docs/benchmarks.md, "Machine"), so two builds or two
 //! settings are only compared in runs that alternate. `compare` does that
-//! by itself. For each round, for each variant in the order given, it
+//! by itself. For each round, for each variant, it
 //!
 //! 1. starts the variant's `qun serve` on a fresh data directory and free
 //!    loopback ports, with the variant's environment (`QUN_WORKER_THREADS=1`,
@@ -14,6 +14,12 @@
 //!    the server's CPU and its own latency figures;
 //! 3. stops the server (SIGTERM, then SIGKILL after its grace) and removes
 //!    the data directory, or keeps it, and says where, when the run failed.
+//!
+//! The variants take turns at going first: round 1 runs them in the order
+//! given, round 2 starts with the second, and so on ([`round_order`]). In a
+//! fixed order the variant run first in each round did worse, whatever it
+//! was: its maximum latency was the higher in every comparison, and its p99
+//! often too (docs/benchmarks.md, "seventeenth stop").
 //!
 //! ```sh
 //! qun-loadtest compare --rounds 3 \
@@ -229,7 +235,8 @@ pub(crate) struct Comparison {
     pub(crate) rounds: u32,
     /// The listener every run used.
     pub(crate) transport: Transport,
-    /// The variants, in the order each round ran them.
+    /// The variants as given; round r runs them from the r-th on, wrapping
+    /// around ([`round_order`]).
     pub(crate) variants: Vec<Variant>,
     /// The scenario's arguments.
     pub(crate) scenario: Vec<String>,
@@ -331,7 +338,7 @@ pub(crate) async fn run(
                 .with_context(|| format!("round {round}, the loopback floor"))?;
             comparison.runs.push(run);
         }
-        for variant in &variants {
+        for variant in round_order(variants.len(), round).map(|i| &variants[i]) {
             eprintln!(
                 "qun-loadtest compare: run {} of {total}: round {round}, variant {}",
                 comparison.runs.len() + 1,
@@ -344,6 +351,16 @@ pub(crate) async fn run(
         }
     }
     Ok(comparison)
+}
+
+/// The order in which round `round` (from 1) runs `count` variants: the
+/// order given, rotated by one more each round, so that every variant goes
+/// first as often as the others over a multiple of `count` rounds.
+fn round_order(count: usize, round: u32) -> impl Iterator<Item = usize> {
+    let start = (round.saturating_sub(1) as usize)
+        .checked_rem(count)
+        .unwrap_or(0);
+    (0..count).map(move |i| (start + i) % count)
 }
 
 /// Starts the variant's server, runs the scenario against it, stops it.
@@ -708,6 +725,17 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_variant_goes_first_in_turn() {
+        let order = |round| round_order(3, round).collect::<Vec<_>>();
+        assert_eq!(order(1), [0, 1, 2]);
+        assert_eq!(order(2), [1, 2, 0]);
+        assert_eq!(order(3), [2, 0, 1]);
+        assert_eq!(order(4), [0, 1, 2]);
+        assert_eq!(round_order(1, 7).collect::<Vec<_>>(), [0]);
+        assert_eq!(round_order(0, 2).count(), 0);
+    }
+
     use super::*;
 
     #[test]

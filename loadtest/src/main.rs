@@ -160,7 +160,8 @@ pub(crate) enum Scenario {
     },
     /// Run a scenario (after `--`) against a fresh `qun serve` of each
     /// variant in turn, round after round, so that variants are compared in
-    /// interleaved runs; ends with a table of every run (`--json`: every
+    /// interleaved runs (each round starting with the next variant, since
+    /// the one run first did worse); ends with a table of every run (`--json`: every
     /// report in one file). Each run's server gets its own data directory
     /// and free loopback ports; `--scheduling`, `--member-acks`,
     /// `--per-worker`, `--sources` and `--timeout` go to every run.
