@@ -725,6 +725,8 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn every_variant_goes_first_in_turn() {
         let order = |round| round_order(3, round).collect::<Vec<_>>();
@@ -735,8 +737,6 @@ mod tests {
         assert_eq!(round_order(1, 7).collect::<Vec<_>>(), [0]);
         assert_eq!(round_order(0, 2).count(), 0);
     }
-
-    use super::*;
 
     #[test]
     fn a_variant_is_a_label_and_settings() {
