@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
+use crate::contention::Contention;
 use crate::{Cli, Scenario};
 
 /// The longest a server may take to answer on `/metrics` after it starts.
@@ -245,6 +246,8 @@ pub(crate) struct Comparison {
     pub(crate) floor: Option<Floor>,
     /// Every run, in the order they ran.
     pub(crate) runs: Vec<Run>,
+    /// The competitor beside every run (`--contend`), and the CPU it had.
+    pub(crate) contention: Option<Contention>,
 }
 
 /// Checks the scenario's arguments: a scenario that talks to a server, and
@@ -325,6 +328,7 @@ pub(crate) async fn run(
         scenario: scenario.clone(),
         floor: floor.clone(),
         runs: Vec::new(),
+        contention: None,
     };
     let total = rounds as usize * (variants.len() + usize::from(floor.is_some()));
     for round in 1..=rounds {
@@ -613,6 +617,15 @@ impl Comparison {
             },
             self.scenario.join(" ")
         );
+        if let Some(c) = &self.contention {
+            out.push_str(&format!(
+                "  beside a competitor: {} thread(s) busy {}% of every {} ms, {:.2} cores had\n",
+                c.threads,
+                c.percent,
+                crate::contention::PERIOD.as_millis(),
+                c.cores
+            ));
+        }
         out.push_str(&format!(
             "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8}\n",
             "variant",
@@ -812,6 +825,7 @@ mod tests {
                 run(3, "one", 42.0, 500.0),
                 run(3, "two", 64.0, 190.0),
             ],
+            contention: None,
         };
         let table = c.table();
         assert!(
@@ -841,6 +855,20 @@ mod tests {
         assert!(
             !table.contains("× the floor"),
             "no floor, no ratio: {table}"
+        );
+        assert!(!table.contains("competitor"), "{table}");
+        let mut contended = c.clone();
+        contended.contention = Some(Contention {
+            percent: 50,
+            threads: 2,
+            cores: 0.874,
+        });
+        assert!(
+            contended.table().contains(
+                "beside a competitor: 2 thread(s) busy 50% of every 10 ms, 0.87 cores had"
+            ),
+            "{}",
+            contended.table()
         );
         assert_eq!(median(vec![3.0, 1.0]), Some(2.0));
         assert_eq!(median(Vec::new()), None);

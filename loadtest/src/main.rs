@@ -20,6 +20,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod compare;
+mod contention;
 mod coordinator;
 mod cpu;
 mod recorder;
@@ -204,6 +205,13 @@ pub(crate) struct CompareArgs {
     /// loopback_floor` leaves it).
     #[arg(long, requires = "floor")]
     floor_program: Option<PathBuf>,
+    /// Make the machine slower on purpose: for the whole comparison, one
+    /// thread per core is busy PERCENT (1–90) of every 10 ms, at the
+    /// default priority, a stand-in for the minutes when other guests take
+    /// this machine's cores (see `contention.rs`). Best with `--floor`,
+    /// whose runs show how slow the machine then was.
+    #[arg(long, value_name = "PERCENT")]
+    contend: Option<u8>,
     /// The scenario and its options, after `--`: `-- fanout --groups
     /// 100 --members 50 --rate 60 --duration 15s`.
     #[arg(last = true, required = true)]
@@ -326,6 +334,7 @@ async fn compare(cli: &Cli, args: &CompareArgs) -> ExitCode {
         server,
         floor,
         floor_program,
+        contend,
         scenario,
     } = args;
     let result = async {
@@ -350,8 +359,15 @@ async fn compare(cli: &Cli, args: &CompareArgs) -> ExitCode {
         } else {
             None
         };
-        let comparison =
+        let competitor = contend
+            .map(|percent| {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                contention::Competitor::start(percent, cores)
+            })
+            .transpose()?;
+        let mut comparison =
             compare::run(cli, *rounds, *transport, variants, scenario.to_vec(), floor).await?;
+        comparison.contention = competitor.map(contention::Competitor::stop);
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_vec_pretty(&comparison)?)
                 .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;

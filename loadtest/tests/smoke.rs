@@ -528,10 +528,16 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
             "--floor",
             "--floor-program",
             floor.to_str().unwrap(),
+            "--contend",
+            "10",
         ],
         &fanout,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    // The competitor ran beside the runs, one thread per core, and had CPU.
+    assert_eq!(c["contention"]["percent"], 10, "{c}");
+    assert!(c["contention"]["threads"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["contention"]["cores"].as_f64().unwrap() > 0.0, "{c}");
     let order: Vec<&str> = c["runs"]
         .as_array()
         .unwrap()
@@ -555,6 +561,7 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
     assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("× floor"), "{table}");
+    assert!(table.contains("beside a competitor:"), "{table}");
     let a: Vec<&str> = table.lines().filter(|l| l.starts_with("  a ")).collect();
     assert!(
         a[0].trim_end().ends_with(|c: char| c.is_ascii_digit()),
@@ -580,6 +587,18 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
     let e = stderr(&out);
     assert!(
         e.contains("no loopback floor at /nonexistent/loopback_floor"),
+        "{e}"
+    );
+    assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
+
+    // A competitor that would leave the runs no core is refused, before
+    // any server starts.
+    let (out, c) = compare(tmp.path(), &["--variant", "a", "--contend", "95"], &fanout);
+    assert!(!out.status.success());
+    assert_eq!(c, serde_json::Value::Null);
+    let e = stderr(&out);
+    assert!(
+        e.contains("--contend takes a share of each core from 1 to 90"),
         "{e}"
     );
     assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
