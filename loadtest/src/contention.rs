@@ -66,8 +66,8 @@ pub(crate) enum ContentionError {
 }
 
 impl Competitor {
-    /// Starts `threads` competing threads, each busy `percent` of every
-    /// [`PERIOD`].
+    /// Starts `threads` competing threads (at least one), each busy
+    /// `percent` of every [`PERIOD`].
     ///
     /// # Errors
     /// [`ContentionError::Share`] for a `percent` of 0 or over
@@ -97,14 +97,12 @@ impl Competitor {
 
     /// Stops the threads and says how much CPU they had.
     pub(crate) fn stop(mut self) -> Contention {
-        self.stop.store(true, Ordering::Relaxed);
-        let threads = std::mem::take(&mut self.threads);
-        let count = threads.len();
-        let cpu: Duration = threads.into_iter().filter_map(|t| t.join().ok()).sum();
+        let threads = self.threads.len();
+        let cpu = self.halt();
         let wall = self.started.elapsed().as_secs_f64();
         Contention {
             percent: self.percent,
-            threads: count,
+            threads,
             cores: if wall > 0.0 {
                 cpu.as_secs_f64() / wall
             } else {
@@ -112,15 +110,19 @@ impl Competitor {
             },
         }
     }
+
+    /// Tells the threads to stop, waits for them, and adds up the CPU time
+    /// they had; a second call finds none left.
+    fn halt(&mut self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.drain(..).filter_map(|t| t.join().ok()).sum()
+    }
 }
 
 impl Drop for Competitor {
     /// A comparison that fails still stops its competitor.
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        self.halt();
     }
 }
 

@@ -432,6 +432,16 @@ fn compare(tmp: &std::path::Path, args: &[&str], scenario: &[&str]) -> (Output, 
     (out, comparison)
 }
 
+/// Runs a `compare` that must be refused before any run: it fails, writes
+/// no report and leaves no run's directory. Returns its stderr.
+fn compare_refused(tmp: &std::path::Path, args: &[&str], scenario: &[&str]) -> String {
+    let (out, c) = compare(tmp, args, scenario);
+    assert!(!out.status.success());
+    assert_eq!(c, serde_json::Value::Null);
+    assert_eq!(compare_dirs(tmp), Vec::<std::path::PathBuf>::new());
+    stderr(&out)
+}
+
 #[test]
 fn compare_runs_each_variant_on_its_own_fresh_server_in_turn() {
     // Each run's data directory goes under this TMPDIR, to look in.
@@ -571,7 +581,7 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
 
     // A floor that is not there is refused before any server starts.
     let tmp = tempfile::tempdir().unwrap();
-    let (out, c) = compare(
+    let e = compare_refused(
         tmp.path(),
         &[
             "--variant",
@@ -582,26 +592,18 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
         ],
         &fanout,
     );
-    assert!(!out.status.success());
-    assert_eq!(c, serde_json::Value::Null);
-    let e = stderr(&out);
     assert!(
         e.contains("no loopback floor at /nonexistent/loopback_floor"),
         "{e}"
     );
-    assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
 
     // A competitor that would leave the runs no core is refused, before
     // any server starts.
-    let (out, c) = compare(tmp.path(), &["--variant", "a", "--contend", "95"], &fanout);
-    assert!(!out.status.success());
-    assert_eq!(c, serde_json::Value::Null);
-    let e = stderr(&out);
+    let e = compare_refused(tmp.path(), &["--variant", "a", "--contend", "95"], &fanout);
     assert!(
         e.contains("--contend takes a share of each core from 1 to 90"),
         "{e}"
     );
-    assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
 }
 
 #[test]
