@@ -47,6 +47,10 @@
 //! of the same round (`× floor`): a figure that says how close Qun came to
 //! what the machine allowed at that moment, comparable between a fast hour
 //! and a slow one where the p99 alone is not.
+//!
+//! With `--contend PERCENT`, a [`Competitor`] takes that share of every core
+//! for the whole comparison, so that a change can be tried on a slow machine
+//! on purpose (`contention.rs`); the table's header says how much it had.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -55,7 +59,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::contention::Contention;
+use crate::contention::{Competitor, Contention};
 use crate::{Cli, Scenario};
 
 /// The longest a server may take to answer on `/metrics` after it starts.
@@ -277,7 +281,8 @@ pub(crate) fn check_scenario(args: &[String]) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// A variant's binary or the floor's program is missing, a variant is
-/// labelled `floor` beside `--floor`, the floor goes over QUIC, a server
+/// labelled `floor` beside `--floor`, the floor goes over QUIC, `--contend`
+/// is out of its range or its threads cannot start, a server
 /// does not start or exits early, or a run fails (its exit status or a
 /// failed check).
 pub(crate) async fn run(
@@ -287,6 +292,7 @@ pub(crate) async fn run(
     variants: Vec<Variant>,
     scenario: Vec<String>,
     floor: Option<Floor>,
+    contend: Option<u8>,
 ) -> anyhow::Result<Comparison> {
     check_scenario(&scenario)?;
     if rounds == 0 {
@@ -321,6 +327,13 @@ pub(crate) async fn run(
         }
     }
     let exe = std::env::current_exe().context("finding qun-loadtest's own binary")?;
+    // Last of the checks, so that a refused comparison never starts it.
+    let competitor = contend
+        .map(|percent| {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            Competitor::start(percent, cores)
+        })
+        .transpose()?;
     let mut comparison = Comparison {
         rounds,
         transport,
@@ -354,6 +367,7 @@ pub(crate) async fn run(
             comparison.runs.push(run);
         }
     }
+    comparison.contention = competitor.map(Competitor::stop);
     Ok(comparison)
 }
 

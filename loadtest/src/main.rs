@@ -359,15 +359,16 @@ async fn compare(cli: &Cli, args: &CompareArgs) -> ExitCode {
         } else {
             None
         };
-        let competitor = contend
-            .map(|percent| {
-                let cores = std::thread::available_parallelism().map_or(1, usize::from);
-                contention::Competitor::start(percent, cores)
-            })
-            .transpose()?;
-        let mut comparison =
-            compare::run(cli, *rounds, *transport, variants, scenario.to_vec(), floor).await?;
-        comparison.contention = competitor.map(contention::Competitor::stop);
+        let comparison = compare::run(
+            cli,
+            *rounds,
+            *transport,
+            variants,
+            scenario.to_vec(),
+            floor,
+            *contend,
+        )
+        .await?;
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_vec_pretty(&comparison)?)
                 .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
