@@ -25,7 +25,8 @@
 //! ```
 //!
 //! It prints deliveries/s, the latency percentiles, frames lost (queued to a
-//! full channel or not read) and how busy the machine was; `--json FILE`
+//! full channel or not read), how busy the machine was and the cores this
+//! process and the member processes used; `--json FILE`
 //! writes the same as a report `qun-loadtest compare --floor` reads, which
 //! runs this program beside each round of a fan-out comparison. Loopback only;
 //! bounded in time; every process stops by itself.
@@ -164,7 +165,8 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
     }
     eprintln!("loopback_floor: producing for {} s", args.duration);
 
-    let cpu_before = cpu_sample();
+    let member_pids: Vec<u32> = children.iter().map(std::process::Child::id).collect();
+    let cpu_before = cpu_sample(&member_pids);
     let sampled = Instant::now();
     let started = sampled + Duration::from_millis(100);
     let until = started + Duration::from_secs(args.duration);
@@ -195,7 +197,7 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
         produced += n;
         dropped += d;
     }
-    let cpu_after = cpu_sample();
+    let cpu_after = cpu_sample(&member_pids);
     let wall = sampled.elapsed().as_secs_f64();
     ticking.abort();
     bar.finish_and_clear();
@@ -223,11 +225,10 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
     let deliveries = produced * args.members as u64;
     let secs = args.duration as f64;
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
-    let cpu = cpu_before.zip(cpu_after).map(|(a, b)| {
-        (
-            (b.busy - a.busy) as f64 / (b.total - a.total).max(1) as f64,
-            (b.own - a.own) as f64 / 100.0 / wall,
-        )
+    let cpu = cpu_before.zip(cpu_after).map(|(a, b)| Usage {
+        busy: (b.busy - a.busy) as f64 / (b.total - a.total).max(1) as f64,
+        own: (b.own - a.own) as f64 / 100.0 / wall,
+        members: b.members.saturating_sub(a.members) as f64 / 100.0 / wall,
     });
     if let Some(path) = &args.json {
         let report = serde_json::json!({
@@ -255,8 +256,9 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
             },
             "figures": {
                 "deliveries_per_sec": received as f64 / secs,
-                "machine_busy": cpu.map(|c| c.0),
-                "producer_cores": cpu.map(|c| c.1),
+                "machine_busy": cpu.map(|c| c.busy),
+                "producer_cores": cpu.map(|c| c.own),
+                "members_cores": cpu.map(|c| c.members),
             },
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -278,10 +280,12 @@ async fn server_process(args: Args) -> anyhow::Result<()> {
         ms(0.999),
         latency.max() as f64 / 1000.0,
     );
-    if let Some((busy, own)) = cpu {
+    if let Some(c) = cpu {
         println!(
-            "machine busy {:.0}%  this process {own:.2} cores",
-            100.0 * busy
+            "machine busy {:.0}%  this process {:.2} cores  member processes {:.2} cores",
+            100.0 * c.busy,
+            c.own,
+            c.members
         );
     }
     Ok(())
@@ -450,10 +454,24 @@ async fn time_frames(mut rx: mpsc::Receiver<u64>) -> std::io::Result<Vec<u64>> {
 struct Cpu {
     busy: u64,
     total: u64,
+    /// This process's user and system time.
     own: u64,
+    /// The member processes' user and system time, added up.
+    members: u64,
 }
 
-fn cpu_sample() -> Option<Cpu> {
+/// What the producing phase used: the machine's busy share, and this
+/// process's and the member processes' cores.
+#[derive(Clone, Copy)]
+struct Usage {
+    busy: f64,
+    own: f64,
+    members: f64,
+}
+
+/// The machine's counters, this process's and `members`' (a member process
+/// that cannot be read counts as 0 both times).
+fn cpu_sample(members: &[u32]) -> Option<Cpu> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
         .lines()
@@ -464,13 +482,21 @@ fn cpu_sample() -> Option<Cpu> {
         .collect();
     let total: u64 = fields.iter().sum();
     let idle = fields.get(3)? + fields.get(4)?;
-    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let after_name = own.rsplit_once(')')?.1;
-    let f: Vec<&str> = after_name.split_whitespace().collect();
-    let own = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     Some(Cpu {
         busy: total - idle,
         total,
-        own,
+        own: process_ticks("self")?,
+        members: members
+            .iter()
+            .filter_map(|pid| process_ticks(&pid.to_string()))
+            .sum(),
     })
+}
+
+/// User plus system ticks of `/proc/WHO/stat`.
+fn process_ticks(who: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
+    let after_name = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after_name.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }

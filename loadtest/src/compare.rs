@@ -30,9 +30,10 @@
 //! It ends with a table of every run, variant by variant (latency p50, p99
 //! and max, messages lost, the scenario's rate: deliveries, joins, pages,
 //! messages caught up or connections per second, the server's cores, the
-//! share of the run its busiest thread had work, `busiest` (1.00: it never
-//! ran out, so what waits for it stands in a queue), and how many frames
-//! each of its connections' writes carried, `f/write`)
+//! load generator's (`clients`: what phones elsewhere would not take from
+//! the server), the share of the run its busiest thread had work, `busiest`
+//! (1.00: it never ran out, so what waits for it stands in a queue), and how
+//! many frames each of its connections' writes carried, `f/write`)
 //! and each variant's median p50 and p99; with `--json` it writes all the
 //! reports in one file. Runs go over WebSocket, or over QUIC with
 //! `--transport quic` (the server's development certificate pinned by the
@@ -46,7 +47,10 @@
 //! `floor`, and every variant's run shows its p99 as a multiple of the floor
 //! of the same round (`× floor`): a figure that says how close Qun came to
 //! what the machine allowed at that moment, comparable between a fast hour
-//! and a slow one where the p99 alone is not.
+//! and a slow one where the p99 alone is not. In the floor's rows, `server`
+//! is its writing process and `clients` its reading processes, so the cores
+//! Qun's server and its clients take can be set beside those of bare writes
+//! and reads at the same rate.
 //!
 //! With `--contend PERCENT`, a [`Competitor`] takes that share of every core
 //! for the whole comparison, so that a change can be tried on a slow machine
@@ -641,7 +645,7 @@ impl Comparison {
             ));
         }
         out.push_str(&format!(
-            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8}\n",
+            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
             "variant",
             "round",
             "p50 ms",
@@ -650,6 +654,7 @@ impl Comparison {
             "lost",
             "per sec",
             "server",
+            "clients",
             "busiest",
             "f/write",
             "× floor"
@@ -678,8 +683,15 @@ impl Comparison {
                     (Some(p99), Some(floor)) if label != FLOOR => format!("{:.2}", p99 / floor),
                     _ => "-".to_string(),
                 };
+                // The floor's writing and reading processes stand where
+                // the server and the load generator do.
+                let (server, clients) = if label == FLOOR {
+                    ("producer_cores", "members_cores")
+                } else {
+                    ("server_cores", "loadgen_cores")
+                };
                 out.push_str(&format!(
-                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8}\n",
+                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
                     label,
                     run.round,
                     num(&r["latency"]["p50_ms"], 1),
@@ -689,7 +701,8 @@ impl Comparison {
                         .as_u64()
                         .map_or_else(|| "-".to_string(), |n| n.to_string()),
                     num(per_sec, 0),
-                    num(&r["figures"]["server_cores"], 2),
+                    num(&r["figures"][server], 2),
+                    num(&r["figures"][clients], 2),
                     // The share of the run its busiest thread had work
                     // (1.00: it never ran out; see cpu.rs).
                     num(&r["figures"]["server_busiest_thread_runnable"], 2),
@@ -812,11 +825,20 @@ mod tests {
             report: serde_json::json!({
                 "latency": {"p50_ms": p50, "p99_ms": p99, "max_ms": p99 + 1.0},
                 "counts": {"lost": 0},
-                "figures": {
-                    "deliveries_per_sec": 297_000.4,
-                    "server_cores": 0.951,
-                    "server_busiest_thread_runnable": 0.987,
-                    "server_frames_per_write": 2.594,
+                "figures": if variant == FLOOR {
+                    serde_json::json!({
+                        "deliveries_per_sec": 297_000.4,
+                        "producer_cores": 0.806,
+                        "members_cores": 0.712,
+                    })
+                } else {
+                    serde_json::json!({
+                        "deliveries_per_sec": 297_000.4,
+                        "server_cores": 0.951,
+                        "loadgen_cores": 0.874,
+                        "server_busiest_thread_runnable": 0.987,
+                        "server_frames_per_write": 2.594,
+                    })
                 },
             }),
         };
@@ -853,11 +875,17 @@ mod tests {
             rows[..3].iter().all(|r| r.trim_start().starts_with("one")),
             "{table}"
         );
-        assert!(
-            rows[0].contains("130.0")
-                && rows[0].contains("0.95")
-                && rows[0].contains("0.99")
-                && rows[0].contains("2.59"),
+        let columns = |row: &str| {
+            row.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            columns(rows[0]),
+            [
+                "one", "1", "40.0", "130.0", "131.0", "0", "297000", "0.95", "0.87", "0.99",
+                "2.59", "-"
+            ],
             "{table}"
         );
         // One disturbed run (p99 500) does not move the median.
@@ -916,9 +944,15 @@ mod tests {
         assert!(rows[0].trim_end().ends_with("2.00"), "{table}");
         assert!(rows[2].trim_end().ends_with("2.00"), "{table}");
         assert!(rows[3].trim_end().ends_with("3.08"), "200 / 65: {table}");
-        assert!(
-            rows[6].trim_end().ends_with('-'),
-            "the floor against itself: {table}"
+        // The floor's writer and readers in the server's and clients'
+        // columns; it has no threads' or writes' figures, nor a ratio to
+        // itself.
+        assert_eq!(
+            columns(rows[6]),
+            [
+                "floor", "1", "10.0", "65.0", "66.0", "0", "297000", "0.81", "0.71", "-", "-", "-"
+            ],
+            "{table}"
         );
         assert!(
             table.contains(

@@ -568,6 +568,12 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
     assert!((30..=90).contains(&received), "{r}");
     assert_eq!(r["counts"]["lost"], 0, "{r}");
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0, "{r}");
+    // The cores of its writing process and of its member processes, which
+    // the table sets beside the server's and the load generator's.
+    for cores in ["producer_cores", "members_cores"] {
+        let used = r["figures"][cores].as_f64();
+        assert!(used.is_some_and(|c| c >= 0.0), "{cores}: {r}");
+    }
     assert_eq!(compare_dirs(tmp.path()), Vec::<std::path::PathBuf>::new());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("× floor"), "{table}");
@@ -578,6 +584,17 @@ fn compare_runs_the_loopback_floor_first_in_each_round_and_sets_runs_against_it(
         "a's run has its multiple of the floor: {table}"
     );
     assert!(a[1].contains("× the floor"), "{table}");
+    // The floor's row has its processes' cores under "server" and "clients".
+    let floor_row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("  floor "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert!(
+        floor_row[7].parse::<f64>().is_ok() && floor_row[8].parse::<f64>().is_ok(),
+        "{table}"
+    );
 
     // A floor that is not there is refused before any server starts.
     let tmp = tempfile::tempdir().unwrap();
