@@ -145,20 +145,25 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// when the allocator next does its upkeep, during later allocations. A
 /// server that goes idle after a burst does none, so with 1 s it kept what
 /// a storm of connects had freed (handshakes, `Hello` and join answers) for
-/// as long as it stayed idle: 3,750-3,890 bytes of RSS per idle connection
-/// at 19,000, against 3,190-3,390 with 10 ms; the embedded store's appends
-/// and fan-out did not measurably change (docs/benchmarks.md, "nineteenth
-/// stop").
+/// as long as it stayed idle: 3,610-3,940 bytes of RSS per idle connection
+/// at 19,000, against 3,190-3,560 with 10 ms; the embedded store's appends
+/// and fan-out did not measurably change (docs/benchmarks.md,
+/// "Connections").
 const PURGE_DELAY_MS: std::ffi::c_long = 10;
 
-/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless the operator
-/// chose one with mimalloc's own variable (`MIMALLOC_PURGE_DELAY`, or its
-/// older name `MIMALLOC_RESET_DELAY`; docs/configuration.md).
-fn set_purge_delay() {
-    if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+/// Whether the operator chose a purge delay with mimalloc's own variable
+/// (`MIMALLOC_PURGE_DELAY`, or its older name `MIMALLOC_RESET_DELAY`;
+/// docs/configuration.md), which mimalloc read at start.
+fn purge_delay_chosen_by_operator() -> bool {
+    ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
         .iter()
         .any(|v| std::env::var_os(v).is_some())
-    {
+}
+
+/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless the operator
+/// chose one.
+fn set_purge_delay() {
+    if purge_delay_chosen_by_operator() {
         return;
     }
     // SAFETY: `mi_option_set` stores a number for an option mimalloc has
@@ -397,9 +402,7 @@ mod tests {
 
     #[test]
     fn the_purge_delay_is_set_unless_the_operator_chose_one() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
-            || std::env::var_os("MIMALLOC_RESET_DELAY").is_some()
-        {
+        if purge_delay_chosen_by_operator() {
             let theirs = purge_delay();
             set_purge_delay();
             assert_eq!(purge_delay(), theirs, "the operator's is kept");
