@@ -644,21 +644,7 @@ impl Comparison {
                 c.cores
             ));
         }
-        out.push_str(&format!(
-            "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-            "variant",
-            "round",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
-            "lost",
-            "per sec",
-            "server",
-            "clients",
-            "busiest",
-            "f/write",
-            "× floor"
-        ));
+        out.push_str(&table_row(COLUMNS.map(|(name, _)| name.to_string())));
         // The floor's p99 of a round, which that round's runs are set against.
         let floor_p99 = |round: u32| {
             self.runs
@@ -690,10 +676,9 @@ impl Comparison {
                 } else {
                     ("server_cores", "loadgen_cores")
                 };
-                out.push_str(&format!(
-                    "  {:<14} {:>5} {:>10} {:>10} {:>10} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-                    label,
-                    run.round,
+                out.push_str(&table_row([
+                    label.to_string(),
+                    run.round.to_string(),
                     num(&r["latency"]["p50_ms"], 1),
                     num(&r["latency"]["p99_ms"], 1),
                     num(&r["latency"]["max_ms"], 1),
@@ -710,7 +695,7 @@ impl Comparison {
                     // busy machine the writers batch (docs/benchmarks.md).
                     num(&r["figures"]["server_frames_per_write"], 2),
                     times_floor,
-                ));
+                ]));
             }
         }
         // The median of each variant's runs, the figure to compare by when
@@ -750,6 +735,38 @@ impl Comparison {
             .map(|v| v.label.as_str())
             .chain(self.floor.is_some().then_some(FLOOR))
     }
+}
+
+/// The table's columns: each one's header and width.
+const COLUMNS: [(&str, usize); 12] = [
+    ("variant", 14),
+    ("round", 5),
+    ("p50 ms", 10),
+    ("p99 ms", 10),
+    ("max ms", 10),
+    ("lost", 6),
+    ("per sec", 12),
+    ("server", 8),
+    ("clients", 8),
+    ("busiest", 8),
+    ("f/write", 8),
+    ("× floor", 8),
+];
+
+/// One line of the table, each cell in its column's width: the first
+/// aligned left, the others right.
+fn table_row(cells: [String; COLUMNS.len()]) -> String {
+    let mut line = String::from(" ");
+    for (i, (cell, (_, width))) in cells.iter().zip(COLUMNS).enumerate() {
+        line.push(' ');
+        if i == 0 {
+            line.push_str(&format!("{cell:<width$}"));
+        } else {
+            line.push_str(&format!("{cell:>width$}"));
+        }
+    }
+    line.push('\n');
+    line
 }
 
 /// The middle value (the mean of the middle two for an even count).
